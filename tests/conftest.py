@@ -1,0 +1,57 @@
+"""Test setup: on a machine without CUDA, Triton kernels run in Triton's interpreter.
+
+TRITON_INTERPRET must be set before Triton is first imported, so it is set here, before any test
+module imports euphonium. Ahead-of-time compile tests run in a subprocess with it unset.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def device():
+    return DEVICE
+
+
+@pytest.fixture(autouse=True)
+def _fresh_seed():
+    # Fresh random inputs on every run; the seed is printed on failure so a failure can be replayed.
+    seed = int.from_bytes(os.urandom(4), "little")
+    torch.manual_seed(seed)
+    print(f"torch seed {seed}")  # shown with the captured output of a failing test
+    yield seed
+
+
+def aot_compile(kernels, archs=(80, 90)):
+    """Compile the named ``AOTSpec``s for ``archs`` in a fresh process without TRITON_INTERPRET.
+
+    Returns the rows of ``euphonium.kernels.aot.report`` (registers, spills, access widths).
+    """
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cmd = [sys.executable, "-m", "euphonium.kernels.aot", "--arch", *map(str, archs), "--kernel", *kernels]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        raise AssertionError(f"AOT compile failed:\n{out.stderr[-4000:]}")
+    rows = json.loads(out.stdout)
+    missing = set(kernels) - {r["kernel"] for r in rows}
+    assert not missing, f"no AOTSpec named {sorted(missing)}"
+    return rows
