@@ -1,0 +1,1 @@
+"""Model adapters: diffusers flow transformers (Wan2.1 first) and the built-in toy video world."""

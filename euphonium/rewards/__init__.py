@@ -1,0 +1,1 @@
+"""Outcome rewards on decoded videos and process reward models on noisy latents."""
