@@ -1,0 +1,476 @@
+"""The guided SDE step of a flow-matching sampler and the training log-prob (DESIGN.md section 2).
+
+Per sample ``b`` with ``delta = sigma - sigma_next`` and diffusion coefficient ``s`` of the schedule::
+
+    x0_pred  = x - sigma * v
+    mean     = x - delta * v - (s^2 * delta / (2 * sigma)) * (x + (1 - sigma) * v)   # flow_grpo, dance_grpo, ode
+    std      = s * sqrt(delta)
+    mean_g   = mean + c * g                              # c = guidance_scale, g = reward_grad
+    x_next   = mean_g + std * eps                        # eps ~ N(0, I)
+    log_prob = mean_i( -(x_next - m)^2 / (2 std^2) ) - log(std) - log(2 pi) / 2
+
+with ``m = mean`` (``logprob_mean="unguided"``) or ``mean_g``. Schedules: ``flow_grpo``
+``s = a * sqrt(sigma / (1 - sigma~))`` with ``sigma~ = sigma_max`` where ``sigma == 1``;
+``dance_grpo`` ``s = eta``; ``ode`` ``s = 0``; ``cps`` (coefficient-preserving)
+``std = sigma_next * sin(a * pi / 2)``, ``mean = x0_pred * (1 - sigma_next) + (x + (1 - sigma) * v) *
+sqrt(sigma_next^2 - std^2)``.
+
+Every mean is linear in ``v``: ``mean = a_x * x + k * v``; the training gradient is
+``d log_prob / d v = k * (x_next - mean) / (std^2 * N)`` (``N`` elements per sample), with
+``k = -delta * (1 + s^2 (1 - sigma) / (2 sigma))`` for the SDE schedules and
+``k = -sigma * (1 - sigma_next) + (1 - sigma) * sqrt(sigma_next^2 - std^2)`` for ``cps``.
+
+The eager ``*_reference`` functions are the spec and the benchmark baseline: they are written the
+way Flow-GRPO / DanceGRPO trainers write the step (whole-tensor fp32 upcasts, one op at a time).
+On CUDA (or with ``EUPHONIUM_BACKEND=triton``) the public functions run one fused Triton kernel
+per direction from ``euphonium.kernels.sde``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional, Tuple, Union
+
+import torch
+
+from euphonium.ops._backend import resolve
+from euphonium.ops._checks import FLOAT_DTYPES, check_float_tensor, check_like, per_sample
+
+SCHEDULES = ("flow_grpo", "dance_grpo", "cps", "ode")
+LOGPROB_MEANS = ("unguided", "guided")
+_HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+_SEED_LIMIT = 2**63
+
+Scalar = Union[float, torch.Tensor]
+
+
+class SDEStepOutput(NamedTuple):
+    """Result of ``sde_step``.
+
+    ``x_next`` and ``x0_pred`` have the shape and dtype of ``x``; ``log_prob`` is ``[B]`` float32
+    (None for ``schedule="ode"``).
+    """
+
+    x_next: torch.Tensor
+    log_prob: Optional[torch.Tensor]
+    x0_pred: torch.Tensor
+
+
+# ----------------------------------------------------------------------------------------------
+# Philox noise: the counter-based generator of ``triton.language.random`` (Philox4x32-10 and its
+# Box-Muller transform), written with torch integer ops so that the reference backend draws the
+# stream the kernels draw: element ``i`` of the flattened ``[B, ...]`` tensor is
+# ``tl.randn(seed, i)``. The 32-bit products are split in 16-bit halves to stay inside int64.
+# ----------------------------------------------------------------------------------------------
+
+_MASK32 = 0xFFFFFFFF
+_PHILOX_KEY_A, _PHILOX_KEY_B = 0x9E3779B9, 0xBB67AE85
+_PHILOX_ROUND_A, _PHILOX_ROUND_B = 0xD2511F53, 0xCD9E8D57
+_PHILOX_ROUNDS = 10
+
+
+def _mul_hi_lo(a: torch.Tensor, b: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """High and low 32 bits of ``a * b`` for ``a`` in ``[0, 2^32)`` (int64 tensor), ``b`` a uint32."""
+    b_hi, b_lo = b >> 16, b & 0xFFFF
+    p_hi, p_lo = a * b_hi, a * b_lo  # each < 2^48
+    hi = (p_hi + (p_lo >> 16)) >> 16
+    lo = (((p_hi & 0xFFFF) << 16) + p_lo) & _MASK32
+    return hi, lo
+
+
+def philox_randn(seed: int, numel: int, device: Union[str, torch.device] = "cpu") -> torch.Tensor:
+    """``numel`` standard normal float32 values: element ``i`` is Triton's ``tl.randn(seed, i)``.
+
+    The integer stream (Philox4x32-10 keyed by the 64-bit ``seed``, counter ``(i_lo, i_hi, 0, 0)``)
+    and the uniform floats are bit-exact; the Box-Muller transform
+    ``sqrt(-2 log max(u1, 1e-7)) * cos(2 pi u2)`` goes through torch's ``log``/``cos``, which can
+    differ from the GPU's in the last bits.
+    """
+    offset = torch.arange(numel, dtype=torch.int64, device=device)
+    c0, c1 = offset & _MASK32, offset >> 32
+    c2 = torch.zeros_like(c0)
+    c3 = torch.zeros_like(c0)
+    k0, k1 = seed & _MASK32, (seed >> 32) & _MASK32
+    for _ in range(_PHILOX_ROUNDS):
+        hi_b, lo_b = _mul_hi_lo(c2, _PHILOX_ROUND_B)
+        hi_a, lo_a = _mul_hi_lo(c0, _PHILOX_ROUND_A)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0 = (k0 + _PHILOX_KEY_A) & _MASK32
+        k1 = (k1 + _PHILOX_KEY_B) & _MASK32
+    u1, u2 = _uint32_to_uniform(c0), _uint32_to_uniform(c1)
+    u1 = torch.clamp_min(u1, torch.tensor(1e-7, dtype=torch.float32))
+    theta = u2 * torch.tensor(2 * math.pi, dtype=torch.float32)
+    return torch.sqrt(torch.log(u1) * -2.0) * torch.cos(theta)
+
+
+def _uint32_to_uniform(u: torch.Tensor) -> torch.Tensor:
+    # Triton's uint_to_uniform_float: reinterpret as int32, fold negatives with ~x, scale to [0, 1).
+    signed = torch.where(u >= 2**31, u - 2**32, u)
+    folded = torch.where(signed < 0, -signed - 1, signed)
+    return folded.to(torch.float32) * torch.tensor(4.6566127342e-10, dtype=torch.float32)
+
+
+def draw_seed() -> int:
+    """A fresh Philox seed from torch's default CPU generator (``torch.manual_seed`` reproduces it)."""
+    return int(torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64).item())
+
+
+# ----------------------------------------------------------------------------------------------
+# Eager reference (the spec).
+# ----------------------------------------------------------------------------------------------
+
+
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    # fp32 arithmetic for every input dtype; float64 inputs stay float64 (gradcheck).
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _per_sample_view(value: Scalar, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A float or [B] tensor as a [B, 1, ..., 1] tensor that broadcasts against ``x``."""
+    t = per_sample("value", value, x.shape[0], x.device, dtype=dtype)
+    return t.reshape(-1, *([1] * (x.dim() - 1)))
+
+
+def _schedule_scale(schedule: str, noise_level: float) -> float:
+    """The scalar each schedule's noise is proportional to (for ``cps``: ``sin(a * pi / 2)``)."""
+    if schedule == "cps":
+        return math.sin(noise_level * math.pi / 2)
+    return float(noise_level) if schedule != "ode" else 0.0
+
+
+def _mean_std_reference(x, v, sigma, sigma_next, schedule, noise_level, sigma_max):
+    """Eager ``(mean, std, x0_pred)`` in the compute dtype, sigmas as [B, 1, ...] views."""
+    ct = _compute_dtype(x)
+    x = x.to(ct)
+    v = v.to(ct)
+    sigma = _per_sample_view(sigma, x, ct)
+    sigma_next = _per_sample_view(sigma_next, x, ct)
+    x0_pred = x - sigma * v
+    if schedule == "cps":
+        std = sigma_next * _schedule_scale("cps", noise_level)
+        noise_pred = x + (1 - sigma) * v
+        mean = x0_pred * (1 - sigma_next) + noise_pred * torch.sqrt(torch.clamp_min(sigma_next**2 - std**2, 0))
+        return mean, std, x0_pred
+    delta = sigma - sigma_next
+    if schedule == "flow_grpo":
+        sigma_den = sigma if sigma_max is None else torch.where(sigma == 1, torch.full_like(sigma, sigma_max), sigma)
+        s = noise_level * torch.sqrt(sigma / (1 - sigma_den))
+    elif schedule == "dance_grpo":
+        s = torch.full_like(sigma, noise_level)
+    else:  # ode
+        s = torch.zeros_like(sigma)
+    mean = x - delta * v - (s**2 * delta / (2 * sigma)) * (x + (1 - sigma) * v)
+    std = s * torch.sqrt(delta)
+    return mean, std, x0_pred
+
+
+def _gaussian_log_prob_reference(x_next, mean, std):
+    """``mean_i(-(x_next - mean)^2 / (2 std^2)) - log(std) - log(2 pi) / 2`` per sample; 0 where std == 0."""
+    deterministic = std == 0
+    std_safe = torch.where(deterministic, torch.ones_like(std), std)
+    log_prob = -((x_next - mean) ** 2) / (2 * std_safe**2) - torch.log(std_safe) - _HALF_LOG_2PI
+    log_prob = log_prob.mean(dim=tuple(range(1, log_prob.dim())))
+    return torch.where(deterministic.reshape(-1), torch.zeros_like(log_prob), log_prob).to(
+        torch.float64 if x_next.dtype == torch.float64 else torch.float32
+    )
+
+
+def sde_step_reference(
+    x: torch.Tensor,
+    v: torch.Tensor,
+    sigma: Scalar,
+    sigma_next: Scalar,
+    noise: Optional[torch.Tensor],
+    *,
+    schedule: str = "flow_grpo",
+    noise_level: float = 0.7,
+    sigma_max: Optional[float] = None,
+    reward_grad: Optional[torch.Tensor] = None,
+    guidance_scale: Scalar = 0.0,
+    logprob_mean: str = "unguided",
+) -> SDEStepOutput:
+    """Eager PyTorch ``sde_step`` (the spec; see the module docstring for the formulas).
+
+    Inputs are validated by ``sde_step``; here ``noise`` is a tensor like ``x`` (ignored by ``ode``).
+    """
+    mean, std, x0_pred = _mean_std_reference(x, v, sigma, sigma_next, schedule, noise_level, sigma_max)
+    mean_g = mean
+    if reward_grad is not None:
+        c = _per_sample_view(guidance_scale, mean, mean.dtype)
+        mean_g = mean + c * reward_grad.to(mean.dtype)
+    if schedule == "ode":
+        return SDEStepOutput(mean_g.to(x.dtype), None, x0_pred.to(x.dtype))
+    x_next = (mean_g + std * noise.to(mean.dtype)).to(x.dtype)
+    m = mean_g if logprob_mean == "guided" else mean
+    log_prob = _gaussian_log_prob_reference(x_next.to(mean.dtype), m, std)
+    return SDEStepOutput(x_next, log_prob, x0_pred.to(x.dtype))
+
+
+def sde_log_prob_reference(
+    x: torch.Tensor,
+    v: torch.Tensor,
+    x_next: torch.Tensor,
+    sigma: Scalar,
+    sigma_next: Scalar,
+    *,
+    schedule: str = "flow_grpo",
+    noise_level: float = 0.7,
+    sigma_max: Optional[float] = None,
+    v_ref: Optional[torch.Tensor] = None,
+):
+    """Eager PyTorch ``sde_log_prob`` (differentiable by autograd through the eager ops).
+
+    ``kl = mean_i((mean(v) - mean(v_ref))^2) / (2 std^2)`` as peers write it (equal to
+    ``k^2 mean_i((v - v_ref)^2) / (2 std^2)``).
+    """
+    mean, std, _ = _mean_std_reference(x, v, sigma, sigma_next, schedule, noise_level, sigma_max)
+    log_prob = _gaussian_log_prob_reference(x_next.to(mean.dtype), mean, std)
+    if v_ref is None:
+        return log_prob
+    mean_ref, _, _ = _mean_std_reference(x, v_ref, sigma, sigma_next, schedule, noise_level, sigma_max)
+    var = torch.where(std == 0, torch.ones_like(std), std) ** 2
+    kl = ((mean - mean_ref) ** 2).mean(dim=tuple(range(1, mean.dim()))) / (2 * var.reshape(-1))
+    kl = torch.where(std.reshape(-1) == 0, torch.zeros_like(kl), kl).to(log_prob.dtype)
+    return log_prob, kl
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation.
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_schedule(schedule, noise_level, sigma_max):
+    if not isinstance(schedule, str) or schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    if isinstance(noise_level, bool) or not isinstance(noise_level, (int, float)):
+        raise TypeError(f"noise_level must be a float, got {type(noise_level).__name__}")
+    noise_level = float(noise_level)
+    if schedule != "ode" and not (0 < noise_level < float("inf")):
+        raise ValueError(f"noise_level must be a finite number > 0 for schedule={schedule!r} (use schedule='ode' for a deterministic step), got {noise_level}")
+    if schedule == "cps" and noise_level > 1:
+        raise ValueError(f"noise_level must be in (0, 1] for schedule='cps' (std = sigma_next * sin(noise_level * pi / 2)), got {noise_level}")
+    if sigma_max is not None:
+        if isinstance(sigma_max, bool) or not isinstance(sigma_max, (int, float)):
+            raise TypeError(f"sigma_max must be a float or None, got {type(sigma_max).__name__}")
+        sigma_max = float(sigma_max)
+        if not 0 < sigma_max < 1:
+            raise ValueError(f"sigma_max must be in (0, 1) (the largest sigma below 1 of the schedule), got {sigma_max}")
+    return noise_level, sigma_max
+
+
+def _check_latent(name, t):
+    check_float_tensor(name, t)
+    if t.dim() < 2:
+        raise ValueError(f"{name} must have a batch dimension and at least one more, shape [B, ...], got shape {tuple(t.shape)}")
+    if t.numel() == 0:
+        raise ValueError(f"{name} has no elements (shape {tuple(t.shape)})")
+    return t
+
+
+def _check_sigmas(sigma, sigma_next, x, schedule, sigma_max):
+    """``0 <= sigma_next < sigma <= 1`` per sample, and ``sigma_max`` where ``flow_grpo`` meets ``sigma == 1``.
+
+    Returns the sigmas as [B] float32 tensors on ``x.device`` (one host sync for tensor sigmas).
+    """
+    batch = x.shape[0]
+    s = per_sample("sigma", sigma, batch, x.device)
+    sn = per_sample("sigma_next", sigma_next, batch, x.device)
+    if isinstance(sigma, torch.Tensor) or isinstance(sigma_next, torch.Tensor):
+        flags = torch.stack([~((s <= 1) & (s > 0)), ~((sn >= 0) & (sn < s)), s == 1]).any(dim=1).tolist()
+    else:
+        flags = [not 0 < float(sigma) <= 1, not 0 <= float(sigma_next) < float(sigma), float(sigma) == 1]
+    if flags[0]:
+        raise ValueError(f"sigma must satisfy 0 < sigma <= 1 (finite), got {_describe(sigma)}")
+    if flags[1]:
+        raise ValueError(f"sigma_next must satisfy 0 <= sigma_next < sigma, got sigma_next={_describe(sigma_next)} with sigma={_describe(sigma)}")
+    if flags[2] and schedule == "flow_grpo" and sigma_max is None:
+        raise ValueError("sigma_max is required with schedule='flow_grpo' at sigma == 1 (the coefficient sqrt(sigma / (1 - sigma)) is infinite there); pass the largest sigma below 1, as Flow-GRPO does")
+    return s, sn
+
+
+def _describe(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"tensor {value.detach().cpu().flatten()[:8].tolist()}{' ...' if value.numel() > 8 else ''}"
+    return repr(value)
+
+
+def _check_seed(seed, noise):
+    if seed is None:
+        return None
+    if noise is not None:
+        raise ValueError("pass either noise or seed, not both (seed only seeds the in-kernel noise drawn when noise is None)")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    if not 0 <= seed < _SEED_LIMIT:
+        raise ValueError(f"seed must be in [0, 2^63), got {seed}")
+    return seed
+
+
+# ----------------------------------------------------------------------------------------------
+# Public API.
+# ----------------------------------------------------------------------------------------------
+
+
+def sde_step(
+    x: torch.Tensor,
+    v: torch.Tensor,
+    sigma: Scalar,
+    sigma_next: Scalar,
+    *,
+    schedule: str = "flow_grpo",
+    noise_level: float = 0.7,
+    sigma_max: Optional[float] = None,
+    reward_grad: Optional[torch.Tensor] = None,
+    guidance_scale: Scalar = 0.0,
+    noise: Optional[torch.Tensor] = None,
+    seed: Optional[int] = None,
+    logprob_mean: str = "unguided",
+) -> SDEStepOutput:
+    """One guided SDE step ``sigma -> sigma_next`` of a flow-matching sampler, with its log-prob.
+
+    Computes (module docstring for ``s``, ``std`` and ``mean`` of each schedule)::
+
+        x0_pred  = x - sigma * v
+        x_next   = mean + guidance_scale * reward_grad + std * eps
+        log_prob = mean_i(-(x_next - m)^2 / (2 std^2)) - log(std) - log(2 pi) / 2
+
+    Args:
+        x: latents ``[B, ...]`` (rank >= 2), float32/bfloat16/float16 (float64 on the reference).
+        v: predicted velocity, shape of ``x``, any float dtype.
+        sigma, sigma_next: floats or ``[B]`` tensors with ``0 <= sigma_next < sigma <= 1``.
+        schedule: ``"flow_grpo"``, ``"dance_grpo"``, ``"cps"`` or ``"ode"`` (deterministic Euler).
+        noise_level: ``a`` of flow_grpo / cps, ``eta`` of dance_grpo (ignored by ode).
+        sigma_max: flow_grpo's denominator clamp at ``sigma == 1`` (required there).
+        reward_grad: ``g = grad_x r_p``, shape of ``x``; with ``guidance_scale`` (float or ``[B]``)
+            it shifts the mean by ``c * g``.
+        noise: ``eps``, shape of ``x``. When None, drawn in-kernel with Philox from ``seed``
+            (element ``i`` of the flattened tensor is ``tl.randn(seed, i)``, the same stream on both
+            backends); ``seed=None`` draws a seed from torch's default generator.
+        logprob_mean: ``"unguided"`` (``m = mean``, default: GRPO then distils the guidance into the
+            policy) or ``"guided"`` (``m = mean + c * g``).
+
+    Returns:
+        ``SDEStepOutput(x_next, log_prob, x0_pred)``: ``x_next``/``x0_pred`` in the dtype of ``x``;
+        ``log_prob`` ``[B]`` float32 computed at the returned (rounded) ``x_next``, so that
+        ``sde_log_prob(x, v, out.x_next, ...)`` returns the same bits; None for ``ode``. A sample
+        whose ``std`` is 0 (``cps`` at ``sigma_next == 0``) is deterministic and gets log-prob 0.
+
+    All arithmetic is fp32 whatever the input dtype; the log-prob reduction is deterministic.
+    """
+    _check_latent("x", x)
+    check_like("v", v, "x", x)
+    noise_level, sigma_max = _check_schedule(schedule, noise_level, sigma_max)
+    if not isinstance(logprob_mean, str) or logprob_mean not in LOGPROB_MEANS:
+        raise ValueError(f"logprob_mean must be one of {LOGPROB_MEANS}, got {logprob_mean!r}")
+    if noise is not None:
+        check_like("noise", noise, "x", x)
+    seed = _check_seed(seed, noise)
+    sigma_t, sigma_next_t = _check_sigmas(sigma, sigma_next, x, schedule, sigma_max)
+    scale_t = None
+    if reward_grad is not None:
+        check_like("reward_grad", reward_grad, "x", x)
+        scale_t = per_sample("guidance_scale", guidance_scale, x.shape[0], x.device)
+        if not isinstance(guidance_scale, torch.Tensor) and float(guidance_scale) == 0.0:
+            reward_grad, scale_t = None, None  # no guidance: skip reading reward_grad
+    elif isinstance(guidance_scale, torch.Tensor) or float(guidance_scale) != 0.0:
+        per_sample("guidance_scale", guidance_scale, x.shape[0], x.device)
+        raise ValueError("guidance_scale is set but reward_grad is None; pass the reward gradient to guide the step")
+
+    if resolve(x.device) == "reference":
+        if noise is None and schedule != "ode":
+            noise = philox_randn(draw_seed() if seed is None else seed, x.numel(), x.device).reshape(x.shape)
+        return sde_step_reference(
+            x, v, sigma_t, sigma_next_t, noise, schedule=schedule, noise_level=noise_level, sigma_max=sigma_max,
+            reward_grad=reward_grad, guidance_scale=scale_t if scale_t is not None else 0.0,
+            logprob_mean=logprob_mean,
+        )
+
+    from euphonium.kernels import sde as kernels
+
+    if noise is None and seed is None and schedule != "ode":
+        seed = draw_seed()
+    x_next, log_prob, x0_pred = kernels.sde_step_forward(
+        x, v, sigma_t, sigma_next_t, reward_grad=reward_grad, guidance_scale=scale_t, noise=noise,
+        seed=0 if seed is None else seed, schedule=schedule, scale=_schedule_scale(schedule, noise_level),
+        sigma_max=sigma_max, guided_logprob=logprob_mean == "guided",
+    )
+    return SDEStepOutput(x_next, log_prob, x0_pred)
+
+
+class _SDELogProb(torch.autograd.Function):
+    """Fused log-prob (and KL) with a fused backward that recomputes the mean; saves only inputs."""
+
+    @staticmethod
+    def forward(ctx, x, v, x_next, v_ref, sigma, sigma_next, schedule, scale, sigma_max):
+        from euphonium.kernels import sde as kernels
+
+        log_prob, kl = kernels.sde_log_prob_forward(
+            x, v, x_next, sigma, sigma_next, v_ref=v_ref, schedule=schedule, scale=scale, sigma_max=sigma_max
+        )
+        ctx.save_for_backward(x, v, x_next, v_ref, sigma, sigma_next)
+        ctx.config = (schedule, scale, sigma_max)
+        return log_prob, kl
+
+    @staticmethod
+    def backward(ctx, grad_log_prob, grad_kl):
+        from euphonium.kernels import sde as kernels
+
+        x, v, x_next, v_ref, sigma, sigma_next = ctx.saved_tensors
+        schedule, scale, sigma_max = ctx.config
+        grad_v = kernels.sde_log_prob_backward(
+            grad_log_prob, grad_kl if v_ref is not None else None, x, v, x_next, sigma, sigma_next,
+            v_ref=v_ref, schedule=schedule, scale=scale, sigma_max=sigma_max,
+        )
+        return None, grad_v, None, None, None, None, None, None, None
+
+
+def sde_log_prob(
+    x: torch.Tensor,
+    v: torch.Tensor,
+    x_next: torch.Tensor,
+    sigma: Scalar,
+    sigma_next: Scalar,
+    *,
+    schedule: str = "flow_grpo",
+    noise_level: float = 0.7,
+    sigma_max: Optional[float] = None,
+    v_ref: Optional[torch.Tensor] = None,
+):
+    """Log-prob of a stored transition ``x -> x_next`` under the policy's velocity ``v`` (training).
+
+    ``log_prob = mean_i(-(x_next - mean(v))^2 / (2 std^2)) - log(std) - log(2 pi) / 2`` with the
+    unguided mean of ``sde_step`` (same schedules and arguments); on the same inputs it returns the
+    same bits as ``sde_step(...).log_prob``. Differentiable in ``v`` only::
+
+        d log_prob / d v = k * (x_next - mean) / (std^2 * N)        k = d mean / d v
+
+    With ``v_ref`` (a reference policy's velocity, treated as a constant) also returns
+    ``kl = k^2 * mean_i((v - v_ref)^2) / (2 std^2)`` with ``d kl / d v = k^2 (v - v_ref) / (std^2 N)``.
+
+    Args: ``x``, ``x_next``, ``v`` (and ``v_ref``) of one shape ``[B, ...]``; sigmas floats or ``[B]``.
+    Returns: ``log_prob`` ``[B]`` float32, or ``(log_prob, kl)`` when ``v_ref`` is given. Samples with
+    ``std == 0`` (``cps`` at ``sigma_next == 0``) get 0 and a zero gradient. ``schedule="ode"`` has
+    no log-prob and raises.
+    """
+    _check_latent("x", x)
+    check_like("v", v, "x", x)
+    check_like("x_next", x_next, "x", x)
+    noise_level, sigma_max = _check_schedule(schedule, noise_level, sigma_max)
+    if schedule == "ode":
+        raise ValueError("schedule='ode' is deterministic and has no log-prob; use 'flow_grpo', 'dance_grpo' or 'cps'")
+    if v_ref is not None:
+        check_like("v_ref", v_ref, "v", v)
+    for name, t in (("x", x), ("x_next", x_next), ("v_ref", v_ref), ("sigma", sigma), ("sigma_next", sigma_next)):
+        if isinstance(t, torch.Tensor) and t.requires_grad:
+            raise ValueError(f"sde_log_prob is differentiable in v only, but {name} requires grad; detach it")
+    sigma_t, sigma_next_t = _check_sigmas(sigma, sigma_next, x, schedule, sigma_max)
+
+    if resolve(x.device) == "reference":
+        return sde_log_prob_reference(
+            x, v, x_next, sigma_t, sigma_next_t, schedule=schedule, noise_level=noise_level, sigma_max=sigma_max,
+            v_ref=v_ref,
+        )
+    log_prob, kl = _SDELogProb.apply(
+        x, v, x_next, v_ref, sigma_t, sigma_next_t, schedule, _schedule_scale(schedule, noise_level), sigma_max
+    )
+    return log_prob if v_ref is None else (log_prob, kl)
