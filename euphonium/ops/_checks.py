@@ -61,3 +61,28 @@ def check_finite(name: str, t: torch.Tensor, *, what: Optional[str] = None) -> N
     if bool(bad.any()):
         index = bad.reshape(t.shape[0], -1).any(dim=1).nonzero()[0].item() if t.dim() else 0
         raise ValueError(f"{name} has non-finite values (first at sample {index}){'; ' + what if what else ''}")
+
+
+def check_positive(name: str, value, *, allow_zero: bool = False, allow_none: bool = False) -> Optional[float]:
+    """``value`` is a finite real number ``> 0`` (``>= 0`` with ``allow_zero``), or None if allowed."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number{' or None' if allow_none else ''}, got {type(value).__name__}")
+    value = float(value)
+    bound_ok = value >= 0 if allow_zero else value > 0
+    if not (bound_ok and value < float("inf")):
+        raise ValueError(f"{name} must be a finite number {'>= 0' if allow_zero else '> 0'}, got {value}")
+    return value
+
+
+def check_index_tensor(name: str, t, batch: int, ref_name: str, ref: torch.Tensor) -> torch.Tensor:
+    """``t`` is an integer tensor of shape ``[batch]`` on the device of ``ref`` (ids, labels)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of integers, got {type(t).__name__}")
+    if t.dtype == torch.bool or t.is_floating_point() or t.is_complex():
+        raise TypeError(f"{name} must be an integer tensor (int32 or int64), got {t.dtype}")
+    if t.shape != (batch,):
+        raise ValueError(f"{name} must have shape [{batch}] (one per sample), got {tuple(t.shape)}")
+    check_same_device(name, t, ref_name, ref)
+    return t

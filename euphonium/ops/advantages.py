@@ -1,0 +1,165 @@
+"""Group-relative advantages (GRPO): rewards normalised within the group of samples of one prompt.
+
+For a group ``G`` of samples (one prompt) and each reward column ``k``::
+
+    A[b, k] = (r[b, k] - mean_{j in G} r[j, k]) / (std_{j in G} r[j, k] + eps)
+
+``std`` is the unbiased (``n - 1``) or population (``n``) standard deviation of the group, or with
+``global_std=True`` (Flow-GRPO's option) of the whole column over the batch (the mean stays per
+group). A group whose rewards in a column are all equal (a single member included) gives exactly
+zero advantage there, never NaN. ``clip`` clamps the result to ``[-clip, clip]``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from euphonium.ops._backend import resolve
+from euphonium.ops._checks import check_finite, check_float_tensor, check_index_tensor, check_positive
+
+
+def group_advantages(
+    rewards: torch.Tensor,
+    *,
+    group_size: Optional[int] = None,
+    group_ids: Optional[torch.Tensor] = None,
+    eps: float = 1e-8,
+    unbiased: bool = True,
+    global_std: bool = False,
+    clip: Optional[float] = None,
+) -> torch.Tensor:
+    """Group-relative advantages ``(r - mean_group(r)) / (std_group(r) + eps)``, per reward column.
+
+    Args:
+        rewards: ``[B]`` (one outcome reward per sample) or ``[B, K]`` (e.g. a process reward per
+            denoising step; each column is normalised within its groups independently). Any float
+            dtype; must be finite.
+        group_size: groups are contiguous blocks of ``group_size`` samples (``B % group_size == 0``).
+        group_ids: or an integer ``[B]`` tensor: samples with equal ids form a group, in any order and
+            of any sizes. Exactly one of ``group_size`` / ``group_ids`` is given.
+        eps: added to the standard deviation.
+        unbiased: ``n - 1`` (True) or ``n`` (False) in the variance; a group of one has std 0.
+        global_std: divide by the std of the whole column over the batch instead of the group's.
+        clip: if given, clamp the advantages to ``[-clip, clip]``.
+
+    Returns:
+        Advantages of the shape of ``rewards``, float32 (float64 for float64 rewards). A group whose
+        rewards in a column are all equal gets exactly 0 there. On CUDA one Triton launch computes
+        every group and column (fp32 accumulation); on CPU the eager reference runs.
+    """
+    check_float_tensor("rewards", rewards)
+    if rewards.dim() > 2:
+        raise ValueError(f"rewards must be [B] or [B, K], got shape {tuple(rewards.shape)}")
+    if isinstance(group_size, torch.Tensor):
+        raise TypeError("group_size must be an int; pass a tensor of per-sample group ids as group_ids=")
+    if (group_size is None) == (group_ids is None):
+        raise ValueError("give exactly one of group_size (contiguous groups) or group_ids (a [B] tensor of ids)")
+    batch = rewards.shape[0]
+    if group_size is not None:
+        _check_group_size(group_size, batch)
+    else:
+        check_index_tensor("group_ids", group_ids, batch, "rewards", rewards)
+    eps = check_positive("eps", eps, allow_zero=True)
+    clip = check_positive("clip", clip, allow_none=True)
+    if not isinstance(unbiased, bool):
+        raise TypeError(f"unbiased must be a bool, got {type(unbiased).__name__}")
+    if not isinstance(global_std, bool):
+        raise TypeError(f"global_std must be a bool, got {type(global_std).__name__}")
+    check_finite("rewards", rewards)
+
+    if resolve(rewards.device) == "reference":
+        ids = group_ids if group_ids is not None else contiguous_group_ids(batch, group_size, rewards.device)
+        return group_advantages_ref(rewards, ids, eps=eps, unbiased=unbiased, global_std=global_std, clip=clip)
+
+    from euphonium.kernels.advantages import group_advantages_forward
+
+    order, seg_end = segment_layout(batch, group_size=group_size, group_ids=group_ids, device=rewards.device)
+    out_dtype = torch.promote_types(rewards.dtype, torch.float32)
+    adv = group_advantages_forward(
+        rewards.reshape(batch, -1), order, seg_end, out_dtype=out_dtype, eps=eps, unbiased=unbiased,
+        global_std=global_std, clip=clip, max_group=group_size,
+    )
+    return adv.reshape(rewards.shape)
+
+
+def _check_group_size(group_size, batch: int) -> None:
+    if isinstance(group_size, bool) or not isinstance(group_size, int):
+        raise TypeError(f"group_size must be an int, got {type(group_size).__name__}")
+    if group_size < 1 or batch % group_size != 0:
+        raise ValueError(f"group_size must be a positive divisor of the batch size {batch}, got {group_size}")
+
+
+def contiguous_group_ids(batch: int, group_size: int, device) -> torch.Tensor:
+    """``[B]`` int64 ids of contiguous groups: ``b // group_size``."""
+    return torch.div(torch.arange(batch, device=device), group_size, rounding_mode="floor")
+
+
+def segment_layout(
+    batch: int, *, group_size: Optional[int] = None, group_ids: Optional[torch.Tensor] = None, device=None
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The layout the segmented-reduction kernel reads, built with device ops only (no host sync).
+
+    Returns ``order`` (int32 ``[B]``: the sample at each position once sorted by group id, stably)
+    and ``seg_end`` (int32 ``[B]``): for a position ``i`` where a group starts, the position one
+    past that group's last member; ``i`` itself elsewhere, so that the program of a position that
+    starts no group has an empty range of rows.
+    """
+    pos = torch.arange(batch, device=device, dtype=torch.int64)
+    if group_ids is None:
+        starts = pos % group_size == 0
+        seg_end = torch.where(starts, pos + group_size, pos)
+        return pos.to(torch.int32), seg_end.to(torch.int32)
+    sorted_ids, order = torch.sort(group_ids.to(torch.int64), stable=True)
+    is_last = torch.ones(batch, dtype=torch.bool, device=device)
+    is_last[:-1] = sorted_ids[1:] != sorted_ids[:-1]
+    is_first = torch.ones_like(is_last)
+    is_first[1:] = is_last[:-1]
+    # The end of the group containing position i is the first group-last position at or after i.
+    end_if_last = torch.where(is_last, pos + 1, torch.full_like(pos, batch))
+    group_end = end_if_last.flip(0).cummin(0).values.flip(0)
+    seg_end = torch.where(is_first, group_end, pos)
+    return order.to(torch.int32), seg_end.to(torch.int32)
+
+
+def group_advantages_ref(
+    rewards: torch.Tensor,
+    group_ids: torch.Tensor,
+    *,
+    eps: float = 1e-8,
+    unbiased: bool = True,
+    global_std: bool = False,
+    clip: Optional[float] = None,
+) -> torch.Tensor:
+    """Eager reference of :func:`group_advantages` (the spec); ``group_ids`` is an integer ``[B]``.
+
+    Computes in float32 (float64 for float64 rewards) with a two-pass variance.
+    """
+    dtype = torch.promote_types(rewards.dtype, torch.float32)
+    batch = rewards.shape[0]
+    r = rewards.reshape(batch, -1).to(dtype)
+    _, inverse, counts = torch.unique(group_ids, return_inverse=True, return_counts=True)
+    n_groups, n_cols = counts.numel(), r.shape[1]
+    n = counts.to(dtype).unsqueeze(1)
+
+    mean = torch.zeros(n_groups, n_cols, dtype=dtype, device=r.device).index_add_(0, inverse, r) / n
+    centred = r - mean[inverse]
+    if global_std:
+        denom = batch - 1 if unbiased and batch > 1 else batch
+        std = ((r - r.mean(0, keepdim=True)).square().sum(0, keepdim=True) / denom).sqrt()
+    else:
+        sq = torch.zeros(n_groups, n_cols, dtype=dtype, device=r.device).index_add_(0, inverse, centred.square())
+        std = (sq / ((n - 1).clamp(min=1) if unbiased else n)).sqrt()[inverse]
+    adv = centred / (std + eps)
+
+    index = inverse.unsqueeze(1).expand(-1, n_cols)
+    hi = torch.full((n_groups, n_cols), -torch.inf, dtype=dtype, device=r.device)
+    lo = torch.full((n_groups, n_cols), torch.inf, dtype=dtype, device=r.device)
+    hi = hi.scatter_reduce(0, index, r, reduce="amax")
+    lo = lo.scatter_reduce(0, index, r, reduce="amin")
+    # Rounding in the mean would turn an all-equal group into +-ulp / eps: force the exact zero.
+    adv = torch.where((hi == lo)[inverse], torch.zeros_like(adv), adv)
+    if clip is not None:
+        adv = adv.clamp(-clip, clip)
+    return adv.reshape(rewards.shape)

@@ -1,0 +1,353 @@
+"""Clipped GRPO loss (fused forward/backward on CUDA) and the dual-reward Euphonium objective.
+
+Per element ``e`` (a sample, or a sample and a trained denoising step)::
+
+    ratio_e = exp(log_prob_e - old_log_prob_e)
+    A_e     = clamp(advantage_e, -adv_clip, adv_clip)
+    L       = mean_e max(-A_e * ratio_e, -A_e * clamp(ratio_e, 1 - clip_range, 1 + clip_range))
+              + kl_coef * mean_e kl_e
+
+``clip_range`` is tiny (1e-4 by default) because the log-prob of a step is a per-element mean
+over the latent, so ratios stay very close to 1.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Mapping, Optional, Tuple
+
+import torch
+
+from euphonium.ops._backend import resolve
+from euphonium.ops._checks import check_float_tensor, check_like, check_positive, check_same_device
+from euphonium.ops.advantages import group_advantages
+
+STAT_NAMES = ("clip_frac", "approx_kl", "ratio_mean", "ratio_max_dev", "policy_loss", "kl")
+
+
+def grpo_loss(
+    log_prob: torch.Tensor,
+    old_log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    *,
+    clip_range: float = 1e-4,
+    adv_clip: Optional[float] = 5.0,
+    kl: Optional[torch.Tensor] = None,
+    kl_coef: float = 0.0,
+) -> Tuple[torch.Tensor, Dict[str, float]]:
+    """Clipped GRPO surrogate loss and its statistics.
+
+    ``L = mean(max(-A * ratio, -A * clamp(ratio, 1 - clip_range, 1 + clip_range))) + kl_coef * mean(kl)``
+    with ``ratio = exp(log_prob - old_log_prob)`` and ``A = clamp(advantages, -adv_clip, adv_clip)``.
+
+    Args:
+        log_prob: ``[B]`` or ``[B, K]`` log-probs under the current policy (differentiable).
+        old_log_prob: the rollout's log-probs, shape of ``log_prob`` (treated as a constant).
+        advantages: shape of ``log_prob``, or ``[B]`` broadcast over the ``K`` steps (a constant).
+        clip_range: ``eps_c > 0`` of the ratio clip.
+        adv_clip: clamp of the advantages (None: no clamp).
+        kl: optional per-element KL penalty, shape of ``log_prob`` (differentiable).
+        kl_coef: weight of ``mean(kl)``.
+
+    Returns:
+        ``(loss, stats)``: ``loss`` a 0-d float32 tensor (float64 for float64 inputs on the reference
+        path) differentiable in ``log_prob`` and ``kl``; ``stats`` a dict of Python floats read with
+        one device sync: ``clip_frac`` (fraction with ``|ratio - 1| > clip_range``), ``approx_kl``
+        (mean of ``(ratio - 1) - log ratio``), ``ratio_mean``, ``ratio_max_dev`` (max ``|ratio - 1|``),
+        ``policy_loss`` (the clipped term) and ``kl`` (``mean(kl)``, 0 without ``kl``). ``ratio - 1``
+        and ``approx_kl`` come from a Taylor series for ``|log ratio| < 0.1``: in fp32 the direct
+        differences would cancel at the ratios GRPO sees (``|log ratio| ~ 1e-4``).
+        On CUDA forward and backward are each one fused Triton kernel; the backward recomputes the
+        ratio rather than saving it.
+    """
+    loss, stats = grpo_loss_tensors(log_prob, old_log_prob, advantages, clip_range=clip_range,
+                                    adv_clip=adv_clip, kl=kl, kl_coef=kl_coef)
+    return loss, dict(zip(STAT_NAMES, stats.tolist()))
+
+
+def grpo_loss_tensors(
+    log_prob: torch.Tensor,
+    old_log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    *,
+    clip_range: float = 1e-4,
+    adv_clip: Optional[float] = 5.0,
+    kl: Optional[torch.Tensor] = None,
+    kl_coef: float = 0.0,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """:func:`grpo_loss` without the host sync: the stats as a ``[6]`` tensor in ``STAT_NAMES`` order."""
+    check_float_tensor("log_prob", log_prob)
+    if log_prob.dim() > 2:
+        raise ValueError(f"log_prob must be [B] or [B, K], got shape {tuple(log_prob.shape)}")
+    check_like("old_log_prob", old_log_prob, "log_prob", log_prob)
+    check_float_tensor("advantages", advantages)
+    if advantages.shape != log_prob.shape and advantages.shape != log_prob.shape[:1]:
+        raise ValueError(
+            f"advantages must have the shape of log_prob {tuple(log_prob.shape)} or [{log_prob.shape[0]}] "
+            f"(one per sample, broadcast over steps), got {tuple(advantages.shape)}"
+        )
+    check_same_device("advantages", advantages, "log_prob", log_prob)
+    if kl is not None:
+        check_like("kl", kl, "log_prob", log_prob)
+    clip_range = check_positive("clip_range", clip_range)
+    adv_clip = check_positive("adv_clip", adv_clip, allow_none=True)
+    kl_coef = check_positive("kl_coef", kl_coef, allow_zero=True)
+
+    if resolve(log_prob.device) == "reference":
+        return grpo_loss_ref(log_prob, old_log_prob, advantages, clip_range=clip_range, adv_clip=adv_clip,
+                             kl=kl, kl_coef=kl_coef)
+    return _GRPOLoss.apply(log_prob.contiguous(), old_log_prob.detach().contiguous(),
+                           advantages.detach().contiguous(), kl.contiguous() if kl is not None else None,
+                           clip_range, adv_clip, kl_coef)
+
+
+class _GRPOLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, log_prob, old_log_prob, advantages, kl, clip_range, adv_clip, kl_coef):
+        from euphonium.kernels.grpo_loss import grpo_loss_forward
+
+        loss, stats = grpo_loss_forward(log_prob, old_log_prob, advantages, kl, clip_range=clip_range,
+                                        adv_clip=adv_clip, kl_coef=kl_coef)
+        ctx.save_for_backward(log_prob, old_log_prob, advantages, kl)
+        ctx.config = (clip_range, adv_clip, kl_coef)
+        ctx.mark_non_differentiable(stats)
+        return loss, stats
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_stats):
+        from euphonium.kernels.grpo_loss import grpo_loss_backward
+
+        log_prob, old_log_prob, advantages, kl = ctx.saved_tensors
+        clip_range, adv_clip, kl_coef = ctx.config
+        dlogp, dkl = grpo_loss_backward(grad_loss, log_prob, old_log_prob, advantages,
+                                        kl if ctx.needs_input_grad[3] else None,
+                                        clip_range=clip_range, adv_clip=adv_clip, kl_coef=kl_coef)
+        return dlogp if ctx.needs_input_grad[0] else None, None, None, dkl, None, None, None
+
+
+def grpo_loss_ref(
+    log_prob: torch.Tensor,
+    old_log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    *,
+    clip_range: float = 1e-4,
+    adv_clip: Optional[float] = 5.0,
+    kl: Optional[torch.Tensor] = None,
+    kl_coef: float = 0.0,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Eager reference of :func:`grpo_loss_tensors` (the spec), differentiable through autograd."""
+    dtype = torch.promote_types(log_prob.dtype, torch.float32)
+    lp = log_prob.to(dtype)
+    adv = advantages.detach().to(dtype)
+    if adv_clip is not None:
+        adv = adv.clamp(-adv_clip, adv_clip)
+    if adv.dim() < lp.dim():
+        adv = adv.unsqueeze(1)
+    log_ratio = lp - old_log_prob.detach().to(dtype)
+    ratio = torch.exp(log_ratio)
+    clipped = ratio.clamp(1 - clip_range, 1 + clip_range)
+    policy = torch.maximum(-adv * ratio, -adv * clipped).mean()
+    kl_mean = kl.to(dtype).mean() if kl is not None else torch.zeros((), dtype=dtype, device=lp.device)
+    loss = policy + kl_coef * kl_mean if kl is not None else policy
+    with torch.no_grad():
+        approx_kl = exp_minus_1_minus_x(log_ratio)
+        ratio_minus_1 = log_ratio + approx_kl
+        dev = ratio_minus_1.abs()
+        stats = torch.stack([
+            (dev > clip_range).to(dtype).mean(), approx_kl.mean(), 1 + ratio_minus_1.mean(), dev.max(), policy, kl_mean,
+        ])
+    return loss, stats
+
+
+def exp_minus_1_minus_x(x: torch.Tensor) -> torch.Tensor:
+    """``exp(x) - 1 - x`` accurate near 0 (Taylor series for ``|x| < 0.1``, where it cancels)."""
+    series = x * x * (0.5 + x * (1 / 6 + x * (1 / 24 + x * (1 / 120 + x / 720))))
+    return torch.where(x.abs() < 0.1, series, torch.exp(x) - 1 - x)
+
+
+def dual_reward_advantages(
+    outcome_rewards: Mapping[str, torch.Tensor],
+    process_rewards: Optional[torch.Tensor] = None,
+    *,
+    guided: Optional[torch.Tensor] = None,
+    group_size: Optional[int] = None,
+    group_ids: Optional[torch.Tensor] = None,
+    eps: float = 1e-8,
+    unbiased: bool = True,
+    global_std: bool = False,
+    clip: Optional[float] = None,
+) -> Tuple[Dict[str, torch.Tensor], Optional[torch.Tensor]]:
+    """Group-relative advantages of every named outcome reward and of the process rewards.
+
+    ``A_o[name][b] = (r_o[b] - mean_group(r_o)) / (std_group(r_o) + eps)`` for each ``[B]`` outcome
+    reward, and ``A_p[b, k]`` likewise per step column of the ``[B, K]`` process rewards, zero at
+    steps without guidance (``guided[k]`` False: no process reward was computed there, so those
+    entries are ignored and may hold anything, NaN included). All columns go through one
+    :func:`group_advantages` call (one launch) with the given grouping and options.
+
+    Returns:
+        ``(outcome, process)``: a dict of ``[B]`` advantages keyed like ``outcome_rewards``, and the
+        ``[B, K]`` process advantages (None without ``process_rewards``).
+    """
+    names = _check_named("outcome_rewards", outcome_rewards, allow_empty=process_rewards is not None)
+    columns = []
+    for name in names:
+        r = check_float_tensor(f"outcome_rewards[{name!r}]", outcome_rewards[name])
+        if r.dim() != 1:
+            raise ValueError(f"outcome_rewards[{name!r}] must be [B], got shape {tuple(r.shape)}")
+        columns.append(r.unsqueeze(1))
+    mask = None
+    if process_rewards is not None:
+        check_float_tensor("process_rewards", process_rewards)
+        if process_rewards.dim() != 2:
+            raise ValueError(f"process_rewards must be [B, K], got shape {tuple(process_rewards.shape)}")
+        mask = _guided_mask(guided, process_rewards.shape[1], process_rewards)
+        columns.append(torch.where(mask, process_rewards, torch.zeros_like(process_rewards)))
+    batch = columns[0].shape[0]
+    for name, col in zip([*(f"outcome_rewards[{n!r}]" for n in names), "process_rewards"], columns):
+        if col.shape[0] != batch:
+            raise ValueError(f"{name} has batch size {col.shape[0]}, expected {batch} like the first reward")
+        check_same_device(name, col, "the first reward", columns[0])
+    dtype = torch.promote_types(torch.float32, columns[0].dtype)
+    stacked = torch.cat([c.to(dtype) for c in columns], dim=1)
+    adv = group_advantages(stacked, group_size=group_size, group_ids=group_ids, eps=eps, unbiased=unbiased,
+                           global_std=global_std, clip=clip)
+    outcome = {name: adv[:, i] for i, name in enumerate(names)}
+    process = None
+    if process_rewards is not None:
+        process = torch.where(mask, adv[:, len(names):], torch.zeros((), dtype=adv.dtype, device=adv.device))
+    return outcome, process
+
+
+def dual_reward_loss(
+    log_prob: torch.Tensor,
+    old_log_prob: torch.Tensor,
+    outcome_advantages: Mapping[str, torch.Tensor],
+    process_advantages: Optional[torch.Tensor] = None,
+    *,
+    outcome_weights: Optional[Mapping[str, float]] = None,
+    process_weight: float = 1.0,
+    guided: Optional[torch.Tensor] = None,
+    combine: str = "separate",
+    clip_range: float = 1e-4,
+    adv_clip: Optional[float] = 5.0,
+    kl: Optional[torch.Tensor] = None,
+    kl_coef: float = 0.0,
+) -> Tuple[torch.Tensor, Dict[str, float]]:
+    """The Euphonium dual-reward GRPO objective over outcome (pixel) and process (latent) advantages.
+
+    With ``L_clip(A)`` the clipped surrogate of :func:`grpo_loss` (advantages clamped to
+    ``+-adv_clip``), ``w_n`` the outcome weights, ``w_p = process_weight`` and ``m[k] = guided[k]``:
+
+    - ``combine="separate"`` (upstream's form): one clipped term per reward,
+      ``L = sum_n w_n * L_clip(A_o[n]) + w_p * L_clip(A_p * m) + kl_coef * mean(kl)``;
+    - ``combine="sum"``: one summed advantage,
+      ``L = L_clip(sum_n w_n * A_o[n] + w_p * A_p * m) + kl_coef * mean(kl)``.
+
+    Args:
+        log_prob, old_log_prob: ``[B]`` or ``[B, K]`` (``[B, K]`` when process advantages are given).
+        outcome_advantages: named ``[B]`` advantages (broadcast over ``K``), e.g. from
+            :func:`dual_reward_advantages`.
+        process_advantages: optional ``[B, K]`` advantages of the process reward per trained step.
+        outcome_weights: a weight per outcome name (same keys; default 1 each).
+        process_weight: ``w_p``.
+        guided: optional bool ``[K]``: steps that had guidance (and a process reward); ``A_p`` is zero
+            elsewhere.
+        combine: ``"separate"`` or ``"sum"``.
+        clip_range, adv_clip, kl, kl_coef: as in :func:`grpo_loss`.
+
+    Returns:
+        ``(loss, stats)``: the loss (0-d, differentiable in ``log_prob`` and ``kl``) and the stats of
+        :func:`grpo_loss` (the ratio statistics do not depend on the advantages), where
+        ``policy_loss`` is the weighted total and, for ``"separate"``, ``policy_loss/<name>`` (and
+        ``policy_loss/process``) each unweighted term; one device sync in all.
+    """
+    if combine not in ("separate", "sum"):
+        raise ValueError(f"combine must be 'separate' or 'sum', got {combine!r}")
+    names = _check_named("outcome_advantages", outcome_advantages, allow_empty=process_advantages is not None)
+    if outcome_weights is None:
+        outcome_weights = {name: 1.0 for name in names}
+    if not isinstance(outcome_weights, Mapping) or set(outcome_weights) != set(names):
+        got = sorted(outcome_weights) if isinstance(outcome_weights, Mapping) else type(outcome_weights).__name__
+        raise ValueError(f"outcome_weights must give a weight for exactly the outcome names {sorted(names)}, got {got}")
+    weights = {name: check_positive(f"outcome_weights[{name!r}]", outcome_weights[name], allow_zero=True)
+               for name in names}
+    process_weight = check_positive("process_weight", process_weight, allow_zero=True)
+    kl_coef = check_positive("kl_coef", kl_coef, allow_zero=True)
+    check_float_tensor("log_prob", log_prob)
+    for name in names:
+        adv = check_float_tensor(f"outcome_advantages[{name!r}]", outcome_advantages[name])
+        if adv.shape != log_prob.shape[:1]:
+            raise ValueError(f"outcome_advantages[{name!r}] must be [B] = [{log_prob.shape[0]}] (one per sample), "
+                             f"got {tuple(adv.shape)}")
+
+    terms = [(name, outcome_advantages[name], weights[name]) for name in names]
+    if process_advantages is not None:
+        check_float_tensor("process_advantages", process_advantages)
+        if log_prob.dim() != 2 or process_advantages.shape != log_prob.shape:
+            raise ValueError(
+                f"process_advantages must be [B, K] with the shape of log_prob {tuple(log_prob.shape)}, "
+                f"got {tuple(process_advantages.shape)}"
+            )
+        mask = _guided_mask(guided, process_advantages.shape[1], process_advantages)
+        terms.append(("process", torch.where(mask, process_advantages, torch.zeros_like(process_advantages)),
+                      process_weight))
+    elif guided is not None:
+        raise ValueError("guided is given but process_advantages is None")
+    options = dict(clip_range=clip_range, adv_clip=adv_clip)
+
+    if combine == "sum":
+        total = sum(w * _as_step_advantage(a, log_prob) for _, a, w in terms)
+        loss, stats = grpo_loss_tensors(log_prob, old_log_prob, total, kl=kl, kl_coef=kl_coef, **options)
+        return loss, dict(zip(STAT_NAMES, stats.tolist()))
+
+    losses, term_stats = [], []
+    for _, adv, _ in terms:
+        term_loss, s = grpo_loss_tensors(log_prob, old_log_prob, adv, **options)
+        losses.append(term_loss)
+        term_stats.append(s)
+    loss = sum(w * term for (_, _, w), term in zip(terms, losses))
+    policy = loss.detach()
+    kl_mean = torch.zeros_like(policy)
+    if kl is not None:
+        check_like("kl", kl, "log_prob", log_prob)
+        kl_mean = kl.to(loss.dtype).mean()
+        loss = loss + kl_coef * kl_mean
+    values = torch.cat([term_stats[0][:4], policy.reshape(1), kl_mean.detach().reshape(1),
+                        torch.stack([s[4] for s in term_stats])]).tolist()
+    stats = dict(zip(STAT_NAMES, values[:6]))
+    stats.update({f"policy_loss/{name}": v for (name, _, _), v in zip(terms, values[6:])})
+    return loss, stats
+
+
+def _check_named(arg: str, named, *, allow_empty: bool):
+    if not isinstance(named, Mapping):
+        raise TypeError(f"{arg} must be a mapping from reward names to tensors, got {type(named).__name__}")
+    names = list(named)
+    if not names and not allow_empty:
+        raise ValueError(f"{arg} is empty and there are no process rewards: nothing to optimise")
+    for name in names:
+        if not isinstance(name, str):
+            raise TypeError(f"{arg} keys must be reward names (str), got {name!r}")
+        if name == "process":
+            raise ValueError(f"{arg}: 'process' is reserved for the process reward; rename that outcome reward")
+    return names
+
+
+def _guided_mask(guided, steps: int, ref: torch.Tensor) -> torch.Tensor:
+    """``[1, K]`` bool mask of guided steps (all True when ``guided`` is None)."""
+    if guided is None:
+        return torch.ones((1, steps), dtype=torch.bool, device=ref.device)
+    if not isinstance(guided, torch.Tensor) or guided.dtype != torch.bool:
+        raise TypeError(f"guided must be a bool tensor of shape [{steps}], got "
+                        f"{guided.dtype if isinstance(guided, torch.Tensor) else type(guided).__name__}")
+    if guided.shape != (steps,):
+        raise ValueError(f"guided must have shape [{steps}] (one flag per step), got {tuple(guided.shape)}")
+    check_same_device("guided", guided, "the process rewards", ref)
+    return guided.unsqueeze(0)
+
+
+def _as_step_advantage(adv: torch.Tensor, log_prob: torch.Tensor) -> torch.Tensor:
+    """Advantages as ``log_prob``'s shape (``[B]`` broadcast over ``K``) for summing terms."""
+    if adv.dim() == 1 and log_prob.dim() == 2:
+        return adv.unsqueeze(1).expand_as(log_prob)
+    return adv

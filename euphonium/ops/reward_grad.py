@@ -1,0 +1,107 @@
+"""Process-reward gradient for guided sampling: ``g = d r_p(x, ...) / d x`` inside a no-grad rollout."""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Tuple
+
+import torch
+
+from euphonium.ops._backend import resolve
+from euphonium.ops._checks import check_finite, check_float_tensor, check_positive
+
+
+def reward_grad(
+    prm: Callable[..., torch.Tensor],
+    x: torch.Tensor,
+    *args,
+    normalize: bool = False,
+    max_norm: Optional[float] = None,
+    **kwargs,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The reward ``r = prm(x, *args, **kwargs)`` (``[B]``) and its gradient ``g = d r / d x``.
+
+    The gradient of ``sum_b r[b]`` with respect to ``x`` is each sample's own gradient as long as the
+    PRM treats samples independently (true for a PRM in eval mode; batch-norm in training mode
+    would couple them). The PRM runs under ``torch.enable_grad()`` even inside ``torch.no_grad()``;
+    the call leaves no graph behind, does not set ``requires_grad`` on the caller's ``x`` and
+    accumulates no ``.grad`` in the PRM's parameters (only ``x`` is differentiated). It is one
+    ``torch.autograd.Function`` whose outputs are non-differentiable, so a rollout never carries a
+    graph out of it.
+
+    Options, per sample ``b`` (``n_b = ||g_b||_2`` over all non-batch elements, in fp32):
+    ``normalize=True`` gives ``g_b / n_b`` (a zero gradient stays zero); ``max_norm=c`` then
+    scales by ``min(1, c / ||g_b||)``. On CUDA these are one Triton kernel; on CPU the reference.
+
+    Args:
+        prm: a callable (e.g. an ``nn.Module``) mapping ``x`` ``[B, ...]`` and the extra arguments
+            (noise level, prompt embeddings, ...) to a ``[B]`` floating-point reward.
+        x: the latents ``[B, ...]``, any float dtype.
+
+    Returns:
+        ``(reward, grad)``: the detached ``[B]`` reward as the PRM returned it, and the detached
+        gradient with the shape and dtype of ``x``.
+
+    Raises:
+        ValueError: the PRM returns a non-tensor, a tensor not of shape ``[B]``, non-finite rewards or
+            a non-finite gradient (naming the sample), or a reward that does not depend on ``x``
+            differentiably (e.g. computed under ``torch.no_grad`` inside the PRM).
+    """
+    if not callable(prm):
+        raise TypeError(f"prm must be callable (a process reward model), got {type(prm).__name__}")
+    check_float_tensor("x", x)
+    if not isinstance(normalize, bool):
+        raise TypeError(f"normalize must be a bool, got {type(normalize).__name__}")
+    max_norm = check_positive("max_norm", max_norm, allow_none=True)
+    reward, grad = _RewardGrad.apply(x, prm, args, kwargs)
+    check_finite("grad", grad, what="the process reward model's gradient d reward / d x")
+    if normalize or max_norm is not None:
+        if resolve(x.device) == "reference":
+            grad = scale_by_norm_ref(grad, normalize=normalize, max_norm=max_norm)
+        else:
+            from euphonium.kernels.reward_grad import scale_by_norm
+
+            grad = scale_by_norm(grad, normalize=normalize, max_norm=max_norm)
+    return reward, grad
+
+
+class _RewardGrad(torch.autograd.Function):
+    """Forward computes the PRM and its input gradient in a private graph; nothing flows back."""
+
+    @staticmethod
+    def forward(ctx, x, prm, args, kwargs):
+        batch = x.shape[0]
+        with torch.enable_grad():
+            x_leaf = x.detach().requires_grad_(True)
+            reward = prm(x_leaf, *args, **kwargs)
+            if not isinstance(reward, torch.Tensor):
+                raise ValueError(f"prm must return a [B] tensor of rewards, got {type(reward).__name__}")
+            if reward.shape != (batch,) or not reward.is_floating_point():
+                raise ValueError(f"prm must return a floating-point reward of shape [{batch}], got "
+                                 f"{reward.dtype} of shape {tuple(reward.shape)}")
+            check_finite("prm(x)", reward, what="the process reward model returned non-finite rewards")
+            if not reward.requires_grad:
+                raise ValueError("prm(x) does not depend on x differentiably (no autograd graph: does the PRM "
+                                 "run under torch.no_grad/inference_mode or detach its input?)")
+            (grad,) = torch.autograd.grad(reward.sum(), [x_leaf], allow_unused=True)
+        if grad is None:
+            raise ValueError("prm(x) does not depend on x: its gradient with respect to x does not exist")
+        reward = reward.detach()
+        ctx.mark_non_differentiable(reward, grad)
+        return reward, grad
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError("reward_grad's outputs are constants; nothing can be differentiated through them")
+
+
+def scale_by_norm_ref(grad: torch.Tensor, *, normalize: bool = False, max_norm: Optional[float] = None) -> torch.Tensor:
+    """Eager reference of the per-sample normalisation and norm clipping of :func:`reward_grad`."""
+    g = grad.to(torch.promote_types(grad.dtype, torch.float32))
+    norm = g.reshape(g.shape[0], -1).norm(dim=1)
+    scale = torch.ones_like(norm)
+    if normalize:
+        scale = torch.where(norm > 0, 1 / norm, torch.zeros_like(norm))
+        norm = norm * scale
+    if max_norm is not None:
+        scale = scale * (max_norm / norm).clamp(max=1.0)
+    return (g * scale.reshape(-1, *([1] * (g.dim() - 1)))).to(grad.dtype)
