@@ -9,7 +9,8 @@ reduces each row of partials in a fixed order (no float atomics) and adds the co
 
 Bit-identical log-probs between the step (rollout) and the log-prob kernel (training) rest on:
 the same ``@triton.jit`` helpers for the coefficients, the mean and the squared residual; the block
-partition depending on ``N`` only; the same finalize code; and FP contraction disabled at launch
+partition depending on ``N`` only; a block sum in a fixed pairwise order (``_pairwise_sum``) that
+does not depend on the register layout the compiler picks; the same finalize code; and FP contraction disabled at launch
 (``enable_fp_fusion=False``) with the intended FMAs written explicitly, so that the compiler cannot
 contract the two kernels' arithmetic differently.
 
@@ -38,7 +39,7 @@ _HALF_LOG_2PI: tl.constexpr = tl.constexpr(0.5 * math.log(2 * math.pi))
 MAX_BLOCK = 2048
 MIN_BLOCK = 32
 REDUCE_BLOCK = 256
-NUM_WARPS = 4
+NUM_WARPS = 8
 # Explicit FMAs only: the step and log-prob kernels must round the shared arithmetic identically.
 LAUNCH_OPTIONS = {"enable_fp_fusion": False}
 
@@ -85,9 +86,23 @@ def _mean(x, v, a_x, k):
 
 
 @triton.jit
+def _pairwise_sum(t):
+    """Sum of a power-of-two block by a fixed binary tree over element indices.
+
+    Every level adds pairs ``(2i, 2i + 1)``: one commutative add per pair, so the bits do not depend
+    on which thread holds which element. ``tl.sum`` would reduce in an order set by the layout the
+    compiler picks, which can differ between two kernels that load different tensors.
+    """
+    for _ in tl.static_range(16):
+        if t.shape[0] > 1:
+            t = tl.sum(tl.reshape(t, [t.shape[0] // 2, 2]), axis=1)
+    return tl.sum(t, axis=0)
+
+
+@triton.jit
 def _residual_sq(x_next, m, mask):
     d = x_next - m
-    return tl.sum(tl.where(mask, d * d, 0.0), axis=0)
+    return _pairwise_sum(tl.where(mask, d * d, 0.0))
 
 
 @triton.jit
@@ -336,3 +351,59 @@ def sde_log_prob_backward(
         SCHEDULE=SCHEDULE_IDS[schedule], HAS_REF=has_ref, BLOCK=block, INT64=int64, num_warps=NUM_WARPS, **LAUNCH_OPTIONS,
     )
     return grad_v
+
+
+# ----------------------------------------------------------------------------------------------
+# Ahead-of-time variants: contiguous tensors of per-sample size divisible by 16 (what video
+# latents are), so pointers and N are 16-aligned and the main loads can be 128-bit.
+# ----------------------------------------------------------------------------------------------
+
+
+def _aot_specs():
+    specs = []
+    for tag, ty in (("fp32", "*fp32"), ("bf16", "*bf16")):
+        for noise in (False, True):
+            specs.append(AOTSpec(
+                name=f"sde_step_{'noise_' if noise else ''}{tag}",
+                kernel=_sde_step_kernel,
+                signature={"x_ptr": ty, "v_ptr": ty, "g_ptr": ty, "eps_ptr": ty, "c_ptr": "*fp32", "sigma_ptr": "*fp32",
+                           "sigma_next_ptr": "*fp32", "x_next_ptr": ty, "x0_ptr": ty, "partial_ptr": "*fp32",
+                           "N": "i32", "n_blocks": "i32", "seed": "i32", "scale": "fp32", "sigma_max": "fp32"},
+                constexprs={"SCHEDULE": SCHEDULE_IDS["flow_grpo"], "HAS_GUIDANCE": True, "HAS_NOISE": noise,
+                            "GUIDED_LOGPROB": False, "BLOCK": MAX_BLOCK, "INT64": False},
+                aligned=("x_ptr", "v_ptr", "g_ptr", "eps_ptr", "x_next_ptr", "x0_ptr", "N"),
+                num_warps=NUM_WARPS,
+            ))
+        specs.append(AOTSpec(
+            name=f"sde_log_prob_fwd_{tag}",
+            kernel=_sde_log_prob_fwd_kernel,
+            signature={"x_ptr": ty, "v_ptr": ty, "x_next_ptr": ty, "v_ref_ptr": ty, "sigma_ptr": "*fp32",
+                       "sigma_next_ptr": "*fp32", "partial_ptr": "*fp32", "partial_kl_ptr": "*fp32",
+                       "N": "i32", "n_blocks": "i32", "scale": "fp32", "sigma_max": "fp32"},
+            constexprs={"SCHEDULE": SCHEDULE_IDS["flow_grpo"], "HAS_REF": True, "BLOCK": MAX_BLOCK, "INT64": False},
+            aligned=("x_ptr", "v_ptr", "x_next_ptr", "v_ref_ptr", "N"),
+            num_warps=NUM_WARPS,
+        ))
+        specs.append(AOTSpec(
+            name=f"sde_log_prob_bwd_{tag}",
+            kernel=_sde_log_prob_bwd_kernel,
+            signature={"grad_lp_ptr": "*fp32", "grad_kl_ptr": "*fp32", "x_ptr": ty, "v_ptr": ty, "x_next_ptr": ty,
+                       "v_ref_ptr": ty, "sigma_ptr": "*fp32", "sigma_next_ptr": "*fp32", "grad_v_ptr": ty,
+                       "N": "i32", "n_blocks": "i32", "scale": "fp32", "sigma_max": "fp32"},
+            constexprs={"SCHEDULE": SCHEDULE_IDS["flow_grpo"], "HAS_REF": True, "BLOCK": MAX_BLOCK, "INT64": False},
+            aligned=("x_ptr", "v_ptr", "x_next_ptr", "v_ref_ptr", "grad_v_ptr", "N"),
+            num_warps=NUM_WARPS,
+        ))
+    specs.append(AOTSpec(
+        name="sde_finalize",
+        kernel=_finalize_kernel,
+        signature={"partial_ptr": "*fp32", "partial_kl_ptr": "*fp32", "sigma_ptr": "*fp32", "sigma_next_ptr": "*fp32",
+                   "log_prob_ptr": "*fp32", "kl_ptr": "*fp32", "N": "i32", "n_blocks": "i32", "scale": "fp32",
+                   "sigma_max": "fp32"},
+        constexprs={"SCHEDULE": SCHEDULE_IDS["flow_grpo"], "HAS_KL": True, "REDUCE_BLOCK": REDUCE_BLOCK},
+        num_warps=1,
+    ))
+    return specs
+
+
+AOT_SPECS = _aot_specs()
