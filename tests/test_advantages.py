@@ -1,0 +1,235 @@
+"""ops.group_advantages and ops.dual_reward_advantages on both backends against float64 NumPy."""
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import aot_compile
+from euphonium import ops
+
+BACKENDS = ["reference", "triton"]
+
+
+@pytest.fixture
+def nan_poison():
+    """Freshly allocated outputs are NaN, so an element a kernel forgets to write fails the test."""
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    assert torch.isnan(torch.empty(4)).all()
+    yield
+    torch.use_deterministic_algorithms(previous)
+
+
+def advantages_np(rewards, ids, *, eps=1e-8, unbiased=True, global_std=False, clip=None):
+    """Float64 NumPy spec: per group and column, (r - mean) / (std + eps); all-equal groups give 0."""
+    r = np.asarray(rewards, dtype=np.float64)
+    r2 = r.reshape(r.shape[0], -1)
+    ids = np.asarray(ids)
+    out = np.zeros_like(r2)
+    for g in np.unique(ids):
+        rows = ids == g
+        for k in range(r2.shape[1]):
+            v = r2[rows, k]
+            pool = r2[:, k] if global_std else v
+            std = pool.std(ddof=1 if unbiased and len(pool) > 1 else 0)
+            a = (v - v.mean()) / (std + eps)
+            out[rows, k] = 0.0 if v.max() == v.min() else a
+    if clip is not None:
+        out = np.clip(out, -clip, clip)
+    return out.reshape(r.shape)
+
+
+def _layout(kind, batch):
+    """(group kwargs, [B] numpy ids) for contiguous, shuffled or unequal-size groups."""
+    if kind == "contiguous":
+        return {"group_size": 4}, np.arange(batch) // 4
+    if kind == "shuffled":
+        ids = (torch.arange(batch) // 4)[torch.randperm(batch)]
+        return {"group_ids": ids}, ids.numpy()
+    # Unequal sizes (a singleton included), arbitrary non-contiguous ids, some negative.
+    sizes = [1, 2, 3, 5, 7, batch - 18]
+    ids = torch.repeat_interleave(torch.tensor([7, -3, 0, 12, 2, 5]), torch.tensor(sizes))[torch.randperm(batch)]
+    return {"group_ids": ids.to(torch.int32)}, ids.numpy()
+
+
+OPTIONS = [dict(unbiased=u, global_std=g, clip=c) for u, g, c in itertools.product([True, False], [False, True], [None, 0.9])]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout", ["contiguous", "shuffled", "unequal"])
+@pytest.mark.parametrize("cols", [None, 5])
+def test_matches_numpy(backend, layout, cols, nan_poison):
+    batch = 24
+    shape = (batch,) if cols is None else (batch, cols)
+    rewards = torch.randn(shape) * 3 + 1
+    group, ids = _layout(layout, batch)
+    for options in OPTIONS:
+        with ops.use_backend(backend):
+            adv = ops.group_advantages(rewards, **group, **options)
+        assert adv.shape == rewards.shape and adv.dtype == torch.float32
+        expected = advantages_np(rewards.numpy(), ids, **options)
+        np.testing.assert_allclose(adv.numpy(), expected, rtol=1e-5, atol=1e-5, err_msg=str(options))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_eps_and_large_groups(backend, nan_poison):
+    # Groups larger than one row block of the kernel (64 rows) and a large eps. The offset of 1000
+    # costs a one-pass variance (E[r^2] - E[r]^2) ~3e-2 here; the two-pass one stays at fp32
+    # rounding of the inputs (ulp(1000) = 6e-5).
+    rewards = torch.randn(160, 3) + 1000.0
+    with ops.use_backend(backend):
+        adv = ops.group_advantages(rewards, group_size=80, eps=0.5)
+    np.testing.assert_allclose(adv.numpy(), advantages_np(rewards.numpy(), np.arange(160) // 80, eps=0.5),
+                               rtol=0, atol=3e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("unbiased", [True, False])
+@pytest.mark.parametrize("global_std", [False, True])
+def test_equal_rewards_and_singletons_give_zero(backend, unbiased, global_std, nan_poison):
+    # 0.1 is not representable: the fp32 mean of equal values can be off by an ulp, which must not
+    # turn into ulp / eps.
+    rewards = torch.randn(12, 3)
+    rewards[0:3, 0] = 0.1
+    rewards[3:6, :] = 1 / 3
+    ids = torch.tensor([0, 0, 0, 1, 1, 1, 2, 3, 3, 3, 3, 4])
+    with ops.use_backend(backend):
+        adv = ops.group_advantages(rewards, group_ids=ids, unbiased=unbiased, global_std=global_std)
+        flat = ops.group_advantages(torch.full((6,), 0.7), group_size=3, global_std=global_std)
+    assert torch.isfinite(adv).all()
+    assert (adv[0:3, 0] == 0).all() and (adv[3:6] == 0).all()
+    assert (adv[6] == 0).all() and (adv[11] == 0).all()  # groups of one
+    assert (adv[7:11] != 0).all()
+    assert (flat == 0).all()
+    expected = advantages_np(rewards.numpy(), ids.numpy(), unbiased=unbiased, global_std=global_std)
+    np.testing.assert_allclose(adv.numpy(), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype,out_dtype", [(torch.bfloat16, torch.float32), (torch.float64, torch.float64)])
+def test_dtypes(backend, dtype, out_dtype, nan_poison):
+    rewards = torch.randn(16, 2).to(dtype)
+    with ops.use_backend(backend):
+        adv = ops.group_advantages(rewards, group_size=8)
+    assert adv.dtype == out_dtype
+    tol = 1e-12 if backend == "reference" and dtype == torch.float64 else 1e-5
+    expected = advantages_np(rewards.double().numpy(), np.arange(16) // 8)
+    np.testing.assert_allclose(adv.double().numpy(), expected, rtol=tol, atol=tol)
+
+
+def test_backends_agree_bitwise_on_layouts(nan_poison):
+    # The same groups through contiguous and shuffled layouts give the same advantages per sample.
+    rewards = torch.randn(16, 3)
+    perm = torch.randperm(16)
+    with ops.use_backend("triton"):
+        contiguous = ops.group_advantages(rewards, group_size=4)
+        shuffled = ops.group_advantages(rewards[perm], group_ids=(torch.arange(16) // 4)[perm])
+    torch.testing.assert_close(shuffled, contiguous[perm], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dual_reward_advantages(backend, nan_poison):
+    batch, steps = 12, 4
+    ids = torch.randint(0, 3, (batch,))
+    outcome = {"adherence": torch.rand(batch), "smooth": torch.randn(batch) * 2}
+    process = torch.randn(batch, steps)
+    guided = torch.tensor([True, False, True, False])
+    process[:, ~guided] = torch.nan  # never computed at unguided steps: ignored
+    with ops.use_backend(backend):
+        a_o, a_p = ops.dual_reward_advantages(outcome, process, guided=guided, group_ids=ids, clip=2.0)
+    assert list(a_o) == ["adherence", "smooth"]
+    for name, r in outcome.items():
+        np.testing.assert_allclose(a_o[name].numpy(), advantages_np(r.numpy(), ids.numpy(), clip=2.0),
+                                   rtol=1e-5, atol=1e-5)
+    assert a_p.shape == (batch, steps) and (a_p[:, ~guided] == 0).all()
+    np.testing.assert_allclose(a_p[:, guided].numpy(),
+                               advantages_np(process[:, guided].numpy(), ids.numpy(), clip=2.0), rtol=1e-5, atol=1e-5)
+    with ops.use_backend(backend):
+        only_outcome, none = ops.dual_reward_advantages(outcome, group_ids=ids)
+    assert none is None
+    np.testing.assert_allclose(only_outcome["smooth"].numpy(), advantages_np(outcome["smooth"].numpy(), ids.numpy()),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_bad_input():
+    r = torch.randn(8)
+    with pytest.raises(ValueError, match="exactly one of group_size"):
+        ops.group_advantages(r)
+    with pytest.raises(ValueError, match="exactly one of group_size"):
+        ops.group_advantages(r, group_size=4, group_ids=torch.zeros(8, dtype=torch.long))
+    with pytest.raises(ValueError, match="group_size must be a positive divisor of the batch size 8"):
+        ops.group_advantages(r, group_size=3)
+    with pytest.raises(ValueError, match="group_size"):
+        ops.group_advantages(r, group_size=0)
+    with pytest.raises(TypeError, match="group_size must be an int"):
+        ops.group_advantages(r, group_size=4.0)
+    with pytest.raises(TypeError, match="group_size must be an int"):
+        ops.group_advantages(r, group_size=True)
+    with pytest.raises(TypeError, match="group_ids="):
+        ops.group_advantages(r, group_size=torch.zeros(8, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"group_ids must have shape \[8\]"):
+        ops.group_advantages(r, group_ids=torch.zeros(7, dtype=torch.long))
+    with pytest.raises(TypeError, match="group_ids must be an integer tensor"):
+        ops.group_advantages(r, group_ids=torch.zeros(8))
+    with pytest.raises(TypeError, match="group_ids must be an integer tensor"):
+        ops.group_advantages(r, group_ids=torch.zeros(8, dtype=torch.bool))
+    with pytest.raises(TypeError, match="group_ids must be a torch.Tensor"):
+        ops.group_advantages(r, group_ids=[0] * 8)
+    bad = r.clone()
+    bad[5] = torch.nan
+    with pytest.raises(ValueError, match="rewards has non-finite values \\(first at sample 5\\)"):
+        ops.group_advantages(bad, group_size=4)
+    bad2 = torch.randn(8, 3)
+    bad2[6, 2] = torch.inf
+    with pytest.raises(ValueError, match="first at sample 6"):
+        ops.group_advantages(bad2, group_size=4)
+    with pytest.raises(ValueError, match=r"rewards must be \[B\] or \[B, K\]"):
+        ops.group_advantages(torch.randn(8, 2, 2), group_size=4)
+    with pytest.raises(TypeError, match="rewards must be a floating-point tensor"):
+        ops.group_advantages(torch.arange(8), group_size=4)
+    with pytest.raises(TypeError, match="rewards must be a torch.Tensor"):
+        ops.group_advantages([1.0] * 8, group_size=4)
+    with pytest.raises(ValueError, match="eps must be a finite number >= 0"):
+        ops.group_advantages(r, group_size=4, eps=-1e-8)
+    with pytest.raises(ValueError, match="clip must be a finite number > 0"):
+        ops.group_advantages(r, group_size=4, clip=0.0)
+    with pytest.raises(TypeError, match="unbiased must be a bool"):
+        ops.group_advantages(r, group_size=4, unbiased=1)
+    with pytest.raises(TypeError, match="global_std must be a bool"):
+        ops.group_advantages(r, group_size=4, global_std="yes")
+
+
+def test_dual_reward_advantages_bad_input():
+    r = torch.randn(8)
+    with pytest.raises(TypeError, match="outcome_rewards must be a mapping"):
+        ops.dual_reward_advantages(r, group_size=4)
+    with pytest.raises(ValueError, match="nothing to optimise"):
+        ops.dual_reward_advantages({}, group_size=4)
+    with pytest.raises(ValueError, match="'process' is reserved"):
+        ops.dual_reward_advantages({"process": r}, group_size=4)
+    with pytest.raises(ValueError, match=r"outcome_rewards\['a'\] must be \[B\]"):
+        ops.dual_reward_advantages({"a": torch.randn(8, 2)}, group_size=4)
+    with pytest.raises(ValueError, match=r"outcome_rewards\['b'\] has batch size 6"):
+        ops.dual_reward_advantages({"a": r, "b": torch.randn(6)}, group_size=2)
+    with pytest.raises(ValueError, match=r"process_rewards must be \[B, K\]"):
+        ops.dual_reward_advantages({"a": r}, torch.randn(8), group_size=4)
+    with pytest.raises(TypeError, match="guided must be a bool tensor"):
+        ops.dual_reward_advantages({"a": r}, torch.randn(8, 3), guided=torch.ones(3), group_size=4)
+    with pytest.raises(ValueError, match=r"guided must have shape \[3\]"):
+        ops.dual_reward_advantages({"a": r}, torch.randn(8, 3), guided=torch.ones(8, 3, dtype=torch.bool), group_size=4)
+    process = torch.randn(8, 3)
+    process[2, 1] = torch.nan
+    with pytest.raises(ValueError, match="first at sample 2"):
+        ops.dual_reward_advantages({"a": r}, process, group_size=4)
+
+
+@pytest.mark.aot
+def test_aot_compile():
+    rows = aot_compile(["group_advantages_outcome", "group_advantages_process_global_clip"])
+    assert len(rows) == 4
+    for row in rows:
+        assert row["spill_bytes"] == 0, row
+        assert row["registers"] and row["registers"] <= 64, row
