@@ -1,1 +1,5 @@
 """Model adapters: diffusers flow transformers (Wan2.1 first) and the built-in toy video world."""
+
+from euphonium.models.diffusers import Conditioning, DiffusersFlowModel, select_attention_backend
+
+__all__ = ["Conditioning", "DiffusersFlowModel", "select_attention_backend"]
