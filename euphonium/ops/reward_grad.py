@@ -42,6 +42,7 @@ def reward_grad(
         gradient with the shape and dtype of ``x``.
 
     Raises:
+        RuntimeError: called under ``torch.inference_mode`` (use ``torch.no_grad`` for rollouts).
         ValueError: the PRM returns a non-tensor, a tensor not of shape ``[B]``, non-finite rewards or
             a non-finite gradient (naming the sample), or a reward that does not depend on ``x``
             differentiably (e.g. computed under ``torch.no_grad`` inside the PRM).
@@ -52,6 +53,9 @@ def reward_grad(
     if not isinstance(normalize, bool):
         raise TypeError(f"normalize must be a bool, got {type(normalize).__name__}")
     max_norm = check_positive("max_norm", max_norm, allow_none=True)
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError("reward_grad needs autograd, which torch.inference_mode disables beyond enable_grad(); "
+                           "run the rollout under torch.no_grad() instead")
     reward, grad = _RewardGrad.apply(x, prm, args, kwargs)
     check_finite("grad", grad, what="the process reward model's gradient d reward / d x")
     if normalize or max_norm is not None:

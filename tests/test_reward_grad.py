@@ -1,0 +1,188 @@
+"""ops.reward_grad: exact on an analytic quadratic PRM, no autograd side effects, norm options, errors."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from conftest import aot_compile
+from euphonium import ops
+
+BACKENDS = ["reference", "triton"]
+
+
+class QuadraticPRM(nn.Module):
+    """``r_b = -0.5 * w(sigma_b) * sum((x_b - mu)^2 * a) + bias . e``: ``d r_b / d x_b = -w (x_b - mu) a``."""
+
+    def __init__(self, shape):
+        super().__init__()
+        self.mu = nn.Parameter(torch.randn(shape))
+        self.a = nn.Parameter(torch.rand(shape) + 0.5)
+        self.bias = nn.Parameter(torch.randn(3))
+
+    def forward(self, x, sigma, *, prompt_embedding):
+        per_sample = ((x.to(torch.promote_types(x.dtype, torch.float32)) - self.mu) ** 2 * self.a).flatten(1).sum(1)
+        return -0.5 * (1 + sigma) * per_sample + prompt_embedding @ self.bias
+
+    def analytic_grad(self, x, sigma):
+        with torch.no_grad():
+            w = (1 + sigma).reshape(-1, *([1] * (x.dim() - 1)))
+            return -w * (x.double() - self.mu.double()) * self.a.double()
+
+
+@pytest.fixture
+def nan_poison():
+    """Freshly allocated outputs are NaN, so an element a kernel forgets to write fails the test."""
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    assert torch.isnan(torch.empty(4)).all()
+    yield
+    torch.use_deterministic_algorithms(previous)
+
+
+def _setup(batch=4, shape=(3, 5, 7)):
+    prm = QuadraticPRM(shape)
+    x = torch.randn(batch, *shape)
+    sigma = torch.rand(batch)
+    emb = torch.randn(batch, 3)
+    return prm, x, sigma, emb
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "grad", "x_requires_grad"])
+def test_exact_gradient_and_no_side_effects(mode):
+    prm, x, sigma, emb = _setup()
+    if mode == "x_requires_grad":
+        x.requires_grad_()
+    context = torch.no_grad() if mode == "no_grad" else torch.enable_grad()
+    with context:
+        reward, grad = ops.reward_grad(prm, x, sigma, prompt_embedding=emb)
+    expected_reward = prm(x.detach(), sigma, prompt_embedding=emb).detach()
+    torch.testing.assert_close(reward, expected_reward)
+    assert grad.shape == x.shape and grad.dtype == x.dtype
+    torch.testing.assert_close(grad.double(), prm.analytic_grad(x.detach(), sigma), rtol=1e-6, atol=1e-6)
+    # No graph, no requires_grad, no gradients accumulated anywhere.
+    assert reward.grad_fn is None and grad.grad_fn is None
+    assert not reward.requires_grad and not grad.requires_grad
+    assert x.requires_grad == (mode == "x_requires_grad") and x.grad is None
+    assert all(p.grad is None for p in prm.parameters())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_dtype_of_x(dtype):
+    prm, x, sigma, emb = _setup()
+    x = x.to(dtype)
+    with torch.no_grad():
+        _, grad = ops.reward_grad(prm, x, sigma, prompt_embedding=emb)
+    assert grad.dtype == dtype
+    tol = 1e-12 if dtype == torch.float64 else 2e-2
+    torch.testing.assert_close(grad.double(), prm.analytic_grad(x, sigma), rtol=tol, atol=tol)
+
+
+def scale_np(g, normalize, max_norm):
+    g = np.float64(g)
+    norm = np.sqrt((g.reshape(len(g), -1) ** 2).sum(1))
+    scale = np.ones_like(norm)
+    if normalize:
+        scale = np.where(norm > 0, 1 / np.where(norm > 0, norm, 1), 0.0)
+        norm = norm * scale
+    if max_norm is not None:
+        scale = scale * np.minimum(1.0, max_norm / np.where(norm > 0, norm, 1))
+    return g * scale.reshape(-1, *([1] * (g.ndim - 1)))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("normalize,max_norm", [(True, None), (False, 1.5), (True, 0.5), (True, 2.0)])
+def test_normalize_and_max_norm(backend, normalize, max_norm, nan_poison):
+    # 5 * 7 * 11 = 385 elements per sample: several kernel blocks plus a masked tail.
+    prm, x, sigma, emb = _setup(batch=5, shape=(5, 7, 11))
+    with torch.no_grad():
+        x[1] = prm.mu  # a zero gradient must stay zero, not NaN
+        x[2] = prm.mu + 1e-3  # a small gradient below max_norm
+        with ops.use_backend(backend):
+            _, grad = ops.reward_grad(prm, x, sigma, prompt_embedding=emb, normalize=normalize, max_norm=max_norm)
+    raw = prm.analytic_grad(x, sigma).numpy()
+    expected = scale_np(raw, normalize, max_norm)
+    np.testing.assert_allclose(grad.double().numpy(), expected, rtol=1e-5, atol=1e-7)
+    norms = grad.flatten(1).norm(dim=1)
+    assert norms[1] == 0 and torch.isfinite(grad).all()
+    target = min(1.0, max_norm) if normalize and max_norm else (1.0 if normalize else None)
+    if target is not None:
+        torch.testing.assert_close(norms[[0, 2, 3, 4]], torch.full((4,), target), rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_normalize_bf16(backend, nan_poison):
+    prm, x, sigma, emb = _setup(batch=3, shape=(4, 64))
+    x = x.bfloat16()
+    with ops.use_backend(backend):
+        _, grad = ops.reward_grad(prm, x, sigma, prompt_embedding=emb, normalize=True)
+    assert grad.dtype == torch.bfloat16
+    expected = scale_np(prm.analytic_grad(x, sigma).numpy(), True, None)
+    np.testing.assert_allclose(grad.double().numpy(), expected, rtol=2e-2, atol=2e-3)
+
+
+def test_bad_prm_output():
+    prm, x, sigma, emb = _setup()
+    cases = [
+        (lambda x: prm(x, sigma, prompt_embedding=emb)[:, None], r"shape \[4\], got torch.float32 of shape \(4, 1\)"),
+        (lambda x: prm(x, sigma, prompt_embedding=emb)[:3], r"shape \[4\]"),
+        (lambda x: prm(x, sigma, prompt_embedding=emb).sum(), r"shape \[4\]"),
+        (lambda x: (x.flatten(1).sum(1) > 0).long(), "floating-point reward"),
+        (lambda x: [1.0] * 4, "prm must return a \\[B\\] tensor of rewards, got list"),
+    ]
+    for fn, message in cases:
+        with pytest.raises(ValueError, match=message):
+            ops.reward_grad(fn, x)
+
+    def nan_at_2(x):
+        r = prm(x, sigma, prompt_embedding=emb)
+        return torch.where(torch.arange(4) == 2, torch.nan, r)
+
+    with pytest.raises(ValueError, match=r"prm\(x\) has non-finite values \(first at sample 2\)"):
+        ops.reward_grad(nan_at_2, x)
+
+    def inf_grad_at_3(x):
+        # Finite reward, infinite gradient at sample 3: sqrt'(0) = inf.
+        return (x.flatten(1)[:, 0] * (torch.arange(4) != 3)).abs().sqrt() + prm(x, sigma, prompt_embedding=emb)
+
+    x_zero = x.clone()
+    x_zero[3, 0, 0, 0] = 0.0
+    with pytest.raises(ValueError, match=r"grad has non-finite values \(first at sample 3\)"):
+        ops.reward_grad(inf_grad_at_3, x_zero)
+
+    def no_grad_prm(x):
+        with torch.no_grad():
+            return prm(x, sigma, prompt_embedding=emb)
+
+    with pytest.raises(ValueError, match="does not depend on x differentiably"):
+        ops.reward_grad(no_grad_prm, x)
+    with pytest.raises(ValueError, match="does not depend on x"):
+        ops.reward_grad(lambda x: prm.bias.sum() * torch.ones(4), x)
+
+
+def test_bad_arguments():
+    prm, x, sigma, emb = _setup()
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="run the rollout under torch.no_grad"):
+        ops.reward_grad(prm, x, sigma, prompt_embedding=emb)
+    with pytest.raises(TypeError, match="prm must be callable"):
+        ops.reward_grad(3.0, x)
+    with pytest.raises(TypeError, match="x must be a floating-point tensor"):
+        ops.reward_grad(prm, x.long(), sigma, prompt_embedding=emb)
+    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
+        ops.reward_grad(prm, x.numpy(), sigma, prompt_embedding=emb)
+    with pytest.raises(TypeError, match="normalize must be a bool"):
+        ops.reward_grad(prm, x, sigma, prompt_embedding=emb, normalize=1)
+    for bad in (0.0, -1.0, float("inf")):
+        with pytest.raises(ValueError, match="max_norm must be a finite number > 0"):
+            ops.reward_grad(prm, x, sigma, prompt_embedding=emb, max_norm=bad)
+
+
+@pytest.mark.aot
+def test_aot_compile():
+    rows = aot_compile(["reward_grad_normalize_fp32", "reward_grad_normalize_clip_bf16"])
+    assert len(rows) == 4
+    for row in rows:
+        assert row["spill_bytes"] == 0, row
+        # Samples are contiguous and aligned: every access is 128 bits wide.
+        assert set(row["global_loads_by_bits"]) == {"128"} and set(row["global_stores_by_bits"]) == {"128"}, row
