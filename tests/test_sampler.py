@@ -6,6 +6,7 @@ noise as the rollout (``step_noise="generator"`` consumes the generator like a d
 Models are tiny random ``WanTransformer3DModel``s, the toy world's transformer, and analytic PRMs.
 """
 
+import copy
 import math
 
 import numpy as np
@@ -247,34 +248,31 @@ def test_guidance_gradient_options(wan, cond):
 
 @pytest.mark.parametrize("backend", ["auto", "triton"])
 @pytest.mark.parametrize("schedule,dtype", [("flow_grpo", torch.float32), ("dance_grpo", torch.bfloat16), ("cps", torch.float32)])
-def test_recorded_log_probs_equal_sde_log_prob_bit_for_bit(wan, cond, schedule, dtype, backend):
+def test_recorded_log_probs_equal_sde_log_prob_bit_for_bit(wan, cond, schedule, dtype, backend, device):
     """Rollout-time log-probs recomputed from the stored trajectory: same bits (the first ratio is 1).
 
     ``auto`` is the eager reference on the CPU and the fused kernels on CUDA; ``triton`` forces the
     kernels (Triton's interpreter on the CPU).
     """
-    with ops.use_backend(backend):
-        _check_log_probs_bit_for_bit(wan, cond, schedule, dtype)
-
-
-def _check_log_probs_bit_for_bit(wan, cond, schedule, dtype):
-    target = torch.randn(SHAPE)
+    model = Recorder(DiffusersFlowModel(copy.deepcopy(wan).to(device) if device != "cpu" else wan))
+    cond = cond if device == "cpu" else Conditioning(cond.prompt_embeds.to(device))
+    target = torch.randn(SHAPE, device=device)
     window = (1, 6) if schedule == "cps" else None
     config = SamplerConfig(num_steps=7, shift=3.0, schedule=schedule, noise_level=0.7 if schedule != "dance_grpo" else 0.3,
                            sde_window=window, guidance=schedule != "cps", guidance_start=4)
-    model = Recorder(DiffusersFlowModel(wan))
     prm = QuadraticPRM(target) if config.guidance else None
-    traj = rollout(model, cond, config, shape=SHAPE, prm=prm, seed=11, dtype=dtype)
-    assert traj.latents.dtype == dtype and traj.x0.dtype == dtype and traj.log_prob.dtype == torch.float32
-    start = int(traj.sde_steps[0])
-    for j in range(traj.num_sde_steps):
-        i = start + j
-        x, _, v = model.calls[i]
-        assert torch.equal(x, traj.latents[:, j])
-        sigma, sigma_next, kwargs = traj.step_args(j)
-        recomputed = ops.sde_log_prob(traj.latents[:, j], v, traj.latents[:, j + 1], sigma, sigma_next, **kwargs)
-        assert torch.equal(recomputed, traj.log_prob[:, j]), f"step {i}"
-        assert torch.equal(traj.recompute_log_prob(j, v), traj.log_prob[:, j])
+    with ops.use_backend(backend):
+        traj = rollout(model, cond, config, shape=SHAPE, prm=prm, seed=11, dtype=dtype, device=device)
+        assert traj.latents.dtype == dtype and traj.x0.dtype == dtype and traj.log_prob.dtype == torch.float32
+        start = int(traj.sde_steps[0])
+        for j in range(traj.num_sde_steps):
+            i = start + j
+            x, _, v = model.calls[i]
+            assert torch.equal(x, traj.latents[:, j])
+            sigma, sigma_next, kwargs = traj.step_args(j)
+            recomputed = ops.sde_log_prob(traj.latents[:, j], v, traj.latents[:, j + 1], sigma, sigma_next, **kwargs)
+            assert torch.equal(recomputed, traj.log_prob[:, j]), f"step {i}"
+            assert torch.equal(traj.recompute_log_prob(j, v), traj.log_prob[:, j])
 
 
 def test_guided_mean_log_prob(wan, cond):
@@ -358,6 +356,9 @@ def test_trajectory_select(wan, cond):
     assert isinstance(sub, Trajectory)
     assert torch.equal(sub.latents, traj.latents[[3, 0]]) and torch.equal(sub.log_prob, traj.log_prob[[3, 0]])
     assert torch.equal(sub.guidance_shift, traj.guidance_shift[[3, 0]]) and torch.equal(sub.sde_steps, traj.sde_steps)
+    sub_cond = cond.select([3, 0])
+    assert torch.equal(sub_cond.prompt_embeds, cond.prompt_embeds[[3, 0]])
+    assert torch.equal(sub_cond.negative_prompt_embeds, cond.negative_prompt_embeds[[3, 0]])
 
 
 def test_toy_model_with_latent_prm():
