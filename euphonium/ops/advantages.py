@@ -45,7 +45,8 @@ def group_advantages(
         clip: if given, clamp the advantages to ``[-clip, clip]``.
 
     Returns:
-        Advantages of the shape of ``rewards``, float32 (float64 for float64 rewards). A group whose
+        Advantages of the shape of ``rewards`` (not differentiable: they are constants of the
+        GRPO loss), float32 (float64 for float64 rewards). A group whose
         rewards in a column are all equal gets exactly 0 there. On CUDA one Triton launch computes
         every group and column (fp32 accumulation); on CPU the eager reference runs.
     """
@@ -68,6 +69,7 @@ def group_advantages(
     if not isinstance(global_std, bool):
         raise TypeError(f"global_std must be a bool, got {type(global_std).__name__}")
     check_finite("rewards", rewards)
+    rewards = rewards.detach()  # advantages are constants of the policy-gradient loss
 
     if resolve(rewards.device) == "reference":
         ids = group_ids if group_ids is not None else contiguous_group_ids(batch, group_size, rewards.device)

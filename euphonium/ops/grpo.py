@@ -113,6 +113,7 @@ class _GRPOLoss(torch.autograd.Function):
         return loss, stats
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss, _grad_stats):
         from euphonium.kernels.grpo_loss import grpo_loss_backward
 
