@@ -40,6 +40,8 @@ MAX_BLOCK = 2048
 MIN_BLOCK = 32
 REDUCE_BLOCK = 256
 NUM_WARPS = 8
+# Flat element offsets beyond this need 64-bit index arithmetic (the INT64 variant).
+INDEX32_LIMIT = 2**31
 # Explicit FMAs only: the step and log-prob kernels must round the shared arithmetic identically.
 LAUNCH_OPTIONS = {"enable_fp_fusion": False}
 
@@ -255,7 +257,7 @@ def _layout(x: torch.Tensor) -> Tuple[int, int, int, int, bool]:
     n = x.numel() // batch
     block = block_size(n)
     n_blocks = triton.cdiv(n, block)
-    return batch, n, block, n_blocks, x.numel() >= 2**31
+    return batch, n, block, n_blocks, x.numel() >= INDEX32_LIMIT
 
 
 def _sigma_max_arg(sigma_max: Optional[float]) -> float:

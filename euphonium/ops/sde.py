@@ -78,15 +78,12 @@ def _mul_hi_lo(a: torch.Tensor, b: int) -> Tuple[torch.Tensor, torch.Tensor]:
     return hi, lo
 
 
-def philox_randn(seed: int, numel: int, device: Union[str, torch.device] = "cpu") -> torch.Tensor:
-    """``numel`` standard normal float32 values: element ``i`` is Triton's ``tl.randn(seed, i)``.
+def philox4x32(seed: int, offset: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+    """Philox4x32-10 of counter ``(offset_lo, offset_hi, 0, 0)`` and key ``(seed_lo, seed_hi)``.
 
-    The integer stream (Philox4x32-10 keyed by the 64-bit ``seed``, counter ``(i_lo, i_hi, 0, 0)``)
-    and the uniform floats are bit-exact; the Box-Muller transform
-    ``sqrt(-2 log max(u1, 1e-7)) * cos(2 pi u2)`` goes through torch's ``log``/``cos``, which can
-    differ from the GPU's in the last bits.
+    ``offset``: int64 tensor of non-negative counters. Returns four int64 tensors holding uint32
+    values, bit-exact with Triton's ``tl.randint4x(seed, offset)`` (read as unsigned).
     """
-    offset = torch.arange(numel, dtype=torch.int64, device=device)
     c0, c1 = offset & _MASK32, offset >> 32
     c2 = torch.zeros_like(c0)
     c3 = torch.zeros_like(c0)
@@ -97,6 +94,18 @@ def philox_randn(seed: int, numel: int, device: Union[str, torch.device] = "cpu"
         c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
         k0 = (k0 + _PHILOX_KEY_A) & _MASK32
         k1 = (k1 + _PHILOX_KEY_B) & _MASK32
+    return c0, c1, c2, c3
+
+
+def philox_randn(seed: int, numel: int, device: Union[str, torch.device] = "cpu") -> torch.Tensor:
+    """``numel`` standard normal float32 values: element ``i`` is Triton's ``tl.randn(seed, i)``.
+
+    The integer stream (Philox4x32-10 keyed by the 64-bit ``seed``, counter ``(i_lo, i_hi, 0, 0)``)
+    and the uniform floats are bit-exact; the Box-Muller transform
+    ``sqrt(-2 log max(u1, 1e-7)) * cos(2 pi u2)`` goes through torch's ``log``/``cos``, which can
+    differ from the GPU's in the last bits.
+    """
+    c0, c1, _, _ = philox4x32(seed, torch.arange(numel, dtype=torch.int64, device=device))
     u1, u2 = _uint32_to_uniform(c0), _uint32_to_uniform(c1)
     u1 = torch.clamp_min(u1, torch.tensor(1e-7, dtype=torch.float32))
     theta = u2 * torch.tensor(2 * math.pi, dtype=torch.float32)
