@@ -404,6 +404,20 @@ def test_cfg_is_one_batched_forward_equal_to_two(wan, cond):
     assert torch.equal(plain, v_c)
 
 
+def test_adapter_from_pretrained(wan, cond, tmp_path):
+    wan.save_pretrained(tmp_path / "transformer")
+    loaded = DiffusersFlowModel.from_pretrained(str(tmp_path), torch_dtype=torch.float32, cfg_scale=2.0)
+    assert isinstance(loaded.transformer, WanTransformer3DModel) and loaded.cfg_scale == 2.0
+    x, sigma = torch.randn(SHAPE), torch.rand(SHAPE[0])
+    with torch.no_grad():
+        assert torch.equal(loaded(x, sigma, cond), DiffusersFlowModel(wan, cfg_scale=2.0)(x, sigma, cond))
+    half = DiffusersFlowModel.from_pretrained(str(tmp_path), torch_dtype=torch.bfloat16)  # Wan keeps some modules in fp32
+    assert half.dtype == torch.bfloat16
+    with torch.no_grad():
+        v = half(x, sigma, cond)
+    assert v.dtype == torch.bfloat16 and bool(torch.isfinite(v.float()).all())
+
+
 def test_adapter_dtype_and_backend(wan, cond):
     model = DiffusersFlowModel(wan)
     assert model.dtype == torch.float32 and model.attention_backend == "native"

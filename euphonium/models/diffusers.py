@@ -32,6 +32,18 @@ def _attention_backend_names() -> tuple:
     return tuple(b.value for b in AttentionBackendName)
 
 
+def _module_dtype(module: torch.nn.Module) -> torch.dtype:
+    """The compute dtype of a model: diffusers' ``ModelMixin.dtype`` (which skips the modules Wan
+    keeps in float32, e.g. its time embedder) or else the dtype of the first floating parameter."""
+    dtype = getattr(module, "dtype", None)
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    for param in module.parameters():
+        if param.is_floating_point():
+            return param.dtype
+    raise ValueError("transformer has no floating-point parameters")
+
+
 def select_attention_backend(transformer: torch.nn.Module, backend: str = "auto") -> str:
     """Set the attention backend of ``transformer`` and return its name.
 
@@ -60,7 +72,7 @@ def select_attention_backend(transformer: torch.nn.Module, backend: str = "auto"
     param = next(transformer.parameters(), None)
     on_cuda = param is not None and param.device.type == "cuda"
     candidates = []
-    if on_cuda and param.dtype in (torch.float16, torch.bfloat16) and is_flash_attn_available():
+    if on_cuda and _module_dtype(transformer) in (torch.float16, torch.bfloat16) and is_flash_attn_available():
         candidates.append("flash")
     if on_cuda and is_xformers_available():
         candidates.append("xformers")
@@ -178,8 +190,8 @@ class DiffusersFlowModel:
 
     @property
     def dtype(self) -> torch.dtype:
-        """Dtype of the transformer's parameters (the rollout keeps its latents in it by default)."""
-        return next(self.transformer.parameters()).dtype
+        """The transformer's compute dtype (the rollout keeps its latents in it by default)."""
+        return _module_dtype(self.transformer)
 
     @property
     def device(self) -> torch.device:
