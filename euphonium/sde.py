@@ -548,7 +548,8 @@ def rollout(
             the in-kernel noise or the noise itself (``config.step_noise``). Same seed, same rollout.
         dtype: dtype the latents are kept and stored in (default ``velocity_fn.dtype`` if it has one,
             else float32). The stored latents are exactly those the log-probs were computed at.
-        device: device of the latents (default: of ``noise``, else CPU).
+        device: device of the latents (default: of ``noise``, else ``velocity_fn.device`` if it has
+            one, else CPU).
         progress: show a tqdm progress bar.
 
     Returns:
@@ -567,7 +568,7 @@ def rollout(
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
     if device is None:
-        device = noise.device if isinstance(noise, torch.Tensor) else torch.device("cpu")
+        device = noise.device if isinstance(noise, torch.Tensor) else getattr(velocity_fn, "device", None) or torch.device("cpu")
     device = torch.device(device)
     if shape is not None and noise is not None:
         raise ValueError("give either shape (noise is drawn) or noise (the initial latents), not both")
