@@ -455,6 +455,39 @@ def test_deterministic_sample_has_zero_log_prob_and_gradient(backend):
 
 
 # ----------------------------------------------------------------------------------------------
+# torch.compile traces through the ops (torch.library custom ops while compiling).
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_torch_compile_fullgraph(backend):
+    x, v, v_ref = torch.randn(2, 3, 5), torch.randn(2, 3, 5), torch.randn(2, 3, 5)
+
+    def loss(x, v, x_next, v_ref):
+        lp, kl = ops.sde_log_prob(x, v, x_next, 0.8, 0.6, v_ref=v_ref)
+        return (lp * torch.arange(1.0, 3.0)).sum() + 0.1 * kl.sum()
+
+    with ops.use_backend(backend):
+        step = torch.compile(lambda x, v: ops.sde_step(x, v, 0.8, 0.6, seed=4), backend="aot_eager", fullgraph=True)
+        compiled, eager = step(x, v), ops.sde_step(x, v, 0.8, 0.6, seed=4)
+        assert torch.equal(compiled.x_next, eager.x_next) and torch.equal(compiled.log_prob, eager.log_prob)
+        grads = []
+        for fn in (torch.compile(loss, backend="aot_eager", fullgraph=True), loss):
+            v_ = v.clone().requires_grad_(True)
+            fn(x, v_, eager.x_next, v_ref).backward()
+            grads.append(v_.grad)
+    torch.testing.assert_close(grads[0], grads[1], atol=0, rtol=0)
+
+
+def test_custom_ops_pass_opcheck():
+    x, v, x_next, v_ref = (torch.randn(2, 3, 5) for _ in range(4))
+    sigma, sigma_next = torch.tensor([0.9, 0.8]), torch.tensor([0.5, 0.0])
+    with ops.use_backend("triton"):
+        torch.library.opcheck(sde_ops._sde_step_op, (x, v, sigma, sigma_next, v_ref, sigma, None, 7, "cps", 0.6, None, False))
+        torch.library.opcheck(sde_ops._sde_log_prob_op, (x, v.requires_grad_(True), x_next, v_ref, sigma, sigma_next, "flow_grpo", 0.7, None))
+
+
+# ----------------------------------------------------------------------------------------------
 # Every output element written (NaN-poisoned allocations).
 # ----------------------------------------------------------------------------------------------
 

@@ -394,43 +394,135 @@ def sde_step(
             logprob_mean=logprob_mean,
         )
 
-    from euphonium.kernels import sde as kernels
-
     if noise is None and seed is None and schedule != "ode":
         seed = draw_seed()
-    x_next, log_prob, x0_pred = kernels.sde_step_forward(
-        x, v, sigma_t, sigma_next_t, reward_grad=reward_grad, guidance_scale=scale_t, noise=noise,
-        seed=0 if seed is None else seed, schedule=schedule, scale=_schedule_scale(schedule, noise_level),
-        sigma_max=sigma_max, guided_logprob=logprob_mean == "guided",
-    )
+    args = (x, v, sigma_t, sigma_next_t, reward_grad, scale_t, noise, 0 if seed is None else seed, schedule,
+            _schedule_scale(schedule, noise_level), sigma_max, logprob_mean == "guided")
+    if torch.compiler.is_compiling():
+        x_next, log_prob, x0_pred = _sde_step_op(*args)
+        log_prob = None if schedule == "ode" else log_prob
+    else:
+        x_next, log_prob, x0_pred = _sde_step_triton(*args)
     return SDEStepOutput(x_next, log_prob, x0_pred)
 
 
+def _sde_step_triton(x, v, sigma, sigma_next, reward_grad, guidance_scale, noise, seed, schedule, scale, sigma_max,
+                     guided_logprob):
+    from euphonium.kernels import sde as kernels
+
+    return kernels.sde_step_forward(
+        x, v, sigma, sigma_next, reward_grad=reward_grad, guidance_scale=guidance_scale, noise=noise, seed=seed,
+        schedule=schedule, scale=scale, sigma_max=sigma_max, guided_logprob=guided_logprob,
+    )
+
+
+def _sde_log_prob_triton(x, v, x_next, v_ref, sigma, sigma_next, schedule, scale, sigma_max):
+    from euphonium.kernels import sde as kernels
+
+    return kernels.sde_log_prob_forward(
+        x, v, x_next, sigma, sigma_next, v_ref=v_ref, schedule=schedule, scale=scale, sigma_max=sigma_max
+    )
+
+
+def _sde_log_prob_backward_triton(grad_log_prob, grad_kl, x, v, x_next, v_ref, sigma, sigma_next, schedule, scale,
+                                  sigma_max):
+    from euphonium.kernels import sde as kernels
+
+    return kernels.sde_log_prob_backward(
+        grad_log_prob, grad_kl if v_ref is not None else None, x, v, x_next, sigma, sigma_next,
+        v_ref=v_ref, schedule=schedule, scale=scale, sigma_max=sigma_max,
+    )
+
+
 class _SDELogProb(torch.autograd.Function):
-    """Fused log-prob (and KL) with a fused backward that recomputes the mean; saves only inputs."""
+    """Fused log-prob (and KL); the backward is one fused kernel that recomputes the mean from the
+    saved inputs (no intermediate is saved): ``grad_v = g_lp k (x_next - mean) / (var N)
+    + g_kl k^2 (v - v_ref) / (var N)``."""
 
     @staticmethod
     def forward(ctx, x, v, x_next, v_ref, sigma, sigma_next, schedule, scale, sigma_max):
-        from euphonium.kernels import sde as kernels
-
-        log_prob, kl = kernels.sde_log_prob_forward(
-            x, v, x_next, sigma, sigma_next, v_ref=v_ref, schedule=schedule, scale=scale, sigma_max=sigma_max
-        )
+        log_prob, kl = _sde_log_prob_triton(x, v, x_next, v_ref, sigma, sigma_next, schedule, scale, sigma_max)
         ctx.save_for_backward(x, v, x_next, v_ref, sigma, sigma_next)
         ctx.config = (schedule, scale, sigma_max)
         return log_prob, kl
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_log_prob, grad_kl):
-        from euphonium.kernels import sde as kernels
-
-        x, v, x_next, v_ref, sigma, sigma_next = ctx.saved_tensors
-        schedule, scale, sigma_max = ctx.config
-        grad_v = kernels.sde_log_prob_backward(
-            grad_log_prob, grad_kl if v_ref is not None else None, x, v, x_next, sigma, sigma_next,
-            v_ref=v_ref, schedule=schedule, scale=scale, sigma_max=sigma_max,
-        )
+        grad_v = _sde_log_prob_backward_triton(grad_log_prob, grad_kl, *ctx.saved_tensors, *ctx.config)
         return None, grad_v, None, None, None, None, None, None, None
+
+
+# The same kernels as torch.library custom ops, so that torch.compile traces through the public
+# functions (used only while compiling: in eager mode the dispatcher's per-call overhead, tens of
+# microseconds, would be a sizeable fraction of a step on mid-sized latents).
+
+
+@torch.library.custom_op("euphonium::sde_step", mutates_args=())
+def _sde_step_op(
+    x: torch.Tensor, v: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor,
+    reward_grad: Optional[torch.Tensor], guidance_scale: Optional[torch.Tensor], noise: Optional[torch.Tensor],
+    seed: int, schedule: str, scale: float, sigma_max: Optional[float], guided_logprob: bool,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    x_next, log_prob, x0_pred = _sde_step_triton(
+        x, v, sigma, sigma_next, reward_grad, guidance_scale, noise, seed, schedule, scale, sigma_max, guided_logprob
+    )
+    return x_next, x.new_empty(0, dtype=torch.float32) if log_prob is None else log_prob, x0_pred
+
+
+@_sde_step_op.register_fake
+def _(x, v, sigma, sigma_next, reward_grad, guidance_scale, noise, seed, schedule, scale, sigma_max, guided_logprob):
+    batch = 0 if schedule == "ode" else x.shape[0]
+    return x.new_empty(x.shape), x.new_empty(batch, dtype=torch.float32), x.new_empty(x.shape)
+
+
+@torch.library.custom_op("euphonium::sde_log_prob", mutates_args=())
+def _sde_log_prob_op(
+    x: torch.Tensor, v: torch.Tensor, x_next: torch.Tensor, v_ref: Optional[torch.Tensor], sigma: torch.Tensor,
+    sigma_next: torch.Tensor, schedule: str, scale: float, sigma_max: Optional[float],
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    log_prob, kl = _sde_log_prob_triton(x, v, x_next, v_ref, sigma, sigma_next, schedule, scale, sigma_max)
+    return log_prob, x.new_empty(0, dtype=torch.float32) if kl is None else kl
+
+
+@_sde_log_prob_op.register_fake
+def _(x, v, x_next, v_ref, sigma, sigma_next, schedule, scale, sigma_max):
+    return x.new_empty(x.shape[0], dtype=torch.float32), x.new_empty(0 if v_ref is None else x.shape[0], dtype=torch.float32)
+
+
+@torch.library.custom_op("euphonium::sde_log_prob_backward", mutates_args=())
+def _sde_log_prob_backward_op(
+    grad_log_prob: torch.Tensor, grad_kl: Optional[torch.Tensor], x: torch.Tensor, v: torch.Tensor,
+    x_next: torch.Tensor, v_ref: Optional[torch.Tensor], sigma: torch.Tensor, sigma_next: torch.Tensor,
+    schedule: str, scale: float, sigma_max: Optional[float],
+) -> torch.Tensor:
+    return _sde_log_prob_backward_triton(
+        grad_log_prob, grad_kl, x, v, x_next, v_ref, sigma, sigma_next, schedule, scale, sigma_max
+    )
+
+
+@_sde_log_prob_backward_op.register_fake
+def _(grad_log_prob, grad_kl, x, v, x_next, v_ref, sigma, sigma_next, schedule, scale, sigma_max):
+    return v.new_empty(v.shape)
+
+
+def _sde_log_prob_op_setup(ctx, inputs, output):
+    x, v, x_next, v_ref, sigma, sigma_next, schedule, scale, sigma_max = inputs
+    ctx.save_for_backward(x, v, x_next, v_ref, sigma, sigma_next)
+    ctx.config = (schedule, scale, sigma_max)
+
+
+def _sde_log_prob_op_backward(ctx, grad_log_prob, grad_kl):
+    x, v, x_next, v_ref, sigma, sigma_next = ctx.saved_tensors
+    if grad_log_prob is None:
+        grad_log_prob = torch.zeros(x.shape[0], dtype=torch.float32, device=x.device)
+    grad_v = _sde_log_prob_backward_op(
+        grad_log_prob, grad_kl if v_ref is not None else None, x, v, x_next, v_ref, sigma, sigma_next, *ctx.config
+    )
+    return None, grad_v, None, None, None, None, None, None, None
+
+
+_sde_log_prob_op.register_autograd(_sde_log_prob_op_backward, setup_context=_sde_log_prob_op_setup)
 
 
 def sde_log_prob(
@@ -479,7 +571,6 @@ def sde_log_prob(
             x, v, x_next, sigma_t, sigma_next_t, schedule=schedule, noise_level=noise_level, sigma_max=sigma_max,
             v_ref=v_ref,
         )
-    log_prob, kl = _SDELogProb.apply(
-        x, v, x_next, v_ref, sigma_t, sigma_next_t, schedule, _schedule_scale(schedule, noise_level), sigma_max
-    )
+    args = (x, v, x_next, v_ref, sigma_t, sigma_next_t, schedule, _schedule_scale(schedule, noise_level), sigma_max)
+    log_prob, kl = _sde_log_prob_op(*args) if torch.compiler.is_compiling() else _SDELogProb.apply(*args)
     return log_prob if v_ref is None else (log_prob, kl)
