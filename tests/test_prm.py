@@ -1,0 +1,323 @@
+"""The latent process reward model: shapes and checks, save/load, data, training, online refresh, gradients."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from euphonium import ops
+from euphonium.rewards import RewardOutput
+from euphonium.rewards.prm import (
+    LatentRewardModel,
+    PRMDataset,
+    PRMTrainConfig,
+    PRMTrainer,
+    collect_rollouts,
+    correlation_by_sigma,
+    main,
+    noise_latents,
+    pool_prompt_embeds,
+    prm_loss,
+    spearman,
+)
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # These models are tiny: one thread avoids OpenMP synchronisation, which costs 10x on a busy 2-core CI box.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+TINY = dict(in_channels=3, text_dim=8, channels=(8, 16), blocks=(1, 1), cond_dim=16, sigma_freq_dim=16, norm_groups=4)
+SHAPE = (3, 4, 8, 8)  # C, F, H, W
+
+
+def tiny_model(**overrides):
+    return LatentRewardModel(**{**TINY, **overrides}).eval()
+
+
+def synthetic(n, seed):
+    """Clips of one random colour and one of four prompts; the reward is ``<colour, w_prompt>``."""
+    g = torch.Generator().manual_seed(seed)
+    colours = torch.rand(n, 3, generator=g) * 2 - 1
+    x0 = colours.view(n, 3, 1, 1, 1).expand(n, *SHAPE).clone() + 0.05 * torch.randn(n, *SHAPE, generator=g)
+    fixed = torch.Generator().manual_seed(1234)
+    table, w = torch.randn(4, TINY["text_dim"], generator=fixed), torch.randn(4, 3, generator=fixed)
+    k = torch.randint(4, (n,), generator=g)
+    rewards = (w[k] * colours).sum(dim=1)
+    return PRMDataset(x0=x0, prompt_embeds=table[k], rewards=rewards, prompts=[f"prompt {int(i)}" for i in k])
+
+
+# --- the model -------------------------------------------------------------------------------------
+
+
+def test_forward_shapes_and_input_forms():
+    model = tiny_model()
+    x = torch.randn(5, *SHAPE)
+    tokens = torch.randn(5, 6, TINY["text_dim"])
+    out = model(x, torch.rand(5), tokens)
+    assert out.shape == (5,) and out.dtype == torch.float32
+    # Per-token embeddings are mean-pooled; the pooled form gives the same result.
+    torch.testing.assert_close(model(x, 0.3, tokens), model(x, 0.3, tokens.mean(dim=1)))
+    # A mask drops padded tokens from the mean.
+    mask = torch.ones(5, 6, dtype=torch.bool)
+    mask[:, 4:] = False
+    garbage = tokens.clone()
+    garbage[:, 4:] = 100 * torch.randn(5, 2, TINY["text_dim"])
+    torch.testing.assert_close(model(x, 0.3, garbage, prompt_mask=mask), model(x, 0.3, tokens[:, :4]))
+    # Sizes not divisible by the patch (Wan has 21 latent frames) are padded, bf16 inputs are upcast.
+    assert model(torch.randn(2, 3, 5, 9, 7), torch.rand(2), torch.randn(2, TINY["text_dim"])).shape == (2,)
+    assert model(x.bfloat16(), torch.rand(5), tokens.bfloat16()).dtype == torch.float32
+
+
+def test_samples_are_independent():
+    model = tiny_model()
+    x, s, e = torch.randn(4, *SHAPE), torch.rand(4), torch.randn(4, TINY["text_dim"])
+    full = model(x, s, e)
+    single = torch.cat([model(x[i:i + 1], s[i:i + 1], e[i:i + 1]) for i in range(4)])
+    torch.testing.assert_close(full, single, rtol=1e-5, atol=1e-6)
+
+
+def test_forward_rejects_bad_input():
+    model = tiny_model()
+    x, e = torch.randn(2, *SHAPE), torch.randn(2, TINY["text_dim"])
+    with pytest.raises(ValueError, match=r"x_sigma must have shape \[B, 3, F, H, W\]"):
+        model(torch.randn(2, 4, 4, 8, 8), 0.5, e)
+    with pytest.raises(ValueError, match="sigma"):
+        model(x, torch.rand(3), e)
+    with pytest.raises(ValueError, match=r"prompt_embeds must be \[2, L, 8\]"):
+        model(x, 0.5, torch.randn(2, 7))
+    with pytest.raises(ValueError, match="prompt_embeds must be \\[2, L, 8\\]"):
+        model(x, 0.5, torch.randn(3, TINY["text_dim"]))
+    with pytest.raises(ValueError, match="prompt_mask must have shape"):
+        model(x, 0.5, torch.randn(2, 4, TINY["text_dim"]), prompt_mask=torch.ones(2, 5))
+    with pytest.raises(ValueError, match="divisible by norm_groups"):
+        LatentRewardModel(channels=(10, 16), norm_groups=4)
+    with pytest.raises(ValueError, match="one entry per stage"):
+        LatentRewardModel(channels=(8, 16), blocks=(1,))
+
+
+def test_pool_prompt_embeds():
+    e = torch.randn(3, 5, 4)
+    mask = torch.tensor([[1, 1, 0, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]])
+    pooled = pool_prompt_embeds(e, mask)
+    for b in range(3):
+        torch.testing.assert_close(pooled[b], e[b, mask[b].bool()].mean(dim=0))
+    torch.testing.assert_close(pool_prompt_embeds(e), e.mean(dim=1))
+    torch.testing.assert_close(pool_prompt_embeds(e[:, 0]), e[:, 0])
+    with pytest.raises(ValueError, match="only meaningful"):
+        pool_prompt_embeds(e[:, 0], mask)
+
+
+def test_save_load_round_trip(tmp_path):
+    model = tiny_model()
+    model.set_reward_stats(0.7, 2.5)
+    with torch.no_grad():
+        for p in model.parameters():  # move off the zero-initialised FiLM so every weight matters
+            p.add_(0.05 * torch.randn_like(p))
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "config.json").is_file() and (tmp_path / "diffusion_pytorch_model.safetensors").is_file()
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["channels"] == [8, 16] and config["text_dim"] == TINY["text_dim"]
+    loaded = LatentRewardModel.from_pretrained(tmp_path).eval()
+    x, s, e = torch.randn(4, *SHAPE), torch.rand(4), torch.randn(4, 3, TINY["text_dim"])
+    assert torch.equal(model(x, s, e), loaded(x, s, e))
+    assert float(loaded.reward_mean) == pytest.approx(0.7) and float(loaded.reward_std) == pytest.approx(2.5)
+    assert bool(loaded.reward_stats_fitted)
+
+
+def test_reward_grad_through_prm_matches_finite_differences():
+    model = tiny_model().double()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    x = torch.randn(3, *SHAPE, dtype=torch.float64)
+    sigma = torch.rand(3, dtype=torch.float64)
+    e = torch.randn(3, 4, TINY["text_dim"], dtype=torch.float64)
+    with torch.no_grad():
+        reward, grad = ops.reward_grad(model, x, sigma, e)
+    torch.testing.assert_close(reward, model(x, sigma, e))
+    assert grad.shape == x.shape and not x.requires_grad
+    assert all(p.grad is None for p in model.parameters())
+    h = 1e-5
+    for _ in range(3):
+        d = torch.randn_like(x)
+        with torch.no_grad():
+            fd = (model(x + h * d, sigma, e) - model(x - h * d, sigma, e)) / (2 * h)
+        torch.testing.assert_close((grad * d).flatten(1).sum(dim=1), fd, rtol=1e-5, atol=1e-7)
+    # Per-sample normalisation: unit norm, same direction.
+    _, unit = ops.reward_grad(model, x, sigma, e, normalize=True)
+    torch.testing.assert_close(unit.flatten(1).norm(dim=1), torch.ones(3, dtype=torch.float64))
+    torch.testing.assert_close(unit, grad / grad.flatten(1).norm(dim=1).view(-1, 1, 1, 1, 1))
+
+
+# --- data ------------------------------------------------------------------------------------------
+
+
+def test_dataset_save_load_split(tmp_path):
+    data = synthetic(20, 0)
+    data.parts["colour"] = torch.rand(20)
+    path = data.save(tmp_path / "d.safetensors")
+    back = PRMDataset.load(path)
+    assert torch.equal(back.x0, data.x0) and torch.equal(back.rewards, data.rewards)
+    assert back.prompts == data.prompts and torch.equal(back.parts["colour"], data.parts["colour"])
+    train, held = data.split(0.25, seed=3)
+    assert len(train) == 15 and len(held) == 5
+    assert sorted(train.prompts + held.prompts) == sorted(data.prompts)
+    assert torch.equal(torch.sort(torch.cat([train.rewards, held.rewards])).values, torch.sort(data.rewards).values)
+    both = PRMDataset.concat([train, held])
+    assert len(both) == 20 and set(both.parts) == {"colour"}
+
+
+def test_dataset_rejects_bad_input():
+    x0 = torch.randn(4, *SHAPE)
+    with pytest.raises(ValueError, match=r"rewards has a non-finite value at sample 2"):
+        PRMDataset(x0, torch.randn(4, 8), torch.tensor([0.0, 1.0, float("nan"), 2.0]))
+    with pytest.raises(ValueError, match=r"prompt_embeds must be pooled"):
+        PRMDataset(x0, torch.randn(4, 3, 8), torch.rand(4))
+    with pytest.raises(ValueError, match=r"rewards must have shape \[4\]"):
+        PRMDataset(x0, torch.randn(4, 8), torch.rand(5))
+    with pytest.raises(ValueError, match="held_out_fraction"):
+        synthetic(10, 0).split(1.5)
+
+
+def test_noise_latents_and_spearman():
+    from scipy.stats import spearmanr
+
+    x0, eps, s = torch.randn(4, *SHAPE), torch.randn(4, *SHAPE), torch.rand(4)
+    torch.testing.assert_close(noise_latents(x0, s, eps), (1 - s.view(-1, 1, 1, 1, 1)) * x0 + s.view(-1, 1, 1, 1, 1) * eps)
+    a = torch.randn(50)
+    b = a + torch.randn(50)
+    b[:10] = b[0]  # ties
+    assert spearman(a, b) == pytest.approx(spearmanr(a.double().numpy(), b.double().numpy()).statistic, abs=1e-12)
+    assert np.isnan(spearman(a, torch.ones(50)))
+
+
+def test_collect_rollouts_labels_samples():
+    n_calls = []
+
+    def sample_fn(prompts):
+        n_calls.append(len(prompts))
+        b = len(prompts)
+        return torch.rand(b, *SHAPE) * 2 - 1, torch.randn(b, 6, TINY["text_dim"]), torch.ones(b, 6)
+
+    def decode(x0):
+        return ((x0 + 1) / 2).permute(0, 2, 1, 3, 4)
+
+    def reward(videos, prompts):
+        r = videos.mean(dim=(1, 2, 3, 4))
+        return RewardOutput(2 * r, {"brightness": r})
+
+    prompts = [f"p{i}" for i in range(10)]
+    data = collect_rollouts(sample_fn, decode, reward, prompts, batch_size=4, progress=False)
+    assert n_calls == [4, 4, 2] and len(data) == 10 and data.prompts == prompts
+    assert data.prompt_embeds.shape == (10, TINY["text_dim"])
+    torch.testing.assert_close(data.rewards, 2 * data.parts["brightness"])
+    torch.testing.assert_close(data.rewards, (data.x0 + 1).mean(dim=(1, 2, 3, 4)))
+    with pytest.raises(ValueError, match=r"reward 'reward_fn' returned nan for sample 0"):
+        collect_rollouts(sample_fn, decode, lambda v, p: torch.full((len(p),), float("nan")), prompts, progress=False)
+
+
+# --- training --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("loss", ["mse", "bradley_terry"])
+def test_training_lowers_held_out_loss(loss):
+    train, held = synthetic(384, 0), synthetic(96, 1)
+    config = PRMTrainConfig(steps=100, batch_size=32, lr=3e-3, warmup_steps=10, loss=loss, eval_every=100,
+                            eval_sigmas=(0.0, 0.3), seed=int(torch.randint(0, 1000, ())))
+    trainer = PRMTrainer(tiny_model(), config)
+    trainer._fit_reward_stats(train.rewards)
+
+    def held_out_loss():
+        g = torch.Generator().manual_seed(0)
+        sigma = 0.3 * torch.rand(len(held), generator=g)
+        half = len(held) // 2
+        sigma[half:] = sigma[:half]  # Bradley-Terry pairs share sigma
+        noise = torch.randn(held.x0.shape, generator=g)
+        with torch.no_grad():
+            return float(prm_loss(trainer.model, held.x0, held.prompt_embeds, held.rewards, sigma, noise, loss=loss))
+
+    before, before_rho = held_out_loss(), trainer.evaluate(held)["spearman@0"]
+    history = trainer.fit(train, held, progress=False)
+    after, after_rho = held_out_loss(), history[-1]["held_out/spearman@0"]
+    assert after < 0.8 * before, (before, after)
+    assert after_rho > max(before_rho, 0.0) + 0.3, (before_rho, after_rho)
+    assert all(p.grad is None for p in trainer.model.parameters())
+
+
+def test_checkpoint_resume_reproduces_training(tmp_path):
+    train = synthetic(64, 0)
+    config = PRMTrainConfig(steps=6, batch_size=8, warmup_steps=2, eval_every=3, checkpoint_every=3, seed=5)
+    torch.manual_seed(0)
+    straight = PRMTrainer(tiny_model(), config, output_dir=tmp_path / "a")
+    straight.fit(train, progress=False)
+
+    torch.manual_seed(0)
+    first = PRMTrainer(tiny_model(), config, output_dir=tmp_path / "b")
+    step = first._optimizer_step
+
+    def crash_after_three(*args):
+        if first.step == 3:
+            raise KeyboardInterrupt  # the run dies after writing checkpoint step-3
+        return step(*args)
+
+    first._optimizer_step = crash_after_three
+    with pytest.raises(KeyboardInterrupt):
+        first.fit(train, progress=False)
+    assert first.latest_checkpoint().name == "step-3"
+    resumed = PRMTrainer(tiny_model(), config, output_dir=tmp_path / "b")
+    resumed.fit(train, progress=False, resume=True)
+    for (name, a), (_, b) in zip(straight.model.state_dict().items(), resumed.model.state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)
+    records = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [3, 6]
+    with pytest.raises(FileNotFoundError, match="holds no checkpoint"):
+        PRMTrainer(tiny_model(), config, output_dir=tmp_path / "empty").fit(train, progress=False, resume=True)
+
+
+def test_online_update_refreshes_the_prm():
+    config = PRMTrainConfig(batch_size=32, online_steps=10, online_lr=3e-3, buffer_size=100, seed=1)
+    trainer = PRMTrainer(tiny_model(), config)
+    held = synthetic(128, 99)
+    rho_before = correlation_by_sigma(trainer.model, held, [(0.0, 0.2)], draws=1)[0]["spearman"]
+    for round_ in range(15):
+        fresh = synthetic(32, round_)
+        tokens = fresh.prompt_embeds[:, None, :].expand(-1, 3, -1)  # per-token form, pooled inside
+        stats = trainer.update(fresh.x0, tokens, fresh.rewards)
+        assert set(stats) == {"prm/loss", "prm/spearman_fresh", "prm/buffer_size"}
+        assert stats["prm/buffer_size"] == min(100, 32 * (round_ + 1))
+        assert all(p.grad is None for p in trainer.model.parameters())
+    rho_after = correlation_by_sigma(trainer.model, held, [(0.0, 0.2)], draws=1)[0]["spearman"]
+    assert bool(trainer.model.reward_stats_fitted)
+    assert rho_after > rho_before + 0.3 and rho_after > 0.6, (rho_before, rho_after)
+    with pytest.raises(ValueError, match="PRM expects 8"):
+        trainer.update(fresh.x0, torch.randn(32, 5), fresh.rewards)
+
+
+def test_train_config_validation():
+    with pytest.raises(ValueError, match="PRMTrainConfig.loss"):
+        PRMTrainConfig(loss="hinge")
+    with pytest.raises(ValueError, match="sigma_min < sigma_max"):
+        PRMTrainConfig(sigma_min=0.5, sigma_max=0.5)
+    with pytest.raises(ValueError, match="PRMTrainConfig.batch_size"):
+        PRMTrainConfig(batch_size=1)
+    with pytest.raises(ValueError, match=r"unknown PRMTrainConfig field\(s\) \['step'\]"):
+        PRMTrainConfig.from_dict({"step": 3})
+
+
+def test_cli_train_on_saved_data(tmp_path):
+    synthetic(40, 0).save(tmp_path / "data.safetensors")
+    out = tmp_path / "prm"
+    main(["train", "--data", str(tmp_path / "data.safetensors"), "--output-dir", str(out), "--steps", "4",
+          "--batch-size", "8", "--eval-every", "2", "--checkpoint-every", "0", "--channels", "8,16",
+          "--blocks", "1,1", "--held-out-fraction", "0.2"])
+    summary = json.loads((out / "training.json").read_text())
+    assert summary["train_samples"] == 32 and summary["held_out_samples"] == 8
+    assert summary["command"].startswith("python -m euphonium.rewards.prm train --data")
+    model = LatentRewardModel.from_pretrained(out)
+    assert model.config.text_dim == TINY["text_dim"] and not (out / "checkpoints").exists()
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
