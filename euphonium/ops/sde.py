@@ -29,6 +29,7 @@ per direction from ``euphonium.kernels.sde``.
 from __future__ import annotations
 
 import math
+import struct
 from typing import NamedTuple, Optional, Tuple, Union
 
 import torch
@@ -282,12 +283,18 @@ def _check_sigmas(sigma, sigma_next, x, schedule, sigma_max):
     Returns the sigmas as [B] float32 tensors on ``x.device`` (one host sync for tensor sigmas).
     """
     batch = x.shape[0]
+    for name, value, rule in (("sigma", sigma, "0 < sigma <= 1"), ("sigma_next", sigma_next, "0 <= sigma_next < sigma")):
+        # Numbers far outside [0, 1] (or NaN) are rejected before they are converted to fp32.
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and not 0 <= float(value) <= 1:
+            raise ValueError(f"{name} must satisfy {rule}, got {value!r}")
     s = per_sample("sigma", sigma, batch, x.device)
     sn = per_sample("sigma_next", sigma_next, batch, x.device)
     if isinstance(sigma, torch.Tensor) or isinstance(sigma_next, torch.Tensor):
         flags = torch.stack([~((s <= 1) & (s > 0)), ~((sn >= 0) & (sn < s)), s == 1]).any(dim=1).tolist()
     else:
-        flags = [not 0 < float(sigma) <= 1, not 0 <= float(sigma_next) < float(sigma), float(sigma) == 1]
+        # Checked as the kernels see them: two floats that differ only below fp32 resolution are equal.
+        s32, sn32 = _as_fp32(float(sigma)), _as_fp32(float(sigma_next))
+        flags = [not 0 < s32 <= 1, not 0 <= sn32 < s32, s32 == 1]
     if flags[0]:
         raise ValueError(f"sigma must satisfy 0 < sigma <= 1 (finite), got {_describe(sigma)}")
     if flags[1]:
@@ -295,6 +302,10 @@ def _check_sigmas(sigma, sigma_next, x, schedule, sigma_max):
     if flags[2] and schedule == "flow_grpo" and sigma_max is None:
         raise ValueError("sigma_max is required with schedule='flow_grpo' at sigma == 1 (the coefficient sqrt(sigma / (1 - sigma)) is infinite there); pass the largest sigma below 1, as Flow-GRPO does")
     return s, sn
+
+
+def _as_fp32(value: float) -> float:
+    return struct.unpack("f", struct.pack("f", value))[0]
 
 
 def _describe(value) -> str:
@@ -344,19 +355,26 @@ def sde_step(
         log_prob = mean_i(-(x_next - m)^2 / (2 std^2)) - log(std) - log(2 pi) / 2
 
     Args:
-        x: latents ``[B, ...]`` (rank >= 2), float32/bfloat16/float16 (float64 on the reference).
+        x: latents ``[B, ...]`` (rank >= 2, any sizes), float32/bfloat16/float16. float64 is
+            accepted: the reference then computes (and returns ``log_prob``) in float64, the kernels
+            in fp32.
         v: predicted velocity, shape of ``x``, any float dtype.
-        sigma, sigma_next: floats or ``[B]`` tensors with ``0 <= sigma_next < sigma <= 1``.
-        schedule: ``"flow_grpo"``, ``"dance_grpo"``, ``"cps"`` or ``"ode"`` (deterministic Euler).
+        sigma, sigma_next: floats or ``[B]`` tensors with ``0 <= sigma_next < sigma <= 1`` (tensor
+            sigmas cost one host sync for this check).
+        schedule: ``"flow_grpo"``, ``"dance_grpo"``, ``"cps"`` or ``"ode"`` (deterministic Euler:
+            ``std = 0``, ``noise``/``seed`` have no effect).
         noise_level: ``a`` of flow_grpo / cps, ``eta`` of dance_grpo (ignored by ode).
         sigma_max: flow_grpo's denominator clamp at ``sigma == 1`` (required there).
         reward_grad: ``g = grad_x r_p``, shape of ``x``; with ``guidance_scale`` (float or ``[B]``)
             it shifts the mean by ``c * g``.
-        noise: ``eps``, shape of ``x``. When None, drawn in-kernel with Philox from ``seed``
-            (element ``i`` of the flattened tensor is ``tl.randn(seed, i)``, the same stream on both
-            backends); ``seed=None`` draws a seed from torch's default generator.
+        noise: ``eps``, shape of ``x``, any float dtype. When None, drawn in-kernel with Philox
+            from ``seed`` (an int in ``[0, 2^63)``; element ``i`` of the flattened tensor is
+            ``tl.randn(seed, i)``, the same stream on both backends up to the last bits of
+            ``log``/``cos``); ``seed=None`` draws a seed from torch's default generator, so
+            ``torch.manual_seed`` makes a rollout reproducible. Pass ``noise`` or ``seed``, not both.
         logprob_mean: ``"unguided"`` (``m = mean``, default: GRPO then distils the guidance into the
-            policy) or ``"guided"`` (``m = mean + c * g``).
+            policy) or ``"guided"`` (``m = mean + c * g``; ``sde_log_prob``, which has no guidance
+            term, reproduces the unguided log-prob only).
 
     Returns:
         ``SDEStepOutput(x_next, log_prob, x0_pred)``: ``x_next``/``x0_pred`` in the dtype of ``x``;
