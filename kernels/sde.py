@@ -125,11 +125,14 @@ def _block_offsets(pid, N, n_blocks, BLOCK: tl.constexpr, INT64: tl.constexpr):
 # ----------------------------------------------------------------------------------------------
 
 
-@triton.jit
+# The seed arrives as two int32 halves and is not specialised on its value, so that every seed runs
+# one compiled variant (a Python int would be typed i32 or i64 by magnitude and specialised on 1
+# and on divisibility by 16).
+@triton.jit(do_not_specialize=["seed_lo", "seed_hi"])
 def _sde_step_kernel(
     x_ptr, v_ptr, g_ptr, eps_ptr, c_ptr, sigma_ptr, sigma_next_ptr,
     x_next_ptr, x0_ptr, partial_ptr,
-    N, n_blocks, seed, scale, sigma_max,
+    N, n_blocks, seed_lo, seed_hi, scale, sigma_max,
     SCHEDULE: tl.constexpr, HAS_GUIDANCE: tl.constexpr, HAS_NOISE: tl.constexpr,
     GUIDED_LOGPROB: tl.constexpr, BLOCK: tl.constexpr, INT64: tl.constexpr,
 ):
@@ -152,6 +155,7 @@ def _sde_step_kernel(
         if HAS_NOISE:
             b_eps = tl.load(eps_ptr + o_x, mask=m_x, other=0.0).to(tl.float32)
         else:
+            seed = (seed_hi.to(tl.uint32).to(tl.uint64) << 32) | seed_lo.to(tl.uint32).to(tl.uint64)
             b_eps = tl.randn(seed, o_x)
         # The log-prob is taken at x_next as stored (rounded to the output dtype).
         b_x_next = tl.fma(tl.sqrt_rn(var), b_eps, b_mean_g).to(x_next_ptr.dtype.element_ty)
@@ -260,6 +264,11 @@ def _layout(x: torch.Tensor) -> Tuple[int, int, int, int, bool]:
     return batch, n, block, n_blocks, x.numel() >= INDEX32_LIMIT
 
 
+def _int32_halves(seed: int) -> Tuple[int, int]:
+    """A seed in ``[0, 2^64)`` as its low and high 32 bits, each read as a signed int32."""
+    return tuple(h - 2**32 if h >= 2**31 else h for h in (seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF))
+
+
 def _sigma_max_arg(sigma_max: Optional[float]) -> float:
     # Only read where sigma == 1, which the caller rejects for flow_grpo without sigma_max.
     return 0.5 if sigma_max is None else float(sigma_max)
@@ -300,7 +309,7 @@ def sde_step_forward(
         x, v, reward_grad.contiguous() if has_guidance else x, noise.contiguous() if has_noise else x,
         guidance_scale if has_guidance else sigma, sigma, sigma_next,
         x_next, x0_pred, partial,
-        n, n_blocks, seed, scale, _sigma_max_arg(sigma_max),
+        n, n_blocks, *_int32_halves(seed), scale, _sigma_max_arg(sigma_max),
         SCHEDULE=schedule_id, HAS_GUIDANCE=has_guidance, HAS_NOISE=has_noise, GUIDED_LOGPROB=guided_logprob,
         BLOCK=block, INT64=int64, num_warps=NUM_WARPS, **LAUNCH_OPTIONS,
     )
@@ -370,7 +379,8 @@ def _aot_specs():
                 kernel=_sde_step_kernel,
                 signature={"x_ptr": ty, "v_ptr": ty, "g_ptr": ty, "eps_ptr": ty, "c_ptr": "*fp32", "sigma_ptr": "*fp32",
                            "sigma_next_ptr": "*fp32", "x_next_ptr": ty, "x0_ptr": ty, "partial_ptr": "*fp32",
-                           "N": "i32", "n_blocks": "i32", "seed": "i32", "scale": "fp32", "sigma_max": "fp32"},
+                           "N": "i32", "n_blocks": "i32", "seed_lo": "i32", "seed_hi": "i32", "scale": "fp32",
+                           "sigma_max": "fp32"},
                 constexprs={"SCHEDULE": SCHEDULE_IDS["flow_grpo"], "HAS_GUIDANCE": True, "HAS_NOISE": noise,
                             "GUIDED_LOGPROB": False, "BLOCK": MAX_BLOCK, "INT64": False},
                 aligned=("x_ptr", "v_ptr", "g_ptr", "eps_ptr", "x_next_ptr", "x0_ptr", "N"),
