@@ -10,9 +10,9 @@ reduces each row of partials in a fixed order (no float atomics) and adds the co
 Bit-identical log-probs between the step (rollout) and the log-prob kernel (training) rest on:
 the same ``@triton.jit`` helpers for the coefficients, the mean and the squared residual; the block
 partition depending on ``N`` only; a block sum in a fixed pairwise order (``_pairwise_sum``) that
-does not depend on the register layout the compiler picks; the same finalize code; and FP contraction disabled at launch
-(``enable_fp_fusion=False``) with the intended FMAs written explicitly, so that the compiler cannot
-contract the two kernels' arithmetic differently.
+does not depend on the register layout the compiler picks; the same finalize code; and FP
+contraction disabled at launch (``enable_fp_fusion=False``) with the intended FMAs written
+explicitly, so that the compiler cannot contract the two kernels' arithmetic differently.
 
 All arithmetic is fp32 whatever the storage dtype. Noise, when not given, is ``tl.randn(seed, i)``
 at the flat element index ``i = b * N + n`` (Philox4x32-10).
@@ -112,10 +112,11 @@ def _block_offsets(pid, N, n_blocks, BLOCK: tl.constexpr, INT64: tl.constexpr):
     """Sample index, flat element offsets and mask of program ``pid`` (grid ``B * n_blocks``)."""
     i_b = pid // n_blocks
     i_n = pid - i_b * n_blocks
-    o_n = i_n * BLOCK + tl.arange(0, BLOCK)
     if INT64:
+        o_n = i_n.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         o_x = i_b.to(tl.int64) * N + o_n
     else:
+        o_n = i_n * BLOCK + tl.arange(0, BLOCK)
         o_x = i_b * N + o_n
     return i_b, o_x, o_n < N
 

@@ -35,7 +35,7 @@ from typing import NamedTuple, Optional, Tuple, Union
 import torch
 
 from euphonium.ops._backend import resolve
-from euphonium.ops._checks import FLOAT_DTYPES, check_float_tensor, check_like, per_sample
+from euphonium.ops._checks import check_float_tensor, check_like, per_sample
 
 SCHEDULES = ("flow_grpo", "dance_grpo", "cps", "ode")
 LOGPROB_MEANS = ("unguided", "guided")
