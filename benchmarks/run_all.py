@@ -1,0 +1,69 @@
+"""Regenerate every benchmark result file and the README's benchmark section in one command.
+
+Runs, each in its own process (so that one benchmark's memory and compile caches do not colour the
+next): the op benchmarks, the training-step breakdown, the kernel report, then
+``make_readme_table.py``, which prints the Markdown and writes ``benchmarks/results/benchmarks.md``.
+
+On a CPU: ``sde_step``, ``sde_log_prob``, ``reward_grad``, ``advantages``, ``grpo_loss`` at their CPU
+default sizes and ``train_step`` on the toy model (about 10 minutes on a 2-core machine the first time,
+when inductor compiles every graph; less once its cache is warm). On CUDA also the drawn-noise and
+guided variants of ``sde_step``, the KL variants of ``sde_log_prob`` and ``grpo_loss``, and
+``train_step`` on the Wan2.1-1.3B-shaped model. Extra arguments (``--threads 1``, ``--quick``,
+``--device cpu``) go to every op benchmark (``--threads``/``--device`` to ``train_step`` too).
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+
+
+def plan(device: str, quick: bool):
+    ops = [["sde_step.py"], ["sde_log_prob.py"], ["reward_grad.py"], ["advantages.py"], ["grpo_loss.py"]]
+    train = [["train_step.py", "--model", "toy"]]
+    if device == "cuda" and not quick:
+        ops += [["sde_step.py", "--noise", "drawn"], ["sde_step.py", "--guided"], ["sde_log_prob.py", "--kl"],
+                ["grpo_loss.py", "--kl"]]
+        train += [["train_step.py", "--model", "wan", "--steps", "1"]]
+    if quick:
+        train = [["train_step.py", "--model", "toy", "--steps", "1", "--num-steps", "4", "--guided-steps", "1"]]
+    return ops, train
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=None, help="CPU: torch.set_num_threads in every benchmark")
+    parser.add_argument("--quick", action="store_true", help="small sizes, short timing (a smoke run)")
+    parser.add_argument("--skip-kernel-report", action="store_true", help="leave out the ahead-of-time kernel report")
+    args = parser.parse_args(argv)
+    common = ["--device", args.device] + (["--threads", str(args.threads)] if args.threads else [])
+    ops, train = plan(args.device, args.quick)
+    commands = [cmd + common + (["--quick"] if args.quick else []) for cmd in ops]
+    commands += [cmd + common for cmd in train]
+    if not args.skip_kernel_report:
+        commands.append(["kernel_report.py"])
+    commands.append(["make_readme_table.py", "--output", str(HERE / "results" / "benchmarks.md")])
+    failed = []
+    for cmd in commands:
+        print(f"\n$ python benchmarks/{' '.join(cmd)}", flush=True)
+        start = time.perf_counter()
+        code = subprocess.run([sys.executable, str(HERE / cmd[0]), *cmd[1:]]).returncode
+        print(f"# {cmd[0]} finished in {time.perf_counter() - start:.0f} s (exit {code})", flush=True)
+        if code:
+            failed.append(" ".join(cmd))
+    if failed:
+        print("\nFAILED:\n  " + "\n  ".join(failed), file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
