@@ -159,8 +159,8 @@ class Setup:
         config = WAN_TINY if args.wan_tiny else WAN_1_3B
         self.dtype = torch.bfloat16
         with torch.device(self.device):
-            transformer = WanTransformer3DModel(**config).to(self.dtype)
-            vae = AutoencoderKLWan(base_dim=16 if args.wan_tiny else 96).to(self.dtype).eval()
+            transformer = _cast(WanTransformer3DModel(**config), self.dtype)
+            vae = _cast(AutoencoderKLWan(base_dim=16 if args.wan_tiny else 96), self.dtype).eval()
         transformer.enable_gradient_checkpointing()
         self.transformer = transformer.train()
         self.shape = (args.batch, *args.latent_shape)
@@ -182,6 +182,21 @@ class Setup:
         self.rewards = rewards
         self.description = (f"Wan2.1-1.3B-shaped WanTransformer3DModel{' (tiny)' if args.wan_tiny else ''} "
                             f"({sum(p.numel() for p in transformer.parameters()):,} parameters, bf16)")
+
+
+def _cast(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """``model`` in ``dtype`` except the modules diffusers keeps in float32 (``_keep_in_fp32_modules``),
+    as ``from_pretrained(torch_dtype=dtype)`` loads a real checkpoint."""
+    keep = set(getattr(model, "_keep_in_fp32_modules", None) or ())
+    for name, module in model.named_modules():
+        path = set(name.split("."))
+        for key, param in module.named_parameters(recurse=False):
+            if not keep & (path | {key}):
+                param.data = param.data.to(dtype)
+        for key, buf in module.named_buffers(recurse=False):
+            if buf.is_floating_point() and not keep & (path | {key}):
+                module._buffers[key] = buf.to(dtype)
+    return model
 
 
 def train_step(setup: Setup, timer: StepTimer, train_steps: int) -> Dict[str, float]:
