@@ -37,6 +37,7 @@ class AOTSpec:
     ``constexprs`` gives the constexpr arguments, and ``aligned`` names the arguments (pointers and
     sizes) assumed divisible by 16, as the JIT specialises them at run time for contiguous tensors
     of aligned sizes; without it the compiler cannot emit 128-bit accesses.
+    ``options`` are compile options the launcher also passes (FP fusion is on unless it says otherwise).
     """
 
     name: str
@@ -45,6 +46,9 @@ class AOTSpec:
     constexprs: Dict[str, Any]
     aligned: tuple = ()
     num_warps: int = 4
+    # Launch options the kernel's launcher passes too (e.g. ``enable_fp_fusion``), so the AOT build
+    # is the code that runs.
+    options: Dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def all_specs() -> List[AOTSpec]:
@@ -72,7 +76,7 @@ def compile_spec(spec: AOTSpec, arch: int):
     signature = {n: (spec.signature[n] if n in spec.signature else "constexpr") for n in names}
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in spec.aligned}
     src = ASTSource(fn=spec.kernel, signature=signature, constexprs=spec.constexprs, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": spec.num_warps})
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"enable_fp_fusion": True, "num_warps": spec.num_warps, **spec.options})
 
 
 def _tool(name: str, *args: str) -> str:

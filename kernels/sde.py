@@ -377,6 +377,7 @@ def _aot_specs():
         for noise in (False, True):
             specs.append(AOTSpec(
                 name=f"sde_step_{'noise_' if noise else ''}{tag}",
+                options=LAUNCH_OPTIONS,
                 kernel=_sde_step_kernel,
                 signature={"x_ptr": ty, "v_ptr": ty, "g_ptr": ty, "eps_ptr": ty, "c_ptr": "*fp32", "sigma_ptr": "*fp32",
                            "sigma_next_ptr": "*fp32", "x_next_ptr": ty, "x0_ptr": ty, "partial_ptr": "*fp32",
@@ -389,6 +390,7 @@ def _aot_specs():
             ))
         specs.append(AOTSpec(
             name=f"sde_log_prob_fwd_{tag}",
+            options=LAUNCH_OPTIONS,
             kernel=_sde_log_prob_fwd_kernel,
             signature={"x_ptr": ty, "v_ptr": ty, "x_next_ptr": ty, "v_ref_ptr": ty, "sigma_ptr": "*fp32",
                        "sigma_next_ptr": "*fp32", "partial_ptr": "*fp32", "partial_kl_ptr": "*fp32",
@@ -399,6 +401,7 @@ def _aot_specs():
         ))
         specs.append(AOTSpec(
             name=f"sde_log_prob_bwd_{tag}",
+            options=LAUNCH_OPTIONS,
             kernel=_sde_log_prob_bwd_kernel,
             signature={"grad_lp_ptr": "*fp32", "grad_kl_ptr": "*fp32", "x_ptr": ty, "v_ptr": ty, "x_next_ptr": ty,
                        "v_ref_ptr": ty, "sigma_ptr": "*fp32", "sigma_next_ptr": "*fp32", "grad_v_ptr": ty,
@@ -409,6 +412,7 @@ def _aot_specs():
         ))
     specs.append(AOTSpec(
         name="sde_finalize",
+        options=LAUNCH_OPTIONS,
         kernel=_finalize_kernel,
         signature={"partial_ptr": "*fp32", "partial_kl_ptr": "*fp32", "sigma_ptr": "*fp32", "sigma_next_ptr": "*fp32",
                    "log_prob_ptr": "*fp32", "kl_ptr": "*fp32", "N": "i32", "n_blocks": "i32", "scale": "fp32",

@@ -30,17 +30,6 @@ class QuadraticPRM(nn.Module):
             return -w * (x.double() - self.mu.double()) * self.a.double()
 
 
-@pytest.fixture
-def nan_poison():
-    """Freshly allocated outputs are NaN, so an element a kernel forgets to write fails the test."""
-    previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    assert torch.isnan(torch.empty(4)).all()
-    yield
-    torch.use_deterministic_algorithms(previous)
-
-
 def _setup(batch=4, shape=(3, 5, 7)):
     prm = QuadraticPRM(shape)
     x = torch.randn(batch, *shape)

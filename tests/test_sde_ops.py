@@ -27,38 +27,6 @@ HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 # ----------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _interpreter_rounds_bf16_to_nearest():
-    """Make Triton's interpreter round fp32 -> bf16 to nearest even, as the GPU does.
-
-    ``tensor.to(tl.bfloat16)`` lowers to ``arith.truncf`` (round to nearest even on CUDA), but the
-    3.9 interpreter truncates the mantissa; without this the interpreted kernels would be up to one
-    bf16 ulp less accurate than the compiled ones and fail the bf16 accuracy rule.
-    """
-    import os
-
-    if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
-        yield
-        return
-    import numpy as np
-    import triton.language as tl
-    from triton.runtime import interpreter
-
-    original = interpreter.InterpreterBuilder.create_fp_trunc
-
-    def create_fp_trunc(self, src, dst_type):
-        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
-            rounded = torch.from_numpy(np.ascontiguousarray(src.data)).to(torch.bfloat16).view(torch.int16).numpy()
-            return interpreter.TensorHandle(rounded.view(np.uint16), tl.bfloat16)
-        return original(self, src, dst_type)
-
-    interpreter.InterpreterBuilder.create_fp_trunc = create_fp_trunc
-    try:
-        yield
-    finally:
-        interpreter.InterpreterBuilder.create_fp_trunc = original
-
-
 def _bcast(t, x):
     return t.reshape(-1, *([1] * (x.dim() - 1))).to(x.dtype)
 
