@@ -554,6 +554,8 @@ def plot_results(payload: Dict[str, Any], path: Path) -> None:
         bars = ax.bar(xs, ys, width, label=name)
         ax.bar_label(bars, labels=labels, fontsize=6, rotation=90, padding=2)
     ax.set_yscale("log")
+    top = max(r["median_ms"] for c in cases for r in c["providers"].values())
+    ax.set_ylim(top=top * 4)  # room for the speedup labels above the tallest bar
     ax.set_ylabel("median time (ms, log scale)")
     ax.set_xticks(range(len(cases)), [f"{c['case']}\n{c['dtype']}" for c in cases], fontsize=7)
     ax.set_title(f"{payload['bench']} on {payload['device']['name']} (euphonium = {payload['euphonium_backend']}); "

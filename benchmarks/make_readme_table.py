@@ -57,7 +57,8 @@ def op_table(payloads) -> list:
             bad = [name for name, r in p.items() if r.get("check", "ok") != "ok"]
             flag = f" ⚠ differs from eager: {', '.join(bad)}" if bad else ""
             speed = lambda key: f"{f[key]:.2f}x" if key in f else "-"  # noqa: E731
-            bw = f"{f['gbps']:.3g} ({100 * f['copy_fraction']:.2g}%)" if "gbps" in f else "-"
+            pct = 100 * f.get("copy_fraction", 0.0)
+            bw = f"{f['gbps']:.3g} ({pct:.0f}%)" if pct >= 10 else f"{f['gbps']:.3g} ({pct:.2g}%)" if "gbps" in f else "-"
             lines.append(
                 f"| {BENCH_TITLES.get(payload['bench'], payload['bench'])} | {case['case']} "
                 f"`{'x'.join(map(str, case['shape']))}` | {case['dtype']} | {_ms(p.get('eager', {}).get('median_ms'))} "

@@ -10,6 +10,10 @@ when inductor compiles every graph; less once its cache is warm). On CUDA also t
 guided variants of ``sde_step``, the KL variants of ``sde_log_prob`` and ``grpo_loss``, and
 ``train_step`` on the Wan2.1-1.3B-shaped model. Extra arguments (``--threads 1``, ``--quick``,
 ``--device cpu``) go to every op benchmark (``--threads``/``--device`` to ``train_step`` too).
+
+A lent GPU runs one command for at most 10 minutes: run the plan in parts with ``--only``, e.g.
+``--only sde_step sde_log_prob``, then ``--only reward_grad advantages grpo_loss``, then
+``--only train_step kernel_report`` (``make_readme_table.py`` runs at the end of every part).
 """
 
 from __future__ import annotations
@@ -43,6 +47,9 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=None, help="CPU: torch.set_num_threads in every benchmark")
     parser.add_argument("--quick", action="store_true", help="small sizes, short timing (a smoke run)")
     parser.add_argument("--skip-kernel-report", action="store_true", help="leave out the ahead-of-time kernel report")
+    parser.add_argument("--only", nargs="+", metavar="SCRIPT",
+                        help="run only these scripts (names without .py: sde_step sde_log_prob reward_grad advantages "
+                             "grpo_loss train_step kernel_report)")
     args = parser.parse_args(argv)
     common = ["--device", args.device] + (["--threads", str(args.threads)] if args.threads else [])
     ops, train = plan(args.device, args.quick)
@@ -50,6 +57,12 @@ def main(argv=None):
     commands += [cmd + common for cmd in train]
     if not args.skip_kernel_report:
         commands.append(["kernel_report.py"])
+    if args.only:
+        known = {cmd[0][:-3] for cmd in commands}
+        unknown = sorted(set(args.only) - known)
+        if unknown:
+            raise SystemExit(f"--only: unknown scripts {unknown}; choose from {sorted(known)}")
+        commands = [cmd for cmd in commands if cmd[0][:-3] in args.only]
     commands.append(["make_readme_table.py", "--output", str(HERE / "results" / "benchmarks.md")])
     failed = []
     for cmd in commands:

@@ -37,7 +37,7 @@ from euphonium.ops.sde import SCHEDULES, sde_step_reference  # noqa: E402
 SIZES = SizeSpec(
     presets=LATENT_PRESETS,
     default_cpu=["image", "wan480p"],
-    default_cuda=["image", "wan480p", "wan480p-b4", "wan720p", "wan720p-b2"],
+    default_cuda=["image", "wan480p", "wan480p-b4", "wan720p"],
     quick=["small"],
     dtypes=["bf16", "fp32"],
     quick_dtypes=["bf16"],

@@ -18,12 +18,12 @@ Models:
   latents, decoding by a randomly initialised ``AutoencoderKLWan`` (Wan2.1's VAE shape) and DDPO's
   JPEG-incompressibility reward. Meant for a GPU; ``--wan-tiny`` shrinks it to check the path on a CPU.
 
-Attribution: the policy is wrapped (forward time), ``ops.sde_step``, ``ops.sde_log_prob`` and
-``ops.reward_grad`` are wrapped for the duration of the step (the sampler and the trajectory call them
-through ``euphonium.ops``), and a hook on the velocity splits ``loss.backward()`` into the ops' backward
-(up to ``d loss / d v``) and the model's backward. On CUDA every boundary synchronises, which costs a
-little overlap. ``other`` is what no bucket covers (Python, trajectory bookkeeping, the loss' host sync).
-Results: the mean per timed step (after one untimed warm-up step) in
+Attribution: the policy is wrapped (forward time); ``ops.sde_step`` and ``ops.reward_grad`` are
+wrapped for the duration of the step (the sampler calls them through ``euphonium.ops``); the other
+calls are timed where this script makes them; a hook on the velocity splits ``loss.backward()`` into
+the ops' backward (up to ``d loss / d v``) and the model's backward. On CUDA every boundary
+synchronises, which costs a little overlap. ``other`` is what no bucket covers (Python, trajectory
+bookkeeping, the prompt encoder). Results: the mean per timed step (after one untimed warm-up step) in
 ``benchmarks/results/<device>/train_step_<model>.{json,csv,png}``.
 
 The trainer (``euphonium.train``) was not available when this was written: the step is assembled from
@@ -73,21 +73,29 @@ WAN_TINY = dict(WAN_1_3B, num_attention_heads=2, attention_head_dim=16, text_dim
 
 
 class StepTimer:
-    """Wall time per category; on CUDA each boundary synchronises so time lands in the right bucket."""
+    """Wall time per category; on CUDA each boundary synchronises so time lands in the right bucket.
+
+    Buckets do not nest: time inside an open bucket stays in it (an op called by timed code is not
+    counted twice).
+    """
 
     def __init__(self, device: torch.device):
         self.device = device
         self.totals: Dict[str, float] = defaultdict(float)
+        self._open = False
 
     @contextlib.contextmanager
     def __call__(self, category: str):
-        synchronize(self.device)
-        start = time.perf_counter()
+        if self._open:
+            yield
+            return
+        self._open = True
+        start = self.now()
         try:
             yield
         finally:
-            synchronize(self.device)
-            self.totals[category] += time.perf_counter() - start
+            self.totals[category] += self.now() - start
+            self._open = False
 
     def wrap(self, fn: Callable, category: str) -> Callable:
         def timed(*args, **kwargs):
@@ -103,11 +111,10 @@ class StepTimer:
 
 @contextlib.contextmanager
 def timed_ops(timer: StepTimer):
-    """Route ``ops.sde_step``/``sde_log_prob`` (euphonium ops) and ``ops.reward_grad`` (PRM gradient)
-    through the timer while the block runs; the sampler and ``Trajectory`` look them up on ``ops``."""
-    originals = {name: getattr(ops, name) for name in ("sde_step", "sde_log_prob", "reward_grad")}
+    """Route ``ops.sde_step`` (euphonium ops) and ``ops.reward_grad`` (PRM gradient) through the timer
+    while the block runs: the sampler looks them up on ``euphonium.ops`` at each step."""
+    originals = {name: getattr(ops, name) for name in ("sde_step", "reward_grad")}
     ops.sde_step = timer.wrap(originals["sde_step"], "euphonium ops")
-    ops.sde_log_prob = timer.wrap(originals["sde_log_prob"], "euphonium ops")
     ops.reward_grad = timer.wrap(originals["reward_grad"], "PRM gradient")
     try:
         yield
@@ -344,7 +351,7 @@ def _plot(payload, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = [r for r in payload["breakdown"] if r["mean_s"] > 0]
-    fig, ax = plt.subplots(figsize=(7, 1.8 + 0.1 * len(rows)))
+    fig, ax = plt.subplots(figsize=(9, 2.2))
     left = 0.0
     for r in rows:
         ax.barh([0], [r["share"] * 100], left=left, label=f"{r['category']} {100 * r['share']:.0f}%")
@@ -353,7 +360,7 @@ def _plot(payload, path: Path) -> None:
     ax.set_yticks([])
     ax.set_xlabel(f"share of one training step ({payload['total_s']:.2f} s)")
     ax.set_title(f"{payload['model']} on {payload['device']['name']}", fontsize=8)
-    ax.legend(fontsize=7, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.6))
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
