@@ -1,0 +1,260 @@
+"""The trainer's one config object: dataclasses, YAML files and ``key=value`` overrides, all strict.
+
+A misspelled key or a value of the wrong type is an error naming the key, never silently ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import yaml
+
+ALGORITHMS = ("euphonium", "flow_grpo", "dance_grpo")
+
+
+class ConfigError(ValueError):
+    """A config file, override or value that is not valid (the message names the key)."""
+
+
+@dataclass
+class ModelConfig:
+    """What is trained.
+
+    kind: ``toy`` (the built-in toy world; ``path`` None = the committed weights) or ``wan`` (a local
+        diffusers folder with ``transformer/``, ``vae/``, ``text_encoder/``, ``tokenizer/``).
+    path: the model folder.
+    dtype: ``float32``, ``bfloat16`` or ``float16`` for the frozen parts and the rollouts.
+    lora_rank: > 0 trains a LoRA adapter (peft) of that rank on ``lora_targets``; 0 trains all weights.
+    gradient_checkpointing: recompute transformer blocks in backward (diffusers' switch).
+    attention_backend: ``auto`` (flash-attn / xformers when installed, else PyTorch SDPA) or a
+        diffusers attention backend name.
+    cfg_scale: true classifier-free guidance in rollouts and training (1 = off).
+    num_frames, height, width: video size for ``wan`` (pixels; latents follow the VAE's strides).
+    max_sequence_length: prompt tokens for the UMT5 text encoder (``wan``).
+    """
+
+    kind: str = "toy"
+    path: Optional[str] = None
+    dtype: str = "float32"
+    lora_rank: int = 0
+    lora_alpha: Optional[float] = None
+    lora_targets: List[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    gradient_checkpointing: bool = False
+    attention_backend: str = "auto"
+    cfg_scale: float = 1.0
+    num_frames: int = 33
+    height: int = 480
+    width: int = 832
+    max_sequence_length: int = 226
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a run (see ``configs/toy.yaml`` for the defaults with comments).
+
+    algorithm: ``euphonium`` (PRM-guided rollouts, dual-reward GRPO), ``flow_grpo`` or ``dance_grpo``
+        (the same trainer with the baseline's sampler preset and no guidance).
+    sampler: overrides of the algorithm's :func:`euphonium.sde.preset` (any ``SamplerConfig`` field).
+    prompts: training prompts (``toy``: None = the toy world's prompt set).
+    prompts_per_step, group_size: each step samples ``prompts_per_step`` prompts and ``group_size``
+        rollouts of each (advantages are normalised within a prompt's group, across ranks).
+    timestep_fraction: fraction of each rollout's recorded SDE steps trained (a random subset per sample).
+    inner_epochs: optimisation passes over each step's rollouts (PPO epochs).
+    micro_batches: the batch is split into this many micro-batches whose gradients are accumulated.
+    rewards: outcome rewards by registry name (``euphonium.rewards.build_reward``) with their kwargs.
+    reward_weights: weight per named reward part (0 = logged only); None = every part weight 1.
+    combine: ``separate`` clipped terms per reward (upstream) or one ``sum`` of advantages.
+    process_weight: weight of the process-reward advantage (Euphonium; 0 turns it off).
+    prm_path: the process reward model (``toy``: None = the committed toy PRM).
+    prm_refresh_every: retrain the PRM on fresh rollouts every N steps (0 = never).
+    kl_coef: KL penalty to the reference policy (LoRA: adapter disabled; else a frozen copy).
+    distill_coef: explicit distillation loss toward the guided mean at guided steps (DESIGN.md).
+    """
+
+    algorithm: str = "euphonium"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sampler: Dict[str, Any] = field(default_factory=dict)
+    prompts: Optional[List[str]] = None
+    prompts_per_step: int = 4
+    group_size: int = 4
+    timestep_fraction: float = 0.5
+    inner_epochs: int = 1
+    micro_batches: int = 1
+    max_steps: int = 60
+    seed: int = 0
+    lr: float = 3e-4
+    lr_warmup_steps: int = 0
+    weight_decay: float = 0.0
+    adam_betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    adam_eps: float = 1e-8
+    max_grad_norm: float = 1.0
+    clip_range: float = 1e-4
+    adv_clip: float = 5.0
+    adv_eps: float = 1e-8
+    rewards: Dict[str, Dict[str, Any]] = field(default_factory=lambda: {"toy": {}})
+    reward_weights: Optional[Dict[str, float]] = field(default_factory=lambda: {
+        "color": 1.0, "shape": 1.0, "size": 1.0, "direction": 1.0, "smoothness": 0.5, "combined": 0.0})
+    combine: str = "separate"
+    process_weight: float = 1.0
+    prm_path: Optional[str] = None
+    prm_refresh_every: int = 0
+    prm_refresh_lr: float = 1e-4
+    kl_coef: float = 0.0
+    distill_coef: float = 0.0
+    ema_decay: Optional[float] = None
+    on_policy_tolerance: float = 1e-3
+    max_bad_steps: int = 3
+    checkpoint_every: int = 20
+    keep_checkpoints: int = 2
+    parallel: str = "ddp"
+    num_eval_samples: int = 8
+    device: str = "auto"
+
+    def validate(self) -> "TrainConfig":
+        """Check values that types alone don't (raises :class:`ConfigError` naming the key)."""
+        _one_of("algorithm", self.algorithm, ALGORITHMS)
+        _one_of("model.kind", self.model.kind, ("toy", "wan"))
+        _one_of("model.dtype", self.model.dtype, ("float32", "bfloat16", "float16"))
+        _one_of("combine", self.combine, ("separate", "sum"))
+        _one_of("parallel", self.parallel, ("ddp", "fsdp"))
+        if self.model.kind == "wan" and not self.model.path:
+            raise ConfigError("model.path is required for model.kind=wan (a local diffusers Wan2.1 folder)")
+        if self.group_size < 2:
+            raise ConfigError(f"group_size must be >= 2 (advantages are relative within a group), got {self.group_size}")
+        for key in ("prompts_per_step", "inner_epochs", "micro_batches", "max_steps", "checkpoint_every",
+                    "keep_checkpoints", "max_bad_steps", "num_eval_samples"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}")
+        if not 0 < self.timestep_fraction <= 1:
+            raise ConfigError(f"timestep_fraction must be in (0, 1], got {self.timestep_fraction}")
+        if (self.prompts_per_step * self.group_size) % self.micro_batches:
+            raise ConfigError(f"micro_batches ({self.micro_batches}) must divide prompts_per_step * group_size "
+                              f"({self.prompts_per_step * self.group_size})")
+        for key in ("lr", "clip_range", "max_grad_norm", "adv_eps"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"{key} must be > 0, got {getattr(self, key)}")
+        for key in ("kl_coef", "distill_coef", "process_weight", "lr_warmup_steps", "prm_refresh_every"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{key} must be >= 0, got {getattr(self, key)}")
+        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
+            raise ConfigError(f"ema_decay must be in (0, 1) or null, got {self.ema_decay}")
+        if len(self.adam_betas) != 2:
+            raise ConfigError(f"adam_betas must be two numbers, got {self.adam_betas}")
+        if not self.rewards:
+            raise ConfigError("rewards must name at least one outcome reward")
+        if self.model.lora_rank < 0:
+            raise ConfigError(f"model.lora_rank must be >= 0, got {self.model.lora_rank}")
+        return self
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _one_of(key: str, value: Any, allowed) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key} must be one of {list(allowed)}, got {value!r}")
+
+
+def _check_type(key: str, value: Any, annotation: Any) -> Any:
+    """``value`` converted to ``annotation`` where that is lossless (int -> float), else ConfigError."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin is typing.Union:
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _check_type(key, value, inner[0])
+    if annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif annotation in (str, bool):
+        if isinstance(value, annotation):
+            return value
+    elif origin in (list, List):
+        if isinstance(value, (list, tuple)):
+            return [_check_type(f"{key}[{i}]", v, args[0]) if args else v for i, v in enumerate(value)]
+    elif origin in (dict, Dict):
+        if isinstance(value, dict):
+            return {k: (_check_type(f"{key}.{k}", v, args[1]) if args and args[1] is not Any else v)
+                    for k, v in value.items()}
+    elif annotation is Any:
+        return value
+    name = getattr(annotation, "__name__", str(annotation))
+    raise ConfigError(f"{key} must be of type {name}, got {value!r} ({type(value).__name__})")
+
+
+def _apply(obj: Any, values: Dict[str, Any], prefix: str = "") -> None:
+    hints = typing.get_type_hints(type(obj))
+    fields = {f.name for f in dataclasses.fields(obj)}
+    for key, value in values.items():
+        full = f"{prefix}{key}"
+        if key not in fields:
+            raise ConfigError(f"unknown config key {full!r}; valid keys: {sorted(fields)}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{full} must be a mapping of its fields, got {value!r}")
+            _apply(current, value, prefix=f"{full}.")
+        else:
+            setattr(obj, key, _check_type(full, value, hints[key]))
+
+
+def parse_override(text: str) -> Dict[str, Any]:
+    """``"a.b=value"`` as ``{"a": {"b": value}}`` with ``value`` parsed as YAML (``1e-4``, ``[1, 2]``, ``null``)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key=value (e.g. lr=1e-4 or model.path=/data/wan)")
+    key, raw = text.split("=", 1)
+    if not key:
+        raise ConfigError(f"override {text!r} has an empty key")
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    # YAML 1.1 reads "1e-4" as a string; numbers written that way are floats for us.
+    if isinstance(value, str):
+        try:
+            value = float(value) if any(c in value.lower() for c in "e.") else value
+        except ValueError:
+            pass
+    for part in reversed(key.split(".")):
+        value = {part: value}
+    return value
+
+
+def _merge(base: Dict[str, Any], update: Dict[str, Any]) -> Dict[str, Any]:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = None) -> TrainConfig:
+    """The defaults, updated by the YAML file at ``path`` and then by ``key=value`` ``overrides``."""
+    values: Dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"--config {path}: no such file")
+        loaded = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"--config {path} must hold a mapping of keys, got {type(loaded).__name__}")
+        values = loaded
+    for text in overrides or []:
+        values = _merge(values, parse_override(text))
+    config = TrainConfig()
+    _apply(config, values)
+    return config.validate()
+
+
+def config_from_dict(values: Dict[str, Any]) -> TrainConfig:
+    """A validated config from a (resolved) dict such as ``TrainConfig.to_dict()``."""
+    config = TrainConfig()
+    _apply(config, values)
+    return config.validate()

@@ -1,0 +1,93 @@
+"""Run outputs: ``metrics.jsonl`` + TensorBoard events, the reward curve, and sample grids."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Dict, List, Sequence
+
+import imageio.v2 as imageio
+import numpy as np
+import torch
+
+
+class MetricsLogger:
+    """Appends one JSON object per step to ``DIR/metrics.jsonl`` and mirrors scalars to TensorBoard."""
+
+    def __init__(self, output_dir: Path, enabled: bool = True):
+        self.enabled = enabled
+        self.path = Path(output_dir) / "metrics.jsonl"
+        self.writer = None
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.writer = SummaryWriter(str(Path(output_dir) / "tensorboard"))
+
+    def log(self, metrics: Dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        for key, value in metrics.items():
+            if key != "step" and isinstance(value, (int, float)):
+                self.writer.add_scalar(key, value, metrics["step"])
+        self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def read_metrics(path: Path) -> List[Dict[str, float]]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def plot_reward_curve(metrics_path: Path, out: Path) -> Path:
+    """``reward_mean`` per step (and a 5-step moving average) as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(metrics_path)
+    steps = [r["step"] for r in rows]
+    reward = np.array([r["reward_mean"] for r in rows])
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(steps, reward, alpha=0.4, label="reward_mean")
+    if len(reward) >= 5:
+        smooth = np.convolve(reward, np.ones(5) / 5, mode="valid")
+        ax.plot(steps[4:], smooth, label="5-step average")
+    ax.set_xlabel("step")
+    ax.set_ylabel("mean outcome reward")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def save_video_grid(videos: torch.Tensor, prompts: Sequence[str], path: Path, scale: int = 4, fps: int = 4) -> Path:
+    """Videos ``[B, F, C, H, W]`` in [0, 1] side by side: ``path.gif`` (animated) and ``path.png``
+    (one row per video, frames left to right); the prompts go to ``path.txt``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    v = (videos.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+    v = v.repeat_interleave(scale, dim=-1).repeat_interleave(scale, dim=-2)  # nearest-neighbour upscale
+    b, f, c, h, w = v.shape
+    pad = 2
+    frames = []
+    for t in range(f):
+        canvas = torch.full((c, h, b * (w + pad) - pad), 255, dtype=torch.uint8)
+        for i in range(b):
+            canvas[:, :, i * (w + pad): i * (w + pad) + w] = v[i, t]
+        frames.append(canvas.permute(1, 2, 0).numpy())
+    imageio.mimsave(path.with_suffix(".gif"), frames, duration=1000 / fps, loop=0)
+    rows = torch.full((c, b * (h + pad) - pad, f * (w + pad) - pad), 255, dtype=torch.uint8)
+    for i in range(b):
+        for t in range(f):
+            rows[:, i * (h + pad): i * (h + pad) + h, t * (w + pad): t * (w + pad) + w] = v[i, t]
+    imageio.imwrite(path.with_suffix(".png"), rows.permute(1, 2, 0).numpy())
+    path.with_suffix(".txt").write_text("\n".join(prompts) + "\n")
+    return path.with_suffix(".gif")

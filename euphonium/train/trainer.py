@@ -1,0 +1,519 @@
+"""The thin GRPO trainer: one readable loop over ``euphonium.ops`` and the sampler.
+
+One step (DESIGN.md section 3)::
+
+    prompts (groups of G) -> rollouts (PRM guidance at the configured steps) -> decode x0
+    -> outcome rewards (each named reward normalised on its own) and process rewards
+    -> advantages (ops.gather_group_advantages: groups may span ranks)
+    -> for a random subset of each sample's SDE steps: new velocity, ops.sde_log_prob,
+       ops.dual_reward_loss (+ KL to the reference, + explicit distillation toward the guided mean)
+    -> clip, AdamW step (skipped on a non-finite loss or gradient) -> log -> checkpoint
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import os
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from euphonium import ops
+from euphonium.models.diffusers import Conditioning, DiffusersFlowModel
+from euphonium.rewards import RewardSet, build_reward
+from euphonium.sde import Trajectory, preset, rollout
+from euphonium.train import checkpoint as ckpt
+from euphonium.train.config import ConfigError, TrainConfig
+from euphonium.train.logging import MetricsLogger, plot_reward_curve, save_video_grid
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class Policy:
+    """What the trainer needs from a model family (toy world or a diffusers Wan pipeline).
+
+    transformer: the diffusers flow transformer being trained.
+    encode: ``prompts -> Conditioning`` (cached text embeddings; negative embeddings for CFG).
+    decode: ``latents [B, ...] -> videos [B, F, C, H, W]`` in [0, 1].
+    latent_shape: latent shape of one sample (without the batch dimension).
+    prompts: the training prompts.
+    prm: the process reward model ``prm(x_sigma, sigma, prompt_embeds) -> [B]`` or None.
+    """
+
+    transformer: torch.nn.Module
+    encode: Callable[[List[str]], Conditioning]
+    decode: Callable[[torch.Tensor], torch.Tensor]
+    latent_shape: tuple
+    prompts: List[str]
+    prm: Optional[torch.nn.Module]
+
+
+def _distributed() -> tuple:
+    """``(rank, world_size, device)``; initialises the process group under ``torchrun``."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return rank, world, torch.device("cuda", local)
+    return rank, world, torch.device("cpu")
+
+
+def _seed_for(*parts: int) -> int:
+    """A 62-bit seed from integers (run seed, step, rank, ...), the same on every machine."""
+    gen = torch.Generator().manual_seed(0x5EED)
+    value = 0
+    for part in parts:
+        gen.manual_seed((value * 1_000_003 + int(part) + 1) & ((1 << 62) - 1))
+        value = int(torch.randint(0, 2**62, (1,), generator=gen))
+    return value
+
+
+def build_policy(config: TrainConfig, device: torch.device) -> Policy:
+    """Load the model family named by ``config.model.kind`` (toy world or a local Wan2.1 folder)."""
+    if config.model.kind == "toy":
+        from euphonium.models.toy import all_prompts, latents_to_video, load_toy_model
+        from euphonium.models.toy.world import CHANNELS, HEIGHT, NUM_FRAMES, WIDTH
+        from euphonium.rewards.prm import load_toy_prm
+
+        transformer, text_encoder = load_toy_model(config.model.path, device=device,
+                                                   dtype=_DTYPES[config.model.dtype])
+        text_encoder.requires_grad_(False)
+
+        @torch.no_grad()
+        def encode(prompts):
+            embeds = text_encoder.encode(list(prompts))
+            return Conditioning(embeds, negative_prompt_embeds=text_encoder.encode([""] * len(prompts))
+                                if config.model.cfg_scale > 1 else None)
+
+        prm = load_toy_prm(config.prm_path, device=device) if config.algorithm == "euphonium" else None
+        return Policy(transformer, encode, lambda x: latents_to_video(x.float()), (CHANNELS, NUM_FRAMES, HEIGHT, WIDTH),
+                      list(config.prompts or all_prompts()), prm)
+    from euphonium.train.real_model import build_wan_policy
+
+    return build_wan_policy(config, device)
+
+
+class Trainer:
+    """GRPO training of a flow-matching video model (see the module docstring for one step)."""
+
+    def __init__(self, config: TrainConfig, output_dir: str, *, resume: bool = False):
+        self.config = config.validate()
+        self.output_dir = Path(output_dir)
+        self._check_output_dir(resume)
+        self.rank, self.world, self.device = _distributed()
+        if config.device != "auto":
+            self.device = torch.device(config.device)
+        self.is_main = self.rank == 0
+        batch = config.prompts_per_step * config.group_size
+        if batch % self.world:
+            raise ConfigError(f"prompts_per_step * group_size ({batch}) must be divisible by the number of ranks ({self.world})")
+        self.local_batch = batch // self.world
+
+        overrides = dict(config.sampler)
+        if config.algorithm == "euphonium":
+            overrides.setdefault("guidance", True)
+        elif overrides.get("guidance"):
+            raise ConfigError(f"sampler.guidance is the euphonium algorithm's; algorithm={config.algorithm} samples without it")
+        try:
+            self.sampler = preset(config.algorithm, **overrides)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"sampler: {err}") from None
+
+        self.policy = build_policy(config, self.device)
+        if self.sampler.guidance and self.policy.prm is None:
+            raise ConfigError("algorithm=euphonium needs a process reward model: set prm_path")
+        self.rewards = RewardSet({name: build_reward(name, **kwargs) for name, kwargs in config.rewards.items()},
+                                 weights=config.reward_weights)
+        self._part_names = self._probe_reward_parts()
+        self._setup_training()
+        self.step = 0
+        self.bad_steps = 0
+        if resume and ckpt.latest_checkpoint(self.output_dir) is not None:
+            self._resume(ckpt.latest_checkpoint(self.output_dir))
+        self.logger = MetricsLogger(self.output_dir, enabled=self.is_main)
+
+    # ------------------------------------------------------------------------------------------
+    # Setup
+    # ------------------------------------------------------------------------------------------
+
+    def _check_output_dir(self, resume: bool) -> None:
+        previous = (self.output_dir / "metrics.jsonl").exists() or (self.output_dir / "checkpoints").exists()
+        if previous and not resume:
+            raise ConfigError(f"output dir {self.output_dir} holds another run (metrics.jsonl or checkpoints/); "
+                              "pass --resume to continue it or choose another --output-dir")
+
+    def _setup_training(self) -> None:
+        config = self.config
+        transformer = self.policy.transformer
+        if config.model.gradient_checkpointing:
+            transformer.enable_gradient_checkpointing()
+        self.reference = None
+        if config.model.lora_rank > 0:
+            from peft import LoraConfig
+
+            transformer.requires_grad_(False)
+            transformer.add_adapter(LoraConfig(r=config.model.lora_rank,
+                                               lora_alpha=config.model.lora_alpha or config.model.lora_rank,
+                                               target_modules=list(config.model.lora_targets),
+                                               init_lora_weights="gaussian"))
+            # LoRA weights train in fp32 whatever the frozen base's dtype.
+            for p in transformer.parameters():
+                if p.requires_grad:
+                    p.data = p.data.float()
+        elif config.kl_coef > 0:
+            self.reference = copy.deepcopy(transformer).requires_grad_(False).eval()
+        transformer.train()
+        self.trainable_names = [n for n, p in transformer.named_parameters() if p.requires_grad]
+        if not self.trainable_names:
+            raise ConfigError("nothing to train: the model has no trainable parameters")
+
+        self.rollout_model = DiffusersFlowModel(transformer, cfg_scale=config.model.cfg_scale,
+                                                attention_backend=config.model.attention_backend)
+        wrapped = transformer
+        if self.world > 1:
+            if config.parallel == "fsdp":
+                from torch.distributed.fsdp import fully_shard
+
+                for block in getattr(transformer, "blocks", []):
+                    fully_shard(block)
+                wrapped = fully_shard(transformer)
+            else:
+                from torch.nn.parallel import DistributedDataParallel
+
+                wrapped = DistributedDataParallel(transformer, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.wrapped = wrapped
+        # Training forwards go through the DDP wrapper (gradient all-reduce); the adapter is shared.
+        self.train_model = copy.copy(self.rollout_model)
+        self.train_model.transformer = wrapped
+
+        params = [p for p in transformer.parameters() if p.requires_grad]
+        self.params = params
+        self.optimizer = torch.optim.AdamW(params, lr=config.lr, betas=tuple(config.adam_betas), eps=config.adam_eps,
+                                           weight_decay=config.weight_decay)
+        warmup = config.lr_warmup_steps
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0)
+        self.ema = ({n: p.detach().float().clone() for n, p in transformer.named_parameters() if p.requires_grad}
+                    if config.ema_decay else None)
+        self.prm_trainer = None
+        if config.prm_refresh_every and self.policy.prm is not None:
+            from euphonium.rewards.prm import PRMTrainConfig, PRMTrainer
+
+            self.prm_trainer = PRMTrainer(self.policy.prm, PRMTrainConfig(lr=config.prm_refresh_lr))
+
+    def _trainable_state(self) -> Dict[str, torch.Tensor]:
+        named = dict(self.policy.transformer.named_parameters())
+        out = {}
+        for name in self.trainable_names:
+            t = named[name].detach()
+            out[name] = t.full_tensor() if hasattr(t, "full_tensor") else t
+        return out
+
+    def _resume(self, path: Path) -> None:
+        loaded = ckpt.load_checkpoint(path, optimizer=self.optimizer, scheduler=self.scheduler)
+        named = dict(self.policy.transformer.named_parameters())
+        missing = set(self.trainable_names) - set(loaded["trainable"])
+        if missing:
+            raise ConfigError(f"checkpoint {path} lacks trainable weights {sorted(missing)[:5]}: a different model or LoRA setting?")
+        with torch.no_grad():
+            for name, value in loaded["trainable"].items():
+                param = named[name]
+                if hasattr(param, "full_tensor"):
+                    from torch.distributed.tensor import distribute_tensor
+
+                    value = distribute_tensor(value.to(param.dtype), param.device_mesh, param.placements)
+                    param.copy_(value)
+                else:
+                    param.copy_(value.to(device=param.device, dtype=param.dtype))
+        if self.ema is not None and loaded["ema"] is not None:
+            self.ema = {k: v.to(self.device) for k, v in loaded["ema"].items()}
+        self.step = int(loaded["state"]["step"])
+        if self.is_main:
+            print(f"resumed from {path} at step {self.step}")
+
+    # ------------------------------------------------------------------------------------------
+    # One step
+    # ------------------------------------------------------------------------------------------
+
+    def _sample_prompts(self) -> tuple:
+        """This rank's prompts and global group ids for this step (all ranks draw the same batch)."""
+        config = self.config
+        gen = torch.Generator().manual_seed(_seed_for(config.seed, self.step, 0))
+        chosen = torch.randint(len(self.policy.prompts), (config.prompts_per_step,), generator=gen).tolist()
+        start = self.rank * self.local_batch
+        global_ids = torch.arange(start, start + self.local_batch) // config.group_size
+        prompts = [self.policy.prompts[chosen[g]] for g in global_ids.tolist()]
+        return prompts, global_ids.to(self.device)
+
+    @torch.no_grad()
+    def _rollout(self, prompts: List[str]) -> tuple:
+        cond = self.policy.encode(prompts)
+        group = self.config.group_size if self.local_batch % self.config.group_size == 0 else 1
+        traj = rollout(self.rollout_model, cond, self.sampler, shape=(len(prompts), *self.policy.latent_shape),
+                       prm=self.policy.prm if self.sampler.guidance else None, group_size=group,
+                       seed=_seed_for(self.config.seed, self.step, 1, self.rank), device=self.device)
+        return traj, cond
+
+    def _advantages(self, parts: Dict[str, torch.Tensor], traj: Trajectory, group_ids: torch.Tensor) -> tuple:
+        config = self.config
+        kwargs = dict(group_ids=group_ids, eps=config.adv_eps)
+        outcome = {name: ops.gather_group_advantages(parts[name], **kwargs) for name in self.outcome_weights}
+        process = None
+        if self.sampler.guidance and config.process_weight > 0:
+            process = torch.zeros_like(traj.process_reward)
+            guided = traj.guided.nonzero().flatten()
+            if guided.numel():
+                process[:, guided] = ops.gather_group_advantages(traj.process_reward[:, guided], **kwargs)
+        return outcome, process
+
+    def _step_loss(self, traj: Trajectory, cond: Conditioning, rows: torch.Tensor, cols: torch.Tensor,
+                   outcome: Dict[str, torch.Tensor], process: Optional[torch.Tensor]) -> tuple:
+        """Loss of samples ``rows`` at their recorded SDE steps ``cols`` (one per sample)."""
+        config = self.config
+        x = traj.latents[rows, cols]
+        x_next = traj.latents[rows, cols + 1]
+        steps = traj.sde_steps[cols]
+        sigma, sigma_next = traj.sigmas[steps], traj.sigmas[steps + 1]
+        guided = traj.guided[cols]
+        shift = None
+        if traj.guidance_shift is not None:
+            g_index = (torch.cumsum(traj.guided.long(), 0) - 1).clamp_min(0)[cols]
+            shift = traj.guidance_shift[rows, g_index] * guided.view(-1, *([1] * (x.dim() - 1)))
+            if traj.logprob_mean == "guided":
+                x_next = x_next.float() - shift
+        sub_cond = cond.select(rows)
+        v = self.train_model(x, sigma, sub_cond)
+        v_ref = None
+        if config.kl_coef > 0:
+            with torch.no_grad():
+                v_ref = self._reference_velocity(x, sigma, sub_cond)
+        sde = dict(schedule=traj.schedule, noise_level=traj.noise_level, sigma_max=traj.sigma_max)
+        out = ops.sde_log_prob(x, v, x_next, sigma, sigma_next, v_ref=v_ref, **sde)
+        log_prob, kl = out if v_ref is not None else (out, None)
+        old = traj.log_prob[rows, cols]
+        loss, stats = ops.dual_reward_loss(
+            log_prob[:, None], old[:, None], {k: a[rows] for k, a in outcome.items()},
+            None if process is None else process[rows, cols][:, None], outcome_weights=self.outcome_weights,
+            process_weight=config.process_weight, combine=config.combine, clip_range=config.clip_range,
+            adv_clip=config.adv_clip, kl=None if kl is None else kl[:, None], kl_coef=config.kl_coef)
+        if config.distill_coef > 0 and shift is not None and bool(guided.any()):
+            loss = loss + config.distill_coef * self._distill_loss(x, v, shift, guided, sigma, sigma_next, sde)
+        return loss, stats
+
+    def _reference_velocity(self, x, sigma, cond):
+        if self.reference is not None:
+            model = copy.copy(self.rollout_model)
+            model.transformer = self.reference
+            return model(x, sigma, cond)
+        with _adapters_disabled(self.policy.transformer):
+            return self.rollout_model(x, sigma, cond)
+
+    @staticmethod
+    def _distill_loss(x, v, shift, guided, sigma, sigma_next, sde):
+        """``mean((mean_theta - sg(mean_theta + c g))^2) / (2 std^2)`` over guided samples (DESIGN.md).
+
+        Written with the fused log-prob: ``log N(y; mean_theta, std)`` at ``y = sg(mean_theta)`` minus
+        at ``y = sg(mean_theta) + c g`` equals the loss up to a term with zero gradient.
+        """
+        with torch.no_grad():
+            mean = ops.sde_step(x, v.detach(), sigma, sigma_next, noise=torch.zeros_like(x), **sde).x_next.float()
+        at_mean = ops.sde_log_prob(x, v, mean, sigma, sigma_next, **sde)
+        at_guided = ops.sde_log_prob(x, v, mean + shift, sigma, sigma_next, **sde)
+        per_sample = (at_mean - at_guided) * guided.float()
+        return per_sample.sum() / guided.float().sum()
+
+    def _update(self, traj: Trajectory, cond: Conditioning, outcome, process) -> Dict[str, float]:
+        """``inner_epochs`` optimiser steps over the rollouts; returns the logged statistics."""
+        config = self.config
+        batch, k = traj.log_prob.shape
+        n_train = max(1, round(k * config.timestep_fraction))
+        gen = torch.Generator().manual_seed(_seed_for(config.seed, self.step, 2, self.rank))
+        logs: Dict[str, float] = {}
+        for epoch in range(config.inner_epochs):
+            cols = torch.stack([torch.randperm(k, generator=gen)[:n_train] for _ in range(batch)]).to(self.device)
+            order = torch.randperm(batch, generator=gen).to(self.device)
+            chunks = order.chunk(config.micro_batches)
+            total = n_train * len(chunks)
+            sums: Dict[str, float] = {}
+            max_dev = 0.0
+            self.optimizer.zero_grad(set_to_none=True)
+            for j in range(n_train):
+                for c, rows in enumerate(chunks):
+                    last = j == n_train - 1 and c == len(chunks) - 1
+                    sync = contextlib.nullcontext() if last or not hasattr(self.wrapped, "no_sync") else self.wrapped.no_sync()
+                    with sync:
+                        loss, stats = self._step_loss(traj, cond, rows, cols[rows, j], outcome, process)
+                        (loss / total).backward()
+                    sums["loss"] = sums.get("loss", 0.0) + float(loss.detach()) / total
+                    for key in ("clip_frac", "approx_kl", "ratio_mean", "kl"):
+                        sums[key] = sums.get(key, 0.0) + stats.get(key, 0.0) / total
+                    max_dev = max(max_dev, stats["ratio_max_dev"])
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, config.max_grad_norm))
+            finite = math.isfinite(grad_norm) and math.isfinite(sums["loss"])
+            if finite:
+                self.optimizer.step()
+                self._update_ema()
+                self.bad_steps = 0
+            else:
+                self.optimizer.zero_grad(set_to_none=True)
+                self.bad_steps += 1
+                warnings.warn(f"step {self.step}: non-finite loss ({sums['loss']}) or gradient norm ({grad_norm}); "
+                              f"update skipped ({self.bad_steps} in a row, abort at {config.max_bad_steps})")
+                if self.bad_steps >= config.max_bad_steps:
+                    last = ckpt.latest_checkpoint(self.output_dir)
+                    raise RuntimeError(f"{self.bad_steps} non-finite updates in a row at step {self.step}; stopping. "
+                                       f"Last good checkpoint: {last or 'none yet'}")
+            if epoch == 0:
+                logs.update({"ratio_max_dev": max_dev, **sums, "grad_norm": grad_norm, "skipped": float(not finite)})
+                if max_dev > config.on_policy_tolerance and self.is_main:
+                    warnings.warn(
+                        f"step {self.step}: the first inner update is not on-policy: max |ratio - 1| = {max_dev:.3g} > "
+                        f"{config.on_policy_tolerance} (on_policy_tolerance). Usual causes: a training batch composed "
+                        "differently from the rollout batch (batch-size-dependent kernels) or low precision (bf16 "
+                        "velocities); check model.dtype and micro_batches.")
+        self.scheduler.step()
+        return logs
+
+    def _update_ema(self) -> None:
+        if self.ema is None:
+            return
+        decay = self.config.ema_decay
+        with torch.no_grad():
+            for name, param in zip(self.trainable_names, self.params):
+                self.ema[name].lerp_(param.detach().float(), 1 - decay)
+
+    def train_step(self) -> Dict[str, float]:
+        """One GRPO step; returns the metrics written to ``metrics.jsonl``."""
+        start = time.perf_counter()
+        prompts, group_ids = self._sample_prompts()
+        traj, cond = self._rollout(prompts)
+        with torch.no_grad():
+            videos = self.policy.decode(traj.x0)
+            rewards = self.rewards(videos, prompts)
+        outcome, process = self._advantages(rewards.parts, traj, group_ids)
+        logs = self._update(traj, cond, outcome, process)
+        if self.prm_trainer is not None and (self.step + 1) % self.config.prm_refresh_every == 0:
+            logs.update(self.prm_trainer.update(traj.x0, cond.prompt_embeds, rewards.total, parts=rewards.parts))
+
+        weight_sum = sum(self.outcome_weights.values())
+        means = {"reward_mean": float(sum(w * rewards.parts[n] for n, w in self.outcome_weights.items()).mean()) / weight_sum}
+        means.update({f"reward/{name}": float(v.mean()) for name, v in rewards.parts.items()})
+        if self.sampler.guidance:
+            guided = traj.guided.nonzero().flatten()
+            if guided.numel():
+                means["process_reward_mean"] = float(traj.process_reward[:, guided].mean())
+        means = self._mean_over_ranks(means)
+        self.step += 1
+        return {"step": self.step, **means, **logs, "lr": self.scheduler.get_last_lr()[0],
+                "world_size": self.world, "seconds": time.perf_counter() - start}
+
+    def _mean_over_ranks(self, values: Dict[str, float]) -> Dict[str, float]:
+        if self.world == 1:
+            return values
+        keys = sorted(values)
+        t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=self.device if self.device.type == "cuda" else "cpu")
+        dist.all_reduce(t)
+        return {k: float(v) / self.world for k, v in zip(keys, t.tolist())}
+
+    # ------------------------------------------------------------------------------------------
+    # The run
+    # ------------------------------------------------------------------------------------------
+
+    @property
+    def outcome_weights(self) -> Dict[str, float]:
+        """The named outcome rewards trained on (weight > 0) and their weights."""
+        weights = self.config.reward_weights
+        if weights is None:
+            return {name: 1.0 for name in self._part_names}
+        return {name: w for name, w in weights.items() if w > 0}
+
+    def train(self) -> Path:
+        """Run to ``config.max_steps``; returns the output directory."""
+        config = self.config
+        if self.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            (self.output_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=1))
+        bar = tqdm(total=config.max_steps, initial=self.step, disable=not self.is_main, desc="euphonium.train")
+        while self.step < config.max_steps:
+            metrics = self.train_step()
+            self.logger.log(metrics)
+            bar.update(1)
+            bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", loss=f"{metrics['loss']:.3g}")
+            if self.step % config.checkpoint_every == 0 or self.step == config.max_steps:
+                self.save()
+        bar.close()
+        if self.is_main:
+            plot_reward_curve(self.output_dir / "metrics.jsonl", self.output_dir / "reward_curve.png")
+            self.save_samples(self.output_dir / "samples")
+        self.logger.close()
+        return self.output_dir
+
+    def _probe_reward_parts(self) -> List[str]:
+        """Names of the reward parts (known once a reward has been computed on a video)."""
+        with torch.no_grad():
+            videos = self.policy.decode(torch.zeros(1, *self.policy.latent_shape, device=self.device))
+        self._part_names = list(self.rewards(videos, self.policy.prompts[:1]).parts)
+        names = self._part_names
+        if not self.outcome_weights:
+            raise ConfigError("reward_weights gives no reward a positive weight: nothing to train on")
+        return names
+
+    def save(self) -> Optional[Path]:
+        """Checkpoint the current step (rank 0 writes; every rank takes part in gathering FSDP shards)."""
+        state = self._trainable_state()
+        if not self.is_main:
+            return None
+        return ckpt.save_checkpoint(self.output_dir, self.step, trainable=state, optimizer=self.optimizer,
+                                    scheduler=self.scheduler, ema=self.ema, config=self.config.to_dict(),
+                                    extra={"world_size": self.world}, keep=self.config.keep_checkpoints)
+
+    @torch.no_grad()
+    def save_samples(self, path: Path) -> Path:
+        """Sample ``num_eval_samples`` prompts with the trained (EMA, if any) weights; write GIF and PNG grids."""
+        prompts = self.policy.prompts[: self.config.num_eval_samples]
+        with self._ema_weights():
+            cond = self.policy.encode(prompts)
+            traj = rollout(self.rollout_model, cond, self.sampler.replace(schedule="ode", guidance=False, same_initial_noise=False,
+                                                                           sde_window=None, sde_window_size=None),
+                           shape=(len(prompts), *self.policy.latent_shape), seed=self.config.seed, device=self.device)
+            videos = self.policy.decode(traj.x0)
+        return save_video_grid(videos, prompts, path)
+
+    @contextlib.contextmanager
+    def _ema_weights(self):
+        if self.ema is None:
+            yield
+            return
+        backup = [p.detach().clone() for p in self.params]
+        with torch.no_grad():
+            for name, p in zip(self.trainable_names, self.params):
+                p.copy_(self.ema[name].to(p.dtype))
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, b in zip(self.params, backup):
+                    p.copy_(b)
+
+
+@contextlib.contextmanager
+def _adapters_disabled(transformer):
+    transformer.disable_adapters()
+    try:
+        yield
+    finally:
+        transformer.enable_adapters()
