@@ -270,6 +270,29 @@ def test_backends_agree_on_awkward_layouts(backend):
     assert eps.abs().max() < 7 and abs(eps.std().item() - 1) < 0.05
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_scalar_tensors_and_strided_per_sample_arguments(backend):
+    # Kernels read sigma, sigma_next and guidance_scale at ptr + b: 0-d tensors (broadcast to the
+    # batch) and strided [B] views (a column of a [B, T] schedule) must give the values they hold.
+    # Also a batch of one and one element per sample.
+    for shape in ((4, 3, 5), (1, 6), (3, 1)):
+        batch = shape[0]
+        x, v, g, eps = (torch.randn(shape) for _ in range(4))
+        table = torch.rand(batch, 3) * 0.5 + 0.4  # sigma in column 1, guidance scale in column 2
+        args = [(torch.tensor(0.7), torch.tensor(0.45), torch.tensor(0.2)),
+                (table[:, 1], table[:, 1] * table[:, 0], table[:, 2])]
+        for sigma, sigma_next, c in args:
+            with ops.use_backend(backend):
+                out = ops.sde_step(x, v, sigma, sigma_next, schedule="flow_grpo", noise_level=0.7, reward_grad=g,
+                                   guidance_scale=c, noise=eps)
+                lp = ops.sde_log_prob(x, v, out.x_next, sigma, sigma_next, schedule="flow_grpo", noise_level=0.7)
+            ref = spec_step(x.double(), v.double(), as64(sigma.expand(batch), batch), as64(sigma_next.expand(batch), batch),
+                            schedule="flow_grpo", a=0.7, g=g.double(), c=as64(c.expand(batch), batch), eps=eps.double())
+            torch.testing.assert_close(out.x_next.double(), ref["x_next"], atol=2e-5, rtol=2e-5)
+            torch.testing.assert_close(lp.double(), spec_log_prob(out.x_next.double(), ref["mean"], ref["std"]),
+                                       atol=2e-4, rtol=2e-5)
+
+
 # ----------------------------------------------------------------------------------------------
 # The published steps (guidance off), written from the papers' equations.
 # ----------------------------------------------------------------------------------------------

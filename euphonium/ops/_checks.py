@@ -39,7 +39,11 @@ def check_same_device(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tens
 
 
 def per_sample(name: str, value: Scalar, batch: int, device: torch.device, *, dtype=torch.float32) -> torch.Tensor:
-    """A Python number or a ``[B]`` (or 0-d) tensor as a ``[B]`` tensor of ``dtype`` on ``device``."""
+    """A Python number or a ``[B]`` (or 0-d) tensor as a contiguous ``[B]`` tensor of ``dtype`` on ``device``.
+
+    Contiguous because kernels index it as ``ptr + b``: a 0-d tensor expanded to ``[B]`` (stride 0)
+    or a strided view (a column of a ``[B, T]`` schedule) would otherwise be read out of bounds.
+    """
     if isinstance(value, bool) or not isinstance(value, (int, float, torch.Tensor)):
         raise TypeError(f"{name} must be a float or a [B] tensor, got {type(value).__name__}")
     if isinstance(value, torch.Tensor):
@@ -51,7 +55,7 @@ def per_sample(name: str, value: Scalar, batch: int, device: torch.device, *, dt
             raise ValueError(f"{name} must be a float or a tensor of shape [{batch}] (one per sample), got shape {tuple(value.shape)}")
         if value.device != device:
             raise ValueError(f"{name} is on {value.device} but the latents are on {device}")
-        return value.to(dtype)
+        return value.to(dtype).contiguous()
     return torch.full((batch,), float(value), dtype=dtype, device=device)
 
 
