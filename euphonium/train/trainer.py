@@ -133,11 +133,11 @@ class Trainer:
         except (TypeError, ValueError) as err:
             raise ConfigError(f"sampler: {err}") from None
 
+        self.rewards = RewardSet({name: build_reward(name, **kwargs) for name, kwargs in config.rewards.items()},
+                                 weights=config.reward_weights)
         self.policy = build_policy(config, self.device)
         if self.sampler.guidance and self.policy.prm is None:
             raise ConfigError("algorithm=euphonium needs a process reward model: set prm_path")
-        self.rewards = RewardSet({name: build_reward(name, **kwargs) for name, kwargs in config.rewards.items()},
-                                 weights=config.reward_weights)
         self._part_names = self._probe_reward_parts()
         self._setup_training()
         self.step = 0
