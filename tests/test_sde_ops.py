@@ -144,9 +144,11 @@ def max_err(a, b):
 
 
 def check_step_against_spec(shape, dtype, schedule, backend, device):
-    for per_sample, guided in ((False, False), (True, True)):
+    variants = [(False, False, "unguided"), (True, True, "unguided")]
+    if schedule != "ode":
+        variants.append((True, True, "guided"))
+    for per_sample, guided, logprob_mean in variants:
         case = make_case(shape, dtype, schedule, per_sample, guided, device)
-        logprob_mean = "guided" if guided and schedule != "ode" and torch.rand(()) < 0.5 else "unguided"
         out = run_step(case, schedule, backend, logprob_mean=logprob_mean)
         ref = spec_for(case, schedule)
         assert out.x_next.dtype == dtype and out.x0_pred.dtype == dtype and out.x_next.shape == shape
@@ -610,6 +612,7 @@ def _bad_calls():
         ("noise_level", lambda: step(x, v, 0.5, 0.4, noise_level=0.0), ValueError, "noise_level must be a finite number > 0"),
         ("cps noise_level", lambda: step(x, v, 0.5, 0.4, schedule="cps", noise_level=1.5), ValueError, r"noise_level must be in \(0, 1\]"),
         ("guidance without grad", lambda: step(x, v, 0.5, 0.4, guidance_scale=0.1), ValueError, "reward_grad is None"),
+        ("guidance nan", lambda: step(x, v, 0.5, 0.4, reward_grad=v, guidance_scale=float("nan")), ValueError, "guidance_scale must be a finite"),
         ("guidance length", lambda: step(x, v, 0.5, 0.4, reward_grad=v, guidance_scale=torch.ones(3)), ValueError, "guidance_scale must be a float or a tensor of shape"),
         ("seed and noise", lambda: step(x, v, 0.5, 0.4, noise=v, seed=1), ValueError, "either noise or seed"),
         ("seed negative", lambda: step(x, v, 0.5, 0.4, seed=-1), ValueError, "seed must be in"),
@@ -624,6 +627,18 @@ def test_bad_inputs_name_the_argument(backend):
         for name, call, exc, match in _bad_calls():
             with pytest.raises(exc, match=match):
                 call()
+
+
+def test_fused_step_refuses_inputs_that_require_grad():
+    # The fused step has no backward: a graph through it would silently lose the gradient.
+    x, v = torch.randn(2, 3, 4), torch.randn(2, 3, 4, requires_grad=True)
+    with ops.use_backend("triton"):
+        with pytest.raises(ValueError, match="v requires grad"):
+            ops.sde_step(x, v, 0.5, 0.4, seed=1)
+        with torch.no_grad():
+            assert ops.sde_step(x, v, 0.5, 0.4, seed=1).x_next.grad_fn is None
+    with ops.use_backend("reference"):
+        assert ops.sde_step(x, v, 0.5, 0.4, seed=1).x_next.requires_grad  # the spec is differentiable
 
 
 # ----------------------------------------------------------------------------------------------

@@ -382,7 +382,9 @@ def sde_step(
         ``sde_log_prob(x, v, out.x_next, ...)`` returns the same bits; None for ``ode``. A sample
         whose ``std`` is 0 (``cps`` at ``sigma_next == 0``) is deterministic and gets log-prob 0.
 
-    All arithmetic is fp32 whatever the input dtype; the log-prob reduction is deterministic.
+    All arithmetic is fp32 whatever the input dtype; the log-prob reduction is deterministic. The
+    step is a rollout op: the reference is differentiable by autograd, the fused kernel is not and
+    raises if an input requires grad while grad mode is on (train through ``sde_log_prob``).
     """
     _check_latent("x", x)
     check_like("v", v, "x", x)
@@ -393,6 +395,8 @@ def sde_step(
         check_like("noise", noise, "x", x)
     seed = _check_seed(seed, noise)
     sigma_t, sigma_next_t = _check_sigmas(sigma, sigma_next, x, schedule, sigma_max)
+    if isinstance(guidance_scale, (int, float)) and not math.isfinite(guidance_scale):
+        raise ValueError(f"guidance_scale must be a finite float or a [B] tensor, got {guidance_scale!r}")
     scale_t = None
     if reward_grad is not None:
         check_like("reward_grad", reward_grad, "x", x)
@@ -412,6 +416,15 @@ def sde_step(
             logprob_mean=logprob_mean,
         )
 
+    if torch.is_grad_enabled():
+        for name, t in (("x", x), ("v", v), ("reward_grad", reward_grad), ("noise", noise), ("sigma", sigma),
+                        ("sigma_next", sigma_next), ("guidance_scale", guidance_scale)):
+            if isinstance(t, torch.Tensor) and t.requires_grad:
+                raise ValueError(
+                    f"sde_step's fused kernel is not differentiable, but {name} requires grad: run the rollout under "
+                    "torch.no_grad() and train through sde_log_prob, or use the reference backend (differentiable "
+                    "by autograd) with EUPHONIUM_BACKEND=reference"
+                )
     if noise is None and seed is None and schedule != "ode":
         seed = draw_seed()
     args = (x, v, sigma_t, sigma_next_t, reward_grad, scale_t, noise, 0 if seed is None else seed, schedule,
