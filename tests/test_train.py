@@ -1,0 +1,135 @@
+"""euphonium.train on the toy world: config errors, a short run's outputs, resume, NaN recovery."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from euphonium.models.toy import build_toy_model, save_toy_model
+from euphonium.rewards.prm import LatentRewardModel
+from euphonium.train import ConfigError, Trainer, load_config
+from euphonium.train import trainer as trainer_module
+from euphonium.train.__main__ import main
+
+REQUIRED = ("step", "reward_mean", "loss", "clip_frac", "approx_kl", "ratio_max_dev", "grad_norm", "lr",
+            "world_size", "seconds")
+TOY_PARTS = ("color", "shape", "size", "direction", "smoothness")
+
+
+@pytest.fixture(scope="module")
+def tiny_assets(tmp_path_factory):
+    """A random toy model and PRM (fast to load; the committed ones are tested elsewhere)."""
+    root = tmp_path_factory.mktemp("assets")
+    transformer, text_encoder = build_toy_model(seed=int(torch.randint(0, 2**31, ())))
+    save_toy_model(transformer, text_encoder, root / "toy")
+    LatentRewardModel(in_channels=3, text_dim=text_encoder.config.dim).save_pretrained(root / "prm")
+    return root
+
+
+def tiny_overrides(assets, **extra):
+    values = {
+        "model.path": str(assets / "toy"), "prm_path": str(assets / "prm"), "prompts_per_step": 2,
+        "group_size": 2, "sampler.num_steps": 4, "sampler.guidance_start": 2, "max_steps": 2,
+        "checkpoint_every": 1, "num_eval_samples": 2,
+    }
+    values.update(extra)
+    return [f"{k}={v}" for k, v in values.items()]
+
+
+def test_defaults_are_the_toy_euphonium_run():
+    config = load_config()
+    assert config.algorithm == "euphonium" and config.model.kind == "toy" and config.group_size >= 2
+    assert load_config(str(Path(__file__).parents[1] / "configs" / "toy.yaml")).to_dict() == config.to_dict()
+
+
+@pytest.mark.parametrize("override, message", [
+    ("grup_size=4", "unknown config key 'grup_size'"),
+    ("model.pth=/x", "unknown config key 'model.pth'"),
+    ("lr=fast", "lr must be of type float"),
+    ("max_steps=1.5", "max_steps must be of type int"),
+    ("group_size=1", "group_size must be >= 2"),
+    ("algorithm=ppo", "algorithm must be one of"),
+    ("model.kind=wan", "model.path is required"),
+    ("timestep_fraction=0", "timestep_fraction must be in (0, 1]"),
+    ("noequals", "must look like key=value"),
+])
+def test_config_errors_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("]", r"\]")):
+        load_config(None, [override])
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    (tmp_path / "metrics.jsonl").write_text("{}\n")
+    assert main(["--output-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: output dir") and "--resume" in err and "\n" not in err
+    assert main(["--output-dir", str(tmp_path / "new"), "sampler.nosuchfield=1"]) == 2
+    assert "sampler" in capsys.readouterr().err
+
+
+def test_short_run_writes_metrics_checkpoints_and_samples(tiny_assets, tmp_path):
+    out = tmp_path / "run"
+    assert main(["--output-dir", str(out), *tiny_overrides(tiny_assets)]) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    for row in rows:
+        assert set(REQUIRED) <= set(row)
+        assert {f"reward/{p}" for p in TOY_PARTS} <= set(row)
+        assert row["world_size"] == 1 and row["ratio_max_dev"] < 1e-3
+        assert all(v == v for v in row.values() if isinstance(v, float))  # no NaN
+    assert "process_reward_mean" in rows[0]  # Euphonium: guided steps scored by the PRM
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    assert [p.name for p in sorted((out / "checkpoints").iterdir())] == ["step-1", "step-2"]
+    for name in ("trainable.safetensors", "optim.pt", "rng.pt", "config.json", "state.json"):
+        assert (out / "checkpoints" / "step-2" / name).is_file()
+    for name in ("reward_curve.png", "samples.gif", "samples.png", "config.json"):
+        assert (out / name).is_file()
+
+
+@pytest.mark.parametrize("algorithm", ["flow_grpo", "dance_grpo"])
+def test_baselines_run_without_guidance(tiny_assets, tmp_path, algorithm):
+    config = load_config(None, tiny_overrides(tiny_assets, algorithm=algorithm, max_steps=1))
+    trainer = Trainer(config, tmp_path / algorithm)
+    assert trainer.policy.prm is None and not trainer.sampler.guidance
+    metrics = trainer.train_step()
+    assert "process_reward_mean" not in metrics and metrics["ratio_max_dev"] < 1e-3
+
+
+def test_resume_gives_the_same_weights(tiny_assets, tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    common = ["kl_coef=0.01", "ema_decay=0.9"]
+    assert main(["--output-dir", str(straight), *tiny_overrides(tiny_assets, max_steps=4), *common]) == 0
+    assert main(["--output-dir", str(resumed), *tiny_overrides(tiny_assets, max_steps=2), *common]) == 0
+    assert main(["--output-dir", str(resumed), "--resume", *tiny_overrides(tiny_assets, max_steps=4), *common]) == 0
+    a = load_file(str(straight / "checkpoints" / "step-4" / "trainable.safetensors"))
+    b = load_file(str(resumed / "checkpoints" / "step-4" / "trainable.safetensors"))
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    first = load_file(str(straight / "checkpoints" / "step-3" / "trainable.safetensors"))
+    assert any(not torch.equal(a[k], first[k]) for k in a)  # the weights do move
+    ema_a = load_file(str(straight / "checkpoints" / "step-4" / "ema.safetensors"))
+    ema_b = load_file(str(resumed / "checkpoints" / "step-4" / "ema.safetensors"))
+    assert all(torch.equal(ema_a[k], ema_b[k]) for k in ema_a)
+
+
+def test_non_finite_updates_are_skipped_then_abort_keeping_the_checkpoint(tiny_assets, tmp_path, monkeypatch):
+    config = load_config(None, tiny_overrides(tiny_assets, max_steps=6, max_bad_steps=2, keep_checkpoints=5))
+    trainer = Trainer(config, tmp_path / "run")
+    original = trainer_module.ops.dual_reward_loss
+
+    def poisoned(*args, **kwargs):
+        loss, stats = original(*args, **kwargs)
+        return (loss * float("nan") if trainer.step >= 2 else loss), stats
+
+    monkeypatch.setattr(trainer_module.ops, "dual_reward_loss", poisoned)
+    with pytest.warns(UserWarning, match="update skipped"), pytest.raises(RuntimeError, match="non-finite updates in a row"):
+        trainer.train()
+    checkpoints = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert checkpoints[-1] == "step-3"  # step 3 skipped its update (weights of step 2) and was saved
+    saved = load_file(str(tmp_path / "run" / "checkpoints" / "step-3" / "trainable.safetensors"))
+    step2 = load_file(str(tmp_path / "run" / "checkpoints" / "step-2" / "trainable.safetensors"))
+    assert all(torch.isfinite(v).all() and torch.equal(v, step2[k]) for k, v in saved.items())
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped"] for r in rows] == [0.0, 0.0, 1.0]
