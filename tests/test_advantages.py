@@ -79,19 +79,22 @@ def test_eps_and_large_groups(backend, nan_poison):
 @pytest.mark.parametrize("unbiased", [True, False])
 @pytest.mark.parametrize("global_std", [False, True])
 def test_equal_rewards_and_singletons_give_zero(backend, unbiased, global_std, nan_poison):
-    # 0.1 is not representable: the fp32 mean of equal values can be off by an ulp, which must not
-    # turn into ulp / eps.
-    rewards = torch.randn(12, 3)
-    rewards[0:3, 0] = 0.1
-    rewards[3:6, :] = 1 / 3
-    ids = torch.tensor([0, 0, 0, 1, 1, 1, 2, 3, 3, 3, 3, 4])
+    # The fp32 mean of 7 x 0.1, 7 x 0.7 or 3 x 0.9 is off by an ulp whichever order the sum takes,
+    # which must not turn into ulp / eps.
+    rewards = torch.randn(20, 3)
+    rewards[0:7, 0] = 0.1
+    rewards[0:7, 1] = 0.7
+    rewards[7:10, :] = 0.9
+    ids = torch.tensor([0] * 7 + [1] * 3 + [2] + [3] * 4 + [4] + [5] * 4)
+    perm = torch.randperm(20)
     with ops.use_backend(backend):
-        adv = ops.group_advantages(rewards, group_ids=ids, unbiased=unbiased, global_std=global_std)
-        flat = ops.group_advantages(torch.full((6,), 0.7), group_size=3, global_std=global_std)
+        adv = ops.group_advantages(rewards[perm], group_ids=ids[perm], unbiased=unbiased, global_std=global_std)
+        flat = ops.group_advantages(torch.full((14,), 0.1), group_size=7, global_std=global_std)
+    adv = adv[torch.argsort(perm)]
     assert torch.isfinite(adv).all()
-    assert (adv[0:3, 0] == 0).all() and (adv[3:6] == 0).all()
-    assert (adv[6] == 0).all() and (adv[11] == 0).all()  # groups of one
-    assert (adv[7:11] != 0).all()
+    assert (adv[0:7, :2] == 0).all() and (adv[7:10] == 0).all()
+    assert (adv[10] == 0).all() and (adv[15] == 0).all()  # groups of one
+    assert (adv[0:7, 2] != 0).all() and (adv[11:15] != 0).all() and (adv[16:] != 0).all()
     assert (flat == 0).all()
     expected = advantages_np(rewards.numpy(), ids.numpy(), unbiased=unbiased, global_std=global_std)
     np.testing.assert_allclose(adv.numpy(), expected, rtol=1e-5, atol=1e-5)
