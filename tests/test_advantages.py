@@ -214,8 +214,12 @@ def test_dual_reward_advantages_bad_input():
         ops.dual_reward_advantages({"a": r}, torch.randn(8, 3), guided=torch.ones(8, 3, dtype=torch.bool), group_size=4)
     process = torch.randn(8, 3)
     process[2, 1] = torch.nan
-    with pytest.raises(ValueError, match="first at sample 2"):
+    with pytest.raises(ValueError, match=r"process_rewards at step 1 has non-finite values \(first at sample 2\)"):
         ops.dual_reward_advantages({"a": r}, process, group_size=4)
+    bad = r.clone()
+    bad[6] = torch.inf
+    with pytest.raises(ValueError, match=r"outcome_rewards\['b'\] has non-finite values \(first at sample 6\)"):
+        ops.dual_reward_advantages({"a": r, "b": bad}, group_size=4)
 
 
 @pytest.mark.aot

@@ -210,12 +210,16 @@ def dual_reward_advantages(
         check_same_device(name, col, "the first reward", columns[0])
     dtype = torch.promote_types(torch.float32, columns[0].dtype)
     stacked = torch.cat([c.to(dtype) for c in columns], dim=1)
+    bad = ~torch.isfinite(stacked)
+    if bool(bad.any()):
+        sample, col = bad.nonzero()[0].tolist()
+        where = f"outcome_rewards[{names[col]!r}]" if col < len(names) else f"process_rewards at step {col - len(names)}"
+        raise ValueError(f"{where} has non-finite values (first at sample {sample})")
     adv = group_advantages(stacked, group_size=group_size, group_ids=group_ids, eps=eps, unbiased=unbiased,
                            global_std=global_std, clip=clip)
     outcome = {name: adv[:, i] for i, name in enumerate(names)}
-    process = None
-    if process_rewards is not None:
-        process = torch.where(mask, adv[:, len(names):], torch.zeros((), dtype=adv.dtype, device=adv.device))
+    # Unguided columns are all zero, so their advantages are exactly zero (all-equal groups).
+    process = adv[:, len(names):] if process_rewards is not None else None
     return outcome, process
 
 
