@@ -25,6 +25,24 @@ from euphonium.kernels.aot import AOTSpec
 
 
 @triton.jit
+def _load_rows(r_ptr, order_ptr, start, end, o_b, o_k, m_k, K, GATHER: tl.constexpr):
+    """Rows at positions ``start .. start + BLOCK_B`` (below ``end``) and the block of columns ``o_k``.
+
+    Positions index ``order`` (``GATHER``: the rows of a group) or the batch directly. Returns the
+    values in fp32 (0 where masked), their offsets in ``r`` and the mask.
+    """
+    o_s = start + o_b
+    m_b = o_s < end
+    if GATHER:
+        o_row = tl.load(order_ptr + o_s, mask=m_b, other=0)
+    else:
+        o_row = o_s
+    m = m_b[:, None] & m_k[None, :]
+    p_r = o_row[:, None] * K + o_k[None, :]
+    return tl.load(r_ptr + p_r, mask=m, other=0.0).to(tl.float32), p_r, m
+
+
+@triton.jit
 def _group_advantages_kernel(
     r_ptr, out_ptr, order_ptr, seg_end_ptr,
     B, K, eps, clip,
@@ -44,11 +62,7 @@ def _group_advantages_kernel(
     b_min = tl.full([BLOCK_B, BLOCK_K], float("inf"), dtype=tl.float32)
     b_max = tl.full([BLOCK_B, BLOCK_K], float("-inf"), dtype=tl.float32)
     for start in range(i_s, seg_end, BLOCK_B):
-        o_s = start + o_b
-        m_b = o_s < seg_end
-        o_row = tl.load(order_ptr + o_s, mask=m_b, other=0)
-        m = m_b[:, None] & m_k[None, :]
-        b_r = tl.load(r_ptr + o_row[:, None] * K + o_k[None, :], mask=m, other=0.0).to(tl.float32)
+        b_r, _, m = _load_rows(r_ptr, order_ptr, start, seg_end, o_b, o_k, m_k, K, True)
         b_sum += b_r
         b_min = tl.minimum(b_min, tl.where(m, b_r, float("inf")))
         b_max = tl.maximum(b_max, tl.where(m, b_r, float("-inf")))
@@ -60,15 +74,12 @@ def _group_advantages_kernel(
         n_rows = tl.where(seg_end > i_s, B, 0)
         b_gsum = tl.zeros([BLOCK_B, BLOCK_K], dtype=tl.float32)
         for start in range(0, n_rows, BLOCK_B):
-            o_s = start + o_b
-            m = (o_s < n_rows)[:, None] & m_k[None, :]
-            b_gsum += tl.load(r_ptr + o_s[:, None] * K + o_k[None, :], mask=m, other=0.0).to(tl.float32)
+            b_r, _, _ = _load_rows(r_ptr, order_ptr, start, n_rows, o_b, o_k, m_k, K, False)
+            b_gsum += b_r
         g_mean = tl.sum(b_gsum, axis=0) / B
         b_gsq = tl.zeros([BLOCK_B, BLOCK_K], dtype=tl.float32)
         for start in range(0, n_rows, BLOCK_B):
-            o_s = start + o_b
-            m = (o_s < n_rows)[:, None] & m_k[None, :]
-            b_r = tl.load(r_ptr + o_s[:, None] * K + o_k[None, :], mask=m, other=0.0).to(tl.float32)
+            b_r, _, m = _load_rows(r_ptr, order_ptr, start, n_rows, o_b, o_k, m_k, K, False)
             b_gsq += tl.where(m, (b_r - g_mean[None, :]) * (b_r - g_mean[None, :]), 0.0)
         if UNBIASED:
             var = tl.sum(b_gsq, axis=0) / tl.maximum(B - 1, 1).to(tl.float32)
@@ -78,11 +89,7 @@ def _group_advantages_kernel(
         # Pass 2: centred sum of squares (two-pass variance: no cancellation for large rewards).
         b_sq = tl.zeros([BLOCK_B, BLOCK_K], dtype=tl.float32)
         for start in range(i_s, seg_end, BLOCK_B):
-            o_s = start + o_b
-            m_b = o_s < seg_end
-            o_row = tl.load(order_ptr + o_s, mask=m_b, other=0)
-            m = m_b[:, None] & m_k[None, :]
-            b_r = tl.load(r_ptr + o_row[:, None] * K + o_k[None, :], mask=m, other=0.0).to(tl.float32)
+            b_r, _, m = _load_rows(r_ptr, order_ptr, start, seg_end, o_b, o_k, m_k, K, True)
             b_sq += tl.where(m, (b_r - mean[None, :]) * (b_r - mean[None, :]), 0.0)
         if UNBIASED:
             var = tl.sum(b_sq, axis=0) / tl.maximum(n - 1.0, 1.0)
@@ -92,12 +99,7 @@ def _group_advantages_kernel(
 
     # Pass 3: write the advantages back to the samples' original rows.
     for start in range(i_s, seg_end, BLOCK_B):
-        o_s = start + o_b
-        m_b = o_s < seg_end
-        o_row = tl.load(order_ptr + o_s, mask=m_b, other=0)
-        m = m_b[:, None] & m_k[None, :]
-        p_r = o_row[:, None] * K + o_k[None, :]
-        b_r = tl.load(r_ptr + p_r, mask=m, other=0.0).to(tl.float32)
+        b_r, p_r, m = _load_rows(r_ptr, order_ptr, start, seg_end, o_b, o_k, m_k, K, True)
         b_a = tl.where(equal[None, :], 0.0, (b_r - mean[None, :]) * inv[None, :])
         if CLIP:
             b_a = tl.minimum(tl.maximum(b_a, -clip), clip)
@@ -122,6 +124,8 @@ def group_advantages_forward(
     """
     rewards = rewards.contiguous()
     batch, cols = rewards.shape
+    if rewards.numel() >= 2**31:
+        raise ValueError(f"rewards has {rewards.numel()} elements; the kernel indexes them with 32-bit offsets (< 2^31)")
     out = torch.empty((batch, cols), dtype=out_dtype, device=rewards.device)
     block_k = min(triton.next_power_of_2(cols), 32)
     block_b = min(triton.next_power_of_2(max_group or 32), max(1024 // block_k, 16), 64)
