@@ -213,6 +213,16 @@ def _sde_log_prob_bwd_kernel(
 
 
 @triton.jit
+def _row_sum(row_ptr, n_blocks, REDUCE_BLOCK: tl.constexpr):
+    """Sum of ``n_blocks`` partials in a fixed order (the same code wherever a log-prob is finalised)."""
+    acc = tl.zeros([REDUCE_BLOCK], dtype=tl.float32)
+    for start in range(0, n_blocks, REDUCE_BLOCK):
+        o = start + tl.arange(0, REDUCE_BLOCK)
+        acc += tl.load(row_ptr + o, mask=o < n_blocks, other=0.0)
+    return tl.sum(acc, axis=0)
+
+
+@triton.jit
 def _finalize_kernel(
     partial_ptr, partial_kl_ptr, sigma_ptr, sigma_next_ptr, log_prob_ptr, kl_ptr,
     N, n_blocks, scale, sigma_max,
@@ -221,23 +231,14 @@ def _finalize_kernel(
     """Per sample: ``log_prob = -sum / (2 var N) - log(var) / 2 - log(2 pi) / 2`` (0 where var == 0)."""
     i_b = tl.program_id(0)
     a_x, k, var = _coefficients(tl.load(sigma_ptr + i_b), tl.load(sigma_next_ptr + i_b), scale, sigma_max, SCHEDULE)
-    row = partial_ptr + i_b.to(tl.int64) * n_blocks
-    acc = tl.zeros([REDUCE_BLOCK], dtype=tl.float32)
-    for start in range(0, n_blocks, REDUCE_BLOCK):
-        o = start + tl.arange(0, REDUCE_BLOCK)
-        acc += tl.load(row + o, mask=o < n_blocks, other=0.0)
-    total = tl.sum(acc, axis=0)
+    total = _row_sum(partial_ptr + i_b.to(tl.int64) * n_blocks, n_blocks, REDUCE_BLOCK)
     stochastic = var > 0.0
     var_n = tl.where(stochastic, var, 1.0) * N.to(tl.float32)
     log_prob = -tl.div_rn(total, 2.0 * var_n) - 0.5 * tl.log(tl.where(stochastic, var, 1.0)) - _HALF_LOG_2PI
     tl.store(log_prob_ptr + i_b, tl.where(stochastic, log_prob, 0.0))
     if HAS_KL:
-        row_kl = partial_kl_ptr + i_b.to(tl.int64) * n_blocks
-        acc_kl = tl.zeros([REDUCE_BLOCK], dtype=tl.float32)
-        for start in range(0, n_blocks, REDUCE_BLOCK):
-            o = start + tl.arange(0, REDUCE_BLOCK)
-            acc_kl += tl.load(row_kl + o, mask=o < n_blocks, other=0.0)
-        kl = tl.div_rn(k * k * tl.sum(acc_kl, axis=0), 2.0 * var_n)
+        total_kl = _row_sum(partial_kl_ptr + i_b.to(tl.int64) * n_blocks, n_blocks, REDUCE_BLOCK)
+        kl = tl.div_rn(k * k * total_kl, 2.0 * var_n)
         tl.store(kl_ptr + i_b, tl.where(stochastic, kl, 0.0))
 
 

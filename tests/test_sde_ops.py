@@ -245,9 +245,10 @@ def test_fp16_and_mixed_dtypes(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_backends_agree_on_awkward_layouts(backend):
+def test_backends_agree_on_awkward_layouts(backend, monkeypatch):
     # Non-contiguous inputs, several blocks per sample with a ragged last block, the 64-bit index
-    # variant (forced through its threshold) and a [B] tensor sigma of another float dtype.
+    # variant (forced through its threshold), many partials per sample (small blocks: the finalize
+    # loops over several chunks) and a [B] tensor sigma of another float dtype.
     from euphonium.kernels import sde as kernels
 
     x = torch.randn(2, 37, 3, 41).transpose(1, 3)
@@ -259,13 +260,17 @@ def test_backends_agree_on_awkward_layouts(backend):
         lp = ops.sde_log_prob(x, v, out.x_next, sigma, 0.5, schedule="dance_grpo", noise_level=0.3)
         assert torch.equal(lp, out.log_prob)
         if backend == "triton":
-            limit = kernels.INDEX32_LIMIT
-            kernels.INDEX32_LIMIT = 16
-            try:
+            with monkeypatch.context() as m:
+                m.setattr(kernels, "INDEX32_LIMIT", 16)
                 out64 = ops.sde_step(x, v, sigma, 0.5, noise=None, seed=3, schedule="dance_grpo", noise_level=0.3)
-            finally:
-                kernels.INDEX32_LIMIT = limit
             assert torch.equal(out64.x_next, out.x_next) and torch.equal(out64.log_prob, out.log_prob)
+            with monkeypatch.context() as m:
+                m.setattr(kernels, "MAX_BLOCK", 32)
+                m.setattr(kernels, "REDUCE_BLOCK", 4)
+                small = ops.sde_step(x, v, sigma, 0.5, noise=None, seed=3, schedule="dance_grpo", noise_level=0.3)
+                lp_small = ops.sde_log_prob(x, v, out.x_next, sigma, 0.5, schedule="dance_grpo", noise_level=0.3)
+            assert torch.equal(small.x_next, out.x_next) and torch.equal(lp_small, small.log_prob)
+            torch.testing.assert_close(lp_small, out.log_prob, atol=1e-5, rtol=1e-6)
     torch.testing.assert_close(out.x0_pred, out_ref.x0_pred, atol=1e-5, rtol=1e-5)
     ref = spec_step(x.double(), v.double(), sigma, torch.full((2,), 0.5, dtype=torch.float64), schedule="dance_grpo", a=0.3)
     eps = (out.x_next.double() - ref["mean"]) / ref["std"]
