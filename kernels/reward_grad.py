@@ -1,9 +1,12 @@
-"""Per-sample L2 normalisation and norm clipping of a gradient ``[B, N]`` in one launch.
+"""Per-sample L2 normalisation and norm clipping of a gradient ``[B, N]``.
 
-One program per sample: a first pass accumulates ``sum(g^2)`` in fp32, a second writes
-``g * scale`` in the input dtype. The norm is reduced in a fixed order (no atomics), so the result
-is deterministic. Guidance batches are small (B of 1-16 per GPU) with large samples (video
-latents, 10^5-10^6 elements); each program streams its sample at 128-bit width.
+Guidance batches are small (B of 1-16 per GPU) with large samples (video latents, 10^5-10^6
+elements), so one program per sample would leave most of the GPU idle. The work is split over a
+``(sample, chunk)`` grid in two launches: ``_sum_sq_kernel`` writes each chunk's fp32 sum of
+squares to ``partial[b, chunk]``; ``_scale_kernel`` sums its sample's row of partials in a fixed
+order (every program of a sample gets the same bits: deterministic, no atomics), forms the scale
+and writes ``g * scale`` for its chunk in the input dtype. A chunk is ``iters`` blocks, sized so
+that a sample has at most ``MAX_CHUNKS`` partials.
 """
 
 from __future__ import annotations
@@ -16,21 +19,40 @@ import triton.language as tl
 
 from euphonium.kernels.aot import AOTSpec
 
+MIN_BLOCK = 128
+MAX_BLOCK = 1024
+MAX_CHUNKS = 256
+NUM_WARPS = 4
+
 
 @triton.jit
-def _scale_by_norm_kernel(
-    g_ptr, out_ptr, N, max_norm,
-    NORMALIZE: tl.constexpr, CLIP: tl.constexpr, BLOCK: tl.constexpr,
+def _chunk_offsets(i_c, it, iters, BLOCK: tl.constexpr):
+    # Written as a product with BLOCK so that the compiler sees 16-aligned offsets (128-bit access).
+    return (i_c.to(tl.int64) * iters + it) * BLOCK + tl.arange(0, BLOCK)
+
+
+@triton.jit
+def _sum_sq_kernel(g_ptr, partial_ptr, N, n_chunks, iters, BLOCK: tl.constexpr):
+    i_b = tl.program_id(0)
+    i_c = tl.program_id(1)
+    p_g = g_ptr + i_b.to(tl.int64) * N
+    b_acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for it in range(0, iters):
+        o_n = _chunk_offsets(i_c, it, iters, BLOCK)
+        b_g = tl.load(p_g + o_n, mask=o_n < N, other=0.0).to(tl.float32)
+        b_acc += b_g * b_g
+    tl.store(partial_ptr + i_b * n_chunks + i_c, tl.sum(b_acc, axis=0))
+
+
+@triton.jit
+def _scale_kernel(
+    g_ptr, out_ptr, partial_ptr, N, n_chunks, iters, max_norm,
+    NORMALIZE: tl.constexpr, CLIP: tl.constexpr, BLOCK: tl.constexpr, REDUCE_BLOCK: tl.constexpr,
 ):
     i_b = tl.program_id(0)
-    base = i_b.to(tl.int64) * N
-    o = tl.arange(0, BLOCK)
-    b_acc = tl.zeros([BLOCK], dtype=tl.float32)
-    for start in range(0, N, BLOCK):
-        m = start + o < N
-        b_g = tl.load(g_ptr + base + start + o, mask=m, other=0.0).to(tl.float32)
-        b_acc += b_g * b_g
-    norm = tl.sqrt(tl.sum(b_acc, axis=0))
+    i_c = tl.program_id(1)
+    o_r = tl.arange(0, REDUCE_BLOCK)
+    norm = tl.sqrt(tl.sum(tl.load(partial_ptr + i_b * n_chunks + o_r, mask=o_r < n_chunks, other=0.0), axis=0))
     scale = tl.full([], 1.0, dtype=tl.float32)
     if NORMALIZE:
         # A zero gradient stays zero (no direction to normalise).
@@ -38,32 +60,61 @@ def _scale_by_norm_kernel(
         norm = norm * scale
     if CLIP:
         scale = scale * tl.minimum(1.0, max_norm / tl.maximum(norm, 1e-30))
-    for start in range(0, N, BLOCK):
-        m = start + o < N
-        b_g = tl.load(g_ptr + base + start + o, mask=m, other=0.0).to(tl.float32)
-        tl.store(out_ptr + base + start + o, (b_g * scale).to(out_ptr.dtype.element_ty), mask=m)
+    offset = i_b.to(tl.int64) * N
+    for it in range(0, iters):
+        o_n = _chunk_offsets(i_c, it, iters, BLOCK)
+        m = o_n < N
+        b_g = tl.load(g_ptr + offset + o_n, mask=m, other=0.0).to(tl.float32)
+        tl.store(out_ptr + offset + o_n, (b_g * scale).to(out_ptr.dtype.element_ty), mask=m)
 
 
 def scale_by_norm(grad: torch.Tensor, *, normalize: bool, max_norm: Optional[float]) -> torch.Tensor:
-    """``grad [B, ...]`` with each sample scaled to unit norm and/or clipped to ``max_norm``."""
+    """``grad [B, ...]`` with each sample scaled to unit norm and/or clipped to ``max_norm``.
+
+    ``n_b = ||g_b||_2`` (fp32); ``normalize`` gives ``g_b / n_b`` (0 stays 0), then ``max_norm``
+    multiplies by ``min(1, max_norm / ||.||)``. Returns a new tensor of the dtype of ``grad``.
+    """
     grad = grad.contiguous()
     batch = grad.shape[0]
     n = grad.numel() // batch
     out = torch.empty_like(grad)
-    block = min(max(triton.next_power_of_2(n), 128), 4096)
-    _scale_by_norm_kernel[(batch,)](
-        grad, out, n, float(max_norm if max_norm is not None else 0.0),
-        NORMALIZE=normalize, CLIP=max_norm is not None, BLOCK=block, num_warps=8 if block >= 2048 else 4,
+    if n == 0:
+        return out
+    block = min(max(triton.next_power_of_2(n), MIN_BLOCK), MAX_BLOCK)
+    iters = triton.cdiv(n, block * MAX_CHUNKS)
+    n_chunks = triton.cdiv(n, block * iters)
+    partial = torch.empty((batch, n_chunks), dtype=torch.float32, device=grad.device)
+    grid = (batch, n_chunks)
+    _sum_sq_kernel[grid](grad, partial, n, n_chunks, iters, BLOCK=block, num_warps=NUM_WARPS)
+    _scale_kernel[grid](
+        grad, out, partial, n, n_chunks, iters, float(max_norm if max_norm is not None else 0.0),
+        NORMALIZE=normalize, CLIP=max_norm is not None, BLOCK=block,
+        REDUCE_BLOCK=triton.next_power_of_2(n_chunks), num_warps=NUM_WARPS,
     )
     return out
 
 
-_SIG = {"g_ptr": "*fp32", "out_ptr": "*fp32", "N": "i32", "max_norm": "fp32"}
-_ALIGNED = ("g_ptr", "out_ptr", "N")
+def _aot_specs():
+    specs = []
+    for tag, ty in (("fp32", "*fp32"), ("bf16", "*bf16")):
+        specs.append(AOTSpec(
+            f"reward_grad_sum_sq_{tag}", _sum_sq_kernel,
+            {"g_ptr": ty, "partial_ptr": "*fp32", "N": "i32", "n_chunks": "i32", "iters": "i32"},
+            dict(BLOCK=MAX_BLOCK), aligned=("g_ptr", "N"), num_warps=NUM_WARPS,
+        ))
+    scale_sig = {"g_ptr": "*fp32", "out_ptr": "*fp32", "partial_ptr": "*fp32", "N": "i32", "n_chunks": "i32",
+                 "iters": "i32", "max_norm": "fp32"}
+    specs.append(AOTSpec(
+        "reward_grad_normalize_fp32", _scale_kernel, scale_sig,
+        dict(NORMALIZE=True, CLIP=False, BLOCK=MAX_BLOCK, REDUCE_BLOCK=MAX_CHUNKS),
+        aligned=("g_ptr", "out_ptr", "N"), num_warps=NUM_WARPS,
+    ))
+    specs.append(AOTSpec(
+        "reward_grad_normalize_clip_bf16", _scale_kernel, {**scale_sig, "g_ptr": "*bf16", "out_ptr": "*bf16"},
+        dict(NORMALIZE=True, CLIP=True, BLOCK=MAX_BLOCK, REDUCE_BLOCK=MAX_CHUNKS),
+        aligned=("g_ptr", "out_ptr", "N"), num_warps=NUM_WARPS,
+    ))
+    return specs
 
-AOT_SPECS = [
-    AOTSpec("reward_grad_normalize_fp32", _scale_by_norm_kernel, _SIG,
-            dict(NORMALIZE=True, CLIP=False, BLOCK=4096), aligned=_ALIGNED, num_warps=8),
-    AOTSpec("reward_grad_normalize_clip_bf16", _scale_by_norm_kernel, {**_SIG, "g_ptr": "*bf16", "out_ptr": "*bf16"},
-            dict(NORMALIZE=True, CLIP=True, BLOCK=4096), aligned=_ALIGNED, num_warps=8),
-]
+
+AOT_SPECS = _aot_specs()

@@ -30,7 +30,9 @@ def reward_grad(
 
     Options, per sample ``b`` (``n_b = ||g_b||_2`` over all non-batch elements, in fp32):
     ``normalize=True`` gives ``g_b / n_b`` (a zero gradient stays zero); ``max_norm=c`` then
-    scales by ``min(1, c / ||g_b||)``. On CUDA these are one Triton kernel; on CPU the reference.
+    scales by ``min(1, c / ||g_b||)``. On CUDA these are two Triton launches over (sample, chunk)
+    blocks (per-chunk sums of squares, then a fixed-order norm and the scaling), deterministic and
+    spread over the whole GPU however few samples there are; on CPU the reference.
 
     Args:
         prm: a callable (e.g. an ``nn.Module``) mapping ``x`` ``[B, ...]`` and the extra arguments
