@@ -127,6 +127,8 @@ def group_advantages_forward(
     if rewards.numel() >= 2**31:
         raise ValueError(f"rewards has {rewards.numel()} elements; the kernel indexes them with 32-bit offsets (< 2^31)")
     out = torch.empty((batch, cols), dtype=out_dtype, device=rewards.device)
+    if cols == 0:
+        return out
     block_k = min(triton.next_power_of_2(cols), 32)
     block_b = min(triton.next_power_of_2(max_group or 32), max(1024 // block_k, 16), 64)
     grid = (batch, triton.cdiv(cols, block_k))

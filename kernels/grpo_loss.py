@@ -115,6 +115,8 @@ def grpo_loss_forward(
     and ``advantages`` of that shape or ``[B]``. Nothing is synchronised with the host.
     """
     n = log_prob.numel()
+    if n >= 2**31:
+        raise ValueError(f"log_prob has {n} elements; the kernels index them with 32-bit offsets (< 2^31)")
     cols = n // log_prob.shape[0]
     block = _block(n)
     programs = triton.cdiv(n, block)

@@ -112,6 +112,14 @@ def test_dtypes(backend, dtype, out_dtype, nan_poison):
     np.testing.assert_allclose(adv.double().numpy(), expected, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_columns(backend):
+    # A rollout without guided steps has a [B, 0] process reward: nothing to normalise.
+    with ops.use_backend(backend):
+        adv = ops.group_advantages(torch.randn(6, 0), group_ids=torch.tensor([0, 1, 0, 1, 2, 2]))
+    assert adv.shape == (6, 0) and adv.dtype == torch.float32
+
+
 def test_backends_agree_bitwise_on_layouts(nan_poison):
     # The same groups through contiguous and shuffled layouts give the same advantages per sample.
     rewards = torch.randn(16, 3)

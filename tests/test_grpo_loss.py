@@ -182,6 +182,8 @@ def test_bad_input():
         ops.grpo_loss(log_prob, old, adv, kl=torch.rand(4))
     with pytest.raises(ValueError, match=r"log_prob must be \[B\] or \[B, K\]"):
         ops.grpo_loss(log_prob[..., None], old[..., None], adv[..., None])
+    with pytest.raises(ValueError, match=r"log_prob must be \[B\] or \[B, K\] with K >= 1, got shape \(4, 0\)"):
+        ops.grpo_loss(log_prob[:, :0], old[:, :0], adv[:, 0])
     with pytest.raises(TypeError, match="advantages must be a floating-point tensor"):
         ops.grpo_loss(log_prob, old, torch.ones(4, 3, dtype=torch.long))
     for bad in (0.0, -1e-4, float("nan"), float("inf")):

@@ -76,8 +76,8 @@ def grpo_loss_tensors(
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """:func:`grpo_loss` without the host sync: the stats as a ``[6]`` tensor in ``STAT_NAMES`` order."""
     check_float_tensor("log_prob", log_prob)
-    if log_prob.dim() > 2:
-        raise ValueError(f"log_prob must be [B] or [B, K], got shape {tuple(log_prob.shape)}")
+    if log_prob.dim() > 2 or log_prob.numel() == 0:
+        raise ValueError(f"log_prob must be [B] or [B, K] with K >= 1, got shape {tuple(log_prob.shape)}")
     check_like("old_log_prob", old_log_prob, "log_prob", log_prob)
     check_float_tensor("advantages", advantages)
     if advantages.shape != log_prob.shape and advantages.shape != log_prob.shape[:1]:
