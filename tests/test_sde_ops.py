@@ -617,6 +617,7 @@ def _bad_calls():
         ("noise_level", lambda: step(x, v, 0.5, 0.4, noise_level=0.0), ValueError, "noise_level must be a finite number > 0"),
         ("cps noise_level", lambda: step(x, v, 0.5, 0.4, schedule="cps", noise_level=1.5), ValueError, r"noise_level must be in \(0, 1\]"),
         ("guidance without grad", lambda: step(x, v, 0.5, 0.4, guidance_scale=0.1), ValueError, "reward_grad is None"),
+        ("guidance str", lambda: step(x, v, 0.5, 0.4, guidance_scale="0.1"), TypeError, "guidance_scale must be a float or a \\[B\\] tensor, got str"),
         ("guidance nan", lambda: step(x, v, 0.5, 0.4, reward_grad=v, guidance_scale=float("nan")), ValueError, "guidance_scale must be a finite"),
         ("guidance length", lambda: step(x, v, 0.5, 0.4, reward_grad=v, guidance_scale=torch.ones(3)), ValueError, "guidance_scale must be a float or a tensor of shape"),
         ("seed and noise", lambda: step(x, v, 0.5, 0.4, noise=v, seed=1), ValueError, "either noise or seed"),

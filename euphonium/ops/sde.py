@@ -395,6 +395,8 @@ def sde_step(
         check_like("noise", noise, "x", x)
     seed = _check_seed(seed, noise)
     sigma_t, sigma_next_t = _check_sigmas(sigma, sigma_next, x, schedule, sigma_max)
+    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float, torch.Tensor)):
+        raise TypeError(f"guidance_scale must be a float or a [B] tensor, got {type(guidance_scale).__name__}")
     if isinstance(guidance_scale, (int, float)) and not math.isfinite(guidance_scale):
         raise ValueError(f"guidance_scale must be a finite float or a [B] tensor, got {guidance_scale!r}")
     scale_t = None
@@ -580,7 +582,8 @@ def sde_log_prob(
     ``kl = k^2 * mean_i((v - v_ref)^2) / (2 std^2)`` with ``d kl / d v = k^2 (v - v_ref) / (std^2 N)``.
 
     Args: ``x``, ``x_next``, ``v`` (and ``v_ref``) of one shape ``[B, ...]``; sigmas floats or ``[B]``.
-    Returns: ``log_prob`` ``[B]`` float32, or ``(log_prob, kl)`` when ``v_ref`` is given. Samples with
+    Returns: ``log_prob`` ``[B]`` float32 (float64 from the reference for float64 inputs, e.g. for
+    gradcheck), or ``(log_prob, kl)`` when ``v_ref`` is given. Samples with
     ``std == 0`` (``cps`` at ``sigma_next == 0``) get 0 and a zero gradient. ``schedule="ode"`` has
     no log-prob and raises.
     """
