@@ -15,10 +15,12 @@ from euphonium.rewards.prm import (
     PRMTrainer,
     collect_rollouts,
     correlation_by_sigma,
+    guided_step_effect,
     main,
     noise_latents,
     pool_prompt_embeds,
     prm_loss,
+    relabel_prompts,
     spearman,
 )
 
@@ -40,15 +42,22 @@ def tiny_model(**overrides):
 
 
 def synthetic(n, seed):
-    """Clips of one random colour and one of four prompts; the reward is ``<colour, w_prompt>``."""
+    """A coloured 4x4 square at a random place on a dark background, one of four prompts;
+    the reward is ``<colour, w_prompt>``."""
     g = torch.Generator().manual_seed(seed)
     colours = torch.rand(n, 3, generator=g) * 2 - 1
-    x0 = colours.view(n, 3, 1, 1, 1).expand(n, *SHAPE).clone() + 0.05 * torch.randn(n, *SHAPE, generator=g)
+    x0 = torch.full((n, *SHAPE), -1.0)
+    corner = torch.randint(0, 5, (n, 2), generator=g)
+    for i in range(n):
+        y, x = corner[i].tolist()
+        x0[i, :, :, y:y + 4, x:x + 4] = colours[i].view(3, 1, 1, 1)
+    x0 += 0.05 * torch.randn(n, *SHAPE, generator=g)
     fixed = torch.Generator().manual_seed(1234)
     table, w = torch.randn(4, TINY["text_dim"], generator=fixed), torch.randn(4, 3, generator=fixed)
     k = torch.randint(4, (n,), generator=g)
     rewards = (w[k] * colours).sum(dim=1)
-    return PRMDataset(x0=x0, prompt_embeds=table[k], rewards=rewards, prompts=[f"prompt {int(i)}" for i in k])
+    return PRMDataset(x0=x0, prompt_embeds=table[k], rewards=rewards, prompts=[f"prompt {int(i)}" for i in k],
+                      parts={"red": colours[:, 0], "green": colours[:, 1]})
 
 
 # --- the model -------------------------------------------------------------------------------------
@@ -165,11 +174,11 @@ def test_dataset_save_load_split(tmp_path):
     assert torch.equal(back.x0, data.x0) and torch.equal(back.rewards, data.rewards)
     assert back.prompts == data.prompts and torch.equal(back.parts["colour"], data.parts["colour"])
     train, held = data.split(0.25, seed=3)
-    assert len(train) == 15 and len(held) == 5
+    assert len(train) == 15 and len(held) == 5 and set(held.parts) == {"red", "green", "colour"}
     assert sorted(train.prompts + held.prompts) == sorted(data.prompts)
     assert torch.equal(torch.sort(torch.cat([train.rewards, held.rewards])).values, torch.sort(data.rewards).values)
     both = PRMDataset.concat([train, held])
-    assert len(both) == 20 and set(both.parts) == {"colour"}
+    assert len(both) == 20 and set(both.parts) == {"red", "green", "colour"}
 
 
 def test_dataset_rejects_bad_input():
@@ -227,10 +236,10 @@ def test_collect_rollouts_labels_samples():
 @pytest.mark.parametrize("loss", ["mse", "bradley_terry"])
 def test_training_lowers_held_out_loss(loss):
     train, held = synthetic(384, 0), synthetic(96, 1)
-    config = PRMTrainConfig(steps=100, batch_size=32, lr=3e-3, warmup_steps=10, loss=loss, eval_every=100,
+    config = PRMTrainConfig(steps=250, batch_size=32, lr=3e-3, warmup_steps=10, loss=loss, eval_every=250,
                             eval_sigmas=(0.0, 0.3), seed=int(torch.randint(0, 1000, ())))
     trainer = PRMTrainer(tiny_model(), config)
-    trainer._fit_reward_stats(train.rewards)
+    trainer._fit_reward_stats(train)
 
     def held_out_loss():
         g = torch.Generator().manual_seed(0)
@@ -247,6 +256,28 @@ def test_training_lowers_held_out_loss(loss):
     assert after < 0.8 * before, (before, after)
     assert after_rho > max(before_rho, 0.0) + 0.3, (before_rho, after_rho)
     assert all(p.grad is None for p in trainer.model.parameters())
+
+
+def test_aux_rewards_are_predicted_and_saved(tmp_path):
+    train, held = synthetic(384, 0), synthetic(96, 1)
+    model = tiny_model(aux_rewards=("red", "green"))
+    trainer = PRMTrainer(model, PRMTrainConfig(steps=250, batch_size=32, lr=3e-3, warmup_steps=10, eval_every=250,
+                                               eval_sigmas=(0.0,), aux_weight=0.5))
+    trainer.fit(train, held, progress=False)
+    torch.testing.assert_close(model.aux_mean, torch.stack([train.parts["red"].mean(), train.parts["green"].mean()]))
+    with torch.no_grad():
+        scores = model.score_all(held.x0, torch.zeros(len(held)), held.prompt_embeds)
+    assert scores.shape == (len(held), 3)
+    torch.testing.assert_close(scores[:, 0], model.score(held.x0, 0.0, held.prompt_embeds))
+    assert spearman(scores[:, 1], held.parts["red"]) > 0.4 and spearman(scores[:, 2], held.parts["green"]) > 0.4
+    model.save_pretrained(tmp_path)
+    loaded = LatentRewardModel.from_pretrained(tmp_path)
+    assert loaded.config.aux_rewards == ["red", "green"] or tuple(loaded.config.aux_rewards) == ("red", "green")
+    assert torch.equal(loaded.aux_std, model.aux_std)
+    with pytest.raises(ValueError, match=r"predicts aux_rewards \['blue'\] but the data has parts"):
+        PRMTrainer(tiny_model(aux_rewards=("blue",))).fit(train, progress=False)
+    with pytest.raises(ValueError, match="aux_rewards must be distinct"):
+        tiny_model(aux_rewards=("red", "red"))
 
 
 def test_checkpoint_resume_reproduces_training(tmp_path):
@@ -284,7 +315,7 @@ def test_online_update_refreshes_the_prm():
     trainer = PRMTrainer(tiny_model(), config)
     held = synthetic(128, 99)
     rho_before = correlation_by_sigma(trainer.model, held, [(0.0, 0.2)], draws=1)[0]["spearman"]
-    for round_ in range(15):
+    for round_ in range(20):
         fresh = synthetic(32, round_)
         tokens = fresh.prompt_embeds[:, None, :].expand(-1, 3, -1)  # per-token form, pooled inside
         stats = trainer.update(fresh.x0, tokens, fresh.rewards)
@@ -293,7 +324,7 @@ def test_online_update_refreshes_the_prm():
         assert all(p.grad is None for p in trainer.model.parameters())
     rho_after = correlation_by_sigma(trainer.model, held, [(0.0, 0.2)], draws=1)[0]["spearman"]
     assert bool(trainer.model.reward_stats_fitted)
-    assert rho_after > rho_before + 0.3 and rho_after > 0.6, (rho_before, rho_after)
+    assert rho_after > rho_before + 0.3 and rho_after > 0.5, (rho_before, rho_after)
     with pytest.raises(ValueError, match="PRM expects 8"):
         trainer.update(fresh.x0, torch.randn(32, 5), fresh.rewards)
 
@@ -321,3 +352,43 @@ def test_cli_train_on_saved_data(tmp_path):
     model = LatentRewardModel.from_pretrained(out)
     assert model.config.text_dim == TINY["text_dim"] and not (out / "checkpoints").exists()
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_relabel_prompts_scores_clips_against_new_prompts():
+    data = synthetic(10, 0)
+    new_prompts = [f"q{i}" for i in range(10)]
+    table = {p: torch.randn(TINY["text_dim"]) for p in new_prompts}
+
+    def encode(prompts):
+        return torch.stack([table[p] for p in prompts])[:, None].expand(-1, 2, -1)
+
+    def reward(videos, prompts):
+        return videos[:, 0, 0].mean(dim=(1, 2)) + torch.tensor([float(p[1:]) for p in prompts])
+
+    out = relabel_prompts(data, new_prompts, encode, lambda x: ((x + 1) / 2).clamp(0, 1).permute(0, 2, 1, 3, 4),
+                          reward, batch_size=4)
+    assert torch.equal(out.x0, data.x0) and out.prompts == new_prompts
+    torch.testing.assert_close(out.prompt_embeds, torch.stack([table[p] for p in new_prompts]))
+    expected = ((data.x0[:, 0, 0] + 1) / 2).clamp(0, 1).mean(dim=(1, 2)) + torch.arange(10.0)
+    torch.testing.assert_close(out.rewards, expected)
+    with pytest.raises(ValueError, match="one entry per sample"):
+        relabel_prompts(data, new_prompts[:3], encode, lambda x: x, reward)
+
+
+def test_guided_step_effect_on_a_tiny_toy_model():
+    from euphonium.models.toy import build_toy_model, sample_prompts
+
+    transformer, text_encoder = build_toy_model(seed=int(torch.randint(0, 1000, ())))
+    prm = LatentRewardModel(**{**TINY, "text_dim": text_encoder.config.dim}).eval()
+    prompts = sample_prompts(6, int(torch.randint(0, 1000, ())))
+    rows = guided_step_effect(prm, transformer.eval(), text_encoder.eval(), prompts, lambdas=(1.0, 100.0),
+                              steps=[14, 15], batch_size=4, progress=False)
+    assert [(r["step"], r["lambda"]) for r in rows] == [(14, 1.0), (14, 100.0), (15, 1.0), (15, 100.0), (-1, 1.0), (-1, 100.0)]
+    for r in rows:
+        assert r["n"] == (6 if r["step"] >= 0 else 12)
+        assert 0 <= r["worse"] <= 1 and 0 <= r["improved"] <= 1 - r["worse"] + 1e-12
+        assert r["mean_grad_norm"] > 0 and r["mean_shift_rms"] > 0
+    # The shift grows with lambda: 100x the coefficient, 100x the shift.
+    assert rows[1]["mean_shift_rms"] == pytest.approx(100 * rows[0]["mean_shift_rms"])
+    with pytest.raises(ValueError, match="steps must be step indices"):
+        guided_step_effect(prm, transformer, text_encoder, prompts, steps=[16], progress=False)

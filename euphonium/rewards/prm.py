@@ -106,6 +106,10 @@ class LatentRewardModel(ModelMixin, ConfigMixin):
     - output ``r = reward_mean + reward_std * s``: ``s`` is the reward in standard units and the two
       buffers (set by :class:`PRMTrainer` from its training data) give it the outcome reward's scale,
       so that ``grad_x r`` is in reward units per latent unit.
+    - ``aux_rewards``: names of outcome reward parts (e.g. the toy terms ``color``, ``shape``) the
+      head also predicts, in standard units (:meth:`score_all`), as auxiliary regression targets
+      during training: they give the trunk a direct signal for each attribute. ``forward`` returns
+      the total reward only.
 
     Call: ``x_sigma [B, C, F, H, W]`` (any float dtype, computed in the parameters' dtype), ``sigma``
     a float or ``[B]`` tensor in [0, 1], ``prompt_embeds`` per-token ``[B, L, D]`` (pooled inside by
@@ -117,9 +121,12 @@ class LatentRewardModel(ModelMixin, ConfigMixin):
     @register_to_config
     def __init__(self, in_channels: int = 3, text_dim: int = 64, channels: Tuple[int, ...] = (48, 96),
                  blocks: Tuple[int, ...] = (2, 1), patch_size: Tuple[int, int, int] = (2, 2, 2),
-                 cond_dim: int = 128, sigma_freq_dim: int = 128, norm_groups: int = 8):
+                 cond_dim: int = 128, sigma_freq_dim: int = 128, norm_groups: int = 8,
+                 aux_rewards: Tuple[str, ...] = ()):
         super().__init__()
         channels, blocks, patch_size = tuple(channels), tuple(blocks), tuple(patch_size)
+        if len(set(aux_rewards)) != len(aux_rewards) or not all(isinstance(a, str) and a for a in aux_rewards):
+            raise ValueError(f"aux_rewards must be distinct non-empty names, got {aux_rewards}")
         if len(channels) != len(blocks) or not channels:
             raise ValueError(f"channels and blocks need one entry per stage, got {channels} and {blocks}")
         if len(patch_size) != 3 or min(patch_size) < 1:
@@ -138,17 +145,31 @@ class LatentRewardModel(ModelMixin, ConfigMixin):
         self.downs = nn.ModuleList(nn.Conv3d(a, b, 2, stride=2) for a, b in zip(channels[:-1], channels[1:]))
         self.out_norm = nn.GroupNorm(norm_groups, channels[-1])
         self.text_query = nn.Linear(cond_dim, channels[-1])
-        self.head = nn.Sequential(nn.Linear(2 * channels[-1] + cond_dim, cond_dim), nn.SiLU(), nn.Linear(cond_dim, 1))
+        self.head = nn.Sequential(nn.Linear(2 * channels[-1] + cond_dim, cond_dim), nn.SiLU(),
+                                  nn.Linear(cond_dim, 1 + len(aux_rewards)))
         self.register_buffer("reward_mean", torch.zeros(()))
         self.register_buffer("reward_std", torch.ones(()))
         self.register_buffer("reward_stats_fitted", torch.zeros((), dtype=torch.bool))
+        self.register_buffer("aux_mean", torch.zeros(len(aux_rewards)))
+        self.register_buffer("aux_std", torch.ones(len(aux_rewards)))
 
-    def set_reward_stats(self, mean: float, std: float) -> None:
-        """Set the output scale: ``r = mean + std * s`` (``std > 0``)."""
+    def set_reward_stats(self, mean: float, std: float, aux_mean: Optional[Sequence[float]] = None,
+                         aux_std: Optional[Sequence[float]] = None) -> None:
+        """Set the output scale ``r = mean + std * s`` (``std > 0``) and, with ``aux_rewards``, the
+        standardisation of each auxiliary target (``aux_mean``, ``aux_std``: one entry per name)."""
         if not (math.isfinite(mean) and math.isfinite(std) and std > 0):
             raise ValueError(f"reward stats need a finite mean and a positive std, got mean={mean}, std={std}")
+        n = len(self.config.aux_rewards)
+        if n and (aux_mean is None or aux_std is None or len(aux_mean) != n or len(aux_std) != n):
+            raise ValueError(f"aux_mean and aux_std need one entry for each of {list(self.config.aux_rewards)}")
         self.reward_mean.fill_(mean)
         self.reward_std.fill_(std)
+        if n:
+            aux_std = torch.as_tensor(aux_std, dtype=self.aux_std.dtype)
+            if not bool(torch.isfinite(aux_std).all() & (aux_std > 0).all()):
+                raise ValueError(f"aux_std must be finite and positive, got {aux_std.tolist()}")
+            self.aux_mean.copy_(torch.as_tensor(aux_mean))
+            self.aux_std.copy_(aux_std)
         self.reward_stats_fitted.fill_(True)
 
     def _check(self, x, sigma, prompt_embeds) -> torch.Tensor:
@@ -162,9 +183,9 @@ class LatentRewardModel(ModelMixin, ConfigMixin):
                              f"[{x.shape[0]}, {self.config.text_dim}], got {tuple(prompt_embeds.shape)}")
         return sigma
 
-    def score(self, x_sigma: torch.Tensor, sigma, prompt_embeds: torch.Tensor,
-              prompt_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """The reward in standard units ``s [B]`` float32 (``forward`` returns ``mean + std * s``)."""
+    def score_all(self, x_sigma: torch.Tensor, sigma, prompt_embeds: torch.Tensor,
+                  prompt_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Head outputs in standard units ``[B, 1 + len(aux_rewards)]``: the total, then each auxiliary part."""
         sigma = self._check(x_sigma, sigma, prompt_embeds)
         dtype = self.stem.weight.dtype
         text = self.text_embed(pool_prompt_embeds(prompt_embeds, prompt_mask).to(dtype))
@@ -178,7 +199,12 @@ class LatentRewardModel(ModelMixin, ConfigMixin):
         h = F.silu(self.out_norm(h)).mean(dim=(2, 3, 4))
         q = self.text_query(text)
         # float32 for low-precision weights; float64 models (gradient checks) stay float64.
-        return self.head(torch.cat([h, h * q, cond], dim=1)).squeeze(1).to(torch.promote_types(dtype, torch.float32))
+        return self.head(torch.cat([h, h * q, cond], dim=1)).to(torch.promote_types(dtype, torch.float32))
+
+    def score(self, x_sigma: torch.Tensor, sigma, prompt_embeds: torch.Tensor,
+              prompt_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The reward in standard units ``s [B]`` float32 (``forward`` returns ``mean + std * s``)."""
+        return self.score_all(x_sigma, sigma, prompt_embeds, prompt_mask)[:, 0]
 
     def forward(self, x_sigma: torch.Tensor, sigma, prompt_embeds: torch.Tensor,
                 prompt_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -361,6 +387,7 @@ class PRMTrainConfig:
         checkpoint_every: write ``checkpoints/step-N`` every this many steps (0: never);
         keep_checkpoints: how many to keep.
         seed: seeds the sigmas, the noise and the batches.
+        aux_weight: weight of the auxiliary part regression when the model has ``aux_rewards``.
 
     Online refresh (:meth:`PRMTrainer.update`):
         buffer_size: the replay buffer keeps the most recent this many rollouts.
@@ -383,6 +410,7 @@ class PRMTrainConfig:
     checkpoint_every: int = 1000
     keep_checkpoints: int = 2
     seed: int = 0
+    aux_weight: float = 1.0
     buffer_size: int = 4096
     online_steps: int = 4
     online_lr: float = 2e-4
@@ -400,7 +428,7 @@ class PRMTrainConfig:
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise ValueError(f"PRMTrainConfig.{name} must be a positive number, got {value!r}")
-        for name in ("weight_decay", "grad_clip"):
+        for name in ("weight_decay", "grad_clip", "aux_weight"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
                 raise ValueError(f"PRMTrainConfig.{name} must be a number >= 0, got {value!r}")
@@ -429,25 +457,32 @@ def _standardize(rewards: torch.Tensor, model: LatentRewardModel) -> torch.Tenso
 
 
 def prm_loss(model: LatentRewardModel, x0: torch.Tensor, prompt_embeds: torch.Tensor, rewards: torch.Tensor,
-             sigma: torch.Tensor, noise: torch.Tensor, loss: str = "mse") -> torch.Tensor:
+             sigma: torch.Tensor, noise: torch.Tensor, loss: str = "mse", aux: Optional[torch.Tensor] = None,
+             aux_weight: float = 1.0) -> torch.Tensor:
     """The PRM training loss on one batch (scalar; formulas in :class:`PRMTrainConfig`).
 
     ``x0 [B, C, F, H, W]`` is noised to ``x_sigma`` with ``sigma [B]`` and ``noise``. For
     ``bradley_terry`` sample ``i`` is paired with ``i + B // 2``; they should share their sigma.
+    ``aux [B, P]``: the model's ``aux_rewards`` targets; adds ``aux_weight * mean((s_aux - z_aux)^2)``
+    (``z`` standardised by the model's ``aux_mean``/``aux_std``).
     """
-    score = model.score(noise_latents(x0, sigma, noise), sigma, prompt_embeds)
+    scores = model.score_all(noise_latents(x0, sigma, noise), sigma, prompt_embeds)
+    score = scores[:, 0]
     target = _standardize(rewards.to(score.device), model)
     if loss == "mse":
-        return F.mse_loss(score, target)
-    if loss != "bradley_terry":
+        out = F.mse_loss(score, target)
+    elif loss == "bradley_terry":
+        half = score.shape[0] // 2
+        diff = score[:half] - score[half:2 * half]
+        order = torch.sign(target[:half] - target[half:2 * half])
+        valid = order != 0
+        out = F.softplus(-order[valid] * diff[valid]).mean() if bool(valid.any()) else (score * 0).sum()
+    else:
         raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
-    half = score.shape[0] // 2
-    diff = score[:half] - score[half:2 * half]
-    order = torch.sign(target[:half] - target[half:2 * half])
-    valid = order != 0
-    if not bool(valid.any()):
-        return (score * 0).sum()
-    return F.softplus(-order[valid] * diff[valid]).mean()
+    if aux is not None and scores.shape[1] > 1:
+        aux_target = (aux.to(scores.device).float() - model.aux_mean) / model.aux_std
+        out = out + aux_weight * F.mse_loss(scores[:, 1:], aux_target)
+    return out
 
 
 class PRMTrainer:
@@ -477,11 +512,28 @@ class PRMTrainer:
 
     # -- shared pieces ---------------------------------------------------------------------------
 
-    def _fit_reward_stats(self, rewards: torch.Tensor) -> None:
+    def _aux_targets(self, data: PRMDataset) -> Optional[torch.Tensor]:
+        """``[N, P]`` targets of the model's ``aux_rewards`` from ``data.parts``, or None if any is missing."""
+        names = self.model.config.aux_rewards
+        if not names or not all(n in data.parts for n in names):
+            return None
+        return torch.stack([data.parts[n].float() for n in names], dim=1)
+
+    def _fit_reward_stats(self, data: PRMDataset) -> None:
         if bool(self.model.reward_stats_fitted):
             return
-        std = float(rewards.float().std()) if rewards.numel() > 1 else 0.0
-        self.model.set_reward_stats(float(rewards.float().mean()), std if std > 1e-8 else 1.0)
+
+        def stats(values: torch.Tensor) -> Tuple[float, float]:
+            std = float(values.float().std()) if values.numel() > 1 else 0.0
+            return float(values.float().mean()), std if std > 1e-8 else 1.0
+
+        mean, std = stats(data.rewards)
+        aux = self._aux_targets(data)
+        if self.model.config.aux_rewards and aux is None:
+            raise ValueError(f"the PRM predicts aux_rewards {list(self.model.config.aux_rewards)} but the data has "
+                             f"parts {sorted(data.parts)}")
+        aux_stats = [stats(aux[:, j]) for j in range(aux.shape[1])] if aux is not None else []
+        self.model.set_reward_stats(mean, std, [m for m, _ in aux_stats], [s for _, s in aux_stats])
 
     def _draw_batch(self, data: PRMDataset, batch_size: int):
         cfg = self.config
@@ -492,12 +544,15 @@ class PRMTrainer:
             sigma = torch.cat([sigma, sigma])[:batch_size]
         noise = torch.randn((batch_size, *data.x0.shape[1:]), generator=self.generator)
         to = dict(device=self.device)
-        return (data.x0[index].to(**to), data.prompt_embeds[index].to(**to), data.rewards[index].to(**to),
-                sigma.to(**to), noise.to(**to))
+        aux = self._aux_targets(data)
+        return dict(x0=data.x0[index].to(**to), prompt_embeds=data.prompt_embeds[index].to(**to),
+                    rewards=data.rewards[index].to(**to), sigma=sigma.to(**to), noise=noise.to(**to),
+                    aux=aux[index].to(**to) if aux is not None else None)
 
     def _optimizer_step(self, optimizer: torch.optim.Optimizer, data: PRMDataset, batch_size: int) -> float:
         self.model.train()
-        loss = prm_loss(self.model, *self._draw_batch(data, batch_size), loss=self.config.loss)
+        loss = prm_loss(self.model, **self._draw_batch(data, batch_size), loss=self.config.loss,
+                        aux_weight=self.config.aux_weight)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.config.grad_clip > 0:
@@ -567,7 +622,7 @@ class PRMTrainer:
             if latest is None:
                 raise FileNotFoundError(f"resume=True but {self.output_dir / 'checkpoints'} holds no checkpoint")
             self.load_checkpoint(latest, scheduler)
-        self._fit_reward_stats(train.rewards)
+        self._fit_reward_stats(train)
         if self.output_dir is not None:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             (self.output_dir / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
@@ -602,7 +657,8 @@ class PRMTrainer:
     # -- online refresh --------------------------------------------------------------------------
 
     def update(self, x0: torch.Tensor, prompt_embeds: torch.Tensor, rewards: torch.Tensor,
-               prompt_mask: Optional[torch.Tensor] = None) -> Dict[str, float]:
+               prompt_mask: Optional[torch.Tensor] = None,
+               parts: Optional[Dict[str, torch.Tensor]] = None) -> Dict[str, float]:
         """Online refresh with fresh rollouts: add them to the replay buffer, take
         ``config.online_steps`` optimiser steps on batches drawn from it.
 
@@ -611,6 +667,9 @@ class PRMTrainer:
             prompt_embeds: what the PRM is conditioned on at guidance time, ``[B, L, D]`` (pooled
                 here, masked by ``prompt_mask [B, L]`` if given) or ``[B, D]``.
             rewards: ``[B]`` outcome rewards of the decoded ``x0``.
+            parts: the named outcome rewards ``{name: [B]}`` (e.g. ``RewardOutput.parts``); needed to
+                keep training a PRM's ``aux_rewards`` heads (without them only the total is trained
+                while such samples are in the buffer).
 
         Returns ``{"prm/loss": mean training loss, "prm/spearman_fresh": Spearman of the PRM's scores
         on the fresh batch (at training sigmas, before this update) with its rewards,
@@ -618,11 +677,12 @@ class PRMTrainer:
         """
         pooled = pool_prompt_embeds(prompt_embeds, prompt_mask)
         fresh = PRMDataset(x0=x0.detach().float().cpu(), prompt_embeds=pooled.detach().cpu(),
-                           rewards=rewards.detach().float().cpu())
+                           rewards=rewards.detach().float().cpu(),
+                           parts={k: v.detach().float().cpu() for k, v in (parts or {}).items()})
         if fresh.prompt_embeds.shape[1] != self.model.config.text_dim:
             raise ValueError(f"prompt_embeds has dim {fresh.prompt_embeds.shape[1]}, the PRM expects "
                              f"{self.model.config.text_dim}")
-        self._fit_reward_stats(fresh.rewards)
+        self._fit_reward_stats(fresh)
         stats: Dict[str, float] = {}
         if len(fresh) >= 2:
             with torch.no_grad():
@@ -793,6 +853,54 @@ def collect_toy_rollouts(num_samples: int, *, seed: int = 0, base_model: Union[s
                             prompts, batch_size=batch_size, progress=progress)
 
 
+def relabel_toy_prompts(data: PRMDataset, copies: int, *, seed: int = 0,
+                        base_model: Union[str, Path, None] = None) -> PRMDataset:
+    """``copies`` relabelled copies of every toy clip in ``data`` (:func:`relabel_prompts`), prompts
+    drawn uniformly with ``seed``, embedded by the toy text encoder, scored with the toy rewards."""
+    from euphonium.models.toy import latents_to_video, load_toy_model, sample_prompts
+    from euphonium.rewards import toy_reward_set
+
+    if isinstance(copies, bool) or not isinstance(copies, int) or copies < 1:
+        raise ValueError(f"copies must be a positive integer, got {copies!r}")
+    _, text_encoder = load_toy_model(base_model)
+    return PRMDataset.concat([
+        relabel_prompts(data, sample_prompts(len(data), seed + k), text_encoder.encode, latents_to_video, toy_reward_set())
+        for k in range(copies)
+    ])
+
+
+def relabel_prompts(data: PRMDataset, prompts: Sequence[str], encode_fn: Callable[[List[str]], torch.Tensor],
+                    decode_fn: Callable[[torch.Tensor], torch.Tensor], reward_fn: Callable, *,
+                    batch_size: int = 256) -> PRMDataset:
+    """The clips of ``data`` paired with other prompts and scored again (prompt-relabelling augmentation).
+
+    Sample ``i`` keeps ``x0[i]`` and gets ``prompts[i]``, ``encode_fn(prompts) -> [b, L, D] or [b, D]``
+    (pooled) and the outcome reward ``reward_fn(decode_fn(x0), prompts)`` (a ``[b]`` tensor or a
+    :class:`~euphonium.rewards.base.RewardOutput`). Because an outcome reward is a function of the clip
+    and the prompt, these labels are exact: the PRM sees the same clip scored against many prompts,
+    which teaches it the agreement between text and video rather than the prompts' base rates. Use
+    it on the training split only (relabelled copies of held-out clips would leak them).
+    """
+    from euphonium.rewards.base import RewardOutput, check_reward_values
+
+    prompts = list(prompts)
+    if len(prompts) != len(data):
+        raise ValueError(f"prompts must have one entry per sample ({len(data)}), got {len(prompts)}")
+    chunks = []
+    for start in range(0, len(data), batch_size):
+        batch = prompts[start:start + batch_size]
+        x0 = data.x0[start:start + batch_size]
+        with torch.no_grad():
+            pooled = pool_prompt_embeds(encode_fn(batch)).cpu()
+            rewards = reward_fn(decode_fn(x0), batch)
+        parts = {}
+        if isinstance(rewards, RewardOutput):
+            parts = {k: v.float().cpu() for k, v in rewards.parts.items()}
+            rewards = rewards.total
+        rewards = check_reward_values("reward_fn", rewards, len(batch), batch)
+        chunks.append(PRMDataset(x0=x0, prompt_embeds=pooled, rewards=rewards.cpu(), prompts=batch, parts=parts))
+    return PRMDataset.concat(chunks)
+
 SIGMA_BUCKETS: Tuple[Tuple[float, float], ...] = ((0.0, 0.1), (0.1, 0.25), (0.25, 0.5), (0.5, 0.75), (0.75, 1.0))
 
 
@@ -946,15 +1054,19 @@ def _cmd_train(args) -> None:
     start = time.perf_counter()
     data = _training_data(args)
     train, held_out = data.split(args.held_out_fraction, seed=args.seed)
+    if args.relabel:
+        train = PRMDataset.concat([train, relabel_toy_prompts(train, args.relabel, seed=args.seed + 1,
+                                                              base_model=args.base_model)])
     if args.init:
         model = LatentRewardModel.from_pretrained(args.init)
     else:
         model = LatentRewardModel(in_channels=data.x0.shape[1], text_dim=data.prompt_embeds.shape[1],
-                                  channels=_ints(args.channels), blocks=_ints(args.blocks), patch_size=_ints(args.patch_size))
+                                  channels=_ints(args.channels), blocks=_ints(args.blocks), patch_size=_ints(args.patch_size),
+                                  aux_rewards=tuple(a for a in args.aux_rewards.split(",") if a))
     config = PRMTrainConfig(
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
         warmup_steps=args.warmup_steps, loss=args.loss, sigma_min=args.sigma_min, sigma_max=args.sigma_max,
-        eval_every=args.eval_every, checkpoint_every=args.checkpoint_every, seed=args.seed,
+        eval_every=args.eval_every, checkpoint_every=args.checkpoint_every, seed=args.seed, aux_weight=args.aux_weight,
     )
     trainer = PRMTrainer(model, config, output_dir=args.output_dir)
     history = trainer.fit(train, held_out, resume=args.resume)
@@ -1082,14 +1194,17 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument("--base-model", default=None, help="toy base model folder (default: the committed one)")
     p.add_argument("--save-data", default=None, help="save the training data (all of it, before the split) here")
     p.add_argument("--held-out-fraction", type=float, default=0.1)
+    p.add_argument("--relabel", type=int, default=0,
+                   help="add this many prompt-relabelled copies of each training clip (toy rewards; training split only)")
     p.add_argument("--init", default=None, help="start from this PRM folder instead of a fresh model")
     p.add_argument("--channels", default="48,96", help="channels per stage")
     p.add_argument("--blocks", default="2,1", help="residual blocks per stage")
     p.add_argument("--patch-size", default="2,2,2", help="patch size (F,H,W)")
+    p.add_argument("--aux-rewards", default="", help="comma-separated reward parts to predict as auxiliary targets")
     defaults = PRMTrainConfig()
     for name in ("steps", "batch_size", "warmup_steps", "eval_every", "checkpoint_every", "seed"):
         p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name))
-    for name in ("lr", "weight_decay", "sigma_min", "sigma_max"):
+    for name in ("lr", "weight_decay", "sigma_min", "sigma_max", "aux_weight"):
         p.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(defaults, name))
     p.add_argument("--loss", choices=LOSSES, default=defaults.loss)
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output-dir")
