@@ -8,15 +8,19 @@ decoded as ``WanPipeline`` does (un-normalised with the VAE's ``latents_mean``/`
 
 from __future__ import annotations
 
+import inspect
+import json
 from pathlib import Path
-from typing import Dict, List
+from typing import Any, Dict, List
 
 import torch
 
 from euphonium.models.diffusers import Conditioning
 from euphonium.train.config import ConfigError, TrainConfig
 
-_SUBFOLDERS = ("transformer", "vae", "text_encoder", "tokenizer")
+# The file each component folder must hold (what from_pretrained reads first).
+_SUBFOLDERS = {"transformer": "config.json", "vae": "config.json", "text_encoder": "config.json",
+               "tokenizer": "tokenizer_config.json"}
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -25,11 +29,82 @@ def check_wan_folder(path: str) -> Path:
     root = Path(path)
     if not root.is_dir():
         raise ConfigError(f"model.path {path}: no such directory")
-    missing = [sub for sub in _SUBFOLDERS if not (root / sub).is_dir()]
-    if missing or not (root / "transformer" / "config.json").is_file():
-        raise ConfigError(f"model.path {path} is not a diffusers Wan pipeline folder: missing "
-                          f"{', '.join(missing) or 'transformer/config.json'} (expected {', '.join(_SUBFOLDERS)})")
+    missing = [f"{sub}/{name}" for sub, name in _SUBFOLDERS.items() if not (root / sub / name).is_file()]
+    if missing:
+        hint = (" (this looks like one component's folder: give the pipeline folder above it)"
+                if (root / "config.json").is_file() else "")
+        raise ConfigError(f"model.path {path} is not a diffusers Wan pipeline folder: missing {', '.join(missing)}{hint}")
     return root
+
+
+def _read_config(folder: Path, key: str, expected_class: str) -> Dict[str, Any]:
+    """The JSON config of a diffusers component folder, checked to be an ``expected_class``."""
+    try:
+        values = json.loads((folder / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ConfigError(f"{key} {folder}: unreadable config.json ({err})") from None
+    name = values.get("_class_name") if isinstance(values, dict) else None
+    if name != expected_class:
+        raise ConfigError(f"{key} {folder} holds a {name or 'non-diffusers model'}, expected a {expected_class}")
+    return values
+
+
+def _config_value(cls: type, values: Dict[str, Any], key: str) -> Any:
+    """``values[key]``, or the default of ``cls.__init__`` that ``from_pretrained`` fills in when it is absent
+    (older Wan VAE configs have no ``scale_factor_*`` keys)."""
+    if key in values:
+        return values[key]
+    return inspect.signature(cls.__init__).parameters[key].default
+
+
+def check_wan_config(config: TrainConfig) -> Dict[str, Any]:
+    """Everything about a ``model.kind=wan`` run that can be checked before any weights load.
+
+    Checks the pipeline folder, the prompts, the PRM folder and its sizes against the model's, and
+    the video size against the VAE's strides (``num_frames = 1 + k * scale_factor_temporal``, height
+    and width multiples of ``scale_factor_spatial * patch``). Returns ``root`` (the folder), the
+    VAE's ``scale_factor_temporal``/``scale_factor_spatial`` and ``latent_shape``
+    ``(z_dim, 1 + (num_frames - 1) // t, height // s, width // s)``; raises :class:`ConfigError`
+    naming the key otherwise.
+    """
+    from diffusers import AutoencoderKLWan, WanTransformer3DModel
+
+    model = config.model
+    root = check_wan_folder(model.path)
+    if not config.prompts:
+        raise ConfigError("prompts must list the training prompts for model.kind=wan")
+    transformer = _read_config(root / "transformer", "model.path transformer/", "WanTransformer3DModel")
+    vae = _read_config(root / "vae", "model.path vae/", "AutoencoderKLWan")
+    z_dim = _config_value(AutoencoderKLWan, vae, "z_dim")
+    in_channels = _config_value(WanTransformer3DModel, transformer, "in_channels")
+    if in_channels != z_dim:
+        raise ConfigError(f"model.path {root}: the transformer takes {in_channels} input channels but the VAE's latents "
+                          f"have {z_dim} (image-to-video transformers are not supported)")
+    t_scale = _config_value(AutoencoderKLWan, vae, "scale_factor_temporal")
+    s_scale = _config_value(AutoencoderKLWan, vae, "scale_factor_spatial")
+    patch = _config_value(WanTransformer3DModel, transformer, "patch_size")
+    if model.num_frames < 1 or (model.num_frames - 1) % t_scale:
+        raise ConfigError(f"model.num_frames must be 1 + a multiple of {t_scale} (the VAE's temporal stride), "
+                          f"got {model.num_frames}")
+    for key, size in (("height", model.height), ("width", model.width)):
+        if size <= 0 or size % (s_scale * patch[1]):
+            raise ConfigError(f"model.{key} must be a positive multiple of {s_scale * patch[1]} "
+                              f"(VAE stride {s_scale} x patch {patch[1]}), got {size}")
+
+    if config.algorithm == "euphonium":
+        if not config.prm_path:
+            raise ConfigError("algorithm=euphonium with model.kind=wan needs prm_path (a LatentRewardModel folder)")
+        prm_dir = Path(config.prm_path)
+        if not (prm_dir / "config.json").is_file():
+            raise ConfigError(f"prm_path {config.prm_path} is not a saved LatentRewardModel folder (no config.json)")
+        prm = _read_config(prm_dir, "prm_path", "LatentRewardModel")
+        text_dim = json.loads((root / "text_encoder" / "config.json").read_text()).get("d_model")
+        for key, want in (("in_channels", z_dim), ("text_dim", text_dim)):
+            if prm.get(key) != want:
+                raise ConfigError(f"prm_path {config.prm_path} has {key}={prm.get(key)} but the model needs {want} "
+                                  "(VAE latent channels / text encoder d_model): a PRM trained for another model?")
+    latent_shape = (z_dim, (model.num_frames - 1) // t_scale + 1, model.height // s_scale, model.width // s_scale)
+    return {"root": root, "scale_factor_temporal": t_scale, "scale_factor_spatial": s_scale, "latent_shape": latent_shape}
 
 
 class WanTextEncoder:
@@ -66,26 +141,13 @@ def build_wan_policy(config: TrainConfig, device: torch.device):
     from euphonium.rewards.prm import LatentRewardModel
     from euphonium.train.trainer import Policy
 
-    root = check_wan_folder(config.model.path)
-    if not config.prompts:
-        raise ConfigError("prompts must list the training prompts for model.kind=wan")
-    if config.algorithm == "euphonium" and not config.prm_path:
-        raise ConfigError("algorithm=euphonium with model.kind=wan needs prm_path (a LatentRewardModel folder)")
+    checked = check_wan_config(config)
+    root = checked["root"]
     dtype = _DTYPES[config.model.dtype]
     transformer = WanTransformer3DModel.from_pretrained(root / "transformer", torch_dtype=dtype).to(device)
     vae = AutoencoderKLWan.from_pretrained(root / "vae", torch_dtype=torch.float32).to(device).eval()
     vae.requires_grad_(False)
     text = WanTextEncoder(root, device, dtype, config.model.max_sequence_length)
-
-    t_scale, s_scale = vae.config.scale_factor_temporal, vae.config.scale_factor_spatial
-    if (config.model.num_frames - 1) % t_scale:
-        raise ConfigError(f"model.num_frames - 1 must be divisible by {t_scale}, got {config.model.num_frames}")
-    patch = transformer.config.patch_size
-    for key, size in (("height", config.model.height), ("width", config.model.width)):
-        if size % (s_scale * patch[1]):
-            raise ConfigError(f"model.{key} must be a multiple of {s_scale * patch[1]}, got {size}")
-    latent_shape = (transformer.config.in_channels, (config.model.num_frames - 1) // t_scale + 1,
-                    config.model.height // s_scale, config.model.width // s_scale)
     mean = torch.tensor(vae.config.latents_mean, device=device).view(1, -1, 1, 1, 1)
     std = torch.tensor(vae.config.latents_std, device=device).view(1, -1, 1, 1, 1)
 
@@ -102,4 +164,4 @@ def build_wan_policy(config: TrainConfig, device: torch.device):
     prm = None
     if config.algorithm == "euphonium":
         prm = LatentRewardModel.from_pretrained(config.prm_path).to(device).eval()
-    return Policy(transformer, encode, decode, latent_shape, list(config.prompts), prm)
+    return Policy(transformer, encode, decode, checked["latent_shape"], list(config.prompts), prm)

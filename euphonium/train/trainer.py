@@ -133,6 +133,10 @@ class Trainer:
         except (TypeError, ValueError) as err:
             raise ConfigError(f"sampler: {err}") from None
 
+        if config.model.kind == "wan":
+            from euphonium.train.real_model import check_wan_config
+
+            check_wan_config(config)  # a bad model folder fails here, before rewards or weights load
         self.rewards = RewardSet({name: build_reward(name, **kwargs) for name, kwargs in config.rewards.items()},
                                  weights=config.reward_weights)
         self.policy = build_policy(config, self.device)
