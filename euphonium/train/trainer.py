@@ -227,24 +227,30 @@ class Trainer:
             out[name] = t.full_tensor() if hasattr(t, "full_tensor") else t
         return out
 
+    def _checkpoint_optimizer(self):
+        """The optimizer as checkpoints see it: itself, or under FSDP its full (unsharded) states."""
+        sharded = any(hasattr(p, "full_tensor") for p in self.params)
+        return _FullOptimizerState(self.policy.transformer, self.optimizer) if sharded else self.optimizer
+
     def _resume(self, path: Path) -> None:
-        loaded = ckpt.load_checkpoint(path, optimizer=self.optimizer, scheduler=self.scheduler)
+        loaded = ckpt.load_checkpoint(path, optimizer=self._checkpoint_optimizer(), scheduler=self.scheduler)
         named = dict(self.policy.transformer.named_parameters())
         missing = set(self.trainable_names) - set(loaded["trainable"])
         if missing:
             raise ConfigError(f"checkpoint {path} lacks trainable weights {sorted(missing)[:5]}: a different model or LoRA setting?")
+
+        def place(value, like):
+            if hasattr(like, "full_tensor"):
+                from torch.distributed.tensor import distribute_tensor
+
+                return distribute_tensor(value.to(like.dtype), like.device_mesh, like.placements)
+            return value.to(device=like.device, dtype=like.dtype)
+
         with torch.no_grad():
             for name, value in loaded["trainable"].items():
-                param = named[name]
-                if hasattr(param, "full_tensor"):
-                    from torch.distributed.tensor import distribute_tensor
-
-                    value = distribute_tensor(value.to(param.dtype), param.device_mesh, param.placements)
-                    param.copy_(value)
-                else:
-                    param.copy_(value.to(device=param.device, dtype=param.dtype))
+                named[name].copy_(place(value, named[name]))
         if self.ema is not None and loaded["ema"] is not None:
-            self.ema = {k: v.to(self.device) for k, v in loaded["ema"].items()}
+            self.ema = {k: place(v, self.ema[k]) for k, v in loaded["ema"].items()}
         self.step = int(loaded["state"]["step"])
         if self.is_main:
             print(f"resumed from {path} at step {self.step}")
@@ -382,6 +388,8 @@ class Trainer:
                     raise RuntimeError(f"{self.bad_steps} non-finite updates in a row at step {self.step}; stopping. "
                                        f"Last good checkpoint: {last or 'none yet'}")
             if epoch == 0:
+                # Statistics of the global batch: means over ranks and the largest deviation on any rank.
+                sums, max_dev = self._mean_over_ranks(sums), self._max_over_ranks(max_dev)
                 logs.update({"ratio_max_dev": max_dev, **sums, "grad_norm": grad_norm, "skipped": float(not finite)})
                 if max_dev > config.on_policy_tolerance and self.is_main:
                     warnings.warn(
@@ -433,6 +441,13 @@ class Trainer:
         dist.all_reduce(t)
         return {k: float(v) / self.world for k, v in zip(keys, t.tolist())}
 
+    def _max_over_ranks(self, value: float) -> float:
+        if self.world == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=self.device if self.device.type == "cuda" else "cpu")
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return float(t)
+
     # ------------------------------------------------------------------------------------------
     # The run
     # ------------------------------------------------------------------------------------------
@@ -462,7 +477,7 @@ class Trainer:
         bar.close()
         if self.is_main:
             plot_reward_curve(self.output_dir / "metrics.jsonl", self.output_dir / "reward_curve.png")
-            self.save_samples(self.output_dir / "samples")
+        self.save_samples(self.output_dir / "samples")
         self.logger.close()
         return self.output_dir
 
@@ -479,15 +494,23 @@ class Trainer:
     def save(self) -> Optional[Path]:
         """Checkpoint the current step (rank 0 writes; every rank takes part in gathering FSDP shards)."""
         state = self._trainable_state()
+        optimizer = self._checkpoint_optimizer()
+        if isinstance(optimizer, _FullOptimizerState):
+            optimizer.gather()
+        ema = None if self.ema is None else {k: v.full_tensor() if hasattr(v, "full_tensor") else v
+                                             for k, v in self.ema.items()}
         if not self.is_main:
             return None
-        return ckpt.save_checkpoint(self.output_dir, self.step, trainable=state, optimizer=self.optimizer,
-                                    scheduler=self.scheduler, ema=self.ema, config=self.config.to_dict(),
+        return ckpt.save_checkpoint(self.output_dir, self.step, trainable=state, optimizer=optimizer,
+                                    scheduler=self.scheduler, ema=ema, config=self.config.to_dict(),
                                     extra={"world_size": self.world}, keep=self.config.keep_checkpoints)
 
     @torch.no_grad()
-    def save_samples(self, path: Path) -> Path:
-        """Sample ``num_eval_samples`` prompts with the trained (EMA, if any) weights; write GIF and PNG grids."""
+    def save_samples(self, path: Path) -> Optional[Path]:
+        """Sample ``num_eval_samples`` prompts with the trained (EMA, if any) weights; write GIF and PNG grids.
+
+        Every rank samples (FSDP forwards all-gather the weights, so rank 0 cannot run them alone); rank 0 writes.
+        """
         prompts = self.policy.prompts[: self.config.num_eval_samples]
         with self._ema_weights():
             cond = self.policy.encode(prompts)
@@ -495,7 +518,7 @@ class Trainer:
                                                                            sde_window=None, sde_window_size=None),
                            shape=(len(prompts), *self.policy.latent_shape), seed=self.config.seed, device=self.device)
             videos = self.policy.decode(traj.x0)
-        return save_video_grid(videos, prompts, path)
+        return save_video_grid(videos, prompts, path) if self.is_main else None
 
     @contextlib.contextmanager
     def _ema_weights(self):
@@ -512,6 +535,33 @@ class Trainer:
             with torch.no_grad():
                 for p, b in zip(self.params, backup):
                     p.copy_(b)
+
+
+class _FullOptimizerState:
+    """An optimizer over FSDP2-sharded parameters as a checkpoint sees it: full states keyed by parameter name.
+
+    Its own ``state_dict()`` holds this rank's shards only, so rank 0 alone cannot save it:
+    :meth:`gather` (a collective, every rank) collects the full states with
+    ``torch.distributed.checkpoint.state_dict.get_optimizer_state_dict``, and :meth:`load_state_dict`
+    (every rank) shards a full state back with ``set_optimizer_state_dict``.
+    """
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
+        self.model, self.optimizer, self.full = model, optimizer, None
+
+    def gather(self) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        self.full = get_optimizer_state_dict(self.model, self.optimizer,
+                                             options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def state_dict(self) -> Dict:
+        return self.full
+
+    def load_state_dict(self, state: Dict) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(self.model, self.optimizer, state, options=StateDictOptions(full_state_dict=True))
 
 
 @contextlib.contextmanager
