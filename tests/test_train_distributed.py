@@ -39,6 +39,18 @@ RESUME_DRIVER = textwrap.dedent("""
             sys.exit(code)
 """)
 
+# Trains, then every rank dumps the weights it holds, to compare the replicas.
+DUMP_DRIVER = textwrap.dedent("""
+    import sys
+    from safetensors.torch import save_file
+    from euphonium.train import Trainer, load_config
+
+    out, dump, overrides = sys.argv[1], sys.argv[2], sys.argv[3:]
+    trainer = Trainer(load_config(None, overrides), out)
+    trainer.train()
+    save_file({k: v.contiguous() for k, v in trainer._trainable_state().items()}, f"{dump}/rank{trainer.rank}.safetensors")
+""")
+
 
 @pytest.fixture(scope="module")
 def toy_assets(tmp_path_factory):
@@ -139,3 +151,21 @@ def test_fsdp2_trains_as_ddp_and_resumes_exactly(ddp_run, toy_assets, run_seed):
     for name, state in optim[0]["state"].items():
         assert state["exp_avg"].shape == fsdp[name].shape
         assert torch.equal(state["exp_avg_sq"], optim[1]["state"][name]["exp_avg_sq"])
+
+
+def test_ddp_lora_replicas_stay_identical(toy_assets, run_seed, tmp_path):
+    """LoRA through DDP as the Wan config trains (gradient checkpointing, KL to the adapter-disabled
+    model, gradient accumulation over micro-batches under no_sync): both ranks hold the same adapter."""
+    driver = tmp_path / "dump.py"
+    driver.write_text(DUMP_DRIVER)
+    out, dump = tmp_path / "run", tmp_path / "dump"
+    dump.mkdir()
+    torchrun(driver, out, dump, *overrides(toy_assets, run_seed, **{"model.lora_rank": 2, "model.gradient_checkpointing": "true",
+                                                                     "kl_coef": 0.01, "micro_batches": 2}), cwd=tmp_path)
+    check_rank_0_wrote_once(out, steps=[2])
+    ranks = [load_file(str(dump / f"rank{r}.safetensors")) for r in (0, 1)]
+    saved = load_file(str(out / "checkpoints" / "step-2" / "trainable.safetensors"))
+    assert saved.keys() == ranks[0].keys() == ranks[1].keys()
+    assert saved and all(".lora_A." in k or ".lora_B." in k for k in saved)
+    assert all(torch.equal(ranks[0][k], ranks[1][k]) and torch.equal(saved[k], ranks[0][k]) for k in saved)
+    assert all(saved[k].abs().max() > 0 for k in saved if ".lora_B." in k)  # B starts at zero: it trained
