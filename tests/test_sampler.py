@@ -246,13 +246,14 @@ def test_guidance_gradient_options(wan, cond):
 # ----------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("backend", ["auto", "triton"])
+@pytest.mark.parametrize("backend", ["auto", "reference", "torch", "triton"])
 @pytest.mark.parametrize("schedule,dtype", [("flow_grpo", torch.float32), ("dance_grpo", torch.bfloat16), ("cps", torch.float32)])
 def test_recorded_log_probs_equal_sde_log_prob_bit_for_bit(wan, cond, schedule, dtype, backend, device):
     """Rollout-time log-probs recomputed from the stored trajectory: same bits (the first ratio is 1).
 
-    ``auto`` is the eager reference on the CPU and the fused kernels on CUDA; ``triton`` forces the
-    kernels (Triton's interpreter on the CPU).
+    ``auto`` is the library's PyTorch path on the CPU and the fused kernels on CUDA; ``reference``
+    forces the eager spec, ``torch`` the PyTorch path, ``triton`` the kernels (Triton's interpreter
+    on the CPU).
     """
     model = Recorder(DiffusersFlowModel(copy.deepcopy(wan).to(device) if device != "cpu" else wan))
     cond = cond if device == "cpu" else Conditioning(cond.prompt_embeds.to(device))

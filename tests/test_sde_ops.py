@@ -1,7 +1,8 @@
-"""ops.sde_step / ops.sde_log_prob on both backends against a float64 implementation of DESIGN.md.
+"""ops.sde_step / ops.sde_log_prob on every backend against a float64 implementation of DESIGN.md.
 
-The Triton backend runs in Triton's interpreter on the CPU (small sizes), compiled on CUDA
-(``gpu`` tests), and is compiled ahead of time for sm_80/sm_90 (``aot`` tests).
+Backends: ``reference`` (the eager spec), ``torch`` (the library's PyTorch path, what CPU tensors
+run under ``auto``) and ``triton``: in Triton's interpreter on the CPU (small sizes), compiled on
+CUDA (``gpu`` tests), and compiled ahead of time for sm_80/sm_90 (``aot`` tests).
 """
 
 import math
@@ -15,7 +16,8 @@ from euphonium.ops import sde as sde_ops
 
 SCHEDULES = ["flow_grpo", "dance_grpo", "cps", "ode"]
 STOCHASTIC = ["flow_grpo", "dance_grpo", "cps"]
-BACKENDS = ["reference", "triton"]
+BACKENDS = ["reference", "torch", "triton"]
+FUSED = ["torch", "triton"]  # no autograd graph: a custom backward that recomputes the mean
 SHAPES = [(3, 5, 7), (2, 4, 3, 5, 7)]
 SIGMA_MAX = 0.96
 HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
@@ -271,6 +273,24 @@ def test_backends_agree_on_awkward_layouts(backend, monkeypatch):
                 lp_small = ops.sde_log_prob(x, v, out.x_next, sigma, 0.5, schedule="dance_grpo", noise_level=0.3)
             assert torch.equal(small.x_next, out.x_next) and torch.equal(lp_small, small.log_prob)
             torch.testing.assert_close(lp_small, out.log_prob, atol=1e-5, rtol=1e-6)
+        if backend == "torch":
+            from euphonium.ops import _sde_torch
+
+            # Per-block Philox noise is the whole tensor's stream.
+            eps = ops.philox_randn(3, x.numel()).reshape(x.shape)
+            given = ops.sde_step(x, v, sigma, 0.5, noise=eps, schedule="dance_grpo", noise_level=0.3)
+            assert torch.equal(given.x_next, out.x_next) and torch.equal(given.log_prob, out.log_prob)
+            # 4551 elements per sample: slices of one sample with a ragged last slice, then blocks of two
+            # samples; row sums in pieces of 64 with a ragged tail.
+            for block in (1000, 10000):
+                with monkeypatch.context() as m:
+                    m.setattr(_sde_torch, "BLOCK_ELEMENTS", block)
+                    m.setattr(_sde_torch, "SUM_WIDTH", 64)
+                    small = ops.sde_step(x, v, sigma, 0.5, noise=None, seed=3, schedule="dance_grpo", noise_level=0.3)
+                    lp_small = ops.sde_log_prob(x, v, small.x_next, sigma, 0.5, schedule="dance_grpo", noise_level=0.3)
+                assert torch.equal(small.x_next, out.x_next) and torch.equal(small.x0_pred, out.x0_pred)
+                assert torch.equal(lp_small, small.log_prob)
+                torch.testing.assert_close(lp_small, out.log_prob, atol=1e-6, rtol=1e-7)
     torch.testing.assert_close(out.x0_pred, out_ref.x0_pred, atol=1e-5, rtol=1e-5)
     ref = spec_step(x.double(), v.double(), sigma, torch.full((2,), 0.5, dtype=torch.float64), schedule="dance_grpo", a=0.3)
     eps = (out.x_next.double() - ref["mean"]) / ref["std"]
@@ -384,7 +404,8 @@ def test_step_and_log_prob_same_bits(backend):
 
 
 @pytest.mark.parametrize("schedule", STOCHASTIC)
-def test_gradcheck_reference(schedule):
+@pytest.mark.parametrize("backend", ["reference", "torch"])  # the kernels compute in fp32 only
+def test_gradcheck(backend, schedule):
     shape = (3, 2, 5)
     case = make_case(shape, torch.float64, schedule, True, False, "cpu")
     ref = spec_for(case, schedule)
@@ -393,10 +414,11 @@ def test_gradcheck_reference(schedule):
     v = case["v"].clone().requires_grad_(True)
 
     def fn(v_):
-        with ops.use_backend("reference"):
+        with ops.use_backend(backend):
             return ops.sde_log_prob(case["x"], v_, x_next, case["sigma"], case["sigma_next"], schedule=schedule,
                                     noise_level=case["a"], sigma_max=SIGMA_MAX, v_ref=v_ref)
 
+    assert fn(v)[0].dtype == torch.float64
     assert torch.autograd.gradcheck(fn, (v,), eps=1e-6, atol=1e-7, rtol=1e-5)
     # The documented closed form: d log_prob / d v = k (x_next - mean) / (std^2 N).
     lp, _ = fn(v)
@@ -408,36 +430,66 @@ def test_gradcheck_reference(schedule):
     torch.testing.assert_close(grad, closed, atol=1e-9, rtol=1e-7)
 
 
-def check_backward_matches_reference(shape, dtype, schedule, device):
+def check_backward_matches_reference(shape, dtype, schedule, device, backend="triton"):
     case = make_case(shape, dtype, schedule, True, False, device)
     x_next = spec_for(case, schedule)["x_next"].to(device=device, dtype=dtype)
     v_ref = (case["v"].float() + 0.2 * torch.randn(shape, device=device)).to(dtype)
     g_lp, g_kl = torch.randn(shape[0], device=device), torch.randn(shape[0], device=device)
     grads = {}
-    for backend in ("reference", "triton"):
+    for name in ("reference", backend):
         v = case["v"].clone().requires_grad_(True)
-        with ops.use_backend(backend):
+        with ops.use_backend(name):
             lp, kl = ops.sde_log_prob(case["x"], v, x_next, case["sigma"], case["sigma_next"], schedule=schedule,
                                       noise_level=case["a"], sigma_max=SIGMA_MAX, v_ref=v_ref)
-            (grads[backend],) = torch.autograd.grad((lp * g_lp).sum() + (kl * g_kl).sum(), v)
-            (grads[backend + "_lp"],) = torch.autograd.grad(
+            (grads[name],) = torch.autograd.grad((lp * g_lp).sum() + (kl * g_kl).sum(), v)
+            (grads[name + "_lp"],) = torch.autograd.grad(
                 ops.sde_log_prob(case["x"], v, x_next, case["sigma"], case["sigma_next"], schedule=schedule,
                                  noise_level=case["a"], sigma_max=SIGMA_MAX).sum(), v)
-        assert grads[backend].dtype == dtype
+        assert grads[name].dtype == dtype
     scale = grads["reference"].float().abs().max().item()
     tol = 1e-5 if dtype == torch.float32 else 1e-2
-    torch.testing.assert_close(grads["triton"].float(), grads["reference"].float(), atol=tol * scale, rtol=tol)
+    torch.testing.assert_close(grads[backend].float(), grads["reference"].float(), atol=tol * scale, rtol=tol)
     scale = grads["reference_lp"].float().abs().max().item()
-    torch.testing.assert_close(grads["triton_lp"].float(), grads["reference_lp"].float(), atol=tol * scale, rtol=tol)
+    torch.testing.assert_close(grads[backend + "_lp"].float(), grads["reference_lp"].float(), atol=tol * scale, rtol=tol)
 
 
 @pytest.mark.parametrize("schedule", STOCHASTIC)
-def test_triton_backward_matches_reference(schedule):
-    check_backward_matches_reference((3, 5, 7), torch.float32, schedule, "cpu")
+@pytest.mark.parametrize("backend", FUSED)
+def test_fused_backward_matches_reference(backend, schedule):
+    check_backward_matches_reference((3, 5, 7), torch.float32, schedule, "cpu", backend)
 
 
-def test_triton_backward_bf16():
-    check_backward_matches_reference((2, 3, 20), torch.bfloat16, "flow_grpo", "cpu")
+@pytest.mark.parametrize("backend", FUSED)
+def test_fused_backward_bf16(backend):
+    check_backward_matches_reference((2, 3, 20), torch.bfloat16, "flow_grpo", "cpu", backend)
+
+
+def test_torch_path_saves_only_inputs_and_sums_independently_of_threads(monkeypatch):
+    # The autograd graph keeps x, v, x_next (and the [B] sigmas it made), nothing latent-sized of its
+    # own; the log-prob's bits do not depend on torch's thread count (rollout and training may
+    # differ), with several blocks per sample and rows summed in pieces with a tail.
+    from euphonium.ops import _sde_torch
+
+    monkeypatch.setattr(_sde_torch, "BLOCK_ELEMENTS", 40_000)
+    monkeypatch.setattr(_sde_torch, "SUM_WIDTH", 96)
+    # x_next far from the mean: the residual term dominates the log-prob, so a sum's last bit shows.
+    x, x_next = torch.randn(8, 4, 25_000), 30 * torch.randn(8, 4, 25_000)
+    v = torch.randn(8, 4, 25_000, requires_grad=True)
+    saved = []
+    with ops.use_backend("torch"), torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        lp = ops.sde_log_prob(x, v, x_next, 0.9, 0.6, schedule="dance_grpo", noise_level=0.4)
+    inputs = {t.untyped_storage().data_ptr() for t in (x, v, x_next)}
+    assert sum(t.numel() for t in saved if t.untyped_storage().data_ptr() not in inputs) <= 2 * x.shape[0]
+    threads = torch.get_num_threads()
+    try:
+        bits = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            with ops.use_backend("torch"):
+                bits.append(ops.sde_log_prob(x, v.detach(), x_next, 0.9, 0.6, schedule="dance_grpo", noise_level=0.4))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(bits[0], lp) and torch.equal(bits[1], lp) and torch.equal(bits[2], lp)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -477,12 +529,12 @@ def test_torch_compile_fullgraph(backend):
     torch.testing.assert_close(grads[0], grads[1], atol=0, rtol=0)
 
 
-def test_custom_ops_pass_opcheck():
+@pytest.mark.parametrize("backend", FUSED)
+def test_custom_ops_pass_opcheck(backend):
     x, v, x_next, v_ref = (torch.randn(2, 3, 5) for _ in range(4))
     sigma, sigma_next = torch.tensor([0.9, 0.8]), torch.tensor([0.5, 0.0])
-    with ops.use_backend("triton"):
-        torch.library.opcheck(sde_ops._sde_step_op, (x, v, sigma, sigma_next, v_ref, sigma, None, 7, "cps", 0.6, None, False))
-        torch.library.opcheck(sde_ops._sde_log_prob_op, (x, v.requires_grad_(True), x_next, v_ref, sigma, sigma_next, "flow_grpo", 0.7, None))
+    torch.library.opcheck(sde_ops._sde_step_op, (x, v, sigma, sigma_next, v_ref, sigma, None, 7, "cps", 0.6, None, False, backend))
+    torch.library.opcheck(sde_ops._sde_log_prob_op, (x, v.requires_grad_(True), x_next, v_ref, sigma, sigma_next, "flow_grpo", 0.7, None, backend))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -490,20 +542,25 @@ def test_custom_ops_pass_opcheck():
 # ----------------------------------------------------------------------------------------------
 
 
-def test_kernels_write_every_output_element(monkeypatch):
+@pytest.mark.parametrize("backend", FUSED)
+def test_fused_paths_write_every_output_element(backend, monkeypatch):
     from euphonium.kernels import sde as kernels
+    from euphonium.ops import _sde_torch
 
-    monkeypatch.setattr(kernels, "_alloc", lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype, device=device))
+    poisoned = lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype, device=device)  # noqa: E731
+    monkeypatch.setattr(kernels if backend == "triton" else _sde_torch, "_alloc", poisoned)
+    if backend == "torch":
+        monkeypatch.setattr(_sde_torch, "BLOCK_ELEMENTS", 1000)  # slices of the second case's samples
     for shape, dtype in (((3, 5, 7), torch.float32), ((2, 3, 37, 41), torch.bfloat16)):
         for schedule in SCHEDULES:
             case = make_case(shape, dtype, schedule, True, True, "cpu")
-            out = run_step(case, schedule, "triton", noise=False, seed=5)
+            out = run_step(case, schedule, backend, noise=False, seed=5)
             assert torch.isfinite(out.x_next).all() and torch.isfinite(out.x0_pred).all()
             if schedule == "ode":
                 continue
             assert torch.isfinite(out.log_prob).all()
             v = case["v"].clone().requires_grad_(True)
-            with ops.use_backend("triton"):
+            with ops.use_backend(backend):
                 lp, kl = ops.sde_log_prob(case["x"], v, out.x_next, case["sigma"], case["sigma_next"],
                                           schedule=schedule, noise_level=case["a"], sigma_max=SIGMA_MAX,
                                           v_ref=torch.randn(shape).to(dtype))
@@ -521,20 +578,37 @@ def test_philox_integer_stream_is_tritons():
     import triton.language as tl
 
     @triton.jit
-    def randint_kernel(out_ptr, seed, n, BLOCK: tl.constexpr):
+    def randint_kernel(out_ptr, seed, base, n, BLOCK: tl.constexpr):
         o = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        r0, r1, r2, r3 = tl.randint4x(seed, o)
+        r0, r1, r2, r3 = tl.randint4x(seed, o.to(tl.int64) + base)
         tl.store(out_ptr + o * 4 + 0, r0.to(tl.int64) & 0xFFFFFFFF, mask=o < n)
         tl.store(out_ptr + o * 4 + 1, r1.to(tl.int64) & 0xFFFFFFFF, mask=o < n)
         tl.store(out_ptr + o * 4 + 2, r2.to(tl.int64) & 0xFFFFFFFF, mask=o < n)
         tl.store(out_ptr + o * 4 + 3, r3.to(tl.int64) & 0xFFFFFFFF, mask=o < n)
 
     n = 300
-    for seed in (0, int(torch.randint(1, 2**31 - 1, ()).item()), 2**40 + int(torch.randint(0, 2**20, ()).item())):
+    seeds = (0, int(torch.randint(1, 2**31 - 1, ()).item()), 2**40 + int(torch.randint(0, 2**20, ()).item()), 2**64 - 1)
+    # Counters from 0, and across 2^32 (the high counter word goes from 0 to 1).
+    for seed, base in zip(seeds, (0, 2**32 - 150, 0, 2**33 - 100)):
         out = torch.empty(n, 4, dtype=torch.int64)
-        randint_kernel[(3,)](out, seed, n, BLOCK=128)
-        ours = torch.stack(sde_ops.philox4x32(seed, torch.arange(n)), dim=1)
-        assert torch.equal(out, ours), seed
+        randint_kernel[(3,)](out, seed, base, n, BLOCK=128)
+        ours = torch.stack(sde_ops.philox4x32(seed, base + torch.arange(n)), dim=1)
+        assert torch.equal(out, ours), (seed, base)
+
+
+def test_philox_randn_offsets_and_chunks(monkeypatch):
+    from euphonium.ops import philox
+
+    seed = int(torch.randint(0, 2**63 - 1, ()).item())
+    full = ops.philox_randn(seed, 5000)
+    monkeypatch.setattr(philox, "CHUNK", 777)  # several chunks, a ragged last one
+    assert torch.equal(ops.philox_randn(seed, 5000), full)
+    assert torch.equal(ops.philox_randn(seed, 1234, offset=3000), full[3000:4234])
+    # The normals from the integer stream, as Triton's uint_to_uniform_float and Box-Muller do them.
+    w0, w1, _, _ = philox.philox4x32(seed, torch.arange(5000))
+    uniform = [torch.where(w >= 2**31, 2**32 - 1 - w, w).to(torch.float32) * torch.tensor(4.6566127342e-10) for w in (w0, w1)]
+    expected = torch.sqrt(-2.0 * torch.log(uniform[0].clamp_min(1e-7))) * torch.cos(6.283185307179586 * uniform[1])
+    assert torch.equal(full, expected)
 
 
 def test_philox_normals_match_tl_randn():
@@ -547,11 +621,12 @@ def test_philox_normals_match_tl_randn():
                 outs[backend] = ops.sde_step(x, v, 0.8, 0.6, schedule="dance_grpo", noise_level=0.5, seed=seed)
         # Same integer stream; log/cos may differ in the last bits between numpy/GPU and torch.
         torch.testing.assert_close(outs["triton"].x_next, outs["reference"].x_next, atol=5e-6, rtol=5e-6)
+        torch.testing.assert_close(outs["torch"].x_next, outs["reference"].x_next, atol=1e-6, rtol=1e-6)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_noise_statistics_and_seeds(backend):
-    n = 200_000 if backend == "reference" else 8192
+    n = 8192 if backend == "triton" else 200_000
     x, v = torch.randn(2, n // 2), torch.randn(2, n // 2)
     sigma, sigma_next = 0.8, 0.5
     with ops.use_backend(backend):
@@ -635,10 +710,11 @@ def test_bad_inputs_name_the_argument(backend):
                 call()
 
 
-def test_fused_step_refuses_inputs_that_require_grad():
+@pytest.mark.parametrize("backend", FUSED)
+def test_fused_step_refuses_inputs_that_require_grad(backend):
     # The fused step has no backward: a graph through it would silently lose the gradient.
     x, v = torch.randn(2, 3, 4), torch.randn(2, 3, 4, requires_grad=True)
-    with ops.use_backend("triton"):
+    with ops.use_backend(backend):
         with pytest.raises(ValueError, match="v requires grad"):
             ops.sde_step(x, v, 0.5, 0.4, seed=1)
         with torch.no_grad():
@@ -702,6 +778,7 @@ def test_gpu_log_prob_and_backward(schedule, dtype):
 @pytest.mark.gpu
 def test_gpu_same_bits_and_noise():
     check_same_bits("auto", "cuda")
+    check_same_bits("torch", "cuda")
     x, v = torch.randn(4, 1 << 18, device="cuda"), torch.randn(4, 1 << 18, device="cuda")
     out = ops.sde_step(x, v, 0.8, 0.5, schedule="dance_grpo", noise_level=0.5, seed=123)
     with ops.use_backend("reference"):

@@ -1,11 +1,18 @@
-"""Which implementation an op runs: the fused Triton kernel or the eager PyTorch reference.
+"""Which implementation an op runs: a fused Triton kernel, the library's PyTorch path, or the eager reference.
 
 ``EUPHONIUM_BACKEND`` (read at each call) or the ``use_backend`` context manager chooses:
 
-- ``auto`` (default): CUDA tensors run the Triton kernels, CPU tensors the eager reference.
-- ``reference``: always the eager reference (the spec).
+- ``auto`` (default): CUDA tensors run the Triton kernels; CPU tensors run the op's PyTorch path
+  where it has one (``sde_step``, ``sde_log_prob``), else its eager reference.
+- ``reference``: always the eager reference (the spec, written the way peer trainers write it).
+- ``torch``: the op's PyTorch path on any device (the eager reference for ops without one): the
+  same arithmetic as the kernels (per-sample coefficients, fp32 on blocks small enough to stay in
+  cache, one log-prob reduction shared by the step and the log-prob) in plain PyTorch ops.
 - ``triton``: always the Triton kernels; on CPU tensors this needs ``TRITON_INTERPRET=1`` set
   before Triton is first imported, so that the kernels run in Triton's interpreter.
+
+``resolve(device, torch_path=...)`` turns the request into what runs: ``"triton"``, ``"torch"``
+(only for callers that pass ``torch_path=True``) or ``"reference"``.
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ from typing import Iterator
 
 import torch
 
-BACKENDS = ("auto", "reference", "triton")
+BACKENDS = ("auto", "reference", "torch", "triton")
 
 _local = threading.local()
 
@@ -45,7 +52,7 @@ def get_backend() -> str:
 
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
-    """Run the ops inside the block on backend ``name`` (``auto``, ``reference`` or ``triton``)."""
+    """Run the ops inside the block on backend ``name`` (``auto``, ``reference``, ``torch`` or ``triton``)."""
     if name not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
     previous = getattr(_local, "override", None)
@@ -56,13 +63,22 @@ def use_backend(name: str) -> Iterator[None]:
         _local.override = previous
 
 
-def resolve(device: torch.device) -> str:
-    """``"triton"`` or ``"reference"`` for tensors on ``device`` under the requested backend."""
+def resolve(device: torch.device, *, torch_path: bool = False) -> str:
+    """What runs for tensors on ``device`` under the requested backend.
+
+    ``torch_path``: the calling op has a PyTorch path of its own. Then the result is ``"triton"``,
+    ``"torch"`` or ``"reference"``; without it ``"torch"`` is never returned (those ops' PyTorch
+    path is their reference), so such callers see ``"triton"`` or ``"reference"`` only.
+    """
     name = get_backend()
     if name == "reference":
         return "reference"
+    if name == "torch":
+        return "torch" if torch_path else "reference"
     if name == "auto":
-        return "triton" if device.type == "cuda" and _triton_available() else "reference"
+        if device.type == "cuda" and _triton_available():
+            return "triton"
+        return "torch" if torch_path else "reference"
     if not _triton_available():
         raise RuntimeError("EUPHONIUM_BACKEND=triton but Triton is not installed")
     if device.type != "cuda" and not _interpreting():

@@ -22,8 +22,10 @@ Every mean is linear in ``v``: ``mean = a_x * x + k * v``; the training gradient
 
 The eager ``*_reference`` functions are the spec and the benchmark baseline: they are written the
 way Flow-GRPO / DanceGRPO trainers write the step (whole-tensor fp32 upcasts, one op at a time).
-On CUDA (or with ``EUPHONIUM_BACKEND=triton``) the public functions run one fused Triton kernel
-per direction from ``euphonium.kernels.sde``.
+The public functions run (``euphonium.ops._backend``): on CUDA (or with ``EUPHONIUM_BACKEND=triton``)
+one fused Triton kernel per direction from ``euphonium.kernels.sde``; on CPU tensors (or with
+``EUPHONIUM_BACKEND=torch``) the same arithmetic in PyTorch ops over cache-sized blocks
+(``euphonium.ops._sde_torch``); with ``EUPHONIUM_BACKEND=reference`` the eager reference.
 """
 
 from __future__ import annotations
@@ -34,8 +36,11 @@ from typing import NamedTuple, Optional, Tuple, Union
 
 import torch
 
+from euphonium.ops import _sde_torch
+from euphonium.ops._sde_torch import compute_dtype
 from euphonium.ops._backend import resolve
 from euphonium.ops._checks import check_float_tensor, check_like, per_sample
+from euphonium.ops.philox import draw_seed, philox4x32, philox_randn  # noqa: F401 (re-exported)
 
 SCHEDULES = ("flow_grpo", "dance_grpo", "cps", "ode")
 LOGPROB_MEANS = ("unguided", "guided")
@@ -58,81 +63,8 @@ class SDEStepOutput(NamedTuple):
 
 
 # ----------------------------------------------------------------------------------------------
-# Philox noise: the counter-based generator of ``triton.language.random`` (Philox4x32-10 and its
-# Box-Muller transform), written with torch integer ops so that the reference backend draws the
-# stream the kernels draw: element ``i`` of the flattened ``[B, ...]`` tensor is
-# ``tl.randn(seed, i)``. The 32-bit products are split in 16-bit halves to stay inside int64.
-# ----------------------------------------------------------------------------------------------
-
-_MASK32 = 0xFFFFFFFF
-_PHILOX_KEY_A, _PHILOX_KEY_B = 0x9E3779B9, 0xBB67AE85
-_PHILOX_ROUND_A, _PHILOX_ROUND_B = 0xD2511F53, 0xCD9E8D57
-_PHILOX_ROUNDS = 10
-
-
-def _mul_hi_lo(a: torch.Tensor, b: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """High and low 32 bits of ``a * b`` for ``a`` in ``[0, 2^32)`` (int64 tensor), ``b`` a uint32."""
-    b_hi, b_lo = b >> 16, b & 0xFFFF
-    p_hi, p_lo = a * b_hi, a * b_lo  # each < 2^48
-    hi = (p_hi + (p_lo >> 16)) >> 16
-    lo = (((p_hi & 0xFFFF) << 16) + p_lo) & _MASK32
-    return hi, lo
-
-
-def philox4x32(seed: int, offset: torch.Tensor) -> Tuple[torch.Tensor, ...]:
-    """Philox4x32-10 of counter ``(offset_lo, offset_hi, 0, 0)`` and key ``(seed_lo, seed_hi)``.
-
-    ``offset``: int64 tensor of non-negative counters. Returns four int64 tensors holding uint32
-    values, bit-exact with Triton's ``tl.randint4x(seed, offset)`` (read as unsigned).
-    """
-    c0, c1 = offset & _MASK32, offset >> 32
-    c2 = torch.zeros_like(c0)
-    c3 = torch.zeros_like(c0)
-    k0, k1 = seed & _MASK32, (seed >> 32) & _MASK32
-    for _ in range(_PHILOX_ROUNDS):
-        hi_b, lo_b = _mul_hi_lo(c2, _PHILOX_ROUND_B)
-        hi_a, lo_a = _mul_hi_lo(c0, _PHILOX_ROUND_A)
-        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
-        k0 = (k0 + _PHILOX_KEY_A) & _MASK32
-        k1 = (k1 + _PHILOX_KEY_B) & _MASK32
-    return c0, c1, c2, c3
-
-
-def philox_randn(seed: int, numel: int, device: Union[str, torch.device] = "cpu") -> torch.Tensor:
-    """``numel`` standard normal float32 values: element ``i`` is Triton's ``tl.randn(seed, i)``.
-
-    The integer stream (Philox4x32-10 keyed by the 64-bit ``seed``, counter ``(i_lo, i_hi, 0, 0)``)
-    and the uniform floats are bit-exact; the Box-Muller transform
-    ``sqrt(-2 log max(u1, 1e-7)) * cos(2 pi u2)`` goes through torch's ``log``/``cos``, which can
-    differ from the GPU's in the last bits.
-    """
-    c0, c1, _, _ = philox4x32(seed, torch.arange(numel, dtype=torch.int64, device=device))
-    u1, u2 = _uint32_to_uniform(c0), _uint32_to_uniform(c1)
-    u1 = torch.clamp_min(u1, torch.tensor(1e-7, dtype=torch.float32))
-    theta = u2 * torch.tensor(2 * math.pi, dtype=torch.float32)
-    return torch.sqrt(torch.log(u1) * -2.0) * torch.cos(theta)
-
-
-def _uint32_to_uniform(u: torch.Tensor) -> torch.Tensor:
-    # Triton's uint_to_uniform_float: reinterpret as int32, fold negatives with ~x, scale to [0, 1).
-    signed = torch.where(u >= 2**31, u - 2**32, u)
-    folded = torch.where(signed < 0, -signed - 1, signed)
-    return folded.to(torch.float32) * torch.tensor(4.6566127342e-10, dtype=torch.float32)
-
-
-def draw_seed() -> int:
-    """A fresh Philox seed from torch's default CPU generator (``torch.manual_seed`` reproduces it)."""
-    return int(torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64).item())
-
-
-# ----------------------------------------------------------------------------------------------
 # Eager reference (the spec).
 # ----------------------------------------------------------------------------------------------
-
-
-def _compute_dtype(t: torch.Tensor) -> torch.dtype:
-    # fp32 arithmetic for every input dtype; float64 inputs stay float64 (gradcheck).
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
 def _per_sample_view(value: Scalar, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -150,7 +82,7 @@ def _schedule_scale(schedule: str, noise_level: float) -> float:
 
 def _mean_std_reference(x, v, sigma, sigma_next, schedule, noise_level, sigma_max):
     """Eager ``(mean, std, x0_pred)`` in the compute dtype, sigmas as [B, 1, ...] views."""
-    ct = _compute_dtype(x)
+    ct = compute_dtype(x)
     x = x.to(ct)
     v = v.to(ct)
     sigma = _per_sample_view(sigma, x, ct)
@@ -409,7 +341,8 @@ def sde_step(
         per_sample("guidance_scale", guidance_scale, x.shape[0], x.device)
         raise ValueError("guidance_scale is set but reward_grad is None; pass the reward gradient to guide the step")
 
-    if resolve(x.device) == "reference":
+    backend = resolve(x.device, torch_path=True)
+    if backend == "reference":
         if noise is None and schedule != "ode":
             noise = philox_randn(draw_seed() if seed is None else seed, x.numel(), x.device).reshape(x.shape)
         return sde_step_reference(
@@ -423,24 +356,33 @@ def sde_step(
                         ("sigma_next", sigma_next), ("guidance_scale", guidance_scale)):
             if isinstance(t, torch.Tensor) and t.requires_grad:
                 raise ValueError(
-                    f"sde_step's fused kernel is not differentiable, but {name} requires grad: run the rollout under "
-                    "torch.no_grad() and train through sde_log_prob, or use the reference backend (differentiable "
-                    "by autograd) with EUPHONIUM_BACKEND=reference"
+                    f"sde_step's fused step ({backend} backend) is not differentiable, but {name} requires grad: run "
+                    "the rollout under torch.no_grad() and train through sde_log_prob, or use the reference backend "
+                    "(differentiable by autograd) with EUPHONIUM_BACKEND=reference"
                 )
     if noise is None and seed is None and schedule != "ode":
         seed = draw_seed()
     args = (x, v, sigma_t, sigma_next_t, reward_grad, scale_t, noise, 0 if seed is None else seed, schedule,
-            _schedule_scale(schedule, noise_level), sigma_max, logprob_mean == "guided")
+            _schedule_scale(schedule, noise_level), sigma_max, logprob_mean == "guided", backend)
     if torch.compiler.is_compiling():
         x_next, log_prob, x0_pred = _sde_step_op(*args)
         log_prob = None if schedule == "ode" else log_prob
     else:
-        x_next, log_prob, x0_pred = _sde_step_triton(*args)
+        x_next, log_prob, x0_pred = _fused_step(*args)
     return SDEStepOutput(x_next, log_prob, x0_pred)
 
 
-def _sde_step_triton(x, v, sigma, sigma_next, reward_grad, guidance_scale, noise, seed, schedule, scale, sigma_max,
-                     guided_logprob):
+# ----------------------------------------------------------------------------------------------
+# The fused paths: Triton kernels (euphonium.kernels.sde) or their PyTorch counterpart
+# (euphonium.ops._sde_torch), with one signature per direction; ``backend`` picks.
+# ----------------------------------------------------------------------------------------------
+
+
+def _fused_step(x, v, sigma, sigma_next, reward_grad, guidance_scale, noise, seed, schedule, scale, sigma_max,
+                guided_logprob, backend):
+    if backend == "torch":
+        return _sde_torch.sde_step(x, v, sigma, sigma_next, reward_grad, guidance_scale, noise, seed, schedule, scale,
+                                   sigma_max, guided_logprob)
     from euphonium.kernels import sde as kernels
 
     return kernels.sde_step_forward(
@@ -449,7 +391,9 @@ def _sde_step_triton(x, v, sigma, sigma_next, reward_grad, guidance_scale, noise
     )
 
 
-def _sde_log_prob_triton(x, v, x_next, v_ref, sigma, sigma_next, schedule, scale, sigma_max):
+def _fused_log_prob(x, v, x_next, v_ref, sigma, sigma_next, schedule, scale, sigma_max, backend):
+    if backend == "torch":
+        return _sde_torch.sde_log_prob(x, v, x_next, v_ref, sigma, sigma_next, schedule, scale, sigma_max)
     from euphonium.kernels import sde as kernels
 
     return kernels.sde_log_prob_forward(
@@ -457,36 +401,44 @@ def _sde_log_prob_triton(x, v, x_next, v_ref, sigma, sigma_next, schedule, scale
     )
 
 
-def _sde_log_prob_backward_triton(grad_log_prob, grad_kl, x, v, x_next, v_ref, sigma, sigma_next, schedule, scale,
-                                  sigma_max):
+def _fused_log_prob_backward(grad_log_prob, grad_kl, x, v, x_next, v_ref, sigma, sigma_next, schedule, scale,
+                             sigma_max, backend):
+    grad_kl = grad_kl if v_ref is not None else None
+    if backend == "torch":
+        return _sde_torch.sde_log_prob_backward(grad_log_prob, grad_kl, x, v, x_next, v_ref, sigma, sigma_next,
+                                                schedule, scale, sigma_max)
     from euphonium.kernels import sde as kernels
 
     return kernels.sde_log_prob_backward(
-        grad_log_prob, grad_kl if v_ref is not None else None, x, v, x_next, sigma, sigma_next,
+        grad_log_prob, grad_kl, x, v, x_next, sigma, sigma_next,
         v_ref=v_ref, schedule=schedule, scale=scale, sigma_max=sigma_max,
     )
 
 
+def _log_prob_dtype(x: torch.Tensor, backend: str) -> torch.dtype:
+    # The kernels return fp32; the PyTorch path keeps float64 inputs in float64 (gradcheck).
+    return torch.float64 if backend == "torch" and x.dtype == torch.float64 else torch.float32
+
+
 class _SDELogProb(torch.autograd.Function):
-    """Fused log-prob (and KL); the backward is one fused kernel that recomputes the mean from the
-    saved inputs (no intermediate is saved): ``grad_v = g_lp k (x_next - mean) / (var N)
-    + g_kl k^2 (v - v_ref) / (var N)``."""
+    """Fused log-prob (and KL); the backward recomputes the mean from the saved inputs (no
+    intermediate is saved): ``grad_v = g_lp k (x_next - mean) / (var N) + g_kl k^2 (v - v_ref) / (var N)``."""
 
     @staticmethod
-    def forward(ctx, x, v, x_next, v_ref, sigma, sigma_next, schedule, scale, sigma_max):
-        log_prob, kl = _sde_log_prob_triton(x, v, x_next, v_ref, sigma, sigma_next, schedule, scale, sigma_max)
+    def forward(ctx, x, v, x_next, v_ref, sigma, sigma_next, schedule, scale, sigma_max, backend):
+        log_prob, kl = _fused_log_prob(x, v, x_next, v_ref, sigma, sigma_next, schedule, scale, sigma_max, backend)
         ctx.save_for_backward(x, v, x_next, v_ref, sigma, sigma_next)
-        ctx.config = (schedule, scale, sigma_max)
+        ctx.config = (schedule, scale, sigma_max, backend)
         return log_prob, kl
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_log_prob, grad_kl):
-        grad_v = _sde_log_prob_backward_triton(grad_log_prob, grad_kl, *ctx.saved_tensors, *ctx.config)
-        return None, grad_v, None, None, None, None, None, None, None
+        grad_v = _fused_log_prob_backward(grad_log_prob, grad_kl, *ctx.saved_tensors, *ctx.config)
+        return None, grad_v, None, None, None, None, None, None, None, None
 
 
-# The same kernels as torch.library custom ops, so that torch.compile traces through the public
+# The same paths as torch.library custom ops, so that torch.compile traces through the public
 # functions (used only while compiling: in eager mode the dispatcher's per-call overhead, tens of
 # microseconds, would be a sizeable fraction of a step on mid-sized latents).
 
@@ -495,64 +447,68 @@ class _SDELogProb(torch.autograd.Function):
 def _sde_step_op(
     x: torch.Tensor, v: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor,
     reward_grad: Optional[torch.Tensor], guidance_scale: Optional[torch.Tensor], noise: Optional[torch.Tensor],
-    seed: int, schedule: str, scale: float, sigma_max: Optional[float], guided_logprob: bool,
+    seed: int, schedule: str, scale: float, sigma_max: Optional[float], guided_logprob: bool, backend: str,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    x_next, log_prob, x0_pred = _sde_step_triton(
-        x, v, sigma, sigma_next, reward_grad, guidance_scale, noise, seed, schedule, scale, sigma_max, guided_logprob
+    x_next, log_prob, x0_pred = _fused_step(
+        x, v, sigma, sigma_next, reward_grad, guidance_scale, noise, seed, schedule, scale, sigma_max, guided_logprob,
+        backend,
     )
-    return x_next, x.new_empty(0, dtype=torch.float32) if log_prob is None else log_prob, x0_pred
+    empty = x.new_empty(0, dtype=_log_prob_dtype(x, backend))
+    return x_next, empty if log_prob is None else log_prob, x0_pred
 
 
 @_sde_step_op.register_fake
-def _(x, v, sigma, sigma_next, reward_grad, guidance_scale, noise, seed, schedule, scale, sigma_max, guided_logprob):
+def _(x, v, sigma, sigma_next, reward_grad, guidance_scale, noise, seed, schedule, scale, sigma_max, guided_logprob,
+      backend):
     batch = 0 if schedule == "ode" else x.shape[0]
-    return x.new_empty(x.shape), x.new_empty(batch, dtype=torch.float32), x.new_empty(x.shape)
+    return x.new_empty(x.shape), x.new_empty(batch, dtype=_log_prob_dtype(x, backend)), x.new_empty(x.shape)
 
 
 @torch.library.custom_op("euphonium::sde_log_prob", mutates_args=())
 def _sde_log_prob_op(
     x: torch.Tensor, v: torch.Tensor, x_next: torch.Tensor, v_ref: Optional[torch.Tensor], sigma: torch.Tensor,
-    sigma_next: torch.Tensor, schedule: str, scale: float, sigma_max: Optional[float],
+    sigma_next: torch.Tensor, schedule: str, scale: float, sigma_max: Optional[float], backend: str,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    log_prob, kl = _sde_log_prob_triton(x, v, x_next, v_ref, sigma, sigma_next, schedule, scale, sigma_max)
-    return log_prob, x.new_empty(0, dtype=torch.float32) if kl is None else kl
+    log_prob, kl = _fused_log_prob(x, v, x_next, v_ref, sigma, sigma_next, schedule, scale, sigma_max, backend)
+    return log_prob, x.new_empty(0, dtype=log_prob.dtype) if kl is None else kl
 
 
 @_sde_log_prob_op.register_fake
-def _(x, v, x_next, v_ref, sigma, sigma_next, schedule, scale, sigma_max):
-    return x.new_empty(x.shape[0], dtype=torch.float32), x.new_empty(0 if v_ref is None else x.shape[0], dtype=torch.float32)
+def _(x, v, x_next, v_ref, sigma, sigma_next, schedule, scale, sigma_max, backend):
+    dtype = _log_prob_dtype(x, backend)
+    return x.new_empty(x.shape[0], dtype=dtype), x.new_empty(0 if v_ref is None else x.shape[0], dtype=dtype)
 
 
 @torch.library.custom_op("euphonium::sde_log_prob_backward", mutates_args=())
 def _sde_log_prob_backward_op(
     grad_log_prob: torch.Tensor, grad_kl: Optional[torch.Tensor], x: torch.Tensor, v: torch.Tensor,
     x_next: torch.Tensor, v_ref: Optional[torch.Tensor], sigma: torch.Tensor, sigma_next: torch.Tensor,
-    schedule: str, scale: float, sigma_max: Optional[float],
+    schedule: str, scale: float, sigma_max: Optional[float], backend: str,
 ) -> torch.Tensor:
-    return _sde_log_prob_backward_triton(
-        grad_log_prob, grad_kl, x, v, x_next, v_ref, sigma, sigma_next, schedule, scale, sigma_max
+    return _fused_log_prob_backward(
+        grad_log_prob, grad_kl, x, v, x_next, v_ref, sigma, sigma_next, schedule, scale, sigma_max, backend
     )
 
 
 @_sde_log_prob_backward_op.register_fake
-def _(grad_log_prob, grad_kl, x, v, x_next, v_ref, sigma, sigma_next, schedule, scale, sigma_max):
+def _(grad_log_prob, grad_kl, x, v, x_next, v_ref, sigma, sigma_next, schedule, scale, sigma_max, backend):
     return v.new_empty(v.shape)
 
 
 def _sde_log_prob_op_setup(ctx, inputs, output):
-    x, v, x_next, v_ref, sigma, sigma_next, schedule, scale, sigma_max = inputs
+    x, v, x_next, v_ref, sigma, sigma_next, schedule, scale, sigma_max, backend = inputs
     ctx.save_for_backward(x, v, x_next, v_ref, sigma, sigma_next)
-    ctx.config = (schedule, scale, sigma_max)
+    ctx.config = (schedule, scale, sigma_max, backend)
 
 
 def _sde_log_prob_op_backward(ctx, grad_log_prob, grad_kl):
     x, v, x_next, v_ref, sigma, sigma_next = ctx.saved_tensors
     if grad_log_prob is None:
-        grad_log_prob = torch.zeros(x.shape[0], dtype=torch.float32, device=x.device)
+        grad_log_prob = torch.zeros(x.shape[0], dtype=_log_prob_dtype(x, ctx.config[-1]), device=x.device)
     grad_v = _sde_log_prob_backward_op(
         grad_log_prob, grad_kl if v_ref is not None else None, x, v, x_next, v_ref, sigma, sigma_next, *ctx.config
     )
-    return None, grad_v, None, None, None, None, None, None, None
+    return None, grad_v, None, None, None, None, None, None, None, None
 
 
 _sde_log_prob_op.register_autograd(_sde_log_prob_op_backward, setup_context=_sde_log_prob_op_setup)
@@ -600,11 +556,13 @@ def sde_log_prob(
             raise ValueError(f"sde_log_prob is differentiable in v only, but {name} requires grad; detach it")
     sigma_t, sigma_next_t = _check_sigmas(sigma, sigma_next, x, schedule, sigma_max)
 
-    if resolve(x.device) == "reference":
+    backend = resolve(x.device, torch_path=True)
+    if backend == "reference":
         return sde_log_prob_reference(
             x, v, x_next, sigma_t, sigma_next_t, schedule=schedule, noise_level=noise_level, sigma_max=sigma_max,
             v_ref=v_ref,
         )
-    args = (x, v, x_next, v_ref, sigma_t, sigma_next_t, schedule, _schedule_scale(schedule, noise_level), sigma_max)
+    args = (x, v, x_next, v_ref, sigma_t, sigma_next_t, schedule, _schedule_scale(schedule, noise_level), sigma_max,
+            backend)
     log_prob, kl = _sde_log_prob_op(*args) if torch.compiler.is_compiling() else _SDELogProb.apply(*args)
     return log_prob if v_ref is None else (log_prob, kl)
