@@ -34,7 +34,7 @@ from euphonium.ops._checks import check_positive
 SCHEDULES = ("flow_grpo", "dance_grpo", "cps", "ode")
 GUIDANCE_FORMS = ("lambda", "kl")
 LOGPROB_MEANS = ("unguided", "guided")
-STEP_NOISE = ("kernel", "generator")
+STEP_NOISE = ("auto", "kernel", "generator")
 
 VelocityFn = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
 
@@ -175,7 +175,10 @@ class SamplerConfig:
             samples, given to :func:`rollout`) instead of one per sample.
         step_noise: ``kernel``: the SDE noise is drawn inside ``ops.sde_step`` from a per-step seed that
             the rollout's generator draws (no noise tensor in memory); ``generator``: drawn with
-            ``torch.randn(..., generator=...)`` like a diffusers pipeline and passed to the op.
+            ``torch.randn(..., generator=...)`` like a diffusers pipeline and passed to the op;
+            ``auto`` (default): ``kernel`` for a CUDA rollout, ``generator`` elsewhere (Philox in
+            PyTorch integer ops costs about 10x ``torch.randn`` on a CPU). Either way the seed fixes
+            the rollout; the two draw different noise, so a CPU and a CUDA rollout of one seed differ.
     """
 
     num_steps: int = 16
@@ -196,7 +199,7 @@ class SamplerConfig:
     grad_max_norm: Optional[float] = None
     logprob_mean: str = "unguided"
     same_initial_noise: bool = False
-    step_noise: str = "kernel"
+    step_noise: str = "auto"
 
     def __post_init__(self) -> None:
         n = _int("SamplerConfig.num_steps", self.num_steps, minimum=1)
@@ -282,6 +285,12 @@ class SamplerConfig:
             return []
         end = self.num_steps if self.guidance_end is None else min(self.guidance_end, self.num_steps)
         return list(range(self.guidance_start, end, self.guidance_interval))
+
+    def step_noise_source(self, device: Union[str, torch.device]) -> str:
+        """``"kernel"`` or ``"generator"``: where a rollout on ``device`` draws its SDE noise (``step_noise``)."""
+        if self.step_noise != "auto":
+            return self.step_noise
+        return "kernel" if torch.device(device).type == "cuda" else "generator"
 
     def draw_sde_window(self, generator: Optional[torch.Generator] = None) -> Tuple[int, int]:
         """The ``(start, end)`` SDE steps of one rollout; a random window draws its start from ``generator``."""
@@ -574,6 +583,7 @@ def rollout(
         raise ValueError("give either shape (noise is drawn) or noise (the initial latents), not both")
 
     generator = _make_generator(seed, device)
+    noise_source = config.step_noise_source(device)
     x = _initial_noise(shape, noise, dtype, device, generator, config.same_initial_noise, group_size)
     batch = x.shape[0]
     if prm is not None and prm_cond is None:
@@ -623,7 +633,7 @@ def rollout(
             process_reward[:, j] = reward.float()
             guided[j] = True
             shifts.append(c * reward_grad.float())
-        if config.step_noise == "generator":
+        if noise_source == "generator":
             step_noise = _randn(x.shape, generator, device)
         else:
             step_seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device).item())

@@ -327,7 +327,7 @@ def test_random_window_per_rollout(wan, cond):
     assert torch.equal(again.sde_steps, traj.sde_steps) and torch.equal(again.latents, traj.latents)
 
 
-@pytest.mark.parametrize("step_noise", ["kernel", "generator"])
+@pytest.mark.parametrize("step_noise", ["auto", "kernel", "generator"])
 def test_seeds_reproduce(wan, cond, step_noise):
     config = preset("dance_grpo", num_steps=5, step_noise=step_noise)
     model = DiffusersFlowModel(wan)
@@ -338,6 +338,19 @@ def test_seeds_reproduce(wan, cond, step_noise):
     for name in ("latents", "log_prob", "x0", "final_latent"):
         assert torch.equal(getattr(a, name), getattr(b, name)), name
         assert not torch.equal(getattr(a, name), getattr(c, name)), name
+
+
+def test_auto_step_noise_is_the_kernels_on_cuda_and_the_generators_elsewhere(wan, cond):
+    config = preset("dance_grpo", num_steps=4)
+    assert config.step_noise == "auto"
+    assert config.step_noise_source("cuda") == "kernel" and config.step_noise_source(torch.device("cpu")) == "generator"
+    assert config.replace(step_noise="kernel").step_noise_source("cpu") == "kernel"
+    model = DiffusersFlowModel(wan)
+    seed = int(torch.randint(0, 2**31, ()))
+    auto = rollout(model, cond, config, shape=SHAPE, group_size=2, seed=seed)
+    for source, same in (("generator", True), ("kernel", False)):
+        other = rollout(model, cond, config.replace(step_noise=source), shape=SHAPE, group_size=2, seed=seed)
+        assert torch.equal(other.latents, auto.latents) == same and torch.equal(other.log_prob, auto.log_prob) == same
 
 
 def test_shared_initial_noise_per_group(wan, cond):
