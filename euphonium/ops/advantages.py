@@ -48,7 +48,9 @@ def group_advantages(
         Advantages of the shape of ``rewards`` (not differentiable: they are constants of the
         GRPO loss), float32 (float64 for float64 rewards). A group whose
         rewards in a column are all equal gets exactly 0 there. On CUDA one Triton launch computes
-        every group and column (fp32 accumulation); on CPU the eager reference runs.
+        every group and column (fp32 accumulation); on CPU contiguous groups (``group_size``) are
+        reduced as a ``[B / group_size, group_size, K]`` view (``group_advantages_contiguous``) and
+        ``group_ids`` go through the eager reference.
     """
     check_float_tensor("rewards", rewards)
     if rewards.dim() > 2:
@@ -71,7 +73,11 @@ def group_advantages(
     check_finite("rewards", rewards)
     rewards = rewards.detach()  # advantages are constants of the policy-gradient loss
 
-    if resolve(rewards.device) == "reference":
+    backend = resolve(rewards.device, torch_path=True)
+    if backend == "torch" and group_size is not None:
+        return group_advantages_contiguous(rewards, group_size, eps=eps, unbiased=unbiased, global_std=global_std,
+                                           clip=clip)
+    if backend != "triton":
         ids = group_ids if group_ids is not None else contiguous_group_ids(batch, group_size, rewards.device)
         return group_advantages_ref(rewards, ids, eps=eps, unbiased=unbiased, global_std=global_std, clip=clip)
 
@@ -123,6 +129,40 @@ def segment_layout(
     group_end = end_if_last.flip(0).cummin(0).values.flip(0)
     seg_end = torch.where(is_first, group_end, pos)
     return order.to(torch.int32), seg_end.to(torch.int32)
+
+
+def group_advantages_contiguous(
+    rewards: torch.Tensor,
+    group_size: int,
+    *,
+    eps: float = 1e-8,
+    unbiased: bool = True,
+    global_std: bool = False,
+    clip: Optional[float] = None,
+) -> torch.Tensor:
+    """:func:`group_advantages` of contiguous groups (the PyTorch path; inputs validated by it).
+
+    The groups are a ``[B / group_size, group_size, K]`` view of the rewards, so every statistic is
+    one reduction over the group dimension: no group ids, sort or scatter. Same arithmetic as the
+    reference (float32, or float64 for float64 rewards; two-pass variance; all-equal groups exactly 0).
+    """
+    dtype = torch.promote_types(rewards.dtype, torch.float32)
+    batch = rewards.shape[0]
+    r = rewards.reshape(batch // group_size, group_size, -1).to(dtype)
+    centred = r - r.mean(1, keepdim=True)
+    if global_std:
+        flat = r.reshape(batch, -1)
+        denom = batch - 1 if unbiased and batch > 1 else batch
+        std = ((flat - flat.mean(0, keepdim=True)).square().sum(0) / denom).sqrt()
+    else:
+        std = (centred.square().sum(1, keepdim=True) / (max(group_size - 1, 1) if unbiased else group_size)).sqrt()
+    adv = centred / (std + eps)
+    lo, hi = torch.aminmax(r, dim=1, keepdim=True)
+    # Rounding in the mean would turn an all-equal group into +-ulp / eps: force the exact zero.
+    adv = adv.masked_fill_(hi == lo, 0.0)
+    if clip is not None:
+        adv = adv.clamp_(-clip, clip)
+    return adv.reshape(rewards.shape)
 
 
 def group_advantages_ref(
