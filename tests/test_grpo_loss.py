@@ -1,4 +1,4 @@
-"""ops.grpo_loss and ops.dual_reward_loss: both backends against float64 NumPy, gradcheck, errors."""
+"""ops.grpo_loss and ops.dual_reward_loss: every backend against float64 NumPy, gradcheck, errors."""
 
 import numpy as np
 import pytest
@@ -7,7 +7,7 @@ import torch
 from conftest import aot_compile
 from euphonium import ops
 
-BACKENDS = ["reference", "triton"]
+BACKENDS = ["reference", "torch", "triton"]
 
 
 def grpo_np(log_prob, old_log_prob, advantages, *, clip_range, adv_clip, kl=None, kl_coef=0.0):
@@ -78,7 +78,8 @@ def test_matches_numpy(backend, case, nan_poison):
         np.testing.assert_allclose(kl.grad.numpy(), grad_out.item() * dkl_np, rtol=1e-5, atol=1e-9)
 
 
-def test_gradcheck_reference():
+@pytest.mark.parametrize("backend", ["reference", "torch"])  # the kernels compute in fp32 only
+def test_gradcheck(backend):
     shape = (5, 4)
     old = torch.randn(shape, dtype=torch.float64)
     log_prob = (old + torch.randn(shape, dtype=torch.float64) * 0.4).requires_grad_()
@@ -86,14 +87,14 @@ def test_gradcheck_reference():
     kl = torch.rand(shape, dtype=torch.float64, requires_grad=True)
 
     def f(lp, k):
-        with ops.use_backend("reference"):
+        with ops.use_backend(backend):
             return ops.grpo_loss(lp, old, adv, clip_range=0.2, adv_clip=2.0, kl=k, kl_coef=0.1)[0]
 
     assert torch.autograd.gradcheck(f, (log_prob, kl))
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
-def test_triton_backward_matches_reference(dtype, tol, nan_poison):
+def test_fused_backwards_match_reference(dtype, tol, nan_poison):
     shape = (6, 11)
     log_prob, old, adv, kl = _inputs(shape, 0.1, adv_per_row=True, with_kl=True, dtype=dtype)
     grad_out = torch.rand(()) + 0.5
@@ -107,8 +108,9 @@ def test_triton_backward_matches_reference(dtype, tol, nan_poison):
         (loss * grad_out).backward()
         assert lp.grad.dtype == dtype
         grads[backend] = (loss.detach(), lp.grad, k.grad)
-    for ref, tri in zip(grads["reference"], grads["triton"]):
-        torch.testing.assert_close(tri.float(), ref.float(), rtol=tol, atol=1e-8)
+    for backend in ("torch", "triton"):
+        for ref, fused in zip(grads["reference"], grads[backend]):
+            torch.testing.assert_close(fused.float(), ref.float(), rtol=tol, atol=1e-8)
 
 
 def test_only_log_prob_and_kl_get_gradients():

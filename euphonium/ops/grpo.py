@@ -56,8 +56,9 @@ def grpo_loss(
         ``policy_loss`` (the clipped term) and ``kl`` (``mean(kl)``, 0 without ``kl``). ``ratio - 1``
         and ``approx_kl`` come from a Taylor series for ``|log ratio| < 0.1``: in fp32 the direct
         differences would cancel at the ratios GRPO sees (``|log ratio| ~ 1e-4``).
-        On CUDA forward and backward are each one fused Triton kernel; the backward recomputes the
-        ratio rather than saving it.
+        On CUDA forward and backward are each one fused Triton kernel, on the CPU a custom autograd
+        function of PyTorch ops; both backwards recompute the ratio from the inputs rather than
+        saving it (the eager reference keeps about ten element-sized tensors for autograd).
     """
     loss, stats = grpo_loss_tensors(log_prob, old_log_prob, advantages, clip_range=clip_range,
                                     adv_clip=adv_clip, kl=kl, kl_coef=kl_coef)
@@ -92,9 +93,13 @@ def grpo_loss_tensors(
     adv_clip = check_positive("adv_clip", adv_clip, allow_none=True)
     kl_coef = check_positive("kl_coef", kl_coef, allow_zero=True)
 
-    if resolve(log_prob.device) == "reference":
+    backend = resolve(log_prob.device, torch_path=True)
+    if backend == "reference":
         return grpo_loss_ref(log_prob, old_log_prob, advantages, clip_range=clip_range, adv_clip=adv_clip,
                              kl=kl, kl_coef=kl_coef)
+    if backend == "torch":
+        return _GRPOLossTorch.apply(log_prob, old_log_prob.detach(), advantages.detach(), kl, clip_range, adv_clip,
+                                    kl_coef)
     return _GRPOLoss.apply(log_prob.contiguous(), old_log_prob.detach().contiguous(),
                            advantages.detach().contiguous(), kl.contiguous() if kl is not None else None,
                            clip_range, adv_clip, kl_coef)
@@ -123,6 +128,61 @@ class _GRPOLoss(torch.autograd.Function):
                                         kl if ctx.needs_input_grad[3] else None,
                                         clip_range=clip_range, adv_clip=adv_clip, kl_coef=kl_coef)
         return dlogp if ctx.needs_input_grad[0] else None, None, None, dkl, None, None, None
+
+
+def _ratio_and_advantage(log_prob, old_log_prob, advantages, adv_clip):
+    """fp32 (float64 for float64 inputs) ``log ratio``, ``ratio`` and clamped advantages, ``[B, 1]`` when per sample."""
+    dtype = torch.promote_types(log_prob.dtype, torch.float32)
+    log_ratio = torch.sub(log_prob.to(dtype), old_log_prob.to(dtype))
+    adv = advantages.to(dtype)
+    if adv_clip is not None:
+        adv = adv.clamp(-adv_clip, adv_clip)
+    if adv.dim() < log_ratio.dim():
+        adv = adv.unsqueeze(1)
+    return log_ratio, torch.exp(log_ratio), adv
+
+
+class _GRPOLossTorch(torch.autograd.Function):
+    """The PyTorch path: the kernels' forward and backward in torch ops. Saves only the inputs; the
+    backward recomputes the ratio: ``d L / d log_prob = -A ratio / n`` except where the clipped
+    branch wins (``A (ratio - clip(ratio)) > 0``, flat), ``d L / d kl = kl_coef / n``."""
+
+    @staticmethod
+    def forward(ctx, log_prob, old_log_prob, advantages, kl, clip_range, adv_clip, kl_coef):
+        log_ratio, ratio, adv = _ratio_and_advantage(log_prob, old_log_prob, advantages, adv_clip)
+        neg_adv = adv.neg()
+        clipped = ratio.clamp(1 - clip_range, 1 + clip_range).mul_(neg_adv)
+        policy = torch.maximum(ratio * neg_adv, clipped).mean()
+        kl_mean = kl.to(policy.dtype).mean() if kl is not None else torch.zeros_like(policy)
+        loss = policy + kl_coef * kl_mean if kl is not None else policy
+        # Per element: [|ratio - 1| > clip_range, approx KL, ratio - 1]; their means in one reduction.
+        terms = torch.empty((3,) + log_ratio.shape, dtype=log_ratio.dtype, device=log_ratio.device)
+        approx_kl = _exp_minus_1_minus_x_into(log_ratio, ratio, terms[1])
+        ratio_minus_1 = torch.add(log_ratio, approx_kl, out=terms[2])
+        dev = ratio_minus_1.abs()
+        torch.gt(dev, clip_range, out=terms[0])
+        means = terms.reshape(3, -1).mean(1)
+        stats = torch.cat([means[:2], means[2:] + 1, dev.max()[None], policy[None], kl_mean[None]])
+        ctx.save_for_backward(log_prob, old_log_prob, advantages)
+        ctx.config = (clip_range, adv_clip, kl_coef, kl is not None and kl.requires_grad)
+        ctx.kl_like = (kl.shape, kl.dtype) if kl is not None else None
+        ctx.mark_non_differentiable(stats)
+        return loss, stats
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss, _grad_stats):
+        log_prob, old_log_prob, advantages = ctx.saved_tensors
+        clip_range, adv_clip, kl_coef, kl_grad = ctx.config
+        _, ratio, adv = _ratio_and_advantage(log_prob, old_log_prob, advantages, adv_clip)
+        g = grad_loss.to(ratio.dtype) / log_prob.numel()
+        flat = (ratio - ratio.clamp(1 - clip_range, 1 + clip_range)).mul_(adv) > 0
+        grad_lp = ratio.mul_(adv).mul_(-g).masked_fill_(flat, 0.0).to(log_prob.dtype)
+        grad_kl = None
+        if kl_grad:
+            shape, dtype = ctx.kl_like
+            grad_kl = (g * kl_coef).to(dtype).expand(shape).contiguous()
+        return grad_lp, None, None, grad_kl, None, None, None
 
 
 def grpo_loss_ref(
@@ -163,6 +223,16 @@ def exp_minus_1_minus_x(x: torch.Tensor) -> torch.Tensor:
     """``exp(x) - 1 - x`` accurate near 0 (Taylor series for ``|x| < 0.1``, where it cancels)."""
     series = x * x * (0.5 + x * (1 / 6 + x * (1 / 24 + x * (1 / 120 + x / 720))))
     return torch.where(x.abs() < 0.1, series, torch.exp(x) - 1 - x)
+
+
+def _exp_minus_1_minus_x_into(x: torch.Tensor, exp_x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """:func:`exp_minus_1_minus_x` written into ``out`` by in-place steps, given ``exp_x = exp(x)``
+    (the PyTorch path has it already): the same series, without its temporaries."""
+    torch.mul(x, 1 / 720, out=out).add_(1 / 120)
+    for c in (1 / 24, 1 / 6, 0.5):
+        out.mul_(x).add_(c)
+    out.mul_(x).mul_(x)
+    return torch.where(x.abs() < 0.1, out, (exp_x - 1).sub_(x), out=out)
 
 
 def dual_reward_advantages(
