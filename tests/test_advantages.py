@@ -187,6 +187,13 @@ def test_bad_input():
     bad2[6, 2] = torch.inf
     with pytest.raises(ValueError, match="first at sample 6"):
         ops.group_advantages(bad2, group_size=4)
+    # Finite rewards whose sum overflows are finite: the check must not stop at the sum.
+    huge = torch.tensor([3e38, 3e38, 1.0, 2.0, 2e38, 3e38, 0.5, 0.5])
+    assert (ops.group_advantages(huge, group_size=2)[[0, 1, 6, 7]] == 0).all()
+    bad3 = huge.clone()
+    bad3[4] = -torch.inf
+    with pytest.raises(ValueError, match="first at sample 4"):
+        ops.group_advantages(bad3, group_size=2)
     with pytest.raises(ValueError, match=r"rewards must be \[B\] or \[B, K\]"):
         ops.group_advantages(torch.randn(8, 2, 2), group_size=4)
     with pytest.raises(TypeError, match="rewards must be a floating-point tensor"):

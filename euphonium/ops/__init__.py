@@ -1,4 +1,4 @@
-"""Public, stable ops: fused Triton kernels on CUDA with eager PyTorch references (the spec)."""
+"""Public, stable ops: fused Triton kernels on CUDA, PyTorch paths on the CPU, eager PyTorch references (the spec)."""
 
 from euphonium.ops._backend import get_backend, use_backend
 from euphonium.ops.advantages import group_advantages

@@ -288,8 +288,8 @@ def sde_step(
 
     Args:
         x: latents ``[B, ...]`` (rank >= 2, any sizes), float32/bfloat16/float16. float64 is
-            accepted: the reference then computes (and returns ``log_prob``) in float64, the kernels
-            in fp32.
+            accepted: the reference and the PyTorch path then compute (and return ``log_prob``) in
+            float64, the kernels in fp32.
         v: predicted velocity, shape of ``x``, any float dtype.
         sigma, sigma_next: floats or ``[B]`` tensors with ``0 <= sigma_next < sigma <= 1`` (tensor
             sigmas cost one host sync for this check).
@@ -301,8 +301,9 @@ def sde_step(
             it shifts the mean by ``c * g``.
         noise: ``eps``, shape of ``x``, any float dtype. When None, drawn in-kernel with Philox
             from ``seed`` (an int in ``[0, 2^63)``; element ``i`` of the flattened tensor is
-            ``tl.randn(seed, i)``, the same stream on both backends up to the last bits of
-            ``log``/``cos``); ``seed=None`` draws a seed from torch's default generator, so
+            ``tl.randn(seed, i)``, the same integer stream on every backend, the normals equal up to
+            the last bits of ``log``/``cos``; the PyTorch path draws it block by block, at about
+            10x the cost of ``torch.randn`` on a CPU); ``seed=None`` draws a seed from torch's default generator, so
             ``torch.manual_seed`` makes a rollout reproducible. Pass ``noise`` or ``seed``, not both.
         logprob_mean: ``"unguided"`` (``m = mean``, default: GRPO then distils the guidance into the
             policy) or ``"guided"`` (``m = mean + c * g``; ``sde_log_prob``, which has no guidance
@@ -314,9 +315,10 @@ def sde_step(
         ``sde_log_prob(x, v, out.x_next, ...)`` returns the same bits; None for ``ode``. A sample
         whose ``std`` is 0 (``cps`` at ``sigma_next == 0``) is deterministic and gets log-prob 0.
 
-    All arithmetic is fp32 whatever the input dtype; the log-prob reduction is deterministic. The
-    step is a rollout op: the reference is differentiable by autograd, the fused kernel is not and
-    raises if an input requires grad while grad mode is on (train through ``sde_log_prob``).
+    All arithmetic is fp32 whatever the input dtype; the log-prob reduction is deterministic (on the
+    PyTorch path also independent of torch's thread count). The step is a rollout op: the reference
+    is differentiable by autograd, the fused paths (Triton kernel, PyTorch path) are not and raise
+    if an input requires grad while grad mode is on (train through ``sde_log_prob``).
     """
     _check_latent("x", x)
     check_like("v", v, "x", x)
@@ -538,8 +540,8 @@ def sde_log_prob(
     ``kl = k^2 * mean_i((v - v_ref)^2) / (2 std^2)`` with ``d kl / d v = k^2 (v - v_ref) / (std^2 N)``.
 
     Args: ``x``, ``x_next``, ``v`` (and ``v_ref``) of one shape ``[B, ...]``; sigmas floats or ``[B]``.
-    Returns: ``log_prob`` ``[B]`` float32 (float64 from the reference for float64 inputs, e.g. for
-    gradcheck), or ``(log_prob, kl)`` when ``v_ref`` is given. Samples with
+    Returns: ``log_prob`` ``[B]`` float32 (float64 from the reference and the PyTorch path for float64
+    inputs, e.g. for gradcheck), or ``(log_prob, kl)`` when ``v_ref`` is given. Samples with
     ``std == 0`` (``cps`` at ``sigma_next == 0``) get 0 and a zero gradient. ``schedule="ode"`` has
     no log-prob and raises.
     """
