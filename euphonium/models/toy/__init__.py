@@ -15,7 +15,6 @@ from euphonium.models.toy.model import (
     predict_velocity,
     sample_ode,
     save_toy_model,
-    shifted_sigmas,
 )
 from euphonium.models.toy.world import (
     ATTRIBUTES,
@@ -41,6 +40,6 @@ __all__ = [
     "ASSET_DIR", "ATTRIBUTES", "CHANNELS", "COLORS", "DIRECTIONS", "HEIGHT", "NUM_FRAMES", "SHAPES", "SIZES",
     "SPEED", "TOY_TEXT_ENCODER_CONFIG", "TOY_TRANSFORMER_CONFIG", "VOCABULARY", "WIDTH", "ToyTextEncoder",
     "all_prompts", "build_toy_model", "format_prompt", "latents_to_video", "load_toy_model", "parse_prompt",
-    "predict_velocity", "render", "sample_ode", "sample_prompts", "save_toy_model", "shifted_sigmas",
+    "predict_velocity", "render", "sample_ode", "sample_prompts", "save_toy_model",
     "video_to_latents",
 ]

@@ -32,6 +32,7 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=float, default=defaults.lr)
     p.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
     p.add_argument("--warmup-steps", type=int, default=defaults.warmup_steps)
+    p.add_argument("--ema-decay", type=float, default=defaults.ema_decay, help="0: save the raw weights")
     p.add_argument("--logit-mean", type=float, default=defaults.logit_mean)
     p.add_argument("--logit-std", type=float, default=defaults.logit_std)
     p.add_argument("--shift", type=float, default=defaults.shift, help="timestep shift of the training sigmas")
@@ -49,7 +50,7 @@ def main(argv=None) -> int:
     r.add_argument("--out", type=Path, default=Path("docs/toy"))
     r.add_argument("--repeats", type=_positive_int, default=4, help="clips per prompt (96 prompts)")
     r.add_argument("--steps", type=_positive_int, default=20, help="Euler ODE steps")
-    r.add_argument("--shift", type=float, default=1.0, help="timestep shift of the sampling sigmas")
+    r.add_argument("--shift", type=float, default=3.0, help="timestep shift of the sampling sigmas")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--threads", type=_positive_int, default=2)
 
@@ -59,7 +60,7 @@ def main(argv=None) -> int:
 
         config = PretrainConfig(
             steps=args.steps, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
-            warmup_steps=args.warmup_steps, logit_mean=args.logit_mean, logit_std=args.logit_std,
+            warmup_steps=args.warmup_steps, ema_decay=args.ema_decay, logit_mean=args.logit_mean, logit_std=args.logit_std,
             shift=args.shift, seed=args.seed, threads=args.threads, eval_every=args.eval_every,
             transformer_config=args.transformer_config, text_encoder_config=args.text_encoder_config,
         )

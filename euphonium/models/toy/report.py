@@ -119,7 +119,7 @@ def save_grid_gif(real: torch.Tensor, fake: torch.Tensor, path: Path, scale: int
 
 
 def run_report(model: Optional[Path] = None, out: Path = Path("docs/toy"), repeats: int = 4, steps: int = 20,
-               shift: float = 1.0, seed: int = 0, threads: Optional[int] = 2) -> Dict[str, object]:
+               shift: float = 3.0, seed: int = 0, threads: Optional[int] = 2) -> Dict[str, object]:
     """Sample, score and draw the toy model at ``model`` (``None``: the committed weights); write to ``out``.
 
     Returns the report dictionary that is also written to ``out/report.json``.
