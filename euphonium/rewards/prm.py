@@ -51,6 +51,10 @@ def pool_prompt_embeds(prompt_embeds: torch.Tensor, prompt_mask: Optional[torch.
 
     ``pooled[b] = sum_l m[b, l] e[b, l] / max(sum_l m[b, l], 1)`` with ``m = prompt_mask`` (``[B, L]``,
     bool or 0/1; all ones when ``None``). Computed in float32.
+
+    Text encoders that zero their padding (Wan's UMT5 states, the toy encoder) give, unmasked, the
+    masked mean times ``n_tokens / L``; :class:`LatentRewardModel` layer-normalises the pooled
+    embedding, which removes that scale, so the sampler can pass its ``[B, L, D]`` states as they are.
     """
     check_float_tensor("prompt_embeds", prompt_embeds, min_dim=2)
     if prompt_embeds.dim() == 2:
@@ -119,8 +123,8 @@ class LatentRewardModel(ModelMixin, ConfigMixin):
     """
 
     @register_to_config
-    def __init__(self, in_channels: int = 3, text_dim: int = 64, channels: Tuple[int, ...] = (48, 96),
-                 blocks: Tuple[int, ...] = (2, 1), patch_size: Tuple[int, int, int] = (2, 2, 2),
+    def __init__(self, in_channels: int = 3, text_dim: int = 64, channels: Tuple[int, ...] = (32, 64),
+                 blocks: Tuple[int, ...] = (2, 2), patch_size: Tuple[int, int, int] = (2, 2, 2),
                  cond_dim: int = 128, sigma_freq_dim: int = 128, norm_groups: int = 8,
                  aux_rewards: Tuple[str, ...] = ()):
         super().__init__()
@@ -395,9 +399,9 @@ class PRMTrainConfig:
             the buffer; online_lr: their learning rate (constant).
     """
 
-    steps: int = 3000
+    steps: int = 4000
     batch_size: int = 64
-    lr: float = 1e-3
+    lr: float = 2e-3
     weight_decay: float = 1e-4
     warmup_steps: int = 100
     lr_schedule: str = "cosine"
@@ -933,7 +937,7 @@ def correlation_by_sigma(prm: Callable, data: PRMDataset, buckets: Sequence[Tupl
 
 @torch.no_grad()
 def guided_step_effect(prm: Callable, transformer, text_encoder, prompts: Sequence[str], *,
-                       lambdas: Sequence[float] = (0.01, 0.1, 1.0, 10.0), steps: Optional[Sequence[int]] = None,
+                       lambdas: Sequence[float] = (0.01, 1.0, 100.0, 1000.0), steps: Optional[Sequence[int]] = None,
                        config=None, seed: int = 0, batch_size: int = 64, progress: bool = True) -> List[Dict[str, float]]:
     """Does one PRM-guided SDE step raise the true final reward, against the same step unguided?
 
@@ -1057,6 +1061,7 @@ def _cmd_train(args) -> None:
     if args.relabel:
         train = PRMDataset.concat([train, relabel_toy_prompts(train, args.relabel, seed=args.seed + 1,
                                                               base_model=args.base_model)])
+    torch.manual_seed(args.seed)  # the PRM's initialisation
     if args.init:
         model = LatentRewardModel.from_pretrained(args.init)
     else:
@@ -1153,7 +1158,7 @@ def _cmd_report(args) -> None:
                                 lambdas=_floats(args.lambdas), config=config, seed=args.seed + 1)
     report = {
         "command": "python -m euphonium.rewards.prm " + shlex.join(args.argv),
-        "prm": str(args.prm or TOY_PRM_DIR.relative_to(Path.cwd()) if TOY_PRM_DIR.is_relative_to(Path.cwd()) else TOY_PRM_DIR),
+        "prm": str(args.prm) if args.prm else "euphonium/assets/toy_prm (committed)",
         "held_out": held_out,
         "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} torch threads",
         "sampler": f"{TOY_SAMPLER} preset, guidance off: {config.schedule} noise_level={config.noise_level}, "
@@ -1197,8 +1202,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument("--relabel", type=int, default=0,
                    help="add this many prompt-relabelled copies of each training clip (toy rewards; training split only)")
     p.add_argument("--init", default=None, help="start from this PRM folder instead of a fresh model")
-    p.add_argument("--channels", default="48,96", help="channels per stage")
-    p.add_argument("--blocks", default="2,1", help="residual blocks per stage")
+    p.add_argument("--channels", default="32,64", help="channels per stage")
+    p.add_argument("--blocks", default="2,2", help="residual blocks per stage")
     p.add_argument("--patch-size", default="2,2,2", help="patch size (F,H,W)")
     p.add_argument("--aux-rewards", default="", help="comma-separated reward parts to predict as auxiliary targets")
     defaults = PRMTrainConfig()
@@ -1219,7 +1224,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument("--seed", type=int, default=1000, help="seed of the held-out rollouts (training used others)")
     p.add_argument("--draws", type=int, default=2, help="noise draws per sample and sigma bucket")
     p.add_argument("--guided-prompts", type=int, default=512)
-    p.add_argument("--lambdas", default="0.01,0.1,1,10", help="guidance lambdas (guidance_scale = lambda * delta)")
+    p.add_argument("--lambdas", default="0.01,1,100,1000", help="guidance lambdas (guidance_scale = lambda * delta)")
     p.add_argument("--base-model", default=None, help="toy base model folder (default: the committed one)")
     p.set_defaults(fn=_cmd_report)
     report = p
