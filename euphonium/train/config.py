@@ -84,10 +84,10 @@ class TrainConfig:
     timestep_fraction: float = 0.5
     inner_epochs: int = 1
     micro_batches: int = 1
-    max_steps: int = 60
+    max_steps: int = 100
     seed: int = 0
-    lr: float = 3e-4
-    lr_warmup_steps: int = 0
+    lr: float = 5e-5
+    lr_warmup_steps: int = 10
     weight_decay: float = 0.0
     adam_betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
     adam_eps: float = 1e-8
@@ -95,9 +95,13 @@ class TrainConfig:
     clip_range: float = 1e-4
     adv_clip: float = 5.0
     adv_eps: float = 1e-8
-    rewards: Dict[str, Dict[str, Any]] = field(default_factory=lambda: {"toy": {}})
+    # The toy "combined" adherence reward; the parts are logged. Trained separately, a part whose
+    # group variance is mostly noise (e.g. direction for this base model) would dominate its
+    # normalised advantage.
+    rewards: Dict[str, Dict[str, Any]] = field(default_factory=lambda: {
+        "toy": {"weights": {"color": 1.0, "shape": 1.0, "size": 1.0, "direction": 1.0, "smoothness": 0.0}}})
     reward_weights: Optional[Dict[str, float]] = field(default_factory=lambda: {
-        "color": 1.0, "shape": 1.0, "size": 1.0, "direction": 1.0, "smoothness": 0.5, "combined": 0.0})
+        "combined": 1.0, "color": 0.0, "shape": 0.0, "size": 0.0, "direction": 0.0, "smoothness": 0.0})
     combine: str = "separate"
     process_weight: float = 1.0
     prm_path: Optional[str] = None
