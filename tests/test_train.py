@@ -60,6 +60,29 @@ def test_config_errors_name_the_key(override, message):
         load_config(None, [override])
 
 
+def test_overrides_into_a_mapping_update_one_key():
+    default = load_config()
+    config = load_config(None, ["reward_weights.direction=2", "sampler.num_steps=6", "sampler.noise_level=0.5"])
+    assert config.reward_weights == {**default.reward_weights, "direction": 2.0}
+    assert config.sampler == {**default.sampler, "num_steps": 6, "noise_level": 0.5}
+    assert load_config(None, ["reward_weights={combined: 1}"]).reward_weights == {"combined": 1.0}
+    with pytest.raises(ConfigError, match="lr is a float, not a mapping"):
+        load_config(None, ["lr.x=1"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("reward_weights={combined: 1}", "have no weight"),
+    ("rewards={nosuch: {}}", "unknown reward 'nosuch'"),
+    ("reward_weights.colour=1", "unknown rewards \\['colour'\\]"),
+    ("prompts=[a purple cow]", "prompts: prompt 'a purple cow' does not follow the toy grammar"),
+])
+def test_reward_and_prompt_errors_come_before_the_model_loads(tmp_path, override, message):
+    # The model path does not exist: the reward/prompt error must be raised before anything loads it.
+    config = load_config(None, ["model.path=/nonexistent", override])
+    with pytest.raises(ConfigError, match=message):
+        Trainer(config, tmp_path / "run")
+
+
 def test_cli_errors_are_one_line(tmp_path, capsys):
     (tmp_path / "metrics.jsonl").write_text("{}\n")
     assert main(["--output-dir", str(tmp_path)]) == 2

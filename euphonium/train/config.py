@@ -5,11 +5,12 @@ A misspelled key or a value of the wrong type is an error naming the key, never 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import yaml
 
@@ -210,12 +211,13 @@ def _apply(obj: Any, values: Dict[str, Any], prefix: str = "") -> None:
             setattr(obj, key, _check_type(full, value, hints[key]))
 
 
-def parse_override(text: str) -> Dict[str, Any]:
-    """``"a.b=value"`` as ``{"a": {"b": value}}`` with ``value`` parsed as YAML (``1e-4``, ``[1, 2]``, ``null``)."""
+def parse_override(text: str) -> Tuple[List[str], Any]:
+    """``"a.b=value"`` as ``(["a", "b"], value)`` with ``value`` parsed as YAML (``1e-4``, ``[1, 2]``, ``null``)."""
     if "=" not in text:
         raise ConfigError(f"override {text!r} must look like key=value (e.g. lr=1e-4 or model.path=/data/wan)")
     key, raw = text.split("=", 1)
-    if not key:
+    path = key.split(".")
+    if not all(path):
         raise ConfigError(f"override {text!r} has an empty key")
     value = yaml.safe_load(raw) if raw.strip() else ""
     # YAML 1.1 reads "1e-4" as a string; numbers written that way are floats for us.
@@ -224,36 +226,60 @@ def parse_override(text: str) -> Dict[str, Any]:
             value = float(value) if any(c in value.lower() for c in "e.") else value
         except ValueError:
             pass
-    for part in reversed(key.split(".")):
-        value = {part: value}
-    return value
+    return path, value
 
 
-def _merge(base: Dict[str, Any], update: Dict[str, Any]) -> Dict[str, Any]:
-    out = dict(base)
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = value
-    return out
+def _set_path(obj: Any, path: List[str], value: Any) -> None:
+    """Set ``obj.<path>`` to ``value``: fields of nested dataclasses, then keys inside a dict field.
+
+    A path that ends at a dict field replaces the dict (``reward_weights={a: 1}``); a path that goes
+    into it updates one key and keeps the others (``reward_weights.a=1``, ``sampler.num_steps=12``).
+    """
+    for depth, name in enumerate(path):
+        full = ".".join(path[: depth + 1])
+        fields = {f.name for f in dataclasses.fields(obj)}
+        if name not in fields:
+            raise ConfigError(f"unknown config key {full!r}; valid keys: {sorted(fields)}")
+        current = getattr(obj, name)
+        rest = path[depth + 1:]
+        if dataclasses.is_dataclass(current) and rest:
+            obj = current
+            continue
+        if rest:
+            if not isinstance(current, dict):
+                raise ConfigError(f"{full} is a {type(current).__name__}, not a mapping: {'.'.join(path)} has no meaning")
+            updated = copy.deepcopy(current)
+            target = updated
+            for key in rest[:-1]:
+                if not isinstance(target.get(key, {}), dict):
+                    raise ConfigError(f"{full}.{key} is not a mapping: {'.'.join(path)} has no meaning")
+                target = target.setdefault(key, {})
+            target[rest[-1]] = value
+            value = updated
+        _apply(obj, {name: value}, prefix=".".join(path[:depth]) + "." if depth else "")
+        return
 
 
 def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = None) -> TrainConfig:
-    """The defaults, updated by the YAML file at ``path`` and then by ``key=value`` ``overrides``."""
-    values: Dict[str, Any] = {}
+    """The defaults, updated by the YAML file at ``path`` and then by ``key=value`` ``overrides`` in order.
+
+    The file replaces the values it names (a mapping such as ``reward_weights`` as a whole); an
+    override replaces what its key names, so ``reward_weights.direction=2`` updates one weight.
+    """
+    config = TrainConfig()
     if path is not None:
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"--config {path}: no such file")
-        loaded = yaml.safe_load(p.read_text()) or {}
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"--config {path} is not valid YAML: {' '.join(str(err).split())}") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"--config {path} must hold a mapping of keys, got {type(loaded).__name__}")
-        values = loaded
+        _apply(config, loaded)
     for text in overrides or []:
-        values = _merge(values, parse_override(text))
-    config = TrainConfig()
-    _apply(config, values)
+        _set_path(config, *parse_override(text))
     return config.validate()
 
 

@@ -82,10 +82,39 @@ def _seed_for(*parts: int) -> int:
     return value
 
 
+def training_prompts(config: TrainConfig) -> List[str]:
+    """The prompts of a run: ``config.prompts``, or for the toy world (when None) its whole prompt set.
+
+    Toy prompts must follow the toy grammar; a prompt outside it is a :class:`ConfigError`.
+    """
+    if config.model.kind != "toy":
+        return list(config.prompts or [])
+    from euphonium.models.toy import all_prompts
+    from euphonium.models.toy.world import parse_prompt
+
+    if config.prompts is None:
+        return all_prompts()
+    for prompt in config.prompts:
+        try:
+            parse_prompt(prompt)
+        except ValueError as err:
+            raise ConfigError(f"prompts: {err}") from None
+    return list(config.prompts)
+
+
+def video_shape(config: TrainConfig) -> tuple:
+    """``(F, C, H, W)`` of one decoded video, known from the config alone (no weights needed)."""
+    if config.model.kind == "toy":
+        from euphonium.models.toy.world import CHANNELS, HEIGHT, NUM_FRAMES, WIDTH
+
+        return (NUM_FRAMES, CHANNELS, HEIGHT, WIDTH)
+    return (config.model.num_frames, 3, config.model.height, config.model.width)
+
+
 def build_policy(config: TrainConfig, device: torch.device) -> Policy:
     """Load the model family named by ``config.model.kind`` (toy world or a local Wan2.1 folder)."""
     if config.model.kind == "toy":
-        from euphonium.models.toy import all_prompts, latents_to_video, load_toy_model
+        from euphonium.models.toy import latents_to_video, load_toy_model
         from euphonium.models.toy.world import CHANNELS, HEIGHT, NUM_FRAMES, WIDTH
         from euphonium.rewards.prm import load_toy_prm
 
@@ -101,7 +130,7 @@ def build_policy(config: TrainConfig, device: torch.device) -> Policy:
 
         prm = load_toy_prm(config.prm_path, device=device) if config.algorithm == "euphonium" else None
         return Policy(transformer, encode, lambda x: latents_to_video(x.float()), (CHANNELS, NUM_FRAMES, HEIGHT, WIDTH),
-                      list(config.prompts or all_prompts()), prm)
+                      training_prompts(config), prm)
     from euphonium.train.real_model import build_wan_policy
 
     return build_wan_policy(config, device)
@@ -137,12 +166,10 @@ class Trainer:
             from euphonium.train.real_model import check_wan_config
 
             check_wan_config(config)  # a bad model folder fails here, before rewards or weights load
-        self.rewards = RewardSet({name: build_reward(name, **kwargs) for name, kwargs in config.rewards.items()},
-                                 weights=config.reward_weights)
+        self._part_names = self._build_rewards()
         self.policy = build_policy(config, self.device)
         if self.sampler.guidance and self.policy.prm is None:
             raise ConfigError("algorithm=euphonium needs a process reward model: set prm_path")
-        self._part_names = self._probe_reward_parts()
         self._setup_training()
         self.step = 0
         self.bad_steps = 0
@@ -481,15 +508,25 @@ class Trainer:
         self.logger.close()
         return self.output_dir
 
-    def _probe_reward_parts(self) -> List[str]:
-        """Names of the reward parts (known once a reward has been computed on a video)."""
-        with torch.no_grad():
-            videos = self.policy.decode(torch.zeros(1, *self.policy.latent_shape, device=self.device))
-        self._part_names = list(self.rewards(videos, self.policy.prompts[:1]).parts)
-        names = self._part_names
+    def _build_rewards(self) -> List[str]:
+        """Build the outcome rewards and return their part names, found by scoring one blank video.
+
+        Runs before any model weights load, so a misnamed reward or a ``reward_weights`` entry that
+        names no part (or misses one) is a :class:`ConfigError` before the heavy work starts.
+        """
+        config = self.config
+        prompts = training_prompts(config)
+        try:
+            self.rewards = RewardSet({name: build_reward(name, **kwargs) for name, kwargs in config.rewards.items()},
+                                     weights=config.reward_weights)
+            with torch.no_grad():
+                parts = self.rewards(torch.zeros(1, *video_shape(config), device=self.device), prompts[:1]).parts
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"rewards / reward_weights: {err}") from None
+        self._part_names = list(parts)
         if not self.outcome_weights:
             raise ConfigError("reward_weights gives no reward a positive weight: nothing to train on")
-        return names
+        return self._part_names
 
     def save(self) -> Optional[Path]:
         """Checkpoint the current step (rank 0 writes; every rank takes part in gathering FSDP shards)."""
