@@ -120,6 +120,21 @@ def test_baselines_run_without_guidance(tiny_assets, tmp_path, algorithm):
     assert "process_reward_mean" not in metrics and metrics["ratio_max_dev"] < 1e-3
 
 
+def test_every_option_path_trains(tiny_assets, tmp_path):
+    """Distillation, online PRM refresh, PPO epochs, micro-batches, global-std advantages and LoRA in one step."""
+    config = load_config(None, tiny_overrides(tiny_assets, max_steps=1, distill_coef=1.0, prm_refresh_every=1,
+                                              inner_epochs=2, micro_batches=2, adv_global_std=True,
+                                              **{"model.lora_rank": 2, "sampler.guidance_lambda": 100.0}))
+    trainer = Trainer(config, tmp_path / "run")
+    before = {k: v.clone() for k, v in trainer._trainable_state().items()}
+    assert all("lora" in name for name in before)
+    metrics = trainer.train_step()
+    assert {"prm/loss", "process_reward_mean", "loss", "grad_norm"} <= set(metrics)
+    assert all(v == v for v in metrics.values() if isinstance(v, float))
+    after = trainer._trainable_state()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
 def test_resume_gives_the_same_weights(tiny_assets, tmp_path):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     common = ["kl_coef=0.01", "ema_decay=0.9"]

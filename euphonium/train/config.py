@@ -68,6 +68,8 @@ class TrainConfig:
     micro_batches: the batch is split into this many micro-batches whose gradients are accumulated.
     rewards: outcome rewards by registry name (``euphonium.rewards.build_reward``) with their kwargs.
     reward_weights: weight per named reward part (0 = logged only); None = every part weight 1.
+    adv_global_std: divide by the std of the whole batch (Flow-GRPO's option) instead of each group's:
+        a group whose rewards barely differ then gets small advantages instead of unit-scale noise.
     combine: ``separate`` clipped terms per reward (upstream) or one ``sum`` of advantages.
     process_weight: weight of the process-reward advantage (Euphonium; 0 turns it off).
     prm_path: the process reward model (``toy``: None = the committed toy PRM).
@@ -96,6 +98,7 @@ class TrainConfig:
     clip_range: float = 1e-4
     adv_clip: float = 5.0
     adv_eps: float = 1e-8
+    adv_global_std: bool = False
     # The toy "combined" adherence reward; the parts are logged. Trained separately, a part whose
     # group variance is mostly noise (e.g. direction for this base model) would dominate its
     # normalised advantage.

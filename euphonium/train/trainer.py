@@ -307,7 +307,7 @@ class Trainer:
 
     def _advantages(self, parts: Dict[str, torch.Tensor], traj: Trajectory, group_ids: torch.Tensor) -> tuple:
         config = self.config
-        kwargs = dict(group_ids=group_ids, eps=config.adv_eps)
+        kwargs = dict(group_ids=group_ids, eps=config.adv_eps, global_std=config.adv_global_std)
         outcome = {name: ops.gather_group_advantages(parts[name], **kwargs) for name in self.outcome_weights}
         process = None
         if self.sampler.guidance and config.process_weight > 0:
