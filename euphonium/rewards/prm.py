@@ -610,7 +610,8 @@ class PRMTrainer:
         Sets the model's reward scale from ``train`` if it has none yet. With ``output_dir`` set,
         appends one JSON line per evaluation to ``metrics.jsonl`` and writes checkpoints;
         ``resume=True`` continues from the newest checkpoint there. Returns the evaluation records
-        (``step``, ``train_loss`` = mean loss since the last record, held-out metrics, ``seconds``).
+        (``step``, ``train_loss`` = mean loss since the last record, held-out metrics, wall ``seconds``
+        and process ``cpu_seconds`` since the start).
         """
         if not isinstance(train, PRMDataset):
             raise TypeError(f"train must be a PRMDataset, got {type(train).__name__}")
@@ -632,7 +633,7 @@ class PRMTrainer:
             (self.output_dir / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
         history: List[Dict[str, float]] = []
         losses: List[float] = []
-        start_time = time.perf_counter()
+        start_time, cpu_start = time.perf_counter(), time.process_time()
         bar = tqdm(total=cfg.steps, initial=self.step, desc="prm", disable=not progress)
         while self.step < cfg.steps:
             losses.append(self._optimizer_step(self.optimizer, train, cfg.batch_size))
@@ -643,7 +644,7 @@ class PRMTrainer:
                 bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
             if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
                 record = {"step": self.step, "train_loss": float(np.mean(losses)), "lr": scheduler.get_last_lr()[0],
-                          "seconds": time.perf_counter() - start_time}
+                          "seconds": time.perf_counter() - start_time, "cpu_seconds": time.process_time() - cpu_start}
                 losses = []
                 if held_out is not None:
                     record.update({f"held_out/{k}": v for k, v in self.evaluate(held_out).items()})
@@ -1055,7 +1056,7 @@ def _cmd_collect(args) -> None:
 
 
 def _cmd_train(args) -> None:
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     data = _training_data(args)
     train, held_out = data.split(args.held_out_fraction, seed=args.seed)
     if args.relabel:
@@ -1078,7 +1079,9 @@ def _cmd_train(args) -> None:
     model.save_pretrained(args.output_dir)
     summary = {
         "command": "python -m euphonium.rewards.prm " + shlex.join(args.argv),
-        "wall_seconds": time.perf_counter() - start, "torch_threads": torch.get_num_threads(),
+        # CPU seconds alongside wall seconds: on a shared machine the wall time mostly measures the load.
+        "wall_seconds": time.perf_counter() - start, "cpu_seconds": time.process_time() - cpu_start,
+        "torch_threads": torch.get_num_threads(),
         "train_samples": len(train), "held_out_samples": len(held_out),
         "parameters": sum(p.numel() for p in model.parameters()),
         "reward_mean": float(model.reward_mean), "reward_std": float(model.reward_std),
@@ -1224,7 +1227,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument("--seed", type=int, default=1000, help="seed of the held-out rollouts (training used others)")
     p.add_argument("--draws", type=int, default=2, help="noise draws per sample and sigma bucket")
     p.add_argument("--guided-prompts", type=int, default=512)
-    p.add_argument("--lambdas", default="0.01,1,100,1000", help="guidance lambdas (guidance_scale = lambda * delta)")
+    p.add_argument("--lambdas", default="0.01,1,100,1000,10000", help="guidance lambdas (guidance_scale = lambda * delta)")
     p.add_argument("--base-model", default=None, help="toy base model folder (default: the committed one)")
     p.set_defaults(fn=_cmd_report)
     report = p
