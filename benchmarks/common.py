@@ -460,10 +460,11 @@ def format_table(rows: List[List[str]], header: Sequence[str] = TABLE_COLUMNS, m
 
 
 def euphonium_backend(device: torch.device) -> str:
-    """What the ``euphonium`` provider runs here: ``triton`` (fused kernels) or ``reference``."""
+    """What the ``euphonium`` provider runs here: ``triton`` (the fused kernels), ``torch`` (the ops'
+    PyTorch paths, the CPU default) or ``reference`` (``EUPHONIUM_BACKEND=reference``)."""
     from euphonium.ops._backend import resolve
 
-    return resolve(device)
+    return resolve(device, torch_path=True)
 
 
 def run_bench(bench: str, description: str, cases: Iterable[Case], args: argparse.Namespace,

@@ -91,7 +91,8 @@ def device_section(directory: Path) -> list:
     lines = [head, ""]
     if ops:
         backend = ops[0]["euphonium_backend"]
-        what = "the fused Triton kernels" if backend == "triton" else "the library's CPU path (the eager reference)"
+        what = {"triton": "the fused Triton kernels", "torch": "the ops' PyTorch paths (the CPU default)",
+                "reference": "the eager reference (EUPHONIUM_BACKEND=reference)"}[backend]
         copy = ops[0]["copy_bandwidth"]["gbps"]
         threads = f", {dev['threads']} thread{'s' if dev['threads'] > 1 else ''}" if "threads" in dev else ""
         lines += [f"torch {dev['torch']}, triton {dev['triton']}{threads}; `euphonium` = {what}; copy bandwidth "

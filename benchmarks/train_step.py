@@ -26,8 +26,8 @@ synchronises, which costs a little overlap. ``other`` is what no bucket covers (
 bookkeeping, the prompt encoder). Results: the mean per timed step (after one untimed warm-up step) in
 ``benchmarks/results/<device>/train_step_<model>.{json,csv,png}``.
 
-The trainer (``euphonium.train``) was not available when this was written: the step is assembled from
-the library's public pieces listed above, the ones the trainer drives.
+The step is assembled from the library's public pieces listed above, the ones the trainer
+(``euphonium.train``) drives, so that each call can be timed where it is made.
 """
 
 from __future__ import annotations
@@ -282,8 +282,9 @@ def main(argv=None):
     parser.add_argument("--num-steps", type=int, default=16, help="rollout steps (euphonium preset: 16)")
     parser.add_argument("--guided-steps", type=int, default=4, help="PRM-guided last steps (euphonium preset: 4)")
     parser.add_argument("--train-steps", type=int, default=None, help="trained SDE steps, the last ones (toy: all, wan: 4)")
-    parser.add_argument("--step-noise", choices=["kernel", "generator"], default=None,
-                        help="the sampler's step noise (default: the preset's, in-kernel Philox)")
+    parser.add_argument("--step-noise", choices=["auto", "kernel", "generator"], default=None,
+                        help="the sampler's step noise (default: the preset's 'auto': in-kernel Philox on CUDA, "
+                             "the rollout generator's torch.randn elsewhere)")
     parser.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step (default 3)")
     parser.add_argument("--threads", type=int, default=None, help="CPU: torch.set_num_threads")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR)
@@ -323,9 +324,11 @@ def main(argv=None):
     if args.no_save:
         return rows
     payload = {
-        "bench": name, "device": info, "model": setup.description, "euphonium_backend": ops._backend.resolve(device),
+        "bench": name, "device": info, "model": setup.description,
+        "euphonium_backend": ops._backend.resolve(device, torch_path=True),
         "config": dict(batch=args.batch, group_size=args.group_size, latent=list(setup.shape), num_steps=args.num_steps,
-                       guided_steps=args.guided_steps, train_steps=train_steps, step_noise=setup.config.step_noise,
+                       guided_steps=args.guided_steps, train_steps=train_steps,
+                       step_noise=setup.config.step_noise_source(device),
                        timed_steps=args.steps, sampler="euphonium preset"),
         "total_s": total, "steps_s": per_step["total"], "breakdown": rows,
         "per_step": {c: per_step[c] for c in CATEGORIES},
