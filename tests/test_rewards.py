@@ -271,3 +271,37 @@ def test_toy_reward_set_total_is_combined():
     assert float(out.total[1]) < 0.05 < float(out.total[0])
     custom = toy_reward_set({"color": 1.0})(clips, p)
     torch.testing.assert_close(custom.total, exact["color"])
+
+
+def test_toy_oracle_prm_is_the_exact_reward_of_the_one_step_estimate():
+    from euphonium import ops
+    from euphonium.models.toy import load_toy_model, predict_velocity, render, sample_prompts, video_to_latents
+    from euphonium.models.toy.world import latents_to_video
+    from euphonium.rewards.toy import ToyOraclePRM, toy_rewards
+
+    transformer, text_encoder = load_toy_model()
+    weights = {"color": 1.0, "shape": 1.0, "size": 1.0, "direction": 1.0}
+    prm = ToyOraclePRM(transformer, text_encoder, weights=weights)
+    seed = int(torch.randint(0, 2**31, ()))
+    prompts = sample_prompts(5, seed)
+    sigma = torch.rand(5) * 0.5 + 0.1
+    s = sigma.view(-1, 1, 1, 1, 1)
+    x = (1 - s) * video_to_latents(render(prompts, seed)) + s * torch.randn(5, 3, 8, 16, 16)
+    embeds = text_encoder.encode(prompts).detach()
+    with torch.no_grad():
+        expected = toy_rewards(latents_to_video(x - s * predict_velocity(transformer, x, sigma, embeds)),
+                               prompts, weights)["combined"]
+        r, g = ops.reward_grad(prm, x, sigma, embeds)
+    torch.testing.assert_close(r, expected)
+    assert not any(p.requires_grad for p in prm.parameters())
+    # The gradient is the reward's own: a central difference along a random direction agrees.
+    d = torch.randn_like(x)
+    d = d / d.flatten(1).norm(dim=1).view(-1, 1, 1, 1, 1)
+    h = 1e-3
+    with torch.no_grad():
+        fd = (prm(x + h * d, sigma, embeds) - prm(x - h * d, sigma, embeds)) / (2 * h)
+    torch.testing.assert_close((g * d).flatten(1).sum(1), fd, atol=2e-3, rtol=0.05)
+    with pytest.raises(ValueError, match=r"prompt_embeds\[0\] is the embedding of none"):
+        prm(x, sigma, embeds + 1.0)
+    with pytest.raises(ValueError, match="prompt_embeds must flatten"):
+        prm(x, sigma, embeds[:, :3])

@@ -288,3 +288,55 @@ def attribute_accuracy(videos: torch.Tensor, prompts: Sequence[str]) -> Dict[str
         )
     out["all"] = torch.stack([out[k] for k in world.ATTRIBUTES]).prod(dim=0)
     return out
+
+
+class ToyOraclePRM(torch.nn.Module):
+    """An exact process reward for the toy world, the "oracle PRM" of the convergence ablations.
+
+    ``prm(x_sigma, sigma, prompt_embeds) = toy_rewards(video(x_sigma - sigma * v_base(x_sigma)), prompts)``
+    ``["combined"]``: the exact reward of the frozen base model's one-step clean estimate, so its
+    gradient is the reward's own (through the base transformer) instead of a learned approximation.
+    The prompts are recovered from ``prompt_embeds`` by matching them against ``text_encoder``'s
+    embeddings of ``prompts`` (default: every toy prompt); an embedding of no known prompt is an error.
+
+    Args:
+        transformer: the frozen base velocity model (a toy ``WanTransformer3DModel``; not trained here).
+        text_encoder: the toy prompt encoder whose ``encode`` made the embeddings the PRM will see.
+        prompts: the prompts it may be asked about.
+        weights: the ``combined`` weights (:func:`toy_rewards`), e.g. the trainer's reward weights.
+    """
+
+    def __init__(self, transformer: torch.nn.Module, text_encoder: torch.nn.Module,
+                 prompts: Optional[Sequence[str]] = None, weights: Optional[Mapping[str, float]] = None):
+        super().__init__()
+        self.transformer = transformer.requires_grad_(False).eval()
+        self.prompts = list(prompts) if prompts is not None else world.all_prompts()
+        _check_prompts(self.prompts, len(self.prompts))
+        self.weights = _check_weights(weights)
+        with torch.no_grad():
+            keys = text_encoder.encode(self.prompts).flatten(1).float()
+        self.register_buffer("keys", keys, persistent=False)
+
+    def prompts_of(self, prompt_embeds: torch.Tensor) -> list:
+        """The prompt whose embedding each row of ``prompt_embeds [B, L, D]`` is (exact up to float rounding)."""
+        check_float_tensor("prompt_embeds", prompt_embeds, min_dim=2)
+        flat = prompt_embeds.detach().flatten(1).float()
+        if flat.shape[1] != self.keys.shape[1]:
+            raise ValueError(f"prompt_embeds must flatten to {self.keys.shape[1]} values per sample (the "
+                             f"text encoder's [L, D]), got shape {tuple(prompt_embeds.shape)}")
+        dist = torch.cdist(flat, self.keys.to(flat.device))
+        best, index = dist.min(dim=1)
+        scale = self.keys.norm(dim=1).max()
+        bad = (best > 1e-3 * scale).nonzero().flatten()
+        if bad.numel():
+            raise ValueError(f"prompt_embeds[{int(bad[0])}] is the embedding of none of the oracle's "
+                             f"{len(self.prompts)} prompts")
+        return [self.prompts[i] for i in index.tolist()]
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, prompt_embeds: torch.Tensor) -> torch.Tensor:
+        from euphonium.models.toy.model import predict_velocity
+
+        prompts = self.prompts_of(prompt_embeds)
+        v = predict_velocity(self.transformer, x, sigma, prompt_embeds.to(x.dtype))
+        x0 = x - sigma.to(x.dtype).view(-1, *([1] * (x.dim() - 1))) * v
+        return toy_rewards(world.latents_to_video(x0), prompts, self.weights)["combined"]
