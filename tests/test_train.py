@@ -133,6 +133,13 @@ def test_every_option_path_trains(tiny_assets, tmp_path):
     assert all(v == v for v in metrics.values() if isinstance(v, float))
     after = trainer._trainable_state()
     assert any(not torch.equal(before[k], after[k]) for k in before)
+    # The adapter's initialisation follows the run's seed, whatever the global RNG holds.
+    torch.manual_seed(int(torch.randint(0, 2**31, ())) + 1)
+    again = Trainer(config, tmp_path / "again")._trainable_state()
+    assert all(torch.equal(before[k], again[k]) for k in before)
+    config.seed += 1
+    other = Trainer(config, tmp_path / "other")._trainable_state()
+    assert any(not torch.equal(before[k], other[k]) for k in before)
 
 
 def test_resume_gives_the_same_weights(tiny_assets, tmp_path):

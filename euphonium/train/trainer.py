@@ -197,10 +197,14 @@ class Trainer:
             from peft import LoraConfig
 
             transformer.requires_grad_(False)
-            transformer.add_adapter(LoraConfig(r=config.model.lora_rank,
-                                               lora_alpha=config.model.lora_alpha or config.model.lora_rank,
-                                               target_modules=list(config.model.lora_targets),
-                                               init_lora_weights="gaussian"))
+            # peft draws the adapter's initial weights from the global RNG: seed it from the run's seed
+            # (the same on every rank) without disturbing the caller's RNG state.
+            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+                torch.manual_seed(_seed_for(config.seed, 3))
+                transformer.add_adapter(LoraConfig(r=config.model.lora_rank,
+                                                   lora_alpha=config.model.lora_alpha or config.model.lora_rank,
+                                                   target_modules=list(config.model.lora_targets),
+                                                   init_lora_weights="gaussian"))
             # LoRA weights train in fp32 whatever the frozen base's dtype.
             for p in transformer.parameters():
                 if p.requires_grad:
