@@ -6,7 +6,7 @@ gradient ``g [B, ...]`` after autograd produced it: ``n_b = ||g_b||_2`` in fp32,
 (``--max-norm``, default 1). The PRM's own forward/backward is the model's cost and is timed in
 ``train_step.py``. ``eager`` is ``scale_by_norm_ref``, ``compile`` is ``torch.compile`` of it,
 ``euphonium`` is what ``reward_grad`` dispatches to on this device (the Triton kernel
-``euphonium.kernels.reward_grad.scale_by_norm`` on CUDA, the reference on the CPU).
+``euphonium.kernels.reward_grad.scale_by_norm`` on CUDA, ``scale_by_norm_torch`` on the CPU).
 
 Minimal bytes: read ``g`` once and write the result (the kernel reads each sample twice; a sample of a
 Wan latent fits in an H100's L2 only in part).
@@ -25,8 +25,7 @@ import torch  # noqa: E402
 from benchmarks.common import (  # noqa: E402
     DTYPES, LATENT_PRESETS, Case, SizeSpec, compiled, latent_bytes, make_parser, resolve_args, run_bench,
 )
-from euphonium.ops._backend import resolve  # noqa: E402
-from euphonium.ops.reward_grad import scale_by_norm_ref  # noqa: E402
+from euphonium.ops.reward_grad import scale_by_norm, scale_by_norm_ref  # noqa: E402
 
 SIZES = SizeSpec(
     presets=LATENT_PRESETS,
@@ -36,15 +35,6 @@ SIZES = SizeSpec(
     dtypes=["bf16", "fp32"],
     quick_dtypes=["bf16"],
 )
-
-
-def library_scale_by_norm(grad: torch.Tensor, *, normalize: bool, max_norm):
-    """The post-processing ``ops.reward_grad`` runs for ``grad``'s device (its backend dispatch)."""
-    if resolve(grad.device) == "reference":
-        return scale_by_norm_ref(grad, normalize=normalize, max_norm=max_norm)
-    from euphonium.kernels.reward_grad import scale_by_norm
-
-    return scale_by_norm(grad, normalize=normalize, max_norm=max_norm)
 
 
 def cases(shapes, dtypes, device, args):
@@ -66,7 +56,7 @@ def _case(label, shape, dtype_name, device, args, compiled_ref):
         run={
             "eager": lambda: scale_by_norm_ref(grad, **kw),
             "compile": lambda: compiled_ref(grad, **kw),
-            "euphonium": lambda: library_scale_by_norm(grad, **kw),
+            "euphonium": lambda: scale_by_norm(grad, **kw),
         },
         params=dict(kw),
     )

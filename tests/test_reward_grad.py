@@ -8,7 +8,7 @@ from torch import nn
 from conftest import aot_compile
 from euphonium import ops
 
-BACKENDS = ["reference", "triton"]
+BACKENDS = ["reference", "torch", "triton"]
 
 
 class QuadraticPRM(nn.Module):
@@ -80,7 +80,7 @@ def scale_np(g, normalize, max_norm):
     return g * scale.reshape(-1, *([1] * (g.ndim - 1)))
 
 
-@pytest.mark.parametrize("backend,chunks", [("reference", "-"), ("triton", "one"), ("triton", "many")])
+@pytest.mark.parametrize("backend,chunks", [("reference", "-"), ("torch", "-"), ("triton", "one"), ("triton", "many")])
 @pytest.mark.parametrize("normalize,max_norm", [(True, None), (False, 1.5), (True, 0.5), (True, 2.0)])
 def test_normalize_and_max_norm(backend, chunks, normalize, max_norm, nan_poison, monkeypatch):
     # 5 * 7 * 11 = 385 elements per sample: one block with a masked tail, or (small blocks) 4
@@ -106,8 +106,12 @@ def test_normalize_and_max_norm(backend, chunks, normalize, max_norm, nan_poison
         torch.testing.assert_close(norms[[0, 2, 3, 4]], torch.full((4,), target), rtol=1e-5, atol=0)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_normalize_bf16(backend, nan_poison):
+@pytest.mark.parametrize("backend,block", [("reference", None), ("torch", None), ("torch", 100), ("triton", None)])
+def test_normalize_bf16(backend, block, nan_poison, monkeypatch):
+    from euphonium.ops import _sde_torch
+
+    if block is not None:  # the PyTorch path's blocks: 256-element samples split in three
+        monkeypatch.setattr(_sde_torch, "BLOCK_ELEMENTS", block)
     prm, x, sigma, emb = _setup(batch=3, shape=(4, 64))
     x = x.bfloat16()
     with ops.use_backend(backend):
@@ -115,6 +119,26 @@ def test_normalize_bf16(backend, nan_poison):
     assert grad.dtype == torch.bfloat16
     expected = scale_np(prm.analytic_grad(x, sigma).numpy(), True, None)
     np.testing.assert_allclose(grad.double().numpy(), expected, rtol=2e-2, atol=2e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("block", [None, 97])
+def test_torch_path_matches_reference(dtype, block, monkeypatch):
+    from euphonium.ops import _sde_torch
+    from euphonium.ops.reward_grad import scale_by_norm_ref, scale_by_norm_torch
+
+    if block is not None:  # blocks that split a sample and end mid-row
+        monkeypatch.setattr(_sde_torch, "BLOCK_ELEMENTS", block)
+    scales = torch.logspace(-4, 1, 6).reshape(-1, 1, 1, 1)
+    grad = (scales * torch.randn(6, 3, 5, 13)).to(dtype)
+    grad[2] = 0
+    for normalize, max_norm in [(True, None), (False, 0.3), (True, 0.5)]:
+        out = scale_by_norm_torch(grad, normalize=normalize, max_norm=max_norm)
+        ref = scale_by_norm_ref(grad, normalize=normalize, max_norm=max_norm)
+        assert out.dtype == dtype and out.shape == grad.shape
+        # fp32 norms summed in another order: at most one rounding of the output dtype apart.
+        torch.testing.assert_close(out.float(), ref.float(), rtol=torch.finfo(dtype).eps, atol=0)
+        assert torch.equal(out[2], torch.zeros_like(out[2]))
 
 
 def test_bad_prm_output():

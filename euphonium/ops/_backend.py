@@ -3,7 +3,8 @@
 ``EUPHONIUM_BACKEND`` (read at each call) or the ``use_backend`` context manager chooses:
 
 - ``auto`` (default): CUDA tensors run the Triton kernels; CPU tensors run the op's PyTorch path
-  where it has one (``sde_step``, ``sde_log_prob``), else its eager reference.
+  where it has one (``sde_step``, ``sde_log_prob``, ``grpo_loss``, contiguous ``group_advantages``,
+  ``reward_grad``'s norm post-processing), else its eager reference.
 - ``reference``: always the eager reference (the spec, written the way peer trainers write it).
 - ``torch``: the op's PyTorch path on any device (the eager reference for ops without one): the
   same arithmetic as the kernels (per-sample coefficients, fp32 on blocks small enough to stay in

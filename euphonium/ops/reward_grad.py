@@ -61,13 +61,21 @@ def reward_grad(
     reward, grad = _RewardGrad.apply(x, prm, args, kwargs)
     check_finite("grad", grad, what="the process reward model's gradient d reward / d x")
     if normalize or max_norm is not None:
-        if resolve(x.device) == "reference":
-            grad = scale_by_norm_ref(grad, normalize=normalize, max_norm=max_norm)
-        else:
-            from euphonium.kernels.reward_grad import scale_by_norm
-
-            grad = scale_by_norm(grad, normalize=normalize, max_norm=max_norm)
+        grad = scale_by_norm(grad, normalize=normalize, max_norm=max_norm)
     return reward, grad
+
+
+def scale_by_norm(grad: torch.Tensor, *, normalize: bool = False, max_norm: Optional[float] = None) -> torch.Tensor:
+    """:func:`reward_grad`'s per-sample normalisation / norm clipping of ``grad`` on the backend that
+    ``grad``'s device resolves to (the Triton kernels, the PyTorch path or the reference)."""
+    backend = resolve(grad.device, torch_path=True)
+    if backend == "reference":
+        return scale_by_norm_ref(grad, normalize=normalize, max_norm=max_norm)
+    if backend == "torch":
+        return scale_by_norm_torch(grad, normalize=normalize, max_norm=max_norm)
+    from euphonium.kernels.reward_grad import scale_by_norm as scale_by_norm_triton
+
+    return scale_by_norm_triton(grad, normalize=normalize, max_norm=max_norm)
 
 
 class _RewardGrad(torch.autograd.Function):
@@ -103,11 +111,36 @@ class _RewardGrad(torch.autograd.Function):
 def scale_by_norm_ref(grad: torch.Tensor, *, normalize: bool = False, max_norm: Optional[float] = None) -> torch.Tensor:
     """Eager reference of the per-sample normalisation and norm clipping of :func:`reward_grad`."""
     g = grad.to(torch.promote_types(grad.dtype, torch.float32))
-    norm = g.reshape(g.shape[0], -1).norm(dim=1)
+    scale = _scales(g.reshape(g.shape[0], -1).norm(dim=1), normalize, max_norm)
+    return (g * scale.reshape(-1, *([1] * (g.dim() - 1)))).to(grad.dtype)
+
+
+def _scales(norm: torch.Tensor, normalize: bool, max_norm: Optional[float]) -> torch.Tensor:
+    """Per-sample factors from per-sample norms: ``1 / norm`` (0 for a zero gradient) and/or the clip."""
     scale = torch.ones_like(norm)
     if normalize:
         scale = torch.where(norm > 0, 1 / norm, torch.zeros_like(norm))
         norm = norm * scale
     if max_norm is not None:
         scale = scale * (max_norm / norm).clamp(max=1.0)
-    return (g * scale.reshape(-1, *([1] * (g.dim() - 1)))).to(grad.dtype)
+    return scale
+
+
+def scale_by_norm_torch(grad: torch.Tensor, *, normalize: bool = False, max_norm: Optional[float] = None) -> torch.Tensor:
+    """The PyTorch path of the post-processing (backend ``torch``; CPU tensors under ``auto``).
+
+    The reference's arithmetic (fp32 norms and products, one rounding to ``grad``'s dtype) without
+    its whole-tensor fp32 copy of a bf16/fp16 gradient: the norms are reduced from the input with
+    an fp32 accumulator, and the scaling runs over cache-sized blocks (``_sde_torch.blocks``).
+    """
+    from euphonium.ops._sde_torch import blocks, compute_dtype
+
+    dtype = compute_dtype(grad)
+    flat = grad.reshape(grad.shape[0], -1)
+    scale = _scales(torch.linalg.vector_norm(flat, dim=1, dtype=dtype), normalize, max_norm)
+    if grad.dtype == dtype:
+        return torch.mul(flat, scale[:, None]).view(grad.shape)
+    out = torch.empty_like(flat)
+    for rows, cols in blocks(*flat.shape):
+        torch.mul(flat[rows, cols], scale[rows, None], out=out[rows, cols])
+    return out.view(grad.shape)
