@@ -63,12 +63,23 @@ def test_op_benchmark_writes_checked_results(module, results):
     assert stem.with_suffix(".png").stat().st_size > 0
 
 
-def test_readme_table_lists_every_case(results):
+def test_readme_table_lists_every_case(results, tmp_path):
     root, payloads = results
     text = make_readme_table.build(root)
     rows = [line for line in text.splitlines() if line.startswith("| `")]
     assert len(rows) == sum(len(p["cases"]) for p in payloads.values())
     assert "AMD" in text or "Intel" in text or describe_device(torch.device("cpu"))["name"] in text
+    assert "`euphonium` = the ops' PyTorch paths (the CPU default)" in text
+    # The README's block between the markers is replaced, the text around it kept.
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# Title\n{make_readme_table.BEGIN}\nold numbers\n{make_readme_table.END}\n## After\n")
+    make_readme_table.main(["--results", str(root), "--readme", str(readme)])
+    updated = readme.read_text()
+    assert updated.startswith("# Title\n") and updated.endswith(f"{make_readme_table.END}\n## After\n")
+    assert "old numbers" not in updated and "### Results" in updated and rows[0] in updated
+    readme.write_text("no markers")
+    with pytest.raises(SystemExit, match="no <!-- benchmarks"):
+        make_readme_table.main(["--results", str(root), "--readme", str(readme)])
 
 
 def test_train_step_breakdown_adds_up(tmp_path, one_thread):
@@ -99,3 +110,42 @@ def test_a_provider_that_disagrees_with_eager_is_flagged():
     assert result["providers"]["euphonium"]["check"] != "ok"
     assert result["providers"]["euphonium"]["max_abs_err"] == pytest.approx(1e-2, rel=1e-3)
     assert compare((x, x), (x,), "fp32")["check"].startswith("different outputs")
+
+
+def test_convergence_threshold_steps_and_speedups(tmp_path):
+    from benchmarks import convergence
+
+    def run(name, seed, curve):
+        return {"name": name, "seed": seed, "rewards": curve, "seconds": [1.0] * len(curve),
+                "sampler": {}, "config": {"seed": seed}}
+
+    ramp = lambda top: [0.5 + (top - 0.5) * i / 19 for i in range(20)]  # noqa: E731
+    runs = [run("dance_grpo", s, ramp(0.6 + 0.01 * s)) for s in range(3)]
+    runs += [run("euphonium", s, ramp(0.8)) for s in range(3)]
+    runs += [run("flow_grpo", s, [0.5] * 20) for s in range(3)]
+    payload = convergence.summarise(runs, ["euphonium", "flow_grpo", "dance_grpo"], "methods", steps=20, window=4)
+    # Threshold: the median DanceGRPO seed's mean over its last 4 steps.
+    assert payload["threshold"] == pytest.approx(sum(ramp(0.61)[-4:]) / 4)
+    dance = payload["methods"]["dance_grpo"]["steps_to_threshold"]
+    assert dance[0] is None and dance[1] == 20 and dance[2] < 20
+    euph = payload["methods"]["euphonium"]["steps_to_threshold"]
+    assert all(s is not None and s < 14 for s in euph)
+    assert payload["methods"]["flow_grpo"]["steps_to_threshold"] == [None, None, None]
+    assert payload["speedup_vs_flow_grpo"] == pytest.approx(20 / euph[0])  # never reached: the budget
+    assert payload["speedup_detail"]["flow_grpo"]["baseline_never_reached"]
+    assert payload["speedup_vs_dance_grpo"] == pytest.approx(20 / euph[0])
+    assert convergence.steps_to([0.9, 0.9, 0.1, 0.1, 0.9, 0.9], 0.5, 2) == 2
+    convergence.print_table(payload)
+    convergence.plot(payload, tmp_path / "convergence.png", "synthetic")
+    assert (tmp_path / "convergence.png").stat().st_size > 0
+
+
+def test_convergence_runs_the_trainer_with_an_oracle_prm(one_thread):
+    from benchmarks import convergence
+
+    out = convergence.train_one({"name": "oracle", "seed": 3, "overrides": ["sampler.guidance_lambda=1000",
+                                 "prompts_per_step=2", "group_size=2", "sampler.num_steps=4",
+                                 "sampler.guidance_start=2"],
+                                 "oracle": True, "steps": 1, "threads": 1})
+    assert len(out["rewards"]) == 1 and 0 < out["rewards"][0] < 1
+    assert out["sampler"]["guidance_lambda"] == 1000 and out["config"]["seed"] == 3
