@@ -2,7 +2,8 @@
 
 Runs, each in its own process (so that one benchmark's memory and compile caches do not colour the
 next): the op benchmarks, the training-step breakdown, the kernel report, then
-``make_readme_table.py``, which prints the Markdown and writes ``benchmarks/results/benchmarks.md``.
+``make_readme_table.py``, which prints the Markdown, writes ``benchmarks/results/benchmarks.md`` and replaces
+the README's generated results block.
 
 On a CPU: ``sde_step``, ``sde_log_prob``, ``reward_grad``, ``advantages``, ``grpo_loss`` at their CPU
 default sizes and ``train_step`` on the toy model (about 10 minutes on a 2-core machine the first time,
@@ -63,7 +64,8 @@ def main(argv=None):
         if unknown:
             raise SystemExit(f"--only: unknown scripts {unknown}; choose from {sorted(known)}")
         commands = [cmd for cmd in commands if cmd[0][:-3] in args.only]
-    commands.append(["make_readme_table.py", "--output", str(HERE / "results" / "benchmarks.md")])
+    commands.append(["make_readme_table.py", "--output", str(HERE / "results" / "benchmarks.md"),
+                     "--readme", str(HERE.parent / "README.md")])
     failed = []
     for cmd in commands:
         print(f"\n$ python benchmarks/{' '.join(cmd)}", flush=True)
