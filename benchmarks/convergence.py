@@ -108,14 +108,14 @@ def steps_to(curve: Sequence[float], threshold: float, window: int) -> Optional[
 
 def summarise(runs: List[Dict[str, Any]], names: Sequence[str], kind: str, steps: int, window: int) -> Dict[str, Any]:
     by_name = {n: sorted((r for r in runs if r["name"] == n), key=lambda r: r["seed"]) for n in names}
-    reference = REFERENCE[kind]
+    reference, table = REFERENCE[kind], (METHODS if kind == "methods" else ABLATIONS)
     threshold = statistics.median(statistics.fmean(r["rewards"][-window:]) for r in by_name[reference])
     methods = {}
     for name, rs in by_name.items():
         reached = [steps_to(r["rewards"], threshold, window) for r in rs]
         methods[name] = {
-            "overrides": (METHODS if kind == "methods" else ABLATIONS)[name][0],
-            "oracle_prm": (METHODS if kind == "methods" else ABLATIONS)[name][1],
+            "overrides": table[name][0],
+            "oracle_prm": table[name][1],
             "sampler": rs[0]["sampler"],
             "config": {k: v for k, v in rs[0]["config"].items() if k != "seed"},
             "seeds": [r["seed"] for r in rs],
