@@ -261,7 +261,8 @@ def test_training_lowers_held_out_loss(loss):
 def test_aux_rewards_are_predicted_and_saved(tmp_path):
     train, held = synthetic(384, 0), synthetic(96, 1)
     model = tiny_model(aux_rewards=("red", "green"))
-    trainer = PRMTrainer(model, PRMTrainConfig(steps=250, batch_size=32, lr=3e-3, warmup_steps=10, eval_every=250,
+    # 250 steps left the second head anywhere in 0.4-0.9 depending on the initialisation; 500 give >= 0.9.
+    trainer = PRMTrainer(model, PRMTrainConfig(steps=500, batch_size=32, lr=3e-3, warmup_steps=10, eval_every=500,
                                                eval_sigmas=(0.0,), aux_weight=0.5))
     trainer.fit(train, held, progress=False)
     torch.testing.assert_close(model.aux_mean, torch.stack([train.parts["red"].mean(), train.parts["green"].mean()]))
@@ -269,7 +270,7 @@ def test_aux_rewards_are_predicted_and_saved(tmp_path):
         scores = model.score_all(held.x0, torch.zeros(len(held)), held.prompt_embeds)
     assert scores.shape == (len(held), 3)
     torch.testing.assert_close(scores[:, 0], model.score(held.x0, 0.0, held.prompt_embeds))
-    assert spearman(scores[:, 1], held.parts["red"]) > 0.4 and spearman(scores[:, 2], held.parts["green"]) > 0.4
+    assert spearman(scores[:, 1], held.parts["red"]) > 0.7 and spearman(scores[:, 2], held.parts["green"]) > 0.7
     model.save_pretrained(tmp_path)
     loaded = LatentRewardModel.from_pretrained(tmp_path)
     assert loaded.config.aux_rewards == ["red", "green"] or tuple(loaded.config.aux_rewards) == ("red", "green")
