@@ -44,6 +44,8 @@ from typing import Any, Dict, List, Optional, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/<script>.py` from anywhere
 
+import torch  # noqa: E402
+
 from benchmarks.common import RESULTS_DIR, describe_device  # noqa: E402
 
 # name -> (trainer overrides, whether the learned PRM is replaced by the oracle)
@@ -66,8 +68,6 @@ SUBJECT = {"methods": "euphonium", "ablations": "default (lambda 0.01)"}
 
 def train_one(job: Dict[str, Any]) -> Dict[str, Any]:
     """One run (in a worker process): the trainer's steps without checkpoints; the per-step metrics."""
-    import torch
-
     torch.set_num_threads(job["threads"])
     from euphonium.train.config import load_config
     from euphonium.train.trainer import Trainer
@@ -236,7 +236,7 @@ def main(argv=None) -> Dict[str, Any]:
             bar.set_postfix(last=f"{result['name']} seed {result['seed']}: {final:.3f}")
     bar.close()
     payload = summarise(runs, names, kind, steps, args.window)
-    info = describe_device(__import__("torch").device("cpu"))
+    info = describe_device(torch.device("cpu"))
     payload.update({
         "device": info, "workers": args.workers, "threads_per_run": args.threads,
         "total_seconds": time.perf_counter() - start,
