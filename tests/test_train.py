@@ -94,7 +94,7 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
 
 def test_short_run_writes_metrics_checkpoints_and_samples(tiny_assets, tmp_path):
     out = tmp_path / "run"
-    assert main(["--output-dir", str(out), *tiny_overrides(tiny_assets)]) == 0
+    assert main(["--output-dir", str(out), *tiny_overrides(tiny_assets, eval_every=1, eval_prompts=3)]) == 0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
     for row in rows:
@@ -109,6 +109,11 @@ def test_short_run_writes_metrics_checkpoints_and_samples(tiny_assets, tmp_path)
         assert (out / "checkpoints" / "step-2" / name).is_file()
     for name in ("reward_curve.png", "samples.gif", "samples.png", "config.json"):
         assert (out / name).is_file()
+    evals = [json.loads(line) for line in (out / "eval.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in evals] == [0, 1, 2]  # before training, then every step
+    for row in evals:
+        assert {"reward_mean", *(f"reward/{p}" for p in TOY_PARTS)} <= set(row)
+        assert all(0 <= v <= 1 for k, v in row.items() if k != "step")
 
 
 @pytest.mark.parametrize("algorithm", ["flow_grpo", "dance_grpo"])
@@ -118,6 +123,16 @@ def test_baselines_run_without_guidance(tiny_assets, tmp_path, algorithm):
     assert trainer.policy.prm is None and not trainer.sampler.guidance
     metrics = trainer.train_step()
     assert "process_reward_mean" not in metrics and metrics["ratio_max_dev"] < 1e-3
+
+
+def test_windowed_sampler_run_evaluates_and_samples(tiny_assets, tmp_path):
+    """Flow-GRPO-Fast's random SDE window: training, the fixed-set evaluation and the final ODE samples."""
+    out = tmp_path / "run"
+    overrides = tiny_overrides(tiny_assets, algorithm="flow_grpo", max_steps=1, eval_every=1, eval_prompts=2,
+                               **{"sampler.schedule": "cps", "sampler.sde_window_size": 2,
+                                  "sampler.sde_window_range": "[0,3]"})
+    assert main(["--output-dir", str(out), *overrides]) == 0
+    assert len((out / "eval.jsonl").read_text().splitlines()) == 2 and (out / "samples.gif").is_file()
 
 
 def test_every_option_path_trains(tiny_assets, tmp_path):
@@ -144,7 +159,7 @@ def test_every_option_path_trains(tiny_assets, tmp_path):
 
 def test_resume_gives_the_same_weights(tiny_assets, tmp_path):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    common = ["kl_coef=0.01", "ema_decay=0.9"]
+    common = ["kl_coef=0.01", "ema_decay=0.9", "eval_every=2", "eval_prompts=3"]
     assert main(["--output-dir", str(straight), *tiny_overrides(tiny_assets, max_steps=4), *common]) == 0
     assert main(["--output-dir", str(resumed), *tiny_overrides(tiny_assets, max_steps=2), *common]) == 0
     assert main(["--output-dir", str(resumed), "--resume", *tiny_overrides(tiny_assets, max_steps=4), *common]) == 0
@@ -157,6 +172,12 @@ def test_resume_gives_the_same_weights(tiny_assets, tmp_path):
     ema_a = load_file(str(straight / "checkpoints" / "step-4" / "ema.safetensors"))
     ema_b = load_file(str(resumed / "checkpoints" / "step-4" / "ema.safetensors"))
     assert all(torch.equal(ema_a[k], ema_b[k]) for k in ema_a)
+    # The evaluation set is sampled from the same noise every time: equal weights, equal scores.
+    evals_a = [json.loads(line) for line in (straight / "eval.jsonl").read_text().splitlines()]
+    evals_b = [json.loads(line) for line in (resumed / "eval.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in evals_a] == [r["step"] for r in evals_b] == [0, 2, 4]
+    assert evals_a == evals_b
+    assert evals_a[0] != evals_a[2]  # and they follow the weights
 
 
 def test_non_finite_updates_are_skipped_then_abort_keeping_the_checkpoint(tiny_assets, tmp_path, monkeypatch):

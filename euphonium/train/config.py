@@ -76,6 +76,12 @@ class TrainConfig:
     prm_refresh_every: retrain the PRM on fresh rollouts every N steps (0 = never).
     kl_coef: KL penalty to the reference policy (LoRA: adapter disabled; else a frozen copy).
     distill_coef: explicit distillation loss toward the guided mean at guided steps (DESIGN.md).
+    eval_every: every N steps (and before the first) score ``eval_prompts`` fixed prompts, sampled
+        with the deterministic ODE sampler from fixed noise, into ``DIR/eval.jsonl``: the same clips
+        each time, so the curve shows the policy's change without the training batches' prompt-draw
+        noise (0 = never).
+    eval_prompts: size of that fixed prompt set (drawn once from the training prompts by ``seed``).
+    num_eval_samples: clips in the final sample grid.
     """
 
     algorithm: str = "euphonium"
@@ -119,6 +125,8 @@ class TrainConfig:
     checkpoint_every: int = 20
     keep_checkpoints: int = 2
     parallel: str = "ddp"
+    eval_every: int = 0
+    eval_prompts: int = 32
     num_eval_samples: int = 8
     device: str = "auto"
 
@@ -134,7 +142,7 @@ class TrainConfig:
         if self.group_size < 2:
             raise ConfigError(f"group_size must be >= 2 (advantages are relative within a group), got {self.group_size}")
         for key in ("prompts_per_step", "inner_epochs", "micro_batches", "max_steps", "checkpoint_every",
-                    "keep_checkpoints", "max_bad_steps", "num_eval_samples"):
+                    "keep_checkpoints", "max_bad_steps", "num_eval_samples", "eval_prompts"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}")
         if not 0 < self.timestep_fraction <= 1:
@@ -145,7 +153,7 @@ class TrainConfig:
         for key in ("lr", "clip_range", "max_grad_norm", "adv_eps"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"{key} must be > 0, got {getattr(self, key)}")
-        for key in ("kl_coef", "distill_coef", "process_weight", "lr_warmup_steps", "prm_refresh_every"):
+        for key in ("kl_coef", "distill_coef", "process_weight", "lr_warmup_steps", "prm_refresh_every", "eval_every"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key} must be >= 0, got {getattr(self, key)}")
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:

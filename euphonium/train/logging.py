@@ -12,7 +12,8 @@ import torch
 
 
 class MetricsLogger:
-    """Appends one JSON object per step to ``DIR/metrics.jsonl`` and mirrors scalars to TensorBoard."""
+    """Appends one JSON object per step to ``DIR/<name>.jsonl`` (``metrics``, ``eval``) and mirrors
+    scalars to TensorBoard (as ``<name>/<key>`` for every name but ``metrics``)."""
 
     def __init__(self, output_dir: Path, enabled: bool = True):
         self.enabled = enabled
@@ -24,14 +25,15 @@ class MetricsLogger:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.writer = SummaryWriter(str(Path(output_dir) / "tensorboard"))
 
-    def log(self, metrics: Dict[str, float]) -> None:
+    def log(self, metrics: Dict[str, float], name: str = "metrics") -> None:
         if not self.enabled:
             return
-        with self.path.open("a") as f:
+        with self.path.with_name(f"{name}.jsonl").open("a") as f:
             f.write(json.dumps(metrics) + "\n")
+        prefix = "" if name == "metrics" else f"{name}/"
         for key, value in metrics.items():
             if key != "step" and isinstance(value, (int, float)):
-                self.writer.add_scalar(key, value, metrics["step"])
+                self.writer.add_scalar(prefix + key, value, metrics["step"])
         self.writer.flush()
 
     def close(self) -> None:
@@ -44,7 +46,8 @@ def read_metrics(path: Path) -> List[Dict[str, float]]:
 
 
 def plot_reward_curve(metrics_path: Path, out: Path) -> Path:
-    """``reward_mean`` per step (and a 5-step moving average) as a PNG."""
+    """``reward_mean`` per step (and a 5-step moving average) as a PNG, with the fixed-set evaluation's
+    ``reward_mean`` from ``eval.jsonl`` next to ``metrics_path`` when there is one."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -58,6 +61,11 @@ def plot_reward_curve(metrics_path: Path, out: Path) -> Path:
     if len(reward) >= 5:
         smooth = np.convolve(reward, np.ones(5) / 5, mode="valid")
         ax.plot(steps[4:], smooth, label="5-step average")
+    eval_path = Path(metrics_path).with_name("eval.jsonl")
+    if eval_path.exists():
+        evals = read_metrics(eval_path)
+        ax.plot([r["step"] for r in evals], [r["reward_mean"] for r in evals], "o-", color="black",
+                label="fixed evaluation set")
     ax.set_xlabel("step")
     ax.set_ylabel("mean outcome reward")
     ax.legend()

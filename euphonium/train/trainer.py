@@ -170,6 +170,11 @@ class Trainer:
         self.policy = build_policy(config, self.device)
         if self.sampler.guidance and self.policy.prm is None:
             raise ConfigError("algorithm=euphonium needs a process reward model: set prm_path")
+        if config.eval_every and config.eval_prompts < self.world:
+            raise ConfigError(f"eval_prompts ({config.eval_prompts}) must be >= the number of ranks ({self.world})")
+        order = torch.randperm(len(self.policy.prompts), generator=torch.Generator().manual_seed(_seed_for(config.seed, 4)))
+        shuffled = [self.policy.prompts[i] for i in order.tolist()]
+        self.eval_set = (shuffled * -(-config.eval_prompts // len(shuffled)))[: config.eval_prompts]
         self._setup_training()
         self.step = 0
         self.bad_steps = 0
@@ -452,9 +457,7 @@ class Trainer:
         if self.prm_trainer is not None and (self.step + 1) % self.config.prm_refresh_every == 0:
             logs.update(self.prm_trainer.update(traj.x0, cond.prompt_embeds, rewards.total, parts=rewards.parts))
 
-        weight_sum = sum(self.outcome_weights.values())
-        means = {"reward_mean": float(sum(w * rewards.parts[n] for n, w in self.outcome_weights.items()).mean()) / weight_sum}
-        means.update({f"reward/{name}": float(v.mean()) for name, v in rewards.parts.items()})
+        means = {key: float(value.mean()) for key, value in self._reward_columns(rewards.parts).items()}
         if self.sampler.guidance:
             guided = traj.guided.nonzero().flatten()
             if guided.numel():
@@ -464,13 +467,23 @@ class Trainer:
         return {"step": self.step, **means, **logs, "lr": self.scheduler.get_last_lr()[0],
                 "world_size": self.world, "seconds": time.perf_counter() - start}
 
+    def _reward_columns(self, parts: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """Per-sample ``reward_mean`` (the trained outcome rewards' weighted mean) and ``reward/<part>``."""
+        weight_sum = sum(self.outcome_weights.values())
+        columns = {"reward_mean": sum(w * parts[n] for n, w in self.outcome_weights.items()) / weight_sum}
+        columns.update({f"reward/{name}": v for name, v in parts.items()})
+        return columns
+
     def _mean_over_ranks(self, values: Dict[str, float]) -> Dict[str, float]:
+        return {k: v / self.world for k, v in self._sum_over_ranks(values).items()}
+
+    def _sum_over_ranks(self, values: Dict[str, float]) -> Dict[str, float]:
         if self.world == 1:
             return values
         keys = sorted(values)
         t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=self.device if self.device.type == "cuda" else "cpu")
         dist.all_reduce(t)
-        return {k: float(v) / self.world for k, v in zip(keys, t.tolist())}
+        return dict(zip(keys, t.tolist()))
 
     def _max_over_ranks(self, value: float) -> float:
         if self.world == 1:
@@ -498,11 +511,17 @@ class Trainer:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             (self.output_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=1))
         bar = tqdm(total=config.max_steps, initial=self.step, disable=not self.is_main, desc="euphonium.train")
+        postfix = {}
+        if config.eval_every and self.step == 0:
+            postfix["eval"] = self._log_eval()
         while self.step < config.max_steps:
             metrics = self.train_step()
             self.logger.log(metrics)
             bar.update(1)
-            bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", loss=f"{metrics['loss']:.3g}")
+            postfix.update(reward=f"{metrics['reward_mean']:.3f}", loss=f"{metrics['loss']:.3g}")
+            if config.eval_every and (self.step % config.eval_every == 0 or self.step == config.max_steps):
+                postfix["eval"] = self._log_eval()
+            bar.set_postfix(postfix)
             if self.step % config.checkpoint_every == 0 or self.step == config.max_steps:
                 self.save()
         bar.close()
@@ -553,13 +572,35 @@ class Trainer:
         Every rank samples (FSDP forwards all-gather the weights, so rank 0 cannot run them alone); rank 0 writes.
         """
         prompts = self.policy.prompts[: self.config.num_eval_samples]
-        with self._ema_weights():
-            cond = self.policy.encode(prompts)
-            traj = rollout(self.rollout_model, cond, self.sampler.replace(schedule="ode", guidance=False, same_initial_noise=False,
-                                                                           sde_window=None, sde_window_size=None),
-                           shape=(len(prompts), *self.policy.latent_shape), seed=self.config.seed, device=self.device)
-            videos = self.policy.decode(traj.x0)
+        videos = self._sample_ode(prompts, seed=self.config.seed)
         return save_video_grid(videos, prompts, path) if self.is_main else None
+
+    @torch.no_grad()
+    def evaluate(self) -> Dict[str, float]:
+        """Mean rewards of the fixed evaluation set (``eval_prompts`` clips, the same noise every time).
+
+        Each rank samples its share of the set; the means are over the whole set.
+        """
+        prompts = self.eval_set[self.rank::self.world]
+        videos = self._sample_ode(prompts, seed=_seed_for(self.config.seed, 5, self.rank))
+        columns = self._reward_columns(self.rewards(videos, prompts).parts)
+        sums = self._sum_over_ranks({"count": float(len(prompts)), **{k: float(v.sum()) for k, v in columns.items()}})
+        count = sums.pop("count")
+        return {key: value / count for key, value in sums.items()}
+
+    def _log_eval(self) -> str:
+        metrics = self.evaluate()
+        self.logger.log({"step": self.step, **metrics}, name="eval")
+        return f"{metrics['reward_mean']:.3f}"
+
+    def _sample_ode(self, prompts: List[str], seed: int) -> torch.Tensor:
+        """Videos of ``prompts`` from the deterministic ODE sampler (EMA weights, if any) and seeded noise."""
+        sampler = self.sampler.replace(schedule="ode", guidance=False, same_initial_noise=False, sde_window=None,
+                                       sde_window_size=None, sde_window_range=None)
+        with self._ema_weights():
+            traj = rollout(self.rollout_model, self.policy.encode(prompts), sampler,
+                           shape=(len(prompts), *self.policy.latent_shape), seed=seed, device=self.device)
+            return self.policy.decode(traj.x0)
 
     @contextlib.contextmanager
     def _ema_weights(self):
