@@ -321,6 +321,11 @@ _PRESETS = {
         guidance=True, guidance_start=12, guidance_end=None, guidance_interval=1, guidance_form="lambda",
         guidance_lambda=0.01, grad_normalize=False, logprob_mean="unguided",
     ),
+    "euphonium_fast": dict(
+        num_steps=10, shift=3.0, schedule="cps", noise_level=0.8, sde_window_size=3, same_initial_noise=True,
+        guidance=True, guidance_start=0, guidance_end=None, guidance_interval=1, guidance_form="lambda",
+        guidance_lambda=0.01, grad_normalize=False, logprob_mean="unguided",
+    ),
 }
 PRESETS = tuple(_PRESETS)
 
@@ -345,6 +350,11 @@ def preset(name: str, **overrides: Any) -> SamplerConfig:
       ``START_STEP=12``, ``USE_DELTA_T_FOR_GRADIENT_SCALING=true``), raw gradient, log-probs under the
       unguided mean (``USE_REWARD_GUIDED_MEAN_FOR_LOGPROB=false``), no CFG. Upstream's gradient
       normalisation (off by default) divides by the norm of the whole batch; ours is per sample.
+    - ``euphonium_fast`` (ours): Euphonium's guidance and objective on Flow-GRPO-Fast's exploration:
+      ``flow_grpo_fast``'s 10 steps, ``cps`` with ``a = 0.8`` and random 3-step SDE window inside
+      ``(0, N // 2)``, with Euphonium's one initial noise per group and guidance (``c = 0.01 * delta``,
+      unguided-mean log-probs) on every SDE step, i.e. inside the window. Sharing the initial noise makes
+      a group differ only by the window's noise, which GRPO credits to the window's steps.
     """
     if name not in _PRESETS:
         raise ValueError(f"preset name must be one of {PRESETS}, got {name!r}")
@@ -356,7 +366,7 @@ def preset(name: str, **overrides: Any) -> SamplerConfig:
     n = settings["num_steps"]
     if name == "flow_grpo" and "sde_window" not in overrides and "sde_window_size" not in overrides and isinstance(n, int) and n > 1:
         settings["sde_window"] = (0, n - 1)
-    if name == "flow_grpo_fast" and "sde_window_range" not in overrides and "sde_window" not in overrides and isinstance(n, int):
+    if name in ("flow_grpo_fast", "euphonium_fast") and "sde_window_range" not in overrides and "sde_window" not in overrides and isinstance(n, int):
         settings["sde_window_range"] = (0, max(n // 2, settings.get("sde_window_size") or 1))
     return SamplerConfig(**settings)
 

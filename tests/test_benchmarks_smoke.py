@@ -116,14 +116,19 @@ def test_convergence_threshold_steps_and_speedups(tmp_path):
     from benchmarks import convergence
 
     def run(name, seed, curve):
+        evals = [0.4, 0.5, 0.6 + seed, 0.7, 0.8]  # steps 0, 5, 10, 15, 20
         return {"name": name, "seed": seed, "rewards": curve, "seconds": [1.0] * len(curve),
-                "sampler": {}, "config": {"seed": seed}}
+                "sampler": {}, "config": {"seed": seed}, "evals": evals}
 
     ramp = lambda top: [0.5 + (top - 0.5) * i / 19 for i in range(20)]  # noqa: E731
     runs = [run("dance_grpo", s, ramp(0.6 + 0.01 * s)) for s in range(3)]
     runs += [run("euphonium", s, ramp(0.8)) for s in range(3)]
     runs += [run("flow_grpo", s, [0.5] * 20) for s in range(3)]
-    payload = convergence.summarise(runs, ["euphonium", "flow_grpo", "dance_grpo"], "methods", steps=20, window=4)
+    payload = convergence.summarise(runs, ["euphonium", "flow_grpo", "dance_grpo"], "methods", steps=20, window=4,
+                                    eval_every=5)
+    assert payload["eval_steps"] == [0, 5, 10, 15, 20]
+    assert payload["methods"]["euphonium"]["eval_initial"] == [0.4] * 3
+    assert payload["methods"]["euphonium"]["eval_second_half"] == pytest.approx([(0.6 + s + 0.7 + 0.8) / 3 for s in range(3)])
     # Threshold: the median DanceGRPO seed's mean over its last 4 steps.
     assert payload["threshold"] == pytest.approx(sum(ramp(0.61)[-4:]) / 4)
     dance = payload["methods"]["dance_grpo"]["steps_to_threshold"]
@@ -146,6 +151,7 @@ def test_convergence_runs_the_trainer_with_an_oracle_prm(one_thread):
     out = convergence.train_one({"name": "oracle", "seed": 3, "overrides": ["sampler.guidance_lambda=1000",
                                  "prompts_per_step=2", "group_size=2", "sampler.num_steps=4",
                                  "sampler.guidance_start=2"],
-                                 "oracle": True, "steps": 1, "threads": 1})
+                                 "oracle": True, "steps": 1, "threads": 1, "eval_every": 1})
     assert len(out["rewards"]) == 1 and 0 < out["rewards"][0] < 1
+    assert len(out["evals"]) == 2 and all(0 < e < 1 for e in out["evals"])
     assert out["sampler"]["guidance_lambda"] == 1000 and out["config"]["seed"] == 3

@@ -521,3 +521,26 @@ def test_presets_are_the_published_defaults():
     eu = preset("euphonium")
     assert (eu.schedule, eu.guidance, eu.guidance_steps(), eu.guidance_lambda, eu.logprob_mean) == (
         "dance_grpo", True, [12, 13, 14, 15], 0.01, "unguided")
+    eu_fast = preset("euphonium_fast")
+    assert (eu_fast.schedule, eu_fast.noise_level, eu_fast.num_steps, eu_fast.sde_window_size, eu_fast.sde_window_range,
+            eu_fast.same_initial_noise, eu_fast.guidance_steps(), eu_fast.guidance_lambda) == (
+        "cps", 0.8, 10, 3, (0, 5), True, list(range(10)), 0.01)
+    assert preset("euphonium_fast", num_steps=16).sde_window_range == (0, 8)
+
+
+def test_euphonium_fast_guides_exactly_the_window(wan):
+    """Guidance on every SDE step is guidance on the random window's steps; a group (one prompt, one
+    initial noise) reaches the window at one latent and leaves it at different ones."""
+    prm = QuadraticPRM(torch.randn(SHAPE))
+    cond = Conditioning(torch.randn(SHAPE[0] // 2, TEXT_LEN, 32).repeat_interleave(2, dim=0))
+    starts = set()
+    for seed in range(6):
+        traj = rollout(DiffusersFlowModel(wan), cond, preset("euphonium_fast", guidance_lambda=1.0), shape=SHAPE,
+                       prm=prm, group_size=2, seed=seed)
+        start = int(traj.sde_steps[0])
+        assert 0 <= start <= 2 and traj.sde_steps.tolist() == [start, start + 1, start + 2]
+        assert traj.guided.tolist() == [True] * 3 and traj.guidance_shift.shape == (SHAPE[0], 3, *SHAPE[1:])
+        assert bool(traj.process_reward.ne(0).all())
+        assert torch.equal(traj.latents[0, 0], traj.latents[1, 0]) and not torch.equal(traj.x0[0], traj.x0[1])
+        starts.add(start)
+    assert len(starts) > 1

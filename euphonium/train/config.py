@@ -14,7 +14,8 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import yaml
 
-ALGORITHMS = ("euphonium", "flow_grpo", "dance_grpo")
+ALGORITHMS = ("euphonium", "euphonium_fast", "flow_grpo", "flow_grpo_fast", "dance_grpo")
+GUIDED_ALGORITHMS = ("euphonium", "euphonium_fast")  # PRM-guided rollouts and process rewards
 
 
 class ConfigError(ValueError):
@@ -57,8 +58,10 @@ class ModelConfig:
 class TrainConfig:
     """Every setting of a run (see ``configs/toy.yaml`` for the defaults with comments).
 
-    algorithm: ``euphonium`` (PRM-guided rollouts, dual-reward GRPO), ``flow_grpo`` or ``dance_grpo``
-        (the same trainer with the baseline's sampler preset and no guidance).
+    algorithm: ``euphonium`` (PRM-guided rollouts, dual-reward GRPO, the published sampler) or
+        ``euphonium_fast`` (the same on Flow-GRPO-Fast's exploration window: the toy default), or a
+        baseline, ``flow_grpo``, ``flow_grpo_fast`` or ``dance_grpo`` (the same trainer with the
+        baseline's sampler preset and no guidance). Each is a :func:`euphonium.sde.preset` of that name.
     sampler: overrides of the algorithm's :func:`euphonium.sde.preset` (any ``SamplerConfig`` field).
     prompts: training prompts (``toy``: None = the toy world's prompt set).
     prompts_per_step, group_size: each step samples ``prompts_per_step`` prompts and ``group_size``
@@ -84,16 +87,16 @@ class TrainConfig:
     num_eval_samples: clips in the final sample grid.
     """
 
-    algorithm: str = "euphonium"
+    algorithm: str = "euphonium_fast"
     model: ModelConfig = field(default_factory=ModelConfig)
     sampler: Dict[str, Any] = field(default_factory=dict)
     prompts: Optional[List[str]] = None
     prompts_per_step: int = 4
     group_size: int = 4
-    timestep_fraction: float = 0.5
+    timestep_fraction: float = 1.0
     inner_epochs: int = 1
     micro_batches: int = 1
-    max_steps: int = 100
+    max_steps: int = 200
     seed: int = 0
     lr: float = 5e-5
     lr_warmup_steps: int = 10
@@ -119,13 +122,13 @@ class TrainConfig:
     prm_refresh_lr: float = 1e-4
     kl_coef: float = 0.0
     distill_coef: float = 0.0
-    ema_decay: Optional[float] = None
+    ema_decay: Optional[float] = 0.95
     on_policy_tolerance: float = 1e-3
     max_bad_steps: int = 3
     checkpoint_every: int = 20
     keep_checkpoints: int = 2
     parallel: str = "ddp"
-    eval_every: int = 0
+    eval_every: int = 25
     eval_prompts: int = 32
     num_eval_samples: int = 8
     device: str = "auto"

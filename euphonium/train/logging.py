@@ -46,8 +46,8 @@ def read_metrics(path: Path) -> List[Dict[str, float]]:
 
 
 def plot_reward_curve(metrics_path: Path, out: Path) -> Path:
-    """``reward_mean`` per step (and a 5-step moving average) as a PNG, with the fixed-set evaluation's
-    ``reward_mean`` from ``eval.jsonl`` next to ``metrics_path`` when there is one."""
+    """The training batches' ``reward_mean`` per step (and a 5-step moving average) as a PNG; next to it,
+    on its own scale, the fixed evaluation set's ``reward_mean`` from ``eval.jsonl`` when there is one."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -56,20 +56,24 @@ def plot_reward_curve(metrics_path: Path, out: Path) -> Path:
     rows = read_metrics(metrics_path)
     steps = [r["step"] for r in rows]
     reward = np.array([r["reward_mean"] for r in rows])
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    eval_path = Path(metrics_path).with_name("eval.jsonl")
+    evals = read_metrics(eval_path) if eval_path.exists() else []
+    fig, axes = plt.subplots(1, 2 if evals else 1, figsize=(11 if evals else 6, 3.5), squeeze=False)
+    ax = axes[0, 0]
     ax.plot(steps, reward, alpha=0.4, label="reward_mean")
     if len(reward) >= 5:
         smooth = np.convolve(reward, np.ones(5) / 5, mode="valid")
         ax.plot(steps[4:], smooth, label="5-step average")
-    eval_path = Path(metrics_path).with_name("eval.jsonl")
-    if eval_path.exists():
-        evals = read_metrics(eval_path)
-        ax.plot([r["step"] for r in evals], [r["reward_mean"] for r in evals], "o-", color="black",
-                label="fixed evaluation set")
-    ax.set_xlabel("step")
+    ax.set_title("training batches (new prompts every step)", fontsize=10)
     ax.set_ylabel("mean outcome reward")
     ax.legend()
-    ax.grid(alpha=0.3)
+    if evals:
+        ax = axes[0, 1]
+        ax.plot([r["step"] for r in evals], [r["reward_mean"] for r in evals], "o-", color="black")
+        ax.set_title("fixed evaluation set (ODE, same noise each time)", fontsize=10)
+    for ax in axes[0]:
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     plt.close(fig)

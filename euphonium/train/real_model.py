@@ -16,7 +16,7 @@ from typing import Any, Dict, List
 import torch
 
 from euphonium.models.diffusers import Conditioning
-from euphonium.train.config import ConfigError, TrainConfig
+from euphonium.train.config import GUIDED_ALGORITHMS, ConfigError, TrainConfig
 
 # The file each component folder must hold (what from_pretrained reads first).
 _SUBFOLDERS = {"transformer": "config.json", "vae": "config.json", "text_encoder": "config.json",
@@ -91,9 +91,9 @@ def check_wan_config(config: TrainConfig) -> Dict[str, Any]:
             raise ConfigError(f"model.{key} must be a positive multiple of {s_scale * patch[1]} "
                               f"(VAE stride {s_scale} x patch {patch[1]}), got {size}")
 
-    if config.algorithm == "euphonium":
+    if config.algorithm in GUIDED_ALGORITHMS:
         if not config.prm_path:
-            raise ConfigError("algorithm=euphonium with model.kind=wan needs prm_path (a LatentRewardModel folder)")
+            raise ConfigError(f"algorithm={config.algorithm} with model.kind=wan needs prm_path (a LatentRewardModel folder)")
         prm_dir = Path(config.prm_path)
         if not (prm_dir / "config.json").is_file():
             raise ConfigError(f"prm_path {config.prm_path} is not a saved LatentRewardModel folder (no config.json)")
@@ -162,6 +162,6 @@ def build_wan_policy(config: TrainConfig, device: torch.device):
         return ((video.clamp(-1, 1) + 1) / 2).permute(0, 2, 1, 3, 4).contiguous()
 
     prm = None
-    if config.algorithm == "euphonium":
+    if config.algorithm in GUIDED_ALGORITHMS:
         prm = LatentRewardModel.from_pretrained(config.prm_path).to(device).eval()
     return Policy(transformer, encode, decode, checked["latent_shape"], list(config.prompts), prm)

@@ -32,7 +32,7 @@ from euphonium.models.diffusers import Conditioning, DiffusersFlowModel
 from euphonium.rewards import RewardSet, build_reward
 from euphonium.sde import Trajectory, preset, rollout
 from euphonium.train import checkpoint as ckpt
-from euphonium.train.config import ConfigError, TrainConfig
+from euphonium.train.config import GUIDED_ALGORITHMS, ConfigError, TrainConfig
 from euphonium.train.logging import MetricsLogger, plot_reward_curve, save_video_grid
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -128,7 +128,7 @@ def build_policy(config: TrainConfig, device: torch.device) -> Policy:
             return Conditioning(embeds, negative_prompt_embeds=text_encoder.encode([""] * len(prompts))
                                 if config.model.cfg_scale > 1 else None)
 
-        prm = load_toy_prm(config.prm_path, device=device) if config.algorithm == "euphonium" else None
+        prm = load_toy_prm(config.prm_path, device=device) if config.algorithm in GUIDED_ALGORITHMS else None
         return Policy(transformer, encode, lambda x: latents_to_video(x.float()), (CHANNELS, NUM_FRAMES, HEIGHT, WIDTH),
                       training_prompts(config), prm)
     from euphonium.train.real_model import build_wan_policy
@@ -153,10 +153,8 @@ class Trainer:
         self.local_batch = batch // self.world
 
         overrides = dict(config.sampler)
-        if config.algorithm == "euphonium":
-            overrides.setdefault("guidance", True)
-        elif overrides.get("guidance"):
-            raise ConfigError(f"sampler.guidance is the euphonium algorithm's; algorithm={config.algorithm} samples without it")
+        if config.algorithm not in GUIDED_ALGORITHMS and overrides.get("guidance"):
+            raise ConfigError(f"sampler.guidance is the euphonium algorithms'; algorithm={config.algorithm} samples without it")
         try:
             self.sampler = preset(config.algorithm, **overrides)
         except (TypeError, ValueError) as err:
@@ -169,7 +167,7 @@ class Trainer:
         self._part_names = self._build_rewards()
         self.policy = build_policy(config, self.device)
         if self.sampler.guidance and self.policy.prm is None:
-            raise ConfigError("algorithm=euphonium needs a process reward model: set prm_path")
+            raise ConfigError(f"algorithm={config.algorithm} needs a process reward model: set prm_path")
         if config.eval_every and config.eval_prompts < self.world:
             raise ConfigError(f"eval_prompts ({config.eval_prompts}) must be >= the number of ranks ({self.world})")
         order = torch.randperm(len(self.policy.prompts), generator=torch.Generator().manual_seed(_seed_for(config.seed, 4)))
