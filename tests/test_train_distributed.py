@@ -110,9 +110,19 @@ def ddp_run(toy_assets, run_seed):
     return out
 
 
-def test_ddp_trains_and_only_rank_0_writes(ddp_run, toy_assets):
+def test_ddp_trains_and_only_rank_0_writes(ddp_run, toy_assets, run_seed, tmp_path):
     rows = check_rank_0_wrote_once(ddp_run, steps=[2])
     assert "process_reward_mean" in rows[0]
+    # The evaluation set (prompts and initial noise) does not depend on the number of ranks: before
+    # training, 2 ranks' halves score what one process scores for the whole set.
+    evals = [json.loads(line) for line in (ddp_run / "eval.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in evals] == [0, 2]
+    from euphonium.train import Trainer, load_config
+
+    single = Trainer(load_config(None, overrides(toy_assets, run_seed)), tmp_path / "single").evaluate()
+    assert single.keys() == evals[0].keys() - {"step"}
+    for key, value in single.items():
+        assert evals[0][key] == pytest.approx(value, abs=1e-5), key
     trained = load_file(str(ddp_run / "checkpoints" / "step-2" / "trainable.safetensors"))
     initial = dict(load_toy_model(str(toy_assets / "toy"))[0].named_parameters())
     assert trained.keys() == initial.keys()  # full fine-tuning

@@ -570,17 +570,20 @@ class Trainer:
         Every rank samples (FSDP forwards all-gather the weights, so rank 0 cannot run them alone); rank 0 writes.
         """
         prompts = self.policy.prompts[: self.config.num_eval_samples]
-        videos = self._sample_ode(prompts, seed=self.config.seed)
+        videos = self._sample_ode(prompts, shape=(len(prompts), *self.policy.latent_shape), seed=self.config.seed)
         return save_video_grid(videos, prompts, path) if self.is_main else None
 
     @torch.no_grad()
     def evaluate(self) -> Dict[str, float]:
         """Mean rewards of the fixed evaluation set (``eval_prompts`` clips, the same noise every time).
 
-        Each rank samples its share of the set; the means are over the whole set.
+        Each rank samples its share of the set; the means are over the whole set, whose prompts and
+        initial noise do not depend on the number of ranks.
         """
+        noise = torch.randn((len(self.eval_set), *self.policy.latent_shape),
+                            generator=torch.Generator().manual_seed(_seed_for(self.config.seed, 5)))
         prompts = self.eval_set[self.rank::self.world]
-        videos = self._sample_ode(prompts, seed=_seed_for(self.config.seed, 5, self.rank))
+        videos = self._sample_ode(prompts, noise=noise[self.rank::self.world])
         columns = self._reward_columns(self.rewards(videos, prompts).parts)
         sums = self._sum_over_ranks({"count": float(len(prompts)), **{k: float(v.sum()) for k, v in columns.items()}})
         count = sums.pop("count")
@@ -591,13 +594,13 @@ class Trainer:
         self.logger.log({"step": self.step, **metrics}, name="eval")
         return f"{metrics['reward_mean']:.3f}"
 
-    def _sample_ode(self, prompts: List[str], seed: int) -> torch.Tensor:
-        """Videos of ``prompts`` from the deterministic ODE sampler (EMA weights, if any) and seeded noise."""
+    def _sample_ode(self, prompts: List[str], **noise) -> torch.Tensor:
+        """Videos of ``prompts`` from the deterministic ODE sampler with the EMA weights, if any;
+        ``noise``: :func:`rollout`'s ``noise=`` (initial latents) or ``shape=`` and ``seed=``."""
         sampler = self.sampler.replace(schedule="ode", guidance=False, same_initial_noise=False, sde_window=None,
                                        sde_window_size=None, sde_window_range=None)
         with self._ema_weights():
-            traj = rollout(self.rollout_model, self.policy.encode(prompts), sampler,
-                           shape=(len(prompts), *self.policy.latent_shape), seed=seed, device=self.device)
+            traj = rollout(self.rollout_model, self.policy.encode(prompts), sampler, device=self.device, **noise)
             return self.policy.decode(traj.x0)
 
     @contextlib.contextmanager
