@@ -1,4 +1,4 @@
-"""Does process-reward guidance speed up alignment? A toy-scale convergence study of the three methods.
+"""Does process-reward guidance speed up alignment? A toy-scale convergence study of five methods.
 
 ``python benchmarks/convergence.py`` trains the committed toy video model (``euphonium.train``'s
 defaults: ``configs/toy.yaml``) with ``algorithm=euphonium``, ``flow_grpo``, ``dance_grpo``,
@@ -57,12 +57,12 @@ import torch  # noqa: E402
 from benchmarks.common import RESULTS_DIR, describe_device  # noqa: E402
 
 # The published samplers train half of each rollout's SDE steps; the fast ones all 3 of their window.
-FULL_TRAJECTORY = ["timestep_fraction=0.5"]
+HALF_SDE_STEPS = ["timestep_fraction=0.5"]
 # name -> (trainer overrides, whether the learned PRM is replaced by the oracle)
 METHODS: Dict[str, tuple] = {
-    "euphonium": (["algorithm=euphonium", *FULL_TRAJECTORY], False),
-    "flow_grpo": (["algorithm=flow_grpo", *FULL_TRAJECTORY], False),
-    "dance_grpo": (["algorithm=dance_grpo", *FULL_TRAJECTORY], False),
+    "euphonium": (["algorithm=euphonium", *HALF_SDE_STEPS], False),
+    "flow_grpo": (["algorithm=flow_grpo", *HALF_SDE_STEPS], False),
+    "dance_grpo": (["algorithm=dance_grpo", *HALF_SDE_STEPS], False),
     "euphonium_fast": (["algorithm=euphonium_fast", "timestep_fraction=1.0"], False),
     "flow_grpo_fast": (["algorithm=flow_grpo_fast", "timestep_fraction=1.0"], False),
 }
@@ -264,6 +264,8 @@ def main(argv=None) -> Dict[str, Any]:
     steps = args.steps or TrainConfig().max_steps
     if steps < args.window:
         parser.error(f"--steps ({steps}) must be at least --window ({args.window})")
+    if not 1 <= args.eval_every <= steps / 2:
+        parser.error(f"--eval-every ({args.eval_every}) must be between 1 and half the steps ({steps / 2:g})")
     jobs = [{"name": n, "seed": s, "overrides": table[n][0], "oracle": table[n][1], "steps": steps,
              "threads": args.threads, "eval_every": args.eval_every} for s in args.seeds for n in names]
 

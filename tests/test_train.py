@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 
 from euphonium.models.toy import build_toy_model, save_toy_model
 from euphonium.rewards.prm import LatentRewardModel
+from euphonium.sde import preset
 from euphonium.train import ConfigError, Trainer, load_config
 from euphonium.train import trainer as trainer_module
 from euphonium.train.__main__ import main
@@ -116,13 +117,16 @@ def test_short_run_writes_metrics_checkpoints_and_samples(tiny_assets, tmp_path)
         assert all(0 <= v <= 1 for k, v in row.items() if k != "step")
 
 
-@pytest.mark.parametrize("algorithm", ["flow_grpo", "dance_grpo"])
-def test_baselines_run_without_guidance(tiny_assets, tmp_path, algorithm):
-    config = load_config(None, tiny_overrides(tiny_assets, algorithm=algorithm, max_steps=1))
+@pytest.mark.parametrize("algorithm", ["euphonium", "euphonium_fast", "flow_grpo", "flow_grpo_fast", "dance_grpo"])
+def test_every_algorithm_trains_with_its_preset(tiny_assets, tmp_path, algorithm):
+    config = load_config(None, tiny_overrides(tiny_assets, algorithm=algorithm, max_steps=1,
+                                              **{"sampler.num_steps": 6, "sampler.guidance_start": 3}))
     trainer = Trainer(config, tmp_path / algorithm)
-    assert trainer.policy.prm is None and not trainer.sampler.guidance
+    assert trainer.sampler.schedule == preset(algorithm).schedule
+    guided = algorithm.startswith("euphonium")
+    assert (trainer.policy.prm is not None) == guided and trainer.sampler.guidance == guided
     metrics = trainer.train_step()
-    assert "process_reward_mean" not in metrics and metrics["ratio_max_dev"] < 1e-3
+    assert ("process_reward_mean" in metrics) == guided and metrics["ratio_max_dev"] < 1e-3
 
 
 def test_windowed_sampler_run_evaluates_and_samples(tiny_assets, tmp_path):
@@ -177,7 +181,33 @@ def test_resume_gives_the_same_weights(tiny_assets, tmp_path):
     evals_b = [json.loads(line) for line in (resumed / "eval.jsonl").read_text().splitlines()]
     assert [r["step"] for r in evals_a] == [r["step"] for r in evals_b] == [0, 2, 4]
     assert evals_a == evals_b
-    assert evals_a[0] != evals_a[2]  # and they follow the weights
+    assert evals_a[0]["reward_mean"] != evals_a[2]["reward_mean"]  # and they follow the weights
+
+
+def test_resume_redoes_the_steps_after_the_checkpoint_once(tiny_assets, tmp_path):
+    """A run that logged steps past its last checkpoint (a crash) drops those rows when resumed."""
+    out = tmp_path / "run"
+    common = tiny_overrides(tiny_assets, eval_every=1, eval_prompts=2, checkpoint_every=2, keep_checkpoints=5)
+    assert main(["--output-dir", str(out), *common, "max_steps=3"]) == 0
+    import shutil
+
+    shutil.rmtree(out / "checkpoints" / "step-3")  # as if the run died after logging step 3
+    assert main(["--output-dir", str(out), "--resume", *common, "max_steps=4"]) == 0
+    steps = lambda name: [json.loads(line)["step"] for line in (out / f"{name}.jsonl").read_text().splitlines()]  # noqa: E731
+    assert steps("metrics") == [1, 2, 3, 4] and steps("eval") == [0, 1, 2, 3, 4]
+
+
+def test_resume_without_ema_starts_it_at_the_resumed_weights(tiny_assets, tmp_path):
+    out = tmp_path / "run"
+    assert main(["--output-dir", str(out), *tiny_overrides(tiny_assets, max_steps=2, ema_decay="null")]) == 0
+    assert not (out / "checkpoints" / "step-2" / "ema.safetensors").exists()
+    with pytest.warns(UserWarning, match="differ from the checkpoint's config.json: ema_decay"):
+        assert main(["--output-dir", str(out), "--resume", *tiny_overrides(tiny_assets, max_steps=3, ema_decay=0.9)]) == 0
+    before = load_file(str(out / "checkpoints" / "step-2" / "trainable.safetensors"))
+    after = load_file(str(out / "checkpoints" / "step-3" / "trainable.safetensors"))
+    ema = load_file(str(out / "checkpoints" / "step-3" / "ema.safetensors"))
+    for name in ema:
+        torch.testing.assert_close(ema[name], torch.lerp(before[name], after[name], 0.1))
 
 
 def test_non_finite_updates_are_skipped_then_abort_keeping_the_checkpoint(tiny_assets, tmp_path, monkeypatch):

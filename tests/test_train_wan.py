@@ -70,7 +70,7 @@ def wan_overrides(wan_dir, **extra):
         "prm_path": str(wan_dir / "prm"), "rewards": "{jpeg_compressibility: {}}",
         "reward_weights": "{jpeg_compressibility: 1.0}", "prompts_per_step": 2, "group_size": 2,
         "sampler.num_steps": 4, "sampler.guidance_start": 2, "max_steps": 2, "checkpoint_every": 1,
-        "num_eval_samples": 2,
+        "num_eval_samples": 2, "eval_prompts": 3,
     }
     values.update(extra)
     return [f"{k}={v}" for k, v in values.items()]
@@ -93,6 +93,8 @@ def test_lora_training_on_a_wan_pipeline_folder(wan_dir, tmp_path, algorithm, ex
         assert row["ratio_max_dev"] < 1e-3  # rollouts and training see the same bf16 velocities
         assert all(v == v for v in row.values() if isinstance(v, float))  # no NaN
     assert ("process_reward_mean" in rows[0]) == (algorithm == "euphonium")
+    evals = [json.loads(line) for line in (out / "eval.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in evals] == [0, 2] and all(r["reward_mean"] < 0 for r in evals)
 
     first = load_file(str(out / "checkpoints" / "step-1" / "trainable.safetensors"))
     last = load_file(str(out / "checkpoints" / "step-2" / "trainable.safetensors"))

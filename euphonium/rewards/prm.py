@@ -799,8 +799,9 @@ def collect_rollouts(sample_fn: SampleFn, decode_fn: Callable[[torch.Tensor], to
 # The toy world: shipped PRM, on-policy data, quality report
 
 TOY_PRM_DIR = Path(__file__).resolve().parents[1] / "assets" / "toy_prm"
-# The sampler the RL trainer uses on the toy world (Euphonium's published settings), without guidance:
-# the base model's rollouts are the PRM's on-policy data.
+# Euphonium's published sampler without guidance: the base model's rollouts through every noise level
+# are the PRM's training data. (The trainer's toy default, euphonium_fast, queries the PRM at the
+# high-noise states of its first-half SDE window: the PRM takes any (x_sigma, sigma).)
 TOY_SAMPLER = "euphonium"
 
 

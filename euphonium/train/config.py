@@ -79,12 +79,12 @@ class TrainConfig:
     prm_refresh_every: retrain the PRM on fresh rollouts every N steps (0 = never).
     kl_coef: KL penalty to the reference policy (LoRA: adapter disabled; else a frozen copy).
     distill_coef: explicit distillation loss toward the guided mean at guided steps (DESIGN.md).
-    eval_every: every N steps (and before the first) score ``eval_prompts`` fixed prompts, sampled
-        with the deterministic ODE sampler from fixed noise, into ``DIR/eval.jsonl``: the same clips
-        each time, so the curve shows the policy's change without the training batches' prompt-draw
-        noise (0 = never).
-    eval_prompts: size of that fixed prompt set (drawn once from the training prompts by ``seed``).
-    num_eval_samples: clips in the final sample grid.
+    eval_every: every N steps, before the first and after the last, score ``eval_prompts`` fixed
+        prompts, sampled with the deterministic ODE sampler (EMA weights, if any) from fixed noise,
+        into ``DIR/eval.jsonl``: the same clips each time, so the curve shows the policy's change
+        without the training batches' prompt-draw noise (0 = never).
+    eval_prompts: size of that fixed set (prompts and noise drawn from ``seed``; not the sample grid's).
+    num_eval_samples: clips in the final sample grid (``samples.gif``/``.png``).
     """
 
     algorithm: str = "euphonium_fast"

@@ -36,6 +36,13 @@ class MetricsLogger:
                 self.writer.add_scalar(prefix + key, value, metrics["step"])
         self.writer.flush()
 
+    def truncate(self, name: str, after: int) -> None:
+        """Drop the rows of ``DIR/<name>.jsonl`` whose step is greater than ``after``."""
+        path = self.path.with_name(f"{name}.jsonl")
+        if self.enabled and path.exists():
+            rows = path.read_text().splitlines(keepends=True)
+            path.write_text("".join(r for r in rows if r.strip() and json.loads(r)["step"] <= after))
+
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()

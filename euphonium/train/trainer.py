@@ -151,6 +151,8 @@ class Trainer:
         if batch % self.world:
             raise ConfigError(f"prompts_per_step * group_size ({batch}) must be divisible by the number of ranks ({self.world})")
         self.local_batch = batch // self.world
+        if config.eval_every and config.eval_prompts < self.world:
+            raise ConfigError(f"eval_prompts ({config.eval_prompts}) must be >= the number of ranks ({self.world})")
 
         overrides = dict(config.sampler)
         if config.algorithm not in GUIDED_ALGORITHMS and overrides.get("guidance"):
@@ -168,11 +170,10 @@ class Trainer:
         self.policy = build_policy(config, self.device)
         if self.sampler.guidance and self.policy.prm is None:
             raise ConfigError(f"algorithm={config.algorithm} needs a process reward model: set prm_path")
-        if config.eval_every and config.eval_prompts < self.world:
-            raise ConfigError(f"eval_prompts ({config.eval_prompts}) must be >= the number of ranks ({self.world})")
         order = torch.randperm(len(self.policy.prompts), generator=torch.Generator().manual_seed(_seed_for(config.seed, 4)))
         shuffled = [self.policy.prompts[i] for i in order.tolist()]
         self.eval_set = (shuffled * -(-config.eval_prompts // len(shuffled)))[: config.eval_prompts]
+        self._eval_noise = None
         self._setup_training()
         self.step = 0
         self.bad_steps = 0
@@ -283,11 +284,18 @@ class Trainer:
         with torch.no_grad():
             for name, value in loaded["trainable"].items():
                 named[name].copy_(place(value, named[name]))
-        if self.ema is not None and loaded["ema"] is not None:
-            self.ema = {k: place(v, self.ema[k]) for k, v in loaded["ema"].items()}
+        if self.ema is not None:
+            # A checkpoint without EMA (it was off) starts the average at the resumed weights, not the base's.
+            source = loaded["ema"] if loaded["ema"] is not None else loaded["trainable"]
+            self.ema = {k: place(source[k], self.ema[k]) for k in self.ema}
         self.step = int(loaded["state"]["step"])
         if self.is_main:
             print(f"resumed from {path} at step {self.step}")
+            saved = json.loads((path / "config.json").read_text())
+            changed = sorted(k for k, v in self.config.to_dict().items() if k != "max_steps" and saved.get(k) != v)
+            if changed:
+                warnings.warn(f"resuming {path} with settings that differ from the checkpoint's config.json: "
+                              f"{', '.join(changed)} (pass the run's --config and overrides to continue it unchanged)")
 
     # ------------------------------------------------------------------------------------------
     # One step
@@ -508,6 +516,11 @@ class Trainer:
         if self.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             (self.output_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=1))
+        if self.is_main:
+            # A resumed run redoes the steps after its checkpoint (and the step-0 evaluation when there
+            # was none): their earlier rows go, so each step is logged once.
+            self.logger.truncate("metrics", after=self.step)
+            self.logger.truncate("eval", after=self.step if self.step else -1)
         bar = tqdm(total=config.max_steps, initial=self.step, disable=not self.is_main, desc="euphonium.train")
         postfix = {}
         if config.eval_every and self.step == 0:
@@ -577,17 +590,29 @@ class Trainer:
     def evaluate(self) -> Dict[str, float]:
         """Mean rewards of the fixed evaluation set (``eval_prompts`` clips, the same noise every time).
 
-        Each rank samples its share of the set; the means are over the whole set, whose prompts and
-        initial noise do not depend on the number of ranks.
+        The set's prompts and initial noise do not depend on the number of ranks: rank ``r`` samples
+        clips ``r, r + world, ...`` in batches of at most the training batch per rank. Every rank runs
+        the same number of batches (FSDP forwards are collectives): a shorter share is padded with
+        repeats of its last clip, which are not counted. The means are over the whole set.
         """
-        noise = torch.randn((len(self.eval_set), *self.policy.latent_shape),
-                            generator=torch.Generator().manual_seed(_seed_for(self.config.seed, 5)))
-        prompts = self.eval_set[self.rank::self.world]
-        videos = self._sample_ode(prompts, noise=noise[self.rank::self.world])
-        columns = self._reward_columns(self.rewards(videos, prompts).parts)
-        sums = self._sum_over_ranks({"count": float(len(prompts)), **{k: float(v.sum()) for k, v in columns.items()}})
-        count = sums.pop("count")
-        return {key: value / count for key, value in sums.items()}
+        n = len(self.eval_set)
+        if self._eval_noise is None:
+            self._eval_noise = torch.randn((n, *self.policy.latent_shape),
+                                           generator=torch.Generator().manual_seed(_seed_for(self.config.seed, 5)))
+        mine = list(range(self.rank, n, self.world))
+        share = -(-n // self.world)
+        index = mine + mine[-1:] * (share - len(mine))
+        counted = torch.tensor([1.0] * len(mine) + [0.0] * (share - len(mine)))
+        sums: Dict[str, float] = {}
+        for start in range(0, share, self.local_batch):
+            rows = index[start:start + self.local_batch]
+            prompts = [self.eval_set[i] for i in rows]
+            videos = self._sample_ode(prompts, noise=self._eval_noise[rows])
+            weight = counted[start:start + len(rows)].to(videos.device)
+            for key, value in self._reward_columns(self.rewards(videos, prompts).parts).items():
+                sums[key] = sums.get(key, 0.0) + float((value * weight).sum())
+        sums = self._sum_over_ranks(sums)
+        return {key: value / n for key, value in sums.items()}
 
     def _log_eval(self) -> str:
         metrics = self.evaluate()
