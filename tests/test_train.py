@@ -119,8 +119,10 @@ def test_short_run_writes_metrics_checkpoints_and_samples(tiny_assets, tmp_path)
 
 @pytest.mark.parametrize("algorithm", ["euphonium", "euphonium_fast", "flow_grpo", "flow_grpo_fast", "dance_grpo"])
 def test_every_algorithm_trains_with_its_preset(tiny_assets, tmp_path, algorithm):
+    # The published Euphonium preset guides its last steps, euphonium_fast the window's (first half).
+    start = 3 if algorithm == "euphonium" else 0
     config = load_config(None, tiny_overrides(tiny_assets, algorithm=algorithm, max_steps=1,
-                                              **{"sampler.num_steps": 6, "sampler.guidance_start": 3}))
+                                              **{"sampler.num_steps": 6, "sampler.guidance_start": start}))
     trainer = Trainer(config, tmp_path / algorithm)
     assert trainer.sampler.schedule == preset(algorithm).schedule
     guided = algorithm.startswith("euphonium")

@@ -626,7 +626,12 @@ class Trainer:
                                        sde_window_size=None, sde_window_range=None)
         with self._ema_weights():
             traj = rollout(self.rollout_model, self.policy.encode(prompts), sampler, device=self.device, **noise)
-            return self.policy.decode(traj.x0)
+            videos = self.policy.decode(traj.x0)
+        if hasattr(self.policy.transformer, "reshard"):
+            # FSDP2 keeps the root's parameters unsharded after a forward with no backward to follow;
+            # a checkpoint's optimizer-state gather needs the sharded ones registered again.
+            self.policy.transformer.reshard()
+        return videos
 
     @contextlib.contextmanager
     def _ema_weights(self):
