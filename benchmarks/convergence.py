@@ -32,9 +32,9 @@ says so). Speedup = the other method's median steps to threshold / Euphonium's; 
 speedup multiplies each by its median seconds per step, so guidance's PRM backward passes count.
 
 Outputs: ``benchmarks/results/convergence.json`` (or ``ablations.json``) and a PNG of the mean curves
-(training reward and evaluation) with min-max bands over seeds. Runs go to ``--workers`` processes with ``--threads`` torch threads
-each; on 2 CPU cores (2 x 1) the methods took 30 minutes at ``--steps 150`` and the ablations 37
-minutes at ``--steps 100``.
+(training reward and evaluation) with min-max bands over seeds. Runs go to ``--workers`` processes
+with ``--threads`` torch threads each; on 2 CPU cores (2 x 1) the five methods took 53 minutes at
+``--steps 150`` and the ablations 37 minutes at ``--steps 100``.
 """
 
 from __future__ import annotations
