@@ -321,12 +321,9 @@ _PRESETS = {
         guidance=True, guidance_start=12, guidance_end=None, guidance_interval=1, guidance_form="lambda",
         guidance_lambda=0.01, grad_normalize=False, logprob_mean="unguided",
     ),
-    "euphonium_fast": dict(
-        num_steps=10, shift=3.0, schedule="cps", noise_level=0.8, sde_window_size=3, same_initial_noise=True,
-        guidance=True, guidance_start=0, guidance_end=None, guidance_interval=1, guidance_form="lambda",
-        guidance_lambda=0.01, grad_normalize=False, logprob_mean="unguided",
-    ),
 }
+# Euphonium's guidance settings on Flow-GRPO-Fast's sampler, guiding every SDE step (the window's).
+_PRESETS["euphonium_fast"] = {**_PRESETS["euphonium"], **_PRESETS["flow_grpo_fast"], "guidance_start": 0}
 PRESETS = tuple(_PRESETS)
 
 
@@ -366,7 +363,7 @@ def preset(name: str, **overrides: Any) -> SamplerConfig:
     n = settings["num_steps"]
     if name == "flow_grpo" and "sde_window" not in overrides and "sde_window_size" not in overrides and isinstance(n, int) and n > 1:
         settings["sde_window"] = (0, n - 1)
-    if name in ("flow_grpo_fast", "euphonium_fast") and "sde_window_range" not in overrides and "sde_window" not in overrides and isinstance(n, int):
+    if _PRESETS[name].get("sde_window_size") and "sde_window_range" not in overrides and "sde_window" not in overrides and isinstance(n, int):
         settings["sde_window_range"] = (0, max(n // 2, settings.get("sde_window_size") or 1))
     return SamplerConfig(**settings)
 
