@@ -149,7 +149,8 @@ def build_wan_policy(config: TrainConfig, device: torch.device):
     vae.requires_grad_(False)
     text = WanTextEncoder(root, device, dtype, config.model.max_sequence_length)
     mean = torch.tensor(vae.config.latents_mean, device=device).view(1, -1, 1, 1, 1)
-    std = torch.tensor(vae.config.latents_std, device=device).view(1, -1, 1, 1, 1)
+    # WanPipeline divides by 1 / std rather than multiplying by std; the same rounding gives the same video.
+    inv_std = 1.0 / torch.tensor(vae.config.latents_std, device=device).view(1, -1, 1, 1, 1)
 
     def encode(prompts):
         embeds = text(list(prompts))
@@ -158,7 +159,7 @@ def build_wan_policy(config: TrainConfig, device: torch.device):
 
     @torch.no_grad()
     def decode(latents):
-        video = vae.decode(latents.float() * std + mean, return_dict=False)[0]  # [B, C, F, H, W] in [-1, 1]
+        video = vae.decode(latents.float() / inv_std + mean, return_dict=False)[0]  # [B, C, F, H, W] in [-1, 1]
         return ((video.clamp(-1, 1) + 1) / 2).permute(0, 2, 1, 3, 4).contiguous()
 
     prm = None
