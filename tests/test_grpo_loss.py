@@ -113,6 +113,37 @@ def test_fused_backwards_match_reference(dtype, tol, nan_poison):
             torch.testing.assert_close(fused.float(), ref.float(), rtol=tol, atol=1e-8)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_rounding_ties_at_the_clip_bound(backend):
+    """One ulp outside the clip range, the reference's fp32 products ``-A r`` and ``-A clip(r)`` can
+    round to the same value, and ``torch.maximum``'s backward then splits the gradient in half. The
+    fused paths decide the branch from ``r`` and ``clip(r)`` as the exact max does: all or nothing."""
+    n, clip_range = 20000, 1e-4
+    bound = torch.where(torch.rand(n) < 0.5, 1 - clip_range, 1 + clip_range)
+    old = torch.randn(n)
+    # log-ratios within a few ulps of the bounds (old + log_ratio rounds, so take lp - old as drawn).
+    log_prob = (old + torch.log(bound) + 2e-7 * torch.randn(n)).requires_grad_()
+    adv = torch.randn(n) * 2
+    grads = {}
+    for name in ("reference", backend):
+        with ops.use_backend(name):
+            loss, _ = ops.grpo_loss(log_prob, old, adv, clip_range=clip_range, adv_clip=None)
+        (grads[name],) = torch.autograd.grad(loss, [log_prob])
+    ratio = torch.exp(log_prob.detach() - old)
+    clipped = ratio.clamp(1 - clip_range, 1 + clip_range)
+    full = -adv * ratio / n
+    tie = (-adv * ratio == -adv * clipped) & (ratio != clipped)
+    assert tie.sum() > 10
+    torch.testing.assert_close(grads["reference"][tie], full[tie] / 2)
+    fused = grads[backend]
+    # Triton's exp may differ from PyTorch's by an ulp and move an element across the bound, so
+    # every element must get the whole gradient or none, never half.
+    is_zero, is_full = fused == 0, torch.isclose(fused, full, rtol=1e-5, atol=0)
+    assert (is_zero | is_full).all()
+    if backend == "torch":
+        assert torch.equal(is_zero, adv * (ratio - clipped) > 0)
+
+
 def test_only_log_prob_and_kl_get_gradients():
     log_prob, old, adv, _ = _inputs((8,), 1e-4)
     old.requires_grad_()
