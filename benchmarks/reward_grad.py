@@ -6,7 +6,10 @@ gradient ``g [B, ...]`` after autograd produced it: ``n_b = ||g_b||_2`` in fp32,
 (``--max-norm``, default 1). The PRM's own forward/backward is the model's cost and is timed in
 ``train_step.py``. ``eager`` is ``scale_by_norm_ref``, ``compile`` is ``torch.compile`` of it,
 ``euphonium`` is what ``reward_grad`` dispatches to on this device (the Triton kernel
-``euphonium.kernels.reward_grad.scale_by_norm`` on CUDA, ``scale_by_norm_torch`` on the CPU).
+``euphonium.kernels.reward_grad.scale_by_norm`` on CUDA, ``scale_by_norm_torch`` on the CPU), in
+place as ``reward_grad`` runs it on autograd's fresh gradient: it works on its own copy of the
+input, which after the first call (the one checked against eager) holds unit-norm samples, the
+same work.
 
 Minimal bytes: read ``g`` once and write the result (the kernel reads each sample twice; a sample of a
 Wan latent fits in an H100's L2 only in part).
@@ -51,12 +54,13 @@ def _case(label, shape, dtype_name, device, args, compiled_ref):
     scales = torch.logspace(-3, 1, shape[0], device=device).reshape(-1, *([1] * (len(shape) - 1)))
     grad = (scales * torch.randn(shape, device=device) / (torch.tensor(shape[1:]).prod().sqrt())).to(dtype)
     kw = dict(normalize=args.normalize, max_norm=args.max_norm)
+    work = grad.clone()
     return Case(
         label=label, dtype=dtype_name, shape=tuple(shape), bytes_moved=latent_bytes(shape, dtype, 2),
         run={
             "eager": lambda: scale_by_norm_ref(grad, **kw),
             "compile": lambda: compiled_ref(grad, **kw),
-            "euphonium": lambda: scale_by_norm(grad, **kw),
+            "euphonium": lambda: scale_by_norm(work, inplace=True, **kw),
         },
         params=dict(kw),
     )

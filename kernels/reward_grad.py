@@ -68,16 +68,18 @@ def _scale_kernel(
         tl.store(out_ptr + offset + o_n, (b_g * scale).to(out_ptr.dtype.element_ty), mask=m)
 
 
-def scale_by_norm(grad: torch.Tensor, *, normalize: bool, max_norm: Optional[float]) -> torch.Tensor:
+def scale_by_norm(grad: torch.Tensor, *, normalize: bool, max_norm: Optional[float], inplace: bool = False) -> torch.Tensor:
     """``grad [B, ...]`` with each sample scaled to unit norm and/or clipped to ``max_norm``.
 
     ``n_b = ||g_b||_2`` (fp32); ``normalize`` gives ``g_b / n_b`` (0 stays 0), then ``max_norm``
-    multiplies by ``min(1, max_norm / ||.||)``. Returns a new tensor of the dtype of ``grad``.
+    multiplies by ``min(1, max_norm / ||.||)``. Returns a new tensor of the dtype of ``grad``, or
+    ``grad`` itself with ``inplace`` (every program reads its chunk before writing it, and the norms
+    are complete before the second launch reads them, so writing over the input is safe).
     """
     grad = grad.contiguous()
     batch = grad.shape[0]
     n = grad.numel() // batch
-    out = torch.empty_like(grad)
+    out = grad if inplace else torch.empty_like(grad)
     if n == 0:
         return out
     block = min(max(triton.next_power_of_2(n), MIN_BLOCK), MAX_BLOCK)

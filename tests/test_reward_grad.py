@@ -106,12 +106,8 @@ def test_normalize_and_max_norm(backend, chunks, normalize, max_norm, nan_poison
         torch.testing.assert_close(norms[[0, 2, 3, 4]], torch.full((4,), target), rtol=1e-5, atol=0)
 
 
-@pytest.mark.parametrize("backend,block", [("reference", None), ("torch", None), ("torch", 100), ("triton", None)])
-def test_normalize_bf16(backend, block, nan_poison, monkeypatch):
-    from euphonium.ops import _sde_torch
-
-    if block is not None:  # the PyTorch path's blocks: 256-element samples split in three
-        monkeypatch.setattr(_sde_torch, "BLOCK_ELEMENTS", block)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_normalize_bf16(backend, nan_poison):
     prm, x, sigma, emb = _setup(batch=3, shape=(4, 64))
     x = x.bfloat16()
     with ops.use_backend(backend):
@@ -121,14 +117,45 @@ def test_normalize_bf16(backend, block, nan_poison, monkeypatch):
     np.testing.assert_allclose(grad.double().numpy(), expected, rtol=2e-2, atol=2e-3)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_inplace_equals_new_tensor(backend, dtype, nan_poison, monkeypatch):
+    # Small Triton blocks: several chunks per sample, so that a chunk written before another chunk
+    # of its sample is read would show.
+    from euphonium.kernels import reward_grad as kernels
+    from euphonium.ops.reward_grad import scale_by_norm
+
+    for name, value in (("MIN_BLOCK", 16), ("MAX_BLOCK", 16), ("MAX_CHUNKS", 4)):
+        monkeypatch.setattr(kernels, name, value)
+    scales = torch.logspace(-3, 1, 5).reshape(-1, 1, 1)
+    grad = (scales * torch.randn(5, 7, 29)).to(dtype)
+    with ops.use_backend(backend):
+        for normalize, max_norm in [(True, None), (False, 0.5), (True, 0.5)]:
+            # Out of place into NaN-poisoned memory: every element is written.
+            expected = scale_by_norm(grad, normalize=normalize, max_norm=max_norm)
+            assert not torch.isnan(expected).any()
+            work = grad.clone()
+            out = scale_by_norm(work, normalize=normalize, max_norm=max_norm, inplace=True)
+            assert out.data_ptr() == work.data_ptr() and out.shape == grad.shape and out.dtype == dtype
+            assert torch.equal(out, expected)
+        with pytest.raises(ValueError, match=r"inplace=True\) needs a contiguous grad"):
+            scale_by_norm(grad.transpose(1, 2), normalize=True, inplace=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_view_gradient_is_not_written_over(backend):
+    # d/dx sum(x) is autograd's expanded view of one scalar: normalised into a new tensor.
+    x = torch.randn(3, 4, 5)
+    with ops.use_backend(backend):
+        reward, grad = ops.reward_grad(lambda x: x.flatten(1).sum(1), x, normalize=True)
+    torch.testing.assert_close(grad, torch.full_like(x, 20 ** -0.5))
+    torch.testing.assert_close(reward, x.flatten(1).sum(1))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("block", [None, 97])
-def test_torch_path_matches_reference(dtype, block, monkeypatch):
-    from euphonium.ops import _sde_torch
+def test_torch_path_matches_reference(dtype):
     from euphonium.ops.reward_grad import scale_by_norm_ref, scale_by_norm_torch
 
-    if block is not None:  # blocks that split a sample and end mid-row
-        monkeypatch.setattr(_sde_torch, "BLOCK_ELEMENTS", block)
     scales = torch.logspace(-4, 1, 6).reshape(-1, 1, 1, 1)
     grad = (scales * torch.randn(6, 3, 5, 13)).to(dtype)
     grad[2] = 0

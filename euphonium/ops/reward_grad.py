@@ -61,21 +61,32 @@ def reward_grad(
     reward, grad = _RewardGrad.apply(x, prm, args, kwargs)
     check_finite("grad", grad, what="the process reward model's gradient d reward / d x")
     if normalize or max_norm is not None:
-        grad = scale_by_norm(grad, normalize=normalize, max_norm=max_norm)
+        # Autograd's gradient is nobody else's tensor unless it is a view (an expanded gradient of a
+        # sum, say): scaled in place, it saves a latent-sized allocation and a pass writing new memory.
+        owned = grad.is_contiguous() and grad._base is None
+        grad = scale_by_norm(grad, normalize=normalize, max_norm=max_norm, inplace=owned)
     return reward, grad
 
 
-def scale_by_norm(grad: torch.Tensor, *, normalize: bool = False, max_norm: Optional[float] = None) -> torch.Tensor:
+def scale_by_norm(grad: torch.Tensor, *, normalize: bool = False, max_norm: Optional[float] = None,
+                  inplace: bool = False) -> torch.Tensor:
     """:func:`reward_grad`'s per-sample normalisation / norm clipping of ``grad`` on the backend that
-    ``grad``'s device resolves to (the Triton kernels, the PyTorch path or the reference)."""
+    ``grad``'s device resolves to (the Triton kernels, the PyTorch path or the reference).
+
+    ``inplace=True`` writes the result into ``grad`` (which must be contiguous) and returns it.
+    """
+    if inplace and not grad.is_contiguous():
+        raise ValueError(f"scale_by_norm(inplace=True) needs a contiguous grad, got strides {grad.stride()} "
+                         f"for shape {tuple(grad.shape)}")
     backend = resolve(grad.device, torch_path=True)
     if backend == "reference":
-        return scale_by_norm_ref(grad, normalize=normalize, max_norm=max_norm)
+        out = scale_by_norm_ref(grad, normalize=normalize, max_norm=max_norm)
+        return grad.copy_(out) if inplace else out
     if backend == "torch":
-        return scale_by_norm_torch(grad, normalize=normalize, max_norm=max_norm)
+        return scale_by_norm_torch(grad, normalize=normalize, max_norm=max_norm, inplace=inplace)
     from euphonium.kernels.reward_grad import scale_by_norm as scale_by_norm_triton
 
-    return scale_by_norm_triton(grad, normalize=normalize, max_norm=max_norm)
+    return scale_by_norm_triton(grad, normalize=normalize, max_norm=max_norm, inplace=inplace)
 
 
 class _RewardGrad(torch.autograd.Function):
@@ -126,21 +137,26 @@ def _scales(norm: torch.Tensor, normalize: bool, max_norm: Optional[float]) -> t
     return scale
 
 
-def scale_by_norm_torch(grad: torch.Tensor, *, normalize: bool = False, max_norm: Optional[float] = None) -> torch.Tensor:
+def scale_by_norm_torch(grad: torch.Tensor, *, normalize: bool = False, max_norm: Optional[float] = None,
+                        inplace: bool = False) -> torch.Tensor:
     """The PyTorch path of the post-processing (backend ``torch``; CPU tensors under ``auto``).
 
     The reference's arithmetic (fp32 norms and products, one rounding to ``grad``'s dtype) without
-    its whole-tensor fp32 copy of a bf16/fp16 gradient: the norms are reduced from the input with
-    an fp32 accumulator, and the scaling runs over cache-sized blocks (``_sde_torch.blocks``).
+    its whole-tensor fp32 copy of a bf16/fp16 gradient: the norms are reduced from the input with an
+    fp32 accumulator, and each sample is multiplied by its 0-d fp32 scale, which PyTorch's kernels
+    apply in fp32 before rounding once (a ``[B, 1]`` fp32 operand instead sends a bf16 tensor through
+    TensorIterator's casting path, ten times slower on the CPU).
+    ``inplace``: write into ``grad`` (contiguous) instead of a new tensor.
     """
-    from euphonium.ops._sde_torch import blocks, compute_dtype
+    from euphonium.ops._sde_torch import compute_dtype
 
     dtype = compute_dtype(grad)
     flat = grad.reshape(grad.shape[0], -1)
     scale = _scales(torch.linalg.vector_norm(flat, dim=1, dtype=dtype), normalize, max_norm)
+    out = flat if inplace else torch.empty_like(flat)
     if grad.dtype == dtype:
-        return torch.mul(flat, scale[:, None]).view(grad.shape)
-    out = torch.empty_like(flat)
-    for rows, cols in blocks(*flat.shape):
-        torch.mul(flat[rows, cols], scale[rows, None], out=out[rows, cols])
+        torch.mul(flat, scale[:, None], out=out)
+    else:
+        for b in range(flat.shape[0]):
+            torch.mul(flat[b], scale[b], out=out[b])
     return out.view(grad.shape)
