@@ -153,12 +153,16 @@ def time_cpu_interleaved(fns: Dict[str, Callable[[], Any]], options: TimingOptio
 
     Interleaving makes the comparison fair on a shared machine: a burst of load from another
     process slows every provider's sample of that round, not one provider's whole measurement.
+    The order rotates every round so that no provider always runs right after the same other one
+    (whose freed memory or warm caches it would inherit).
     """
     samples: Dict[str, List[float]] = {name: [] for name in fns}
+    names = list(fns)
     start = time.perf_counter()
     rounds = 0
     while True:
-        for name, fn in fns.items():
+        for name in names[rounds % len(names):] + names[:rounds % len(names)]:
+            fn = fns[name]
             t0 = time.perf_counter()
             fn()
             samples[name].append(time.perf_counter() - t0)
