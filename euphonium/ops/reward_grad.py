@@ -145,7 +145,7 @@ def scale_by_norm_torch(grad: torch.Tensor, *, normalize: bool = False, max_norm
     its whole-tensor fp32 copy of a bf16/fp16 gradient: the norms are reduced from the input with an
     fp32 accumulator, and each sample is multiplied by its 0-d fp32 scale, which PyTorch's kernels
     apply in fp32 before rounding once (a ``[B, 1]`` fp32 operand instead sends a bf16 tensor through
-    TensorIterator's casting path, ten times slower on the CPU).
+    TensorIterator's casting path, about three times slower on the CPU).
     ``inplace``: write into ``grad`` (contiguous) instead of a new tensor.
     """
     from euphonium.ops._sde_torch import compute_dtype
