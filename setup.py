@@ -29,8 +29,11 @@ setup(
     install_requires=[
         # Install torch first for your platform (`pip install torch==2.13.0` gives the CPU wheel on
         # machines that have it on disk); an unpinned torch here would pull a multi-GB CUDA build.
-        "torch>=2.5",
-        "triton>=3.2; platform_system == 'Linux'",
+        # Triton 3.4 is the oldest whose tl.randint stream the CPU path reproduces (3.3's differs) and
+        # whose ahead-of-time compile API kernels/aot.py uses (3.2 lacks it); torch 2.8 is the first
+        # CUDA build that accepts it (each pins one Triton).
+        "torch>=2.8",
+        "triton>=3.4; platform_system == 'Linux'",
         "numpy>=1.24",
         "diffusers>=0.33",
         "transformers>=4.48",

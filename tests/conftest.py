@@ -18,6 +18,22 @@ if not torch.cuda.is_available():
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def pytest_configure(config):
+    if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        return
+    import numpy as np
+    import triton
+
+    # Before 3.7 the interpreter turns a loop bound into an int with int(array of shape [1]), which
+    # numpy 2.4 refuses: every kernel with a runtime loop bound would fail with a TypeError.
+    triton_version = tuple(int(p) for p in triton.__version__.split(".")[:2])
+    numpy_version = tuple(int(p) for p in np.__version__.split(".")[:2])
+    if triton_version < (3, 7) and numpy_version >= (2, 4):
+        raise pytest.UsageError(
+            f"Triton {triton.__version__}'s interpreter cannot run these kernels with numpy {np.__version__}: "
+            "pip install 'triton>=3.7' or 'numpy<2.4' for the CPU test run")
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return
