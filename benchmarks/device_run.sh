@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
-# The GPU checks for a lent device machine, in two calls of under 10 minutes each (the `device`
-# tool's `run`, from the repository root). That machine's image has torch and triton but not this
-# package's other dependencies and no network, so everything runs from the source tree:
+# The GPU checks for a lent device machine, one part per call of the `device` tool's `run` (from
+# the repository root), in order of importance: a session has 15 device minutes in all. That
+# machine's image has torch and triton but not this package's other dependencies and no network,
+# so everything runs from the source tree:
 #
-#   bash benchmarks/device_run.sh ops    # pytest -m gpu, then the op benchmarks
-#   bash benchmarks/device_run.sh train  # train_step (toy and Wan-shaped) and the kernel report
+#   bash benchmarks/device_run.sh targets  # pytest -m gpu, then sde_step and sde_log_prob (the targets)
+#   bash benchmarks/device_run.sh ops      # reward_grad, advantages, grpo_loss
+#   bash benchmarks/device_run.sh train    # train_step (toy and Wan-shaped) and the kernel report
 #
+# Nobody has timed these on a GPU yet (torch.compile compiles each shape once): a part that runs
+# long can be narrowed, e.g. `bash benchmarks/device_run.sh targets --only sde_step`.
 # `train` needs diffusers: download its wheel here (`pip download diffusers --no-deps -d .wheels`,
 # with .wheels in .git/info/exclude) and name .wheels in the run's `carry`. Logs and the result
 # files come back packed in $OUT/results.tgz (the device tool returns at most 8 files); unpack it
@@ -16,7 +20,7 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 OUT=${OUT:-$(mktemp -d)}
 PY=${PYTHON:-python3}
-part=${1:-ops}
+part=${1:-targets}
 shift || true
 status=0
 
@@ -26,17 +30,19 @@ status=0
 } 2>&1 | tee "$OUT/device.txt"
 
 case "$part" in
-  ops)
+  targets)
     $PY -m pytest -m gpu -q -p no:cacheprovider tests/test_sde_ops.py tests/test_grpo_loss.py 2>&1 | tee "$OUT/pytest_gpu.log" || status=1
-    $PY benchmarks/run_all.py --only sde_step sde_log_prob reward_grad advantages grpo_loss "$@" 2>&1 \
-      | tee "$OUT/bench_ops.log" || status=1
+    $PY benchmarks/run_all.py --only sde_step sde_log_prob "$@" 2>&1 | tee "$OUT/bench_targets.log" || status=1
+    ;;
+  ops)
+    $PY benchmarks/run_all.py --only reward_grad advantages grpo_loss "$@" 2>&1 | tee "$OUT/bench_ops.log" || status=1
     ;;
   train)
     if [ -d .wheels ]; then $PY -m pip install -q --no-deps --no-index .wheels/*.whl || status=1; fi
     $PY benchmarks/run_all.py --only train_step kernel_report "$@" 2>&1 | tee "$OUT/bench_train.log" || status=1
     ;;
   *)
-    echo "usage: bash benchmarks/device_run.sh ops|train [run_all.py arguments]" >&2
+    echo "usage: bash benchmarks/device_run.sh targets|ops|train [run_all.py arguments]" >&2
     exit 2
     ;;
 esac

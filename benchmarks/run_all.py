@@ -15,7 +15,7 @@ guided variants of ``sde_step``, the KL variants of ``sde_log_prob`` and ``grpo_
 A lent GPU runs one command for at most 10 minutes: run the plan in parts with ``--only``, e.g.
 ``--only sde_step sde_log_prob``, then ``--only reward_grad advantages grpo_loss``, then
 ``--only train_step kernel_report`` (``make_readme_table.py`` runs at the end of every part);
-``benchmarks/device_run.sh`` runs those parts with ``pytest -m gpu`` and packs the results.
+``benchmarks/device_run.sh`` runs such parts (and ``pytest -m gpu``) and packs the results.
 """
 
 from __future__ import annotations
