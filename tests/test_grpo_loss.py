@@ -190,7 +190,9 @@ def test_dual_reward_loss(backend, combine, nan_poison):
     np.testing.assert_allclose(loss.item(), expected_loss, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(stats["policy_loss"], policy, rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(stats["kl"], kk.mean(), rtol=1e-5)
-    np.testing.assert_allclose(log_prob.grad.numpy(), dlogp, rtol=1e-5, atol=1e-9)
+    # "separate" sums fp32 gradients of up to ~0.1 per term, which can cancel to ~1e-5: the sum is
+    # good to a few fp32 ulps of the terms (~1e-8), not to rtol of the small result.
+    np.testing.assert_allclose(log_prob.grad.numpy(), dlogp, rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(kl.grad.numpy(), np.full(kk.shape, 0.2 / kk.size), rtol=1e-5)
     _, ref_stats, _, _ = grpo_np(lp, old.numpy(), terms[0][0], **opts)
     np.testing.assert_allclose(stats["clip_frac"], ref_stats["clip_frac"], rtol=1e-6)
