@@ -1,7 +1,10 @@
-"""Test setup: on a machine without CUDA, Triton kernels run in Triton's interpreter.
+"""Test setup: Triton kernels run in Triton's interpreter, except in a `-m gpu` run on a CUDA machine.
 
-TRITON_INTERPRET must be set before Triton is first imported, so it is set here, before any test
-module imports euphonium. Ahead-of-time compile tests run in a subprocess with it unset.
+The tests that are not marked `gpu` run the kernels on CPU tensors, which needs the interpreter
+on any machine; the `gpu` tests run the compiled kernels on CUDA tensors, which needs it off. The
+two cannot share a process (TRITON_INTERPRET is read when Triton is first imported, which happens
+during collection, after `pytest_configure`), so a CUDA machine runs `pytest` for the first and
+`pytest -m gpu` for the second. Ahead-of-time compile tests run in a subprocess with it unset.
 """
 
 import json
@@ -12,14 +15,22 @@ import sys
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+DEVICE = "cpu"
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+def _compiled_run(config) -> bool:
+    """A `-m gpu` run (any mark expression that selects gpu tests) on a machine with CUDA."""
+    markexpr = (config.getoption("markexpr") or "").replace("not gpu", "")
+    return torch.cuda.is_available() and "gpu" in markexpr
 
 
 def pytest_configure(config):
-    if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+    global DEVICE
+    if _compiled_run(config):
+        DEVICE = "cuda"
+        return
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    if os.environ["TRITON_INTERPRET"] in ("", "0"):
         return
     import numpy as np
     import triton
@@ -35,9 +46,10 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
+    if _compiled_run(config):
         return
-    skip = pytest.mark.skip(reason="needs a CUDA device")
+    reason = "compiled kernels: run `pytest -m gpu`" if torch.cuda.is_available() else "needs a CUDA device"
+    skip = pytest.mark.skip(reason=reason)
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
