@@ -76,6 +76,8 @@ def scale_by_norm(grad: torch.Tensor, *, normalize: bool, max_norm: Optional[flo
     ``grad`` itself with ``inplace`` (every program reads its chunk before writing it, and the norms
     are complete before the second launch reads them, so writing over the input is safe).
     """
+    if inplace and not grad.is_contiguous():
+        raise ValueError("scale_by_norm(inplace=True) needs a contiguous grad")
     grad = grad.contiguous()
     batch = grad.shape[0]
     n = grad.numel() // batch

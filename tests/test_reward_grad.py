@@ -117,39 +117,87 @@ def test_normalize_bf16(backend, nan_poison):
     np.testing.assert_allclose(grad.double().numpy(), expected, rtol=2e-2, atol=2e-3)
 
 
+def check_inplace_equals_new_tensor(dtype, device):
+    from euphonium.ops.reward_grad import scale_by_norm
+
+    scales = torch.logspace(-3, 1, 5, device=device).reshape(-1, 1, 1)
+    grad = (scales * torch.randn(5, 7, 29, device=device)).to(dtype)
+    for normalize, max_norm in [(True, None), (False, 0.5), (True, 0.5)]:
+        # Out of place into NaN-poisoned memory: every element is written.
+        expected = scale_by_norm(grad, normalize=normalize, max_norm=max_norm)
+        assert not torch.isnan(expected).any()
+        work = grad.clone()
+        out = scale_by_norm(work, normalize=normalize, max_norm=max_norm, inplace=True)
+        assert out.data_ptr() == work.data_ptr() and out.shape == grad.shape and out.dtype == dtype
+        assert torch.equal(out, expected)
+    with pytest.raises(ValueError, match=r"inplace=True\) needs a contiguous grad"):
+        scale_by_norm(grad.transpose(1, 2), normalize=True, inplace=True)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_inplace_equals_new_tensor(backend, dtype, nan_poison, monkeypatch):
     # Small Triton blocks: several chunks per sample, so that a chunk written before another chunk
     # of its sample is read would show.
     from euphonium.kernels import reward_grad as kernels
-    from euphonium.ops.reward_grad import scale_by_norm
 
     for name, value in (("MIN_BLOCK", 16), ("MAX_BLOCK", 16), ("MAX_CHUNKS", 4)):
         monkeypatch.setattr(kernels, name, value)
-    scales = torch.logspace(-3, 1, 5).reshape(-1, 1, 1)
-    grad = (scales * torch.randn(5, 7, 29)).to(dtype)
     with ops.use_backend(backend):
-        for normalize, max_norm in [(True, None), (False, 0.5), (True, 0.5)]:
-            # Out of place into NaN-poisoned memory: every element is written.
-            expected = scale_by_norm(grad, normalize=normalize, max_norm=max_norm)
-            assert not torch.isnan(expected).any()
-            work = grad.clone()
-            out = scale_by_norm(work, normalize=normalize, max_norm=max_norm, inplace=True)
-            assert out.data_ptr() == work.data_ptr() and out.shape == grad.shape and out.dtype == dtype
-            assert torch.equal(out, expected)
-        with pytest.raises(ValueError, match=r"inplace=True\) needs a contiguous grad"):
-            scale_by_norm(grad.transpose(1, 2), normalize=True, inplace=True)
+        check_inplace_equals_new_tensor(dtype, "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_inplace_equals_new_tensor(backend, dtype, nan_poison):
+    with ops.use_backend(backend):
+        check_inplace_equals_new_tensor(dtype, "cuda")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_torch_path_rounds_the_fp32_product_once(dtype):
+    from euphonium.ops.reward_grad import _scales, scale_by_norm_torch
+
+    grad = (torch.randn(4, 3, 50) * torch.logspace(-2, 1, 4).reshape(-1, 1, 1)).to(dtype)
+    scale = _scales(torch.linalg.vector_norm(grad.flatten(1), dim=1, dtype=torch.float32), True, 0.7)
+    expected = (grad.float() * scale.reshape(-1, 1, 1)).to(dtype)
+    assert torch.equal(scale_by_norm_torch(grad, normalize=True, max_norm=0.7), expected)
+
+
+class _KeptGradient(torch.autograd.Function):
+    """A PRM whose backward hands back a tensor it keeps (or a view of one)."""
+
+    kept = None
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.flatten(1).sum(1)
+
+    @staticmethod
+    def backward(ctx, grad_reward):
+        return _KeptGradient.kept
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_view_gradient_is_not_written_over(backend):
-    # d/dx sum(x) is autograd's expanded view of one scalar: normalised into a new tensor.
+def test_gradients_autograd_did_not_make_are_not_written_over(backend):
     x = torch.randn(3, 4, 5)
+    buffer = torch.rand(3, 4, 5) + 0.5
     with ops.use_backend(backend):
+        # d/dx sum(x) is autograd's expanded view of one scalar: normalised into a new tensor.
         reward, grad = ops.reward_grad(lambda x: x.flatten(1).sum(1), x, normalize=True)
-    torch.testing.assert_close(grad, torch.full_like(x, 20 ** -0.5))
-    torch.testing.assert_close(reward, x.flatten(1).sum(1))
+        torch.testing.assert_close(grad, torch.full_like(x, 20 ** -0.5))
+        torch.testing.assert_close(reward, x.flatten(1).sum(1))
+        # A contiguous view of the PRM's own tensor: a view is never written.
+        _KeptGradient.kept = buffer.view(3, 20).view(3, 4, 5)
+        _, grad = ops.reward_grad(_KeptGradient.apply, x, normalize=True)
+        assert torch.equal(_KeptGradient.kept, buffer) and grad.data_ptr() != buffer.data_ptr()
+        # The tensor itself: inplace=False keeps it.
+        _KeptGradient.kept = buffer
+        expected = buffer.clone()
+        _, grad = ops.reward_grad(_KeptGradient.apply, x, normalize=True, inplace=False)
+        assert torch.equal(buffer, expected)
+        torch.testing.assert_close(grad.flatten(1).norm(dim=1), torch.ones(3))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -219,6 +267,8 @@ def test_bad_arguments():
         ops.reward_grad(prm, x.numpy(), sigma, prompt_embedding=emb)
     with pytest.raises(TypeError, match="normalize must be a bool"):
         ops.reward_grad(prm, x, sigma, prompt_embedding=emb, normalize=1)
+    with pytest.raises(TypeError, match="inplace must be a bool"):
+        ops.reward_grad(prm, x, sigma, prompt_embedding=emb, inplace=None)
     for bad in (0.0, -1.0, float("inf")):
         with pytest.raises(ValueError, match="max_norm must be a finite number > 0"):
             ops.reward_grad(prm, x, sigma, prompt_embedding=emb, max_norm=bad)

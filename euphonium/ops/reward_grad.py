@@ -16,6 +16,7 @@ def reward_grad(
     *args,
     normalize: bool = False,
     max_norm: Optional[float] = None,
+    inplace: bool = True,
     **kwargs,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """The reward ``r = prm(x, *args, **kwargs)`` (``[B]``) and its gradient ``g = d r / d x``.
@@ -32,7 +33,10 @@ def reward_grad(
     ``normalize=True`` gives ``g_b / n_b`` (a zero gradient stays zero); ``max_norm=c`` then
     scales by ``min(1, c / ||g_b||)``. On CUDA these are two Triton launches over (sample, chunk)
     blocks (per-chunk sums of squares, then a fixed-order norm and the scaling), deterministic and
-    spread over the whole GPU however few samples there are; on CPU the reference.
+    spread over the whole GPU however few samples there are; on the CPU the PyTorch path. Both
+    scale the gradient autograd returned in place (no latent-sized allocation) when it is
+    contiguous and not a view; ``inplace=False`` always makes a new tensor, for a PRM whose custom
+    backward returns a tensor it keeps (which would otherwise be overwritten).
 
     Args:
         prm: a callable (e.g. an ``nn.Module``) mapping ``x`` ``[B, ...]`` and the extra arguments
@@ -52,8 +56,9 @@ def reward_grad(
     if not callable(prm):
         raise TypeError(f"prm must be callable (a process reward model), got {type(prm).__name__}")
     check_float_tensor("x", x)
-    if not isinstance(normalize, bool):
-        raise TypeError(f"normalize must be a bool, got {type(normalize).__name__}")
+    for name, flag in (("normalize", normalize), ("inplace", inplace)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
     max_norm = check_positive("max_norm", max_norm, allow_none=True)
     if torch.is_inference_mode_enabled():
         raise RuntimeError("reward_grad needs autograd, which torch.inference_mode disables beyond enable_grad(); "
@@ -61,9 +66,9 @@ def reward_grad(
     reward, grad = _RewardGrad.apply(x, prm, args, kwargs)
     check_finite("grad", grad, what="the process reward model's gradient d reward / d x")
     if normalize or max_norm is not None:
-        # Autograd's gradient is nobody else's tensor unless it is a view (an expanded gradient of a
-        # sum, say): scaled in place, it saves a latent-sized allocation and a pass writing new memory.
-        owned = grad.is_contiguous() and grad._base is None
+        # A gradient that autograd's ops made is new memory nobody else holds; a view may share its
+        # memory with anything (its base is unknown), and an expanded one cannot be written at all.
+        owned = inplace and grad.is_contiguous() and grad._base is None
         grad = scale_by_norm(grad, normalize=normalize, max_norm=max_norm, inplace=owned)
     return reward, grad
 
@@ -75,9 +80,7 @@ def scale_by_norm(grad: torch.Tensor, *, normalize: bool = False, max_norm: Opti
 
     ``inplace=True`` writes the result into ``grad`` (which must be contiguous) and returns it.
     """
-    if inplace and not grad.is_contiguous():
-        raise ValueError(f"scale_by_norm(inplace=True) needs a contiguous grad, got strides {grad.stride()} "
-                         f"for shape {tuple(grad.shape)}")
+    _check_inplace(grad, inplace)
     backend = resolve(grad.device, torch_path=True)
     if backend == "reference":
         out = scale_by_norm_ref(grad, normalize=normalize, max_norm=max_norm)
@@ -126,6 +129,12 @@ def scale_by_norm_ref(grad: torch.Tensor, *, normalize: bool = False, max_norm: 
     return (g * scale.reshape(-1, *([1] * (g.dim() - 1)))).to(grad.dtype)
 
 
+def _check_inplace(grad: torch.Tensor, inplace: bool) -> None:
+    if inplace and not grad.is_contiguous():
+        raise ValueError(f"scale_by_norm(inplace=True) needs a contiguous grad, got strides {grad.stride()} "
+                         f"for shape {tuple(grad.shape)}")
+
+
 def _scales(norm: torch.Tensor, normalize: bool, max_norm: Optional[float]) -> torch.Tensor:
     """Per-sample factors from per-sample norms: ``1 / norm`` (0 for a zero gradient) and/or the clip."""
     scale = torch.ones_like(norm)
@@ -143,18 +152,21 @@ def scale_by_norm_torch(grad: torch.Tensor, *, normalize: bool = False, max_norm
 
     The reference's arithmetic (fp32 norms and products, one rounding to ``grad``'s dtype) without
     its whole-tensor fp32 copy of a bf16/fp16 gradient: the norms are reduced from the input with an
-    fp32 accumulator, and each sample is multiplied by its 0-d fp32 scale, which PyTorch's kernels
-    apply in fp32 before rounding once (a ``[B, 1]`` fp32 operand instead sends a bf16 tensor through
-    TensorIterator's casting path, about three times slower on the CPU).
+    fp32 accumulator and the products computed in fp32 by the multiply itself. On the CPU each
+    sample is multiplied by its 0-d fp32 scale, which PyTorch's CPU kernels apply in fp32 before
+    rounding once (a ``[B, 1]`` fp32 operand sends a bf16 tensor through TensorIterator's casting
+    path there, about three times slower; on CUDA that path is the fast one, and a 0-d CUDA scale
+    would be rounded to bf16 first).
     ``inplace``: write into ``grad`` (contiguous) instead of a new tensor.
     """
     from euphonium.ops._sde_torch import compute_dtype
 
+    _check_inplace(grad, inplace)
     dtype = compute_dtype(grad)
     flat = grad.reshape(grad.shape[0], -1)
     scale = _scales(torch.linalg.vector_norm(flat, dim=1, dtype=dtype), normalize, max_norm)
     out = flat if inplace else torch.empty_like(flat)
-    if grad.dtype == dtype:
+    if grad.dtype == dtype or grad.device.type != "cpu":
         torch.mul(flat, scale[:, None], out=out)
     else:
         for b in range(flat.shape[0]):
