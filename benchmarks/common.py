@@ -23,6 +23,7 @@ import argparse
 import csv
 import dataclasses
 import datetime
+import itertools
 import json
 import math
 import os
@@ -153,15 +154,15 @@ def time_cpu_interleaved(fns: Dict[str, Callable[[], Any]], options: TimingOptio
 
     Interleaving makes the comparison fair on a shared machine: a burst of load from another
     process slows every provider's sample of that round, not one provider's whole measurement.
-    The order rotates every round so that no provider always runs right after the same other one
-    (whose freed memory or warm caches it would inherit).
+    The order steps through every permutation, so that each provider runs after each other one
+    (whose freed memory or warm caches it would inherit) equally often.
     """
     samples: Dict[str, List[float]] = {name: [] for name in fns}
-    names = list(fns)
+    orders = list(itertools.permutations(fns))
     start = time.perf_counter()
     rounds = 0
     while True:
-        for name in names[rounds % len(names):] + names[:rounds % len(names)]:
+        for name in orders[rounds % len(orders)]:
             fn = fns[name]
             t0 = time.perf_counter()
             fn()
@@ -303,18 +304,21 @@ def run_case(case: Case, device: torch.device, providers: Sequence[str], options
     fns = {p: case.run[p] for p in providers if p in case.run}
     results: Dict[str, Dict[str, Any]] = {p: {} for p in fns}
     outputs = {}
+    select = case.checked or (lambda out: out)
     for name, fn in fns.items():
         t0 = time.perf_counter()
-        outputs[name] = fn()
+        out = fn()
         synchronize(device)
         results[name]["first_call_s"] = time.perf_counter() - t0  # includes torch.compile's compilation
+        # A copy: an in-place provider's output is its input, which the warm-up calls change again.
+        outputs[name] = [t.detach().clone() for t in _tensors(select(out))]
+        del out
         for _ in range(options.cpu_warmup - 1 if device.type == "cpu" else 0):
             fn()
     if "eager" in outputs:
-        select = case.checked or (lambda out: out)
         for name in fns:
             if name != "eager":
-                results[name].update(compare(select(outputs[name]), select(outputs["eager"]), case.dtype))
+                results[name].update(compare(outputs[name], outputs["eager"], case.dtype))
         results["eager"].update(max_abs_err=0.0, check="ok")
     del outputs
 
