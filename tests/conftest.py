@@ -1,10 +1,11 @@
 """Test setup: Triton kernels run in Triton's interpreter, except in a `-m gpu` run on a CUDA machine.
 
 The tests that are not marked `gpu` run the kernels on CPU tensors, which needs the interpreter
-on any machine; the `gpu` tests run the compiled kernels on CUDA tensors, which needs it off. The
-two cannot share a process (TRITON_INTERPRET is read when Triton is first imported, which happens
-during collection, after `pytest_configure`), so a CUDA machine runs `pytest` for the first and
-`pytest -m gpu` for the second. Ahead-of-time compile tests run in a subprocess with it unset.
+on any machine; the `gpu` tests run the compiled kernels on CUDA tensors, which needs it off. Triton
+reads TRITON_INTERPRET when a kernel is defined, at the import of `euphonium.kernels` during
+collection, so one process cannot do both: a CUDA machine runs `pytest` for the first and
+`pytest -m gpu` (exactly that mark expression) for the second. Ahead-of-time compile tests run in a
+subprocess with it unset.
 """
 
 import json
@@ -15,31 +16,27 @@ import sys
 import pytest
 import torch
 
-DEVICE = "cpu"
-
 
 def _compiled_run(config) -> bool:
-    """A `-m gpu` run (any mark expression that selects gpu tests) on a machine with CUDA."""
-    markexpr = (config.getoption("markexpr") or "").replace("not gpu", "")
-    return torch.cuda.is_available() and "gpu" in markexpr
+    return torch.cuda.is_available() and (config.getoption("markexpr") or "").strip() == "gpu"
 
 
 def pytest_configure(config):
-    global DEVICE
     if _compiled_run(config):
-        DEVICE = "cuda"
+        os.environ.pop("TRITON_INTERPRET", None)
         return
     os.environ.setdefault("TRITON_INTERPRET", "1")
-    if os.environ["TRITON_INTERPRET"] in ("", "0"):
+    try:
+        import triton
+    except ImportError:  # setup.py installs Triton on Linux only
         return
     import numpy as np
-    import triton
 
     # Before 3.7 the interpreter turns a loop bound into an int with int(array of shape [1]), which
     # numpy 2.4 refuses: every kernel with a runtime loop bound would fail with a TypeError.
     triton_version = tuple(int(p) for p in triton.__version__.split(".")[:2])
     numpy_version = tuple(int(p) for p in np.__version__.split(".")[:2])
-    if triton_version < (3, 7) and numpy_version >= (2, 4):
+    if os.environ["TRITON_INTERPRET"] not in ("", "0") and triton_version < (3, 7) and numpy_version >= (2, 4):
         raise pytest.UsageError(
             f"Triton {triton.__version__}'s interpreter cannot run these kernels with numpy {np.__version__}: "
             "pip install 'triton>=3.7' or 'numpy<2.4' for the CPU test run")
@@ -55,9 +52,9 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-@pytest.fixture
-def device():
-    return DEVICE
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def device(request):
+    return request.param
 
 
 @pytest.fixture(autouse=True)
