@@ -2,7 +2,8 @@
 # The GPU checks for a lent device machine, one part per call of the `device` tool's `run` (from
 # the repository root), in order of importance: a session has 15 device minutes in all. That
 # machine's image has torch and triton but not this package's other dependencies and no network,
-# so everything runs from the source tree:
+# so everything runs from the source tree (a link maps kernels/ to euphonium.kernels, as setup.py's
+# package_dir does for an install):
 #
 #   bash benchmarks/device_run.sh targets  # pytest -m gpu, then sde_step and sde_log_prob (the targets)
 #   bash benchmarks/device_run.sh ops      # reward_grad, advantages, grpo_loss
@@ -16,6 +17,7 @@
 # over the checkout and regenerate the README table with `python benchmarks/make_readme_table.py`.
 # Extra arguments go to run_all.py (e.g. --quick for a dry run on a CPU).
 set -uo pipefail
+shopt -s nullglob
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 OUT=${OUT:-$(mktemp -d)}
@@ -23,6 +25,10 @@ PY=${PYTHON:-python3}
 part=${1:-targets}
 shift || true
 status=0
+if [ ! -e euphonium/kernels ]; then
+  ln -s ../kernels euphonium/kernels
+  trap 'rm -f euphonium/kernels' EXIT
+fi
 
 {
   nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv || echo "no nvidia-smi"
@@ -31,14 +37,16 @@ status=0
 
 case "$part" in
   targets)
-    $PY -m pytest -m gpu -q -p no:cacheprovider tests/test_sde_ops.py tests/test_grpo_loss.py 2>&1 | tee "$OUT/pytest_gpu.log" || status=1
+    $PY -m pytest -m gpu -q -p no:cacheprovider tests/test_sde_ops.py tests/test_grpo_loss.py tests/test_reward_grad.py \
+      2>&1 | tee "$OUT/pytest_gpu.log" || status=1
     $PY benchmarks/run_all.py --only sde_step sde_log_prob "$@" 2>&1 | tee "$OUT/bench_targets.log" || status=1
     ;;
   ops)
     $PY benchmarks/run_all.py --only reward_grad advantages grpo_loss "$@" 2>&1 | tee "$OUT/bench_ops.log" || status=1
     ;;
   train)
-    if [ -d .wheels ]; then $PY -m pip install -q --no-deps --no-index .wheels/*.whl || status=1; fi
+    wheels=(.wheels/*.whl)
+    if [ ${#wheels[@]} -gt 0 ]; then $PY -m pip install -q --no-deps --no-index "${wheels[@]}" || status=1; fi
     $PY benchmarks/run_all.py --only train_step kernel_report "$@" 2>&1 | tee "$OUT/bench_train.log" || status=1
     ;;
   *)
@@ -47,6 +55,6 @@ case "$part" in
     ;;
 esac
 
-tar czf "$OUT/results.tgz" benchmarks/results README.md
+tar czf "$OUT/results.tgz" benchmarks/results README.md || status=1
 echo "results: $OUT/results.tgz (exit $status)"
 exit $status
