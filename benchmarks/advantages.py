@@ -25,9 +25,9 @@ from euphonium.ops.advantages import contiguous_group_ids, group_advantages_ref 
 
 SIZES = SizeSpec(
     presets={
-        "b48": (48,),             # one GPU's rollout batch, one outcome reward per sample
-        "b256k16": (256, 16),     # a global batch with a process reward at 16 steps
-        "b8192k16": (8192, 16),   # a large global batch (bandwidth-bound end of the range)
+        "b48": (48,),  # one GPU's rollout batch, one outcome reward per sample
+        "b256k16": (256, 16),  # a global batch with a process reward at 16 steps
+        "b8192k16": (8192, 16),  # a large global batch (bandwidth-bound end of the range)
     },
     default_cpu=["b48", "b256k16", "b8192k16"],
     default_cuda=["b48", "b256k16", "b8192k16"],
@@ -53,7 +53,9 @@ def _case(label, shape, dtype_name, device, args, compiled_ref):
     kw = dict(eps=1e-8, unbiased=True, clip=args.clip)
     numel = rewards.numel()
     return Case(
-        label=label, dtype=dtype_name, shape=tuple(shape),
+        label=label,
+        dtype=dtype_name,
+        shape=tuple(shape),
         bytes_moved=numel * rewards.element_size() + numel * 4,
         run={
             "eager": lambda: group_advantages_ref(rewards, ids, **kw),
@@ -76,9 +78,18 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     device, shapes, dtypes, options = resolve_args(args, SIZES)
-    notes = [f"contiguous groups of {args.group_size}, unbiased std, eps 1e-8" + (f", clip {args.clip}" if args.clip else "")]
-    return run_bench("group_advantages", "group-relative advantages", cases(shapes, dtypes, device, args),
-                     args, device, options, notes)
+    notes = [
+        f"contiguous groups of {args.group_size}, unbiased std, eps 1e-8" + (f", clip {args.clip}" if args.clip else "")
+    ]
+    return run_bench(
+        "group_advantages",
+        "group-relative advantages",
+        cases(shapes, dtypes, device, args),
+        args,
+        device,
+        options,
+        notes,
+    )
 
 
 if __name__ == "__main__":

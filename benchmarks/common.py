@@ -88,8 +88,12 @@ def describe_device(device: torch.device) -> Dict[str, Any]:
         info["triton"] = None
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
-        info.update(name=props.name, memory_gib=round(props.total_memory / 2**30, 1), cuda=torch.version.cuda,
-                    capability=f"sm_{props.major}{props.minor}")
+        info.update(
+            name=props.name,
+            memory_gib=round(props.total_memory / 2**30, 1),
+            cuda=torch.version.cuda,
+            capability=f"sm_{props.major}{props.minor}",
+        )
         info["slug"] = _slug(props.name)
     else:
         info.update(name=cpu_model(), threads=torch.get_num_threads(), logical_cpus=os.cpu_count())
@@ -174,12 +178,15 @@ def time_cpu_interleaved(fns: Dict[str, Callable[[], Any]], options: TimingOptio
     out = {}
     for name, values in samples.items():
         values.sort()
-        out[name] = Timing(1e3 * statistics.median(values), 1e3 * _quantile(values, 0.2),
-                           1e3 * _quantile(values, 0.8), len(values))
+        out[name] = Timing(
+            1e3 * statistics.median(values), 1e3 * _quantile(values, 0.2), 1e3 * _quantile(values, 0.8), len(values)
+        )
     return out
 
 
-def time_functions(fns: Dict[str, Callable[[], Any]], device: torch.device, options: TimingOptions) -> Dict[str, Timing]:
+def time_functions(
+    fns: Dict[str, Callable[[], Any]], device: torch.device, options: TimingOptions
+) -> Dict[str, Timing]:
     if device.type == "cuda":
         return {name: time_cuda(fn, options) for name, fn in fns.items()}
     return time_cpu_interleaved(fns, options)
@@ -225,8 +232,10 @@ def saved_for_backward(forward: Callable[[], Any], inputs: Sequence[torch.Tensor
         out = forward()
     input_ptrs = {t.untyped_storage().data_ptr() for t in inputs if isinstance(t, torch.Tensor)}
     del out
-    return {"saved_bytes": sum(storages.values()),
-            "saved_new_bytes": sum(n for ptr, n in storages.items() if ptr not in input_ptrs)}
+    return {
+        "saved_bytes": sum(storages.values()),
+        "saved_new_bytes": sum(n for ptr, n in storages.items() if ptr not in input_ptrs),
+    }
 
 
 def peak_memory(fn: Callable[[], Any], device: torch.device) -> Optional[int]:
@@ -298,8 +307,9 @@ def compare(out: Any, ref: Any, dtype: str) -> Dict[str, Any]:
     return {"max_abs_err": worst, "check": problem or "ok"}
 
 
-def run_case(case: Case, device: torch.device, providers: Sequence[str], options: TimingOptions,
-             copy_gbps: float) -> Dict[str, Any]:
+def run_case(
+    case: Case, device: torch.device, providers: Sequence[str], options: TimingOptions, copy_gbps: float
+) -> Dict[str, Any]:
     """Warm up and check every provider against eager, time them side by side, measure memory."""
     fns = {p: case.run[p] for p in providers if p in case.run}
     results: Dict[str, Dict[str, Any]] = {p: {} for p in fns}
@@ -324,18 +334,30 @@ def run_case(case: Case, device: torch.device, providers: Sequence[str], options
 
     for name, timing in time_functions(fns, device, options).items():
         gbps = case.bytes_moved / (timing.median_ms * 1e-3) / 1e9
-        results[name].update(median_ms=timing.median_ms, q20_ms=timing.q20_ms, q80_ms=timing.q80_ms, reps=timing.reps,
-                             gbps=gbps, copy_fraction=gbps / copy_gbps)
+        results[name].update(
+            median_ms=timing.median_ms,
+            q20_ms=timing.q20_ms,
+            q80_ms=timing.q80_ms,
+            reps=timing.reps,
+            gbps=gbps,
+            copy_fraction=gbps / copy_gbps,
+        )
     for name, fn in fns.items():
         results[name]["peak_bytes"] = peak_memory(fn, device)
         if case.forward is not None and name in case.forward:
             results[name].update(saved_for_backward(case.forward[name], case.inputs))
-    for name, res in results.items():
+    for res in results.values():
         for base in ("eager", "compile"):
             if base in results:
                 res[f"speedup_vs_{base}"] = results[base]["median_ms"] / res["median_ms"]
-    return {"case": case.label, "dtype": case.dtype, "shape": list(case.shape), "bytes_moved": case.bytes_moved,
-            "params": case.params, "providers": results}
+    return {
+        "case": case.label,
+        "dtype": case.dtype,
+        "shape": list(case.shape),
+        "bytes_moved": case.bytes_moved,
+        "params": case.params,
+        "providers": results,
+    }
 
 
 # ------------------------------------------------------------------------------------------------
@@ -361,7 +383,9 @@ def parse_size(token: str, presets: Dict[str, Shape]) -> Tuple[str, Shape]:
         return token, presets[token]
     if re.fullmatch(r"\d+(x\d+)*", token):
         return token, tuple(int(d) for d in token.split("x"))
-    raise argparse.ArgumentTypeError(f"size must be one of {sorted(presets)} or a shape like 2x16x21x60x104, got {token!r}")
+    raise argparse.ArgumentTypeError(
+        f"size must be one of {sorted(presets)} or a shape like 2x16x21x60x104, got {token!r}"
+    )
 
 
 def shape_str(shape: Shape) -> str:
@@ -370,29 +394,47 @@ def shape_str(shape: Shape) -> str:
 
 def make_parser(description: str, sizes: SizeSpec) -> argparse.ArgumentParser:
     presets = ", ".join(f"{k}={shape_str(v)}" for k, v in sizes.presets.items())
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog=f"size presets: {presets}\n"
-                                            f"defaults: CPU {' '.join(sizes.default_cpu)}; CUDA {' '.join(sizes.default_cuda)}")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="cuda or cpu (default: cuda when available)")
+    parser = argparse.ArgumentParser(
+        description=description,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=f"size presets: {presets}\n"
+        f"defaults: CPU {' '.join(sizes.default_cpu)}; CUDA {' '.join(sizes.default_cuda)}",
+    )
+    parser.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="cuda or cpu (default: cuda when available)",
+    )
     parser.add_argument("--sizes", nargs="+", help="preset names or shapes like 2x16x21x60x104 (default: per device)")
     parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), help=f"default: {' '.join(sizes.dtypes)}")
     parser.add_argument("--providers", nargs="+", choices=PROVIDERS, default=list(PROVIDERS))
     parser.add_argument("--quick", action="store_true", help="one small size and short timing (a smoke run)")
-    parser.add_argument("--min-time", type=float, default=None,
-                        help="CPU: seconds of interleaved timing per case (default 2, quick 0.2)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="CPU: torch.set_num_threads (default: torch's choice). On a CPU shared with other "
-                             "jobs, 1 avoids OpenMP barriers stalling on descheduled threads")
-    parser.add_argument("--compile-backend", default="inductor",
-                        help="torch.compile backend of the compile provider (default inductor)")
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR,
-                        help="results root: files go to OUT/<device>/<bench>.{json,csv,png}")
+    parser.add_argument(
+        "--min-time",
+        type=float,
+        default=None,
+        help="CPU: seconds of interleaved timing per case (default 2, quick 0.2)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU: torch.set_num_threads (default: torch's choice). On a CPU shared with other "
+        "jobs, 1 avoids OpenMP barriers stalling on descheduled threads",
+    )
+    parser.add_argument(
+        "--compile-backend", default="inductor", help="torch.compile backend of the compile provider (default inductor)"
+    )
+    parser.add_argument(
+        "--out", type=Path, default=RESULTS_DIR, help="results root: files go to OUT/<device>/<bench>.{json,csv,png}"
+    )
     parser.add_argument("--no-save", action="store_true", help="print the table only")
     return parser
 
 
-def resolve_args(args: argparse.Namespace, sizes: SizeSpec) -> Tuple[torch.device, List[Tuple[str, Shape]], List[str], TimingOptions]:
+def resolve_args(
+    args: argparse.Namespace, sizes: SizeSpec
+) -> Tuple[torch.device, List[Tuple[str, Shape]], List[str], TimingOptions]:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda but CUDA is not available")
@@ -400,13 +442,16 @@ def resolve_args(args: argparse.Namespace, sizes: SizeSpec) -> Tuple[torch.devic
         if args.threads < 1:
             raise SystemExit(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
-    names = args.sizes or (sizes.quick if args.quick else sizes.default_cuda if device.type == "cuda" else sizes.default_cpu)
+    names = args.sizes or (
+        sizes.quick if args.quick else sizes.default_cuda if device.type == "cuda" else sizes.default_cpu
+    )
     size_list = [parse_size(n, sizes.presets) for n in names]
     dtypes = args.dtypes or ((sizes.quick_dtypes or sizes.dtypes) if args.quick else sizes.dtypes)
     options = TimingOptions()
     if args.quick:
-        options = TimingOptions(cuda_warmup_ms=10, cuda_rep_ms=50, cpu_min_time_s=0.2, cpu_min_reps=3, cpu_warmup=1,
-                                copy_bytes=2**26)
+        options = TimingOptions(
+            cuda_warmup_ms=10, cuda_rep_ms=50, cpu_min_time_s=0.2, cpu_min_reps=3, cpu_warmup=1, copy_bytes=2**26
+        )
     if args.min_time is not None:
         options.cpu_min_time_s = args.min_time
     return device, size_list, dtypes, options
@@ -439,18 +484,44 @@ def _fmt(x: Optional[float], spec: str) -> str:
     return "-" if x is None else format(x, spec)
 
 
-TABLE_COLUMNS = ("case", "dtype", "provider", "median ms", "q20-q80 ms", "GB/s", "% copy", "vs eager", "vs compile",
-                 "peak mem", "saved bwd (new)", "check")
+TABLE_COLUMNS = (
+    "case",
+    "dtype",
+    "provider",
+    "median ms",
+    "q20-q80 ms",
+    "GB/s",
+    "% copy",
+    "vs eager",
+    "vs compile",
+    "peak mem",
+    "saved bwd (new)",
+    "check",
+)
 
 
 def table_rows(case_result: Dict[str, Any]) -> List[List[str]]:
     rows = []
     for name, r in case_result["providers"].items():
-        saved = "-" if "saved_bytes" not in r else f"{_fmt_bytes(r['saved_bytes'])} ({_fmt_bytes(r['saved_new_bytes'])})"
-        rows.append([case_result["case"], case_result["dtype"], name, _fmt(r["median_ms"], ".3f"),
-                     f"{r['q20_ms']:.3f}-{r['q80_ms']:.3f}", _fmt(r["gbps"], ".1f" if r["gbps"] >= 10 else ".3g"), _fmt(100 * r["copy_fraction"], ".0f"),
-                     _fmt(r.get("speedup_vs_eager"), ".2f"), _fmt(r.get("speedup_vs_compile"), ".2f"),
-                     _fmt_bytes(r["peak_bytes"]), saved, r.get("check", "-")])
+        saved = (
+            "-" if "saved_bytes" not in r else f"{_fmt_bytes(r['saved_bytes'])} ({_fmt_bytes(r['saved_new_bytes'])})"
+        )
+        rows.append(
+            [
+                case_result["case"],
+                case_result["dtype"],
+                name,
+                _fmt(r["median_ms"], ".3f"),
+                f"{r['q20_ms']:.3f}-{r['q80_ms']:.3f}",
+                _fmt(r["gbps"], ".1f" if r["gbps"] >= 10 else ".3g"),
+                _fmt(100 * r["copy_fraction"], ".0f"),
+                _fmt(r.get("speedup_vs_eager"), ".2f"),
+                _fmt(r.get("speedup_vs_compile"), ".2f"),
+                _fmt_bytes(r["peak_bytes"]),
+                saved,
+                r.get("check", "-"),
+            ]
+        )
     return rows
 
 
@@ -458,11 +529,20 @@ def table_rows(case_result: Dict[str, Any]) -> List[List[str]]:
 _MIN_WIDTHS = (22, 5, 9, 10, 19, 7, 6, 8, 10, 9, 17, 5)
 
 
-def format_table(rows: List[List[str]], header: Sequence[str] = TABLE_COLUMNS, min_widths: Sequence[int] = _MIN_WIDTHS,
-                 with_header: bool = True) -> str:
+def format_table(
+    rows: List[List[str]],
+    header: Sequence[str] = TABLE_COLUMNS,
+    min_widths: Sequence[int] = _MIN_WIDTHS,
+    with_header: bool = True,
+) -> str:
     widths = [max([m] + [len(str(x)) for x in col]) for m, col in zip(min_widths, zip(header, *rows))]
-    line = lambda cells: "  ".join(str(c).rjust(w) if i >= 3 else str(c).ljust(w)  # noqa: E731
-                                   for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+
+    def line(cells):
+        return "  ".join(
+            str(c).rjust(w) if i >= 3 else str(c).ljust(w)  # noqa: E731
+            for i, (c, w) in enumerate(zip(cells, widths))
+        ).rstrip()
+
     head = [line(header), line(["-" * w for w in widths])] if with_header else []
     return "\n".join(head + [line(r) for r in rows])
 
@@ -475,14 +555,23 @@ def euphonium_backend(device: torch.device) -> str:
     return resolve(device, torch_path=True)
 
 
-def run_bench(bench: str, description: str, cases: Iterable[Case], args: argparse.Namespace,
-              device: torch.device, options: TimingOptions, notes: Sequence[str] = ()) -> Dict[str, Any]:
+def run_bench(
+    bench: str,
+    description: str,
+    cases: Iterable[Case],
+    args: argparse.Namespace,
+    device: torch.device,
+    options: TimingOptions,
+    notes: Sequence[str] = (),
+) -> Dict[str, Any]:
     """Run every case, print the table as it goes, and write the result files unless ``--no-save``."""
     info = describe_device(device)
     copy = copy_bandwidth(device, options, options.copy_bytes)
     print(f"# {bench}: {description}")
-    print(f"# device: {info['name']} ({device.type}{', %d threads' % info['threads'] if 'threads' in info else ''}); "
-          f"torch {info['torch']}, triton {info['triton']}; euphonium backend: {euphonium_backend(device)}")
+    print(
+        f"# device: {info['name']} ({device.type}{', %d threads' % info['threads'] if 'threads' in info else ''}); "
+        f"torch {info['torch']}, triton {info['triton']}; euphonium backend: {euphonium_backend(device)}"
+    )
     print(f"# copy bandwidth (Tensor.copy_ of {copy['bytes'] >> 20} MiB): {copy['gbps']:.1f} GB/s")
     for note in notes:
         print(f"# {note}")
@@ -496,14 +585,22 @@ def run_bench(bench: str, description: str, cases: Iterable[Case], args: argpars
         bad = [f"{p}: {r['check']}" for p, r in result["providers"].items() if r.get("check", "ok") != "ok"]
         if bad:
             print(f"# WARNING {case.label} {case.dtype}: output differs from eager: {'; '.join(bad)}", file=sys.stderr)
-    timing_method = ("triton.testing.do_bench median (quantiles 0.2/0.5/0.8), "
-                     f"warmup {options.cuda_warmup_ms:g} ms, rep {options.cuda_rep_ms:g} ms" if device.type == "cuda" else
-                     f"median of interleaved time.perf_counter rounds (>= {options.cpu_min_reps} rounds and "
-                     f">= {options.cpu_min_time_s:g} s per case) after {options.cpu_warmup} warm-up call(s)")
+    timing_method = (
+        "triton.testing.do_bench median (quantiles 0.2/0.5/0.8), "
+        f"warmup {options.cuda_warmup_ms:g} ms, rep {options.cuda_rep_ms:g} ms"
+        if device.type == "cuda"
+        else f"median of interleaved time.perf_counter rounds (>= {options.cpu_min_reps} rounds and "
+        f">= {options.cpu_min_time_s:g} s per case) after {options.cpu_warmup} warm-up call(s)"
+    )
     payload = {
-        "bench": bench, "description": description, "device": info, "copy_bandwidth": copy,
-        "euphonium_backend": euphonium_backend(device), "timing": timing_method,
-        "compile_backend": args.compile_backend, "notes": list(notes),
+        "bench": bench,
+        "description": description,
+        "device": info,
+        "copy_bandwidth": copy,
+        "euphonium_backend": euphonium_backend(device),
+        "timing": timing_method,
+        "compile_backend": args.compile_backend,
+        "notes": list(notes),
         "command": " ".join([Path(sys.argv[0]).name if sys.argv else bench, *sys.argv[1:]]),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "cases": results,
@@ -514,9 +611,29 @@ def run_bench(bench: str, description: str, cases: Iterable[Case], args: argpars
     return payload
 
 
-CSV_FIELDS = ("bench", "device", "case", "shape", "dtype", "provider", "median_ms", "q20_ms", "q80_ms", "reps",
-              "bytes_moved", "gbps", "copy_fraction", "speedup_vs_eager", "speedup_vs_compile", "peak_bytes",
-              "saved_bytes", "saved_new_bytes", "first_call_s", "max_abs_err", "check")
+CSV_FIELDS = (
+    "bench",
+    "device",
+    "case",
+    "shape",
+    "dtype",
+    "provider",
+    "median_ms",
+    "q20_ms",
+    "q80_ms",
+    "reps",
+    "bytes_moved",
+    "gbps",
+    "copy_fraction",
+    "speedup_vs_eager",
+    "speedup_vs_compile",
+    "peak_bytes",
+    "saved_bytes",
+    "saved_new_bytes",
+    "first_call_s",
+    "max_abs_err",
+    "check",
+)
 
 
 def write_results(payload: Dict[str, Any], root: Path) -> List[Path]:
@@ -532,9 +649,18 @@ def write_results(payload: Dict[str, Any], root: Path) -> List[Path]:
         writer.writeheader()
         for case in payload["cases"]:
             for name, r in case["providers"].items():
-                writer.writerow({**r, "bench": payload["bench"], "device": payload["device"]["name"],
-                                 "case": case["case"], "shape": shape_str(case["shape"]), "dtype": case["dtype"],
-                                 "provider": name, "bytes_moved": case["bytes_moved"]})
+                writer.writerow(
+                    {
+                        **r,
+                        "bench": payload["bench"],
+                        "device": payload["device"]["name"],
+                        "case": case["case"],
+                        "shape": shape_str(case["shape"]),
+                        "dtype": case["dtype"],
+                        "provider": name,
+                        "bytes_moved": case["bytes_moved"],
+                    }
+                )
     png_path = stem.with_suffix(".png")
     plot_results(payload, png_path)
     return [json_path, csv_path, png_path]
@@ -567,8 +693,11 @@ def plot_results(payload: Dict[str, Any], path: Path) -> None:
     ax.set_ylim(top=top * 4)  # room for the speedup labels above the tallest bar
     ax.set_ylabel("median time (ms, log scale)")
     ax.set_xticks(range(len(cases)), [f"{c['case']}\n{c['dtype']}" for c in cases], fontsize=7)
-    ax.set_title(f"{payload['bench']} on {payload['device']['name']} (euphonium = {payload['euphonium_backend']}); "
-                 "labels: speedup over eager", fontsize=8)
+    ax.set_title(
+        f"{payload['bench']} on {payload['device']['name']} (euphonium = {payload['euphonium_backend']}); "
+        "labels: speedup over eager",
+        fontsize=8,
+    )
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

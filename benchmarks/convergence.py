@@ -103,14 +103,20 @@ def train_one(job: Dict[str, Any]) -> Dict[str, Any]:
             if step % job["eval_every"] == 0:
                 evals.append(trainer.evaluate()["reward_mean"])
         trainer.logger.close()
-    return {"name": job["name"], "seed": job["seed"], "rewards": rewards, "seconds": seconds, "evals": evals,
-            "sampler": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(trainer.sampler).items()},
-            "config": config.to_dict()}
+    return {
+        "name": job["name"],
+        "seed": job["seed"],
+        "rewards": rewards,
+        "seconds": seconds,
+        "evals": evals,
+        "sampler": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(trainer.sampler).items()},
+        "config": config.to_dict(),
+    }
 
 
 def smooth(curve: Sequence[float], window: int) -> List[float]:
     """Trailing mean over ``window`` steps (fewer at the start)."""
-    return [statistics.fmean(curve[max(0, i + 1 - window): i + 1]) for i in range(len(curve))]
+    return [statistics.fmean(curve[max(0, i + 1 - window) : i + 1]) for i in range(len(curve))]
 
 
 def steps_to(curve: Sequence[float], threshold: float, window: int) -> Optional[int]:
@@ -122,8 +128,9 @@ def steps_to(curve: Sequence[float], threshold: float, window: int) -> Optional[
     return None
 
 
-def summarise(runs: List[Dict[str, Any]], names: Sequence[str], kind: str, steps: int, window: int,
-              eval_every: int = 25) -> Dict[str, Any]:
+def summarise(
+    runs: List[Dict[str, Any]], names: Sequence[str], kind: str, steps: int, window: int, eval_every: int = 25
+) -> Dict[str, Any]:
     by_name = {n: sorted((r for r in runs if r["name"] == n), key=lambda r: r["seed"]) for n in names}
     reference, table = REFERENCE[kind], (METHODS if kind == "methods" else ABLATIONS)
     threshold = statistics.median(statistics.fmean(r["rewards"][-window:]) for r in by_name[reference])
@@ -145,11 +152,13 @@ def summarise(runs: List[Dict[str, Any]], names: Sequence[str], kind: str, steps
         }
         if all("evals" in r for r in rs):
             second_half = [i for i, s in enumerate(eval_steps) if s >= steps / 2]
-            methods[name].update({
-                "eval_initial": [r["evals"][0] for r in rs],
-                "eval_second_half": [statistics.fmean(r["evals"][i] for i in second_half) for r in rs],
-                "eval_curves": [r["evals"] for r in rs],
-            })
+            methods[name].update(
+                {
+                    "eval_initial": [r["evals"][0] for r in rs],
+                    "eval_second_half": [statistics.fmean(r["evals"][i] for i in second_half) for r in rs],
+                    "eval_curves": [r["evals"] for r in rs],
+                }
+            )
     subject = methods[SUBJECT[kind]]
 
     def median_steps(entry):
@@ -160,21 +169,26 @@ def summarise(runs: List[Dict[str, Any]], names: Sequence[str], kind: str, steps
         mine, theirs = median_steps(subject), median_steps(base)
         wall_mine = mine * statistics.median(subject["seconds_per_step"])
         wall_theirs = theirs * statistics.median(base["seconds_per_step"])
-        return {"steps": theirs / mine, "wall_clock": wall_theirs / wall_mine,
-                "baseline_never_reached": all(s is None for s in base["steps_to_threshold"]),
-                "subject_never_reached": all(s is None for s in subject["steps_to_threshold"])}
+        return {
+            "steps": theirs / mine,
+            "wall_clock": wall_theirs / wall_mine,
+            "baseline_never_reached": all(s is None for s in base["steps_to_threshold"]),
+            "subject_never_reached": all(s is None for s in subject["steps_to_threshold"]),
+        }
 
     payload: Dict[str, Any] = {
         "threshold": threshold,
         "threshold_rule": f"median over {reference}'s seeds of its final smoothed reward (trailing mean of the "
-                          f"last {window} steps); fixed before the runs",
-        "smoothing_window": window, "steps": steps, "methods": methods,
+        f"last {window} steps); fixed before the runs",
+        "smoothing_window": window,
+        "steps": steps,
+        "methods": methods,
         "not_reached_counts_as": steps,
         "eval_steps": eval_steps,
         "eval_rule": "reward_mean of the trainer's fixed evaluation set (eval_prompts prompts, the method's "
-                     "steps and shift as a deterministic ODE, the same initial noise every time) before training "
-                     f"and every {eval_every} steps; eval_second_half = the mean of the evaluations at steps >= "
-                     f"{steps / 2:g}",
+        "steps and shift as a deterministic ODE, the same initial noise every time) before training "
+        f"and every {eval_every} steps; eval_second_half = the mean of the evaluations at steps >= "
+        f"{steps / 2:g}",
     }
     others = [n for n in names if n != SUBJECT[kind]]
     detail = {other: speedups(other) for other in others}
@@ -200,20 +214,23 @@ def plot(payload: Dict[str, Any], path: Path, title: str) -> None:
     for name, entry in payload["methods"].items():
         curves = np.array([smooth(c, window) for c in entry["curves"]])
         x = np.arange(1, curves.shape[1] + 1)
-        line, = ax.plot(x, curves.mean(0), label=f"{name} ({len(curves)} seeds)")
+        (line,) = ax.plot(x, curves.mean(0), label=f"{name} ({len(curves)} seeds)")
         ax.fill_between(x, curves.min(0), curves.max(0), color=line.get_color(), alpha=0.15)
         if has_eval:
             evals = np.array(entry["eval_curves"])
             axes[0, 1].plot(payload["eval_steps"], evals.mean(0), "o-", color=line.get_color(), label=name)
-            axes[0, 1].fill_between(payload["eval_steps"], evals.min(0), evals.max(0), color=line.get_color(), alpha=0.12)
+            axes[0, 1].fill_between(
+                payload["eval_steps"], evals.min(0), evals.max(0), color=line.get_color(), alpha=0.12
+            )
     ax.axhline(payload["threshold"], color="k", ls="--", lw=0.8, label=f"threshold {payload['threshold']:.3f}")
     ax.set_ylabel(f"training reward (trailing {window}-step mean)")
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7, loc="lower right")
     if has_eval:
         axes[0, 1].set_ylabel("fixed evaluation set reward")
-        axes[0, 1].set_title("the trainer's fixed evaluation set (ODE, same noise each time); mean and min-max over seeds",
-                             fontsize=9)
+        axes[0, 1].set_title(
+            "the trainer's fixed evaluation set (ODE, same noise each time); mean and min-max over seeds", fontsize=9
+        )
         axes[0, 1].legend(fontsize=7, loc="lower right")
     for ax in axes[0]:
         ax.set_xlabel("training step")
@@ -224,13 +241,21 @@ def plot(payload: Dict[str, Any], path: Path, title: str) -> None:
 
 def print_table(payload: Dict[str, Any]) -> None:
     print(f"threshold {payload['threshold']:.4f} ({payload['threshold_rule']})")
-    print(f"{'method':<36}{'steps to threshold':>24}{'initial':>9}{'final':>9}{'s/step':>8}{'eval@0':>9}{'eval 2nd half':>15}")
+    print(
+        f"{'method':<36}{'steps to threshold':>24}{'initial':>9}{'final':>9}{'s/step':>8}"
+        f"{'eval@0':>9}{'eval 2nd half':>15}"
+    )
     for name, e in payload["methods"].items():
         reached = ", ".join("-" if s is None else str(s) for s in e["steps_to_threshold"])
-        evals = (f"{statistics.fmean(e['eval_initial']):>9.4f}{statistics.fmean(e['eval_second_half']):>15.4f}"
-                 if "eval_initial" in e else "")
-        print(f"{name:<36}{reached:>24}{statistics.fmean(e['initial_reward']):>9.4f}"
-              f"{statistics.fmean(e['final_reward']):>9.4f}{statistics.median(e['seconds_per_step']):>8.2f}{evals}")
+        evals = (
+            f"{statistics.fmean(e['eval_initial']):>9.4f}{statistics.fmean(e['eval_second_half']):>15.4f}"
+            if "eval_initial" in e
+            else ""
+        )
+        print(
+            f"{name:<36}{reached:>24}{statistics.fmean(e['initial_reward']):>9.4f}"
+            f"{statistics.fmean(e['final_reward']):>9.4f}{statistics.median(e['seconds_per_step']):>8.2f}{evals}"
+        )
     for other, d in payload["speedup_detail"].items():
         never = " (it never reached the threshold: its step budget used)" if d["baseline_never_reached"] else ""
         print(f"speedup vs {other}: {d['steps']:.2f}x in steps, {d['wall_clock']:.2f}x in wall-clock{never}")
@@ -266,8 +291,19 @@ def main(argv=None) -> Dict[str, Any]:
         parser.error(f"--steps ({steps}) must be at least --window ({args.window})")
     if not 1 <= args.eval_every <= steps / 2:
         parser.error(f"--eval-every ({args.eval_every}) must be between 1 and half the steps ({steps / 2:g})")
-    jobs = [{"name": n, "seed": s, "overrides": table[n][0], "oracle": table[n][1], "steps": steps,
-             "threads": args.threads, "eval_every": args.eval_every} for s in args.seeds for n in names]
+    jobs = [
+        {
+            "name": n,
+            "seed": s,
+            "overrides": table[n][0],
+            "oracle": table[n][1],
+            "steps": steps,
+            "threads": args.threads,
+            "eval_every": args.eval_every,
+        }
+        for s in args.seeds
+        for n in names
+    ]
 
     from tqdm.auto import tqdm
 
@@ -278,27 +314,35 @@ def main(argv=None) -> Dict[str, Any]:
     with context.Pool(args.workers, maxtasksperchild=1) as pool:
         for result in pool.imap_unordered(train_one, jobs):
             runs.append(result)
-            final = statistics.fmean(result["rewards"][-args.window:])
+            final = statistics.fmean(result["rewards"][-args.window :])
             bar.update(1)
             bar.set_postfix(last=f"{result['name']} seed {result['seed']}: {final:.3f}")
     bar.close()
     payload = summarise(runs, names, kind, steps, args.window, args.eval_every)
     info = describe_device(torch.device("cpu"))
-    payload.update({
-        "device": info, "workers": args.workers, "threads_per_run": args.threads,
-        "total_seconds": time.perf_counter() - start,
-        "command": " ".join(["convergence.py", *(argv if argv is not None else sys.argv[1:])]),
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "trainer_defaults": "configs/toy.yaml (euphonium.train.config.TrainConfig)",
-    })
+    payload.update(
+        {
+            "device": info,
+            "workers": args.workers,
+            "threads_per_run": args.threads,
+            "total_seconds": time.perf_counter() - start,
+            "command": " ".join(["convergence.py", *(argv if argv is not None else sys.argv[1:])]),
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "trainer_defaults": "configs/toy.yaml (euphonium.train.config.TrainConfig)",
+        }
+    )
     print_table(payload)
     if not args.no_save:
         args.out.mkdir(parents=True, exist_ok=True)
         stem = "ablations" if args.ablations else "convergence"
         (args.out / f"{stem}.json").write_text(json.dumps(payload, indent=1))
         config = payload["methods"][names[0]]["config"]
-        plot(payload, args.out / f"{stem}.png", f"toy world, {len(args.seeds)} seeds x {steps} steps, "
-             f"{config['prompts_per_step']} prompts x group {config['group_size']} per step ({kind})")
+        plot(
+            payload,
+            args.out / f"{stem}.png",
+            f"toy world, {len(args.seeds)} seeds x {steps} steps, "
+            f"{config['prompts_per_step']} prompts x group {config['group_size']} per step ({kind})",
+        )
         print(f"# wrote {args.out / stem}.json and .png ({payload['total_seconds'] / 60:.1f} min)")
     return payload
 

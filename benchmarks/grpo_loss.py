@@ -33,8 +33,8 @@ from euphonium.ops.grpo import grpo_loss_ref, grpo_loss_tensors  # noqa: E402
 
 SIZES = SizeSpec(
     presets={
-        "b48k16": (48, 16),        # one GPU's batch, 16 trained steps
-        "b1024k16": (1024, 16),    # a global batch
+        "b48k16": (48, 16),  # one GPU's batch, 16 trained steps
+        "b1024k16": (1024, 16),  # a global batch
         "b65536k16": (65536, 16),  # far beyond real batches: the bandwidth-bound limit
     },
     default_cpu=["b48k16", "b1024k16", "b65536k16"],
@@ -81,10 +81,14 @@ def _case(label, shape, dtype_name, device, args, compiled_ref):
     numel, size = log_prob.numel(), log_prob.element_size()
     per_elem = 2 + args.kl  # log_prob, old_log_prob (, kl)
     return Case(
-        label=label, dtype=dtype_name, shape=tuple(shape),
+        label=label,
+        dtype=dtype_name,
+        shape=tuple(shape),
         bytes_moved=size * (numel * (2 * per_elem + 1 + args.kl) + 2 * shape[0]),
-        run={name: (lambda fn=fn: _forward_backward(fn, log_prob, old_log_prob, advantages, kl, kw))
-             for name, fn in fns.items()},
+        run={
+            name: (lambda fn=fn: _forward_backward(fn, log_prob, old_log_prob, advantages, kl, kw))
+            for name, fn in fns.items()
+        },
         checked=lambda out: (*out[:2], out[2].masked_fill(near, 0.0), *out[3:]),
         forward={name: (lambda fn=fn: fn(log_prob, old_log_prob, advantages, kl=kl, **kw)) for name, fn in fns.items()},
         inputs=[t for t in (log_prob, old_log_prob, advantages, kl) if t is not None],
@@ -103,9 +107,18 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     device, shapes, dtypes, options = resolve_args(args, SIZES)
-    notes = ["forward + backward, clip_range 1e-4, adv_clip 5, advantages per sample" + (", with KL" if args.kl else "")]
-    return run_bench("grpo_loss" + ("_kl" if args.kl else ""), "clipped GRPO loss, forward + backward",
-                     cases(shapes, dtypes, device, args), args, device, options, notes)
+    notes = [
+        "forward + backward, clip_range 1e-4, adv_clip 5, advantages per sample" + (", with KL" if args.kl else "")
+    ]
+    return run_bench(
+        "grpo_loss" + ("_kl" if args.kl else ""),
+        "clipped GRPO loss, forward + backward",
+        cases(shapes, dtypes, device, args),
+        args,
+        device,
+        options,
+        notes,
+    )
 
 
 if __name__ == "__main__":

@@ -54,8 +54,19 @@ def vectorised(row) -> str:
 
 
 def table_rows(rows):
-    return [[r["kernel"], r["arch"], str(r["registers"]), str(r["spill_bytes"]), str(r["shared_bytes"]),
-             _widths(r["global_loads_by_bits"]), _widths(r["global_stores_by_bits"]), vectorised(r)] for r in rows]
+    return [
+        [
+            r["kernel"],
+            r["arch"],
+            str(r["registers"]),
+            str(r["spill_bytes"]),
+            str(r["shared_bytes"]),
+            _widths(r["global_loads_by_bits"]),
+            _widths(r["global_stores_by_bits"]),
+            vectorised(r),
+        ]
+        for r in rows
+    ]
 
 
 def markdown(rows) -> str:
@@ -81,12 +92,20 @@ def main(argv=None):
     if not args.no_save:
         directory = args.out / ("aot-" + "-".join(f"sm_{a}" for a in args.arch))
         directory.mkdir(parents=True, exist_ok=True)
-        payload = {"bench": "kernel_report", "archs": [f"sm_{a}" for a in args.arch], "triton": triton.__version__,
-                   "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                   "command": " ".join(["kernel_report.py", *sys.argv[1:]]), "kernels": rows}
+        payload = {
+            "bench": "kernel_report",
+            "archs": [f"sm_{a}" for a in args.arch],
+            "triton": triton.__version__,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "command": " ".join(["kernel_report.py", *sys.argv[1:]]),
+            "kernels": rows,
+        }
         (directory / "kernel_report.json").write_text(json.dumps(payload, indent=1) + "\n")
         (directory / "kernel_report.md").write_text(markdown(rows) + "\n")
-        print(f"# wrote {directory.relative_to(ROOT) if directory.is_relative_to(ROOT) else directory}/kernel_report.{{json,md}}")
+        print(
+            "# wrote "
+            f"{directory.relative_to(ROOT) if directory.is_relative_to(ROOT) else directory}/kernel_report.{{json,md}}"
+        )
     return rows
 
 

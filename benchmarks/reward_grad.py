@@ -26,7 +26,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmar
 import torch  # noqa: E402
 
 from benchmarks.common import (  # noqa: E402
-    DTYPES, LATENT_PRESETS, Case, SizeSpec, compiled, latent_bytes, make_parser, resolve_args, run_bench,
+    DTYPES,
+    LATENT_PRESETS,
+    Case,
+    SizeSpec,
+    compiled,
+    latent_bytes,
+    make_parser,
+    resolve_args,
+    run_bench,
 )
 from euphonium.ops.reward_grad import scale_by_norm, scale_by_norm_ref  # noqa: E402
 
@@ -56,7 +64,10 @@ def _case(label, shape, dtype_name, device, args, compiled_ref):
     kw = dict(normalize=args.normalize, max_norm=args.max_norm)
     work = grad.clone()
     return Case(
-        label=label, dtype=dtype_name, shape=tuple(shape), bytes_moved=latent_bytes(shape, dtype, 2),
+        label=label,
+        dtype=dtype_name,
+        shape=tuple(shape),
+        bytes_moved=latent_bytes(shape, dtype, 2),
         run={
             "eager": lambda: scale_by_norm_ref(grad, **kw),
             "compile": lambda: compiled_ref(grad, **kw),
@@ -69,8 +80,12 @@ def _case(label, shape, dtype_name, device, args, compiled_ref):
 def parse_args(argv=None):
     """The command line (``argv`` or ``sys.argv``) of this benchmark."""
     parser = make_parser(__doc__.splitlines()[0], SIZES)
-    parser.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=True,
-                        help="divide each sample by its L2 norm (default on)")
+    parser.add_argument(
+        "--normalize",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="divide each sample by its L2 norm (default on)",
+    )
     parser.add_argument("--max-norm", type=float, default=1.0, help="clip each sample's norm (default 1; 0 disables)")
     args = parser.parse_args(argv)
     if args.max_norm is not None and args.max_norm <= 0:
@@ -84,8 +99,15 @@ def main(argv=None):
     args = parse_args(argv)
     device, shapes, dtypes, options = resolve_args(args, SIZES)
     notes = [f"normalize={args.normalize} max_norm={args.max_norm}"]
-    return run_bench("reward_grad", "PRM-gradient per-sample normalise/clip", cases(shapes, dtypes, device, args),
-                     args, device, options, notes)
+    return run_bench(
+        "reward_grad",
+        "PRM-gradient per-sample normalise/clip",
+        cases(shapes, dtypes, device, args),
+        args,
+        device,
+        options,
+        notes,
+    )
 
 
 if __name__ == "__main__":

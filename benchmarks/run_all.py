@@ -35,8 +35,12 @@ def plan(device: str, quick: bool):
     ops = [["sde_step.py"], ["sde_log_prob.py"], ["reward_grad.py"], ["advantages.py"], ["grpo_loss.py"]]
     train = [["train_step.py", "--model", "toy"]]
     if device == "cuda" and not quick:
-        ops += [["sde_step.py", "--noise", "drawn"], ["sde_step.py", "--guided"], ["sde_log_prob.py", "--kl"],
-                ["grpo_loss.py", "--kl"]]
+        ops += [
+            ["sde_step.py", "--noise", "drawn"],
+            ["sde_step.py", "--guided"],
+            ["sde_log_prob.py", "--kl"],
+            ["grpo_loss.py", "--kl"],
+        ]
         train += [["train_step.py", "--model", "wan", "--steps", "1"]]
     if quick:
         train = [["train_step.py", "--model", "toy", "--steps", "1", "--num-steps", "4", "--guided-steps", "1"]]
@@ -49,9 +53,13 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=None, help="CPU: torch.set_num_threads in every benchmark")
     parser.add_argument("--quick", action="store_true", help="small sizes, short timing (a smoke run)")
     parser.add_argument("--skip-kernel-report", action="store_true", help="leave out the ahead-of-time kernel report")
-    parser.add_argument("--only", nargs="+", metavar="SCRIPT",
-                        help="run only these scripts (names without .py: sde_step sde_log_prob reward_grad advantages "
-                             "grpo_loss train_step kernel_report)")
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        metavar="SCRIPT",
+        help="run only these scripts (names without .py: sde_step sde_log_prob reward_grad advantages "
+        "grpo_loss train_step kernel_report)",
+    )
     args = parser.parse_args(argv)
     common = ["--device", args.device] + (["--threads", str(args.threads)] if args.threads else [])
     ops, train = plan(args.device, args.quick)
@@ -65,8 +73,15 @@ def main(argv=None):
         if unknown:
             raise SystemExit(f"--only: unknown scripts {unknown}; choose from {sorted(known)}")
         commands = [cmd for cmd in commands if cmd[0][:-3] in args.only]
-    commands.append(["make_readme_table.py", "--output", str(HERE / "results" / "benchmarks.md"),
-                     "--readme", str(HERE.parent / "README.md")])
+    commands.append(
+        [
+            "make_readme_table.py",
+            "--output",
+            str(HERE / "results" / "benchmarks.md"),
+            "--readme",
+            str(HERE.parent / "README.md"),
+        ]
+    )
     failed = []
     for cmd in commands:
         print(f"\n$ python benchmarks/{' '.join(cmd)}", flush=True)

@@ -25,7 +25,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmar
 import torch  # noqa: E402
 
 from benchmarks.common import (  # noqa: E402
-    DTYPES, LATENT_PRESETS, Case, SizeSpec, compiled, latent_bytes, make_parser, resolve_args, run_bench,
+    DTYPES,
+    LATENT_PRESETS,
+    Case,
+    SizeSpec,
+    compiled,
+    latent_bytes,
+    make_parser,
+    resolve_args,
+    run_bench,
 )
 from euphonium import ops  # noqa: E402
 from euphonium.ops.sde import SCHEDULES, sde_log_prob_reference  # noqa: E402
@@ -70,12 +78,18 @@ def _case(label, shape, dtype_name, device, args, compiled_ref):
     grads = (torch.randn(batch, device=device), torch.randn(batch, device=device))
     fns = {"eager": sde_log_prob_reference, "compile": compiled_ref, "euphonium": ops.sde_log_prob}
     return Case(
-        label=label, dtype=dtype_name, shape=tuple(shape),
+        label=label,
+        dtype=dtype_name,
+        shape=tuple(shape),
         bytes_moved=latent_bytes(shape, dtype, 9 if args.kl else 7),
         run={name: (lambda fn=fn: _forward_backward(fn, x, v, x_next, v_ref, grads, kw)) for name, fn in fns.items()},
-        forward={name: (lambda fn=fn: fn(x, v, x_next, SIGMA, SIGMA_NEXT, v_ref=v_ref, **kw)) for name, fn in fns.items()},
+        forward={
+            name: (lambda fn=fn: fn(x, v, x_next, SIGMA, SIGMA_NEXT, v_ref=v_ref, **kw)) for name, fn in fns.items()
+        },
         inputs=[t for t in (x, v, x_next, v_ref) if t is not None],
-        params=dict(schedule=args.schedule, noise_level=args.noise_level, kl=args.kl, sigma=SIGMA, sigma_next=SIGMA_NEXT),
+        params=dict(
+            schedule=args.schedule, noise_level=args.noise_level, kl=args.kl, sigma=SIGMA, sigma_next=SIGMA_NEXT
+        ),
     )
 
 
@@ -93,10 +107,19 @@ def main(argv=None):
     args = parse_args(argv)
     device, shapes, dtypes, options = resolve_args(args, SIZES)
     name = "sde_log_prob" + ("_kl" if args.kl else "")
-    notes = [f"forward + backward, schedule={args.schedule} noise_level={args.noise_level}, sigma {SIGMA} -> {SIGMA_NEXT}"
-             + (", with KL to v_ref" if args.kl else "")]
-    return run_bench(name, "training log-prob, forward + backward in v", cases(shapes, dtypes, device, args),
-                     args, device, options, notes)
+    notes = [
+        f"forward + backward, schedule={args.schedule} noise_level={args.noise_level}, sigma {SIGMA} -> {SIGMA_NEXT}"
+        + (", with KL to v_ref" if args.kl else "")
+    ]
+    return run_bench(
+        name,
+        "training log-prob, forward + backward in v",
+        cases(shapes, dtypes, device, args),
+        args,
+        device,
+        options,
+        notes,
+    )
 
 
 if __name__ == "__main__":

@@ -29,7 +29,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmar
 import torch  # noqa: E402
 
 from benchmarks.common import (  # noqa: E402
-    DTYPES, LATENT_PRESETS, Case, SizeSpec, compiled, latent_bytes, make_parser, resolve_args, run_bench,
+    DTYPES,
+    LATENT_PRESETS,
+    Case,
+    SizeSpec,
+    compiled,
+    latent_bytes,
+    make_parser,
+    resolve_args,
+    run_bench,
 )
 from euphonium import ops  # noqa: E402
 from euphonium.ops.sde import SCHEDULES, sde_step_reference  # noqa: E402
@@ -84,10 +92,20 @@ def _case(label, shape, dtype_name, device, args, compiled_ref, compiled_drawn):
         checked = lambda out: out.x0_pred  # noqa: E731 (the noise streams differ by design)
     reads = 2 + (args.noise == "given") + args.guided
     return Case(
-        label=label, dtype=dtype_name, shape=tuple(shape), bytes_moved=latent_bytes(shape, dtype, reads + 2),
-        run=run, checked=checked,
-        params=dict(schedule=args.schedule, noise_level=args.noise_level, noise=args.noise, guided=args.guided,
-                    sigma=SIGMA, sigma_next=SIGMA_NEXT),
+        label=label,
+        dtype=dtype_name,
+        shape=tuple(shape),
+        bytes_moved=latent_bytes(shape, dtype, reads + 2),
+        run=run,
+        checked=checked,
+        params=dict(
+            schedule=args.schedule,
+            noise_level=args.noise_level,
+            noise=args.noise,
+            guided=args.guided,
+            sigma=SIGMA,
+            sigma_next=SIGMA_NEXT,
+        ),
     )
 
 
@@ -96,8 +114,12 @@ def parse_args(argv=None):
     parser = make_parser(__doc__.splitlines()[0], SIZES)
     parser.add_argument("--schedule", choices=[s for s in SCHEDULES if s != "ode"], default="flow_grpo")
     parser.add_argument("--noise-level", type=float, default=0.7, help="a of flow_grpo/cps, eta of dance_grpo")
-    parser.add_argument("--noise", choices=["given", "drawn"], default="given",
-                        help="given: the same eps tensor for all; drawn: each provider draws its own (rollout)")
+    parser.add_argument(
+        "--noise",
+        choices=["given", "drawn"],
+        default="given",
+        help="given: the same eps tensor for all; drawn: each provider draws its own (rollout)",
+    )
     parser.add_argument("--guided", action="store_true", help="add the guidance c * reward_grad to the mean")
     parser.add_argument("--name", default=None, help="results file name (default sde_step[_drawn][_guided])")
     args = parser.parse_args(argv)
@@ -108,10 +130,19 @@ def main(argv=None):
     args = parse_args(argv)
     device, shapes, dtypes, options = resolve_args(args, SIZES)
     name = args.name or "sde_step" + ("_drawn" if args.noise == "drawn" else "") + ("_guided" if args.guided else "")
-    notes = [f"schedule={args.schedule} noise_level={args.noise_level} sigma {SIGMA} -> {SIGMA_NEXT}, noise {args.noise}"
-             + (f", guided (c = {GUIDANCE:g})" if args.guided else "")]
-    return run_bench(name, "one SDE rollout step (x_next, x0_pred, log_prob)", cases(shapes, dtypes, device, args),
-                     args, device, options, notes)
+    notes = [
+        f"schedule={args.schedule} noise_level={args.noise_level} sigma {SIGMA} -> {SIGMA_NEXT}, noise {args.noise}"
+        + (f", guided (c = {GUIDANCE:g})" if args.guided else "")
+    ]
+    return run_bench(
+        name,
+        "one SDE rollout step (x_next, x0_pred, log_prob)",
+        cases(shapes, dtypes, device, args),
+        args,
+        device,
+        options,
+        notes,
+    )
 
 
 if __name__ == "__main__":

@@ -19,8 +19,13 @@ import torch
 from benchmarks import advantages, grpo_loss, reward_grad, sde_log_prob, sde_step
 from benchmarks.common import PROVIDERS, compare, resolve_args
 
-OPS = {"sde_step": sde_step, "sde_log_prob": sde_log_prob, "reward_grad": reward_grad,
-       "group_advantages": advantages, "grpo_loss": grpo_loss}
+OPS = {
+    "sde_step": sde_step,
+    "sde_log_prob": sde_log_prob,
+    "reward_grad": reward_grad,
+    "group_advantages": advantages,
+    "grpo_loss": grpo_loss,
+}
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 

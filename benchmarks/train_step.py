@@ -65,11 +65,31 @@ CATEGORIES = (
 )
 
 # Wan2.1-T2V-1.3B's transformer config (the diffusers checkpoint's config.json).
-WAN_1_3B = dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16, out_channels=16,
-                text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True,
-                qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)
-WAN_TINY = dict(WAN_1_3B, num_attention_heads=2, attention_head_dim=16, text_dim=64, freq_dim=32, ffn_dim=64,
-                num_layers=1, rope_max_seq_len=64)
+WAN_1_3B = dict(
+    patch_size=(1, 2, 2),
+    num_attention_heads=12,
+    attention_head_dim=128,
+    in_channels=16,
+    out_channels=16,
+    text_dim=4096,
+    freq_dim=256,
+    ffn_dim=8960,
+    num_layers=30,
+    cross_attn_norm=True,
+    qk_norm="rms_norm_across_heads",
+    eps=1e-6,
+    rope_max_seq_len=1024,
+)
+WAN_TINY = dict(
+    WAN_1_3B,
+    num_attention_heads=2,
+    attention_head_dim=16,
+    text_dim=64,
+    freq_dim=32,
+    ffn_dim=64,
+    num_layers=1,
+    rope_max_seq_len=64,
+)
 
 
 class StepTimer:
@@ -135,8 +155,12 @@ class Setup:
             self._wan(args)
         self.prm.requires_grad_(False).eval()
         self.optimizer = torch.optim.AdamW(self.transformer.parameters(), lr=1e-5, weight_decay=0.0)
-        self.config = preset("euphonium", num_steps=args.num_steps, guidance_start=args.num_steps - args.guided_steps,
-                             **({"step_noise": args.step_noise} if args.step_noise else {}))
+        self.config = preset(
+            "euphonium",
+            num_steps=args.num_steps,
+            guidance_start=args.num_steps - args.guided_steps,
+            **({"step_noise": args.step_noise} if args.step_noise else {}),
+        )
 
     def _toy(self, args):
         from euphonium.models.toy import world
@@ -155,7 +179,9 @@ class Setup:
         self.encode = lambda: text_encoder.encode(self.prompts).detach()
         self.velocity = lambda x, sigma, cond: predict_velocity(self.transformer, x, sigma, cond)
         self.rewards = lambda x0: toy_rewards(world.latents_to_video(x0), self.prompts)["combined"]
-        self.description = f"toy WanTransformer3DModel ({sum(p.numel() for p in transformer.parameters()):,} parameters)"
+        self.description = (
+            f"toy WanTransformer3DModel ({sum(p.numel() for p in transformer.parameters()):,} parameters)"
+        )
 
     def _wan(self, args):
         from diffusers import AutoencoderKLWan, WanTransformer3DModel
@@ -187,8 +213,10 @@ class Setup:
             return reward(((video.float() + 1) / 2).clamp(0, 1).permute(0, 2, 1, 3, 4), self.prompts)
 
         self.rewards = rewards
-        self.description = (f"Wan2.1-1.3B-shaped WanTransformer3DModel{' (tiny)' if args.wan_tiny else ''} "
-                            f"({sum(p.numel() for p in transformer.parameters()):,} parameters, bf16)")
+        self.description = (
+            f"Wan2.1-1.3B-shaped WanTransformer3DModel{' (tiny)' if args.wan_tiny else ''} "
+            f"({sum(p.numel() for p in transformer.parameters()):,} parameters, bf16)"
+        )
 
 
 def _cast(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
@@ -213,14 +241,24 @@ def train_step(setup: Setup, timer: StepTimer, train_steps: int) -> Dict[str, fl
             cond = setup.encode()
         velocity = timer.wrap(setup.velocity, "model forward (rollout)")
         setup.transformer.eval()
-        traj = rollout(velocity, cond, setup.config, shape=setup.shape, prm=setup.prm, group_size=setup.group_size,
-                       dtype=setup.dtype, device=setup.device, seed=0)
+        traj = rollout(
+            velocity,
+            cond,
+            setup.config,
+            shape=setup.shape,
+            prm=setup.prm,
+            group_size=setup.group_size,
+            dtype=setup.dtype,
+            device=setup.device,
+            seed=0,
+        )
 
         with timer("decode + rewards"):
             outcome = setup.rewards(traj.x0)
         with timer("euphonium ops"):
-            adv_o, adv_p = ops.dual_reward_advantages({"outcome": outcome}, traj.process_reward, guided=traj.guided,
-                                                      group_size=setup.group_size)
+            adv_o, adv_p = ops.dual_reward_advantages(
+                {"outcome": outcome}, traj.process_reward, guided=traj.guided, group_size=setup.group_size
+            )
 
         setup.transformer.train()
         columns = list(range(traj.num_sde_steps))[-train_steps:]
@@ -233,8 +271,11 @@ def train_step(setup: Setup, timer: StepTimer, train_steps: int) -> Dict[str, fl
             with timer("euphonium ops"):
                 log_prob = traj.recompute_log_prob(j, v).unsqueeze(1)
                 loss, stats = ops.dual_reward_loss(
-                    log_prob, traj.log_prob[:, j:j + 1], adv_o, adv_p[:, j:j + 1],
-                    guided=traj.guided[j:j + 1],
+                    log_prob,
+                    traj.log_prob[:, j : j + 1],
+                    adv_o,
+                    adv_p[:, j : j + 1],
+                    guided=traj.guided[j : j + 1],
                 )
             marks = {}
 
@@ -270,21 +311,32 @@ def measure(setup: Setup, steps: int, train_steps: int) -> Dict[str, List[float]
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--model", choices=["toy", "wan"], default="toy")
     parser.add_argument("--wan-tiny", action="store_true", help="a 1-layer Wan-shaped model (checks the path on a CPU)")
     parser.add_argument("--batch", type=int, default=None, help="samples per step (toy 16, wan 2)")
     parser.add_argument("--group-size", type=int, default=None, help="samples per prompt (toy 4, wan 2)")
-    parser.add_argument("--latent-shape", type=lambda s: tuple(int(d) for d in s.split("x")), default=None,
-                        help="wan: C x F x H x W of one latent (default 16x21x60x104: 480p, 81 frames)")
+    parser.add_argument(
+        "--latent-shape",
+        type=lambda s: tuple(int(d) for d in s.split("x")),
+        default=None,
+        help="wan: C x F x H x W of one latent (default 16x21x60x104: 480p, 81 frames)",
+    )
     parser.add_argument("--num-steps", type=int, default=16, help="rollout steps (euphonium preset: 16)")
     parser.add_argument("--guided-steps", type=int, default=4, help="PRM-guided last steps (euphonium preset: 4)")
-    parser.add_argument("--train-steps", type=int, default=None, help="trained SDE steps, the last ones (toy: all, wan: 4)")
-    parser.add_argument("--step-noise", choices=["auto", "kernel", "generator"], default=None,
-                        help="the sampler's step noise (default: the preset's 'auto': in-kernel Philox on CUDA, "
-                             "the rollout generator's torch.randn elsewhere)")
+    parser.add_argument(
+        "--train-steps", type=int, default=None, help="trained SDE steps, the last ones (toy: all, wan: 4)"
+    )
+    parser.add_argument(
+        "--step-noise",
+        choices=["auto", "kernel", "generator"],
+        default=None,
+        help="the sampler's step noise (default: the preset's 'auto': in-kernel Philox on CUDA, "
+        "the rollout generator's torch.randn elsewhere)",
+    )
     parser.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step (default 3)")
     parser.add_argument("--threads", type=int, default=None, help="CPU: torch.set_num_threads")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR)
@@ -309,14 +361,18 @@ def main(argv=None):
     setup = Setup(args, device)
     per_step = measure(setup, args.steps, train_steps)
     total = statistics.mean(per_step["total"])
-    rows = [{"category": c, "mean_s": statistics.mean(per_step[c]), "share": statistics.mean(per_step[c]) / total}
-            for c in CATEGORIES]
+    rows = [
+        {"category": c, "mean_s": statistics.mean(per_step[c]), "share": statistics.mean(per_step[c]) / total}
+        for c in CATEGORIES
+    ]
     info = describe_device(device)
     name = f"train_step_{args.model}{'_tiny' if args.model == 'wan' and args.wan_tiny else ''}"
     print(f"# {name}: {setup.description}")
-    print(f"# device: {info['name']}; batch {args.batch} (groups of {args.group_size}), latent {setup.shape}, "
-          f"{args.num_steps} rollout steps ({args.guided_steps} guided), {train_steps} trained; "
-          f"euphonium backend: {ops._backend.resolve(device)}")
+    print(
+        f"# device: {info['name']}; batch {args.batch} (groups of {args.group_size}), latent {setup.shape}, "
+        f"{args.num_steps} rollout steps ({args.guided_steps} guided), {train_steps} trained; "
+        f"euphonium backend: {ops._backend.resolve(device)}"
+    )
     print(f"{'category':<26}{'mean s/step':>12}{'share':>8}")
     for r in rows:
         print(f"{r['category']:<26}{r['mean_s']:>12.4f}{100 * r['share']:>7.1f}%")
@@ -324,13 +380,24 @@ def main(argv=None):
     if args.no_save:
         return rows
     payload = {
-        "bench": name, "device": info, "model": setup.description,
+        "bench": name,
+        "device": info,
+        "model": setup.description,
         "euphonium_backend": ops._backend.resolve(device, torch_path=True),
-        "config": dict(batch=args.batch, group_size=args.group_size, latent=list(setup.shape), num_steps=args.num_steps,
-                       guided_steps=args.guided_steps, train_steps=train_steps,
-                       step_noise=setup.config.step_noise_source(device),
-                       timed_steps=args.steps, sampler="euphonium preset"),
-        "total_s": total, "steps_s": per_step["total"], "breakdown": rows,
+        "config": dict(
+            batch=args.batch,
+            group_size=args.group_size,
+            latent=list(setup.shape),
+            num_steps=args.num_steps,
+            guided_steps=args.guided_steps,
+            train_steps=train_steps,
+            step_noise=setup.config.step_noise_source(device),
+            timed_steps=args.steps,
+            sampler="euphonium preset",
+        ),
+        "total_s": total,
+        "steps_s": per_step["total"],
+        "breakdown": rows,
         "per_step": {c: per_step[c] for c in CATEGORIES},
         "command": " ".join(["train_step.py", *sys.argv[1:]]),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -343,7 +410,8 @@ def main(argv=None):
         writer.writeheader()
         writer.writerows(rows)
     _plot(payload, directory / f"{name}.png")
-    print(f"# wrote {(directory / name).relative_to(ROOT) if directory.is_relative_to(ROOT) else directory / name}.{{json,csv,png}}")
+    shown = (directory / name).relative_to(ROOT) if directory.is_relative_to(ROOT) else directory / name
+    print(f"# wrote {shown}.{{json,csv,png}}")
     return rows
 
 

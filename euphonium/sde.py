@@ -29,7 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from euphonium import ops
-from euphonium.ops._checks import check_positive
+from euphonium._checks import check_positive
 
 SCHEDULES = ("flow_grpo", "dance_grpo", "cps", "ode")
 GUIDANCE_FORMS = ("lambda", "kl")
@@ -44,7 +44,9 @@ VelocityFn = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
 # ----------------------------------------------------------------------------------------------------
 
 
-def shifted_sigmas(num_steps: int, shift: float = 1.0, *, device: Optional[Union[str, torch.device]] = None) -> torch.Tensor:
+def shifted_sigmas(
+    num_steps: int, shift: float = 1.0, *, device: Optional[Union[str, torch.device]] = None
+) -> torch.Tensor:
     """Noise levels of an ``N``-step rollout: ``sigma_i = shift * t_i / (1 + (shift - 1) * t_i)``.
 
     ``t = linspace(1, 0, N + 1)``, so ``sigma_0 = 1`` and ``sigma_N = 0``; ``shift > 1`` spends more
@@ -63,7 +65,9 @@ def shifted_sigmas(num_steps: int, shift: float = 1.0, *, device: Optional[Union
     return sigmas.to(device) if device is not None else sigmas
 
 
-def diffusion_coefficient(sigma: float, *, schedule: str, noise_level: float, sigma_max: Optional[float] = None) -> float:
+def diffusion_coefficient(
+    sigma: float, *, schedule: str, noise_level: float, sigma_max: Optional[float] = None
+) -> float:
     """The diffusion coefficient ``s`` of the reverse SDE at noise level ``sigma`` (DESIGN.md section 2).
 
     ``flow_grpo``: ``a * sqrt(sigma / (1 - sigma~))`` with ``sigma~ = sigma_max`` at ``sigma == 1``;
@@ -76,7 +80,9 @@ def diffusion_coefficient(sigma: float, *, schedule: str, noise_level: float, si
     if schedule == "dance_grpo":
         return float(noise_level)
     if schedule != "flow_grpo":
-        raise ValueError(f"schedule must be 'flow_grpo', 'dance_grpo' or 'ode' for a diffusion coefficient, got {schedule!r}")
+        raise ValueError(
+            f"schedule must be 'flow_grpo', 'dance_grpo' or 'ode' for a diffusion coefficient, got {schedule!r}"
+        )
     sigma = float(sigma)
     if sigma == 1.0 and sigma_max is None:
         raise ValueError("sigma_max is required with schedule='flow_grpo' at sigma == 1")
@@ -130,7 +136,11 @@ def _int(name: str, value: Any, *, minimum: int) -> int:
 
 
 def _range(name: str, value: Any, num_steps: int) -> Tuple[int, int]:
-    if not isinstance(value, (tuple, list)) or len(value) != 2 or any(isinstance(v, bool) or not isinstance(v, int) for v in value):
+    if (
+        not isinstance(value, (tuple, list))
+        or len(value) != 2
+        or any(isinstance(v, bool) or not isinstance(v, int) for v in value)
+    ):
         raise TypeError(f"{name} must be a pair of integers (start, end), got {value!r}")
     start, end = int(value[0]), int(value[1])
     if not 0 <= start < end <= num_steps:
@@ -209,9 +219,15 @@ class SamplerConfig:
         if self.schedule != "ode":
             check_positive("SamplerConfig.noise_level", self.noise_level)
         if self.schedule == "cps" and not self.noise_level <= 1:
-            raise ValueError(f"SamplerConfig.noise_level must be in (0, 1] for schedule 'cps' (std = sigma_next * sin(a * pi / 2)), got {self.noise_level}")
+            raise ValueError(
+                "SamplerConfig.noise_level must be in (0, 1] for schedule 'cps' (std = sigma_next * sin(a * pi "
+                f"/ 2)), got {self.noise_level}"
+            )
         if self.schedule == "flow_grpo" and n < 2:
-            raise ValueError("SamplerConfig.num_steps must be >= 2 with schedule 'flow_grpo': its coefficient at sigma = 1 uses the next noise level sigma_1 < 1")
+            raise ValueError(
+                "SamplerConfig.num_steps must be >= 2 with schedule 'flow_grpo': its coefficient at sigma = 1 "
+                "uses the next noise level sigma_1 < 1"
+            )
         for name in ("guidance", "grad_normalize", "same_initial_noise"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"SamplerConfig.{name} must be a bool, got {type(getattr(self, name)).__name__}")
@@ -223,11 +239,18 @@ class SamplerConfig:
         if self.sde_window is not None:
             object.__setattr__(self, "sde_window", _range("SamplerConfig.sde_window", self.sde_window, n))
             if self.sde_window_size is not None:
-                raise ValueError("SamplerConfig.sde_window and SamplerConfig.sde_window_size are exclusive: give a fixed window or a random window's size")
+                raise ValueError(
+                    "SamplerConfig.sde_window and SamplerConfig.sde_window_size are exclusive: give a fixed "
+                    "window or a random window's size"
+                )
         if self.sde_window_range is not None:
             if self.sde_window_size is None:
-                raise ValueError("SamplerConfig.sde_window_range only applies with SamplerConfig.sde_window_size (a random window)")
-            object.__setattr__(self, "sde_window_range", _range("SamplerConfig.sde_window_range", self.sde_window_range, n))
+                raise ValueError(
+                    "SamplerConfig.sde_window_range only applies with SamplerConfig.sde_window_size (a random window)"
+                )
+            object.__setattr__(
+                self, "sde_window_range", _range("SamplerConfig.sde_window_range", self.sde_window_range, n)
+            )
         if self.sde_window_size is not None:
             size = _int("SamplerConfig.sde_window_size", self.sde_window_size, minimum=1)
             lo, hi = self.sde_window_range or (0, n)
@@ -263,9 +286,14 @@ class SamplerConfig:
                 )
             if self.guidance_form == "kl":
                 if self.guidance_beta is None:
-                    raise ValueError("SamplerConfig.guidance_beta is required with guidance_form='kl' (c = s^2 / (2 beta) * delta)")
+                    raise ValueError(
+                        "SamplerConfig.guidance_beta is required with guidance_form='kl' (c = s^2 / (2 beta) * delta)"
+                    )
                 if self.schedule == "cps":
-                    raise ValueError("SamplerConfig.guidance_form='kl' needs a diffusion coefficient s, which schedule 'cps' does not define; use guidance_form='lambda'")
+                    raise ValueError(
+                        "SamplerConfig.guidance_form='kl' needs a diffusion coefficient s, which schedule "
+                        "'cps' does not define; use guidance_form='lambda'"
+                    )
             if self.sde_window is not None and not set(self.guidance_steps()) & set(range(*self.sde_window)):
                 raise ValueError(
                     f"SamplerConfig.guidance_start/guidance_end select steps {self.guidance_steps()} but the fixed "
@@ -301,7 +329,9 @@ class SamplerConfig:
         if self.sde_window_size is not None:
             lo, hi = self.sde_window_range or (0, self.num_steps)
             device = generator.device if generator is not None else "cpu"
-            start = int(torch.randint(lo, hi - self.sde_window_size + 1, (1,), generator=generator, device=device).item())
+            start = int(
+                torch.randint(lo, hi - self.sde_window_size + 1, (1,), generator=generator, device=device).item()
+            )
             return (start, start + self.sde_window_size)
         return (0, self.num_steps)
 
@@ -317,9 +347,19 @@ _PRESETS = {
     "flow_grpo_fast": dict(num_steps=10, shift=3.0, schedule="cps", noise_level=0.8, sde_window_size=3),
     "dance_grpo": dict(num_steps=16, shift=3.0, schedule="dance_grpo", noise_level=0.3, same_initial_noise=True),
     "euphonium": dict(
-        num_steps=16, shift=5.0, schedule="dance_grpo", noise_level=0.25, same_initial_noise=True,
-        guidance=True, guidance_start=12, guidance_end=None, guidance_interval=1, guidance_form="lambda",
-        guidance_lambda=0.01, grad_normalize=False, logprob_mean="unguided",
+        num_steps=16,
+        shift=5.0,
+        schedule="dance_grpo",
+        noise_level=0.25,
+        same_initial_noise=True,
+        guidance=True,
+        guidance_start=12,
+        guidance_end=None,
+        guidance_interval=1,
+        guidance_form="lambda",
+        guidance_lambda=0.01,
+        grad_normalize=False,
+        logprob_mean="unguided",
     ),
 }
 # Euphonium's guidance settings on Flow-GRPO-Fast's sampler, guiding every SDE step (the window's).
@@ -361,9 +401,20 @@ def preset(name: str, **overrides: Any) -> SamplerConfig:
         raise TypeError(f"unknown SamplerConfig field(s) {unknown}; fields are {sorted(fields)}")
     settings = {**_PRESETS[name], **overrides}
     n = settings["num_steps"]
-    if name == "flow_grpo" and "sde_window" not in overrides and "sde_window_size" not in overrides and isinstance(n, int) and n > 1:
+    if (
+        name == "flow_grpo"
+        and "sde_window" not in overrides
+        and "sde_window_size" not in overrides
+        and isinstance(n, int)
+        and n > 1
+    ):
         settings["sde_window"] = (0, n - 1)
-    if _PRESETS[name].get("sde_window_size") and "sde_window_range" not in overrides and "sde_window" not in overrides and isinstance(n, int):
+    if (
+        _PRESETS[name].get("sde_window_size")
+        and "sde_window_range" not in overrides
+        and "sde_window" not in overrides
+        and isinstance(n, int)
+    ):
         settings["sde_window_range"] = (0, max(n // 2, settings.get("sde_window_size") or 1))
     return SamplerConfig(**settings)
 
@@ -498,7 +549,10 @@ def _randn(shape: Sequence[int], generator: torch.Generator, device: torch.devic
 def _initial_noise(shape, noise, dtype, device, generator, same, group_size) -> torch.Tensor:
     if noise is not None:
         if not isinstance(noise, torch.Tensor) or not noise.is_floating_point():
-            raise TypeError(f"noise must be a floating-point tensor, got {type(noise).__name__ if not isinstance(noise, torch.Tensor) else noise.dtype}")
+            raise TypeError(
+                "noise must be a floating-point tensor, got "
+                f"{type(noise).__name__ if not isinstance(noise, torch.Tensor) else noise.dtype}"
+            )
         if noise.dim() < 2 or noise.shape[0] == 0:
             raise ValueError(f"noise must be [B, ...] with a non-empty batch, got shape {tuple(noise.shape)}")
         return noise.to(device=device, dtype=dtype)
@@ -510,10 +564,14 @@ def _initial_noise(shape, noise, dtype, device, generator, same, group_size) -> 
     if not same:
         return _randn(shape, generator, device).to(dtype)
     if group_size is None:
-        raise ValueError("group_size is required with SamplerConfig.same_initial_noise (samples of one prompt group share the noise)")
+        raise ValueError(
+            "group_size is required with SamplerConfig.same_initial_noise (samples of one prompt group share the noise)"
+        )
     group_size = _int("group_size", group_size, minimum=1)
     if shape[0] % group_size:
-        raise ValueError(f"group_size ({group_size}) must divide the batch size ({shape[0]}) to share noise within prompt groups")
+        raise ValueError(
+            f"group_size ({group_size}) must divide the batch size ({shape[0]}) to share noise within prompt groups"
+        )
     per_group = _randn((shape[0] // group_size, *shape[1:]), generator, device)
     return per_group.repeat_interleave(group_size, dim=0).to(dtype)
 
@@ -576,7 +634,9 @@ def rollout(
     if not callable(velocity_fn):
         raise TypeError(f"velocity_fn must be callable (x, sigma, cond) -> v, got {type(velocity_fn).__name__}")
     if config.guidance and prm is None:
-        raise ValueError("prm is required: SamplerConfig.guidance is on (pass the process reward model, or guidance=False)")
+        raise ValueError(
+            "prm is required: SamplerConfig.guidance is on (pass the process reward model, or guidance=False)"
+        )
     if not config.guidance and prm is not None:
         raise ValueError("prm was given but SamplerConfig.guidance is off; set guidance=True to guide with it")
     if dtype is None:
@@ -584,7 +644,11 @@ def rollout(
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
     if device is None:
-        device = noise.device if isinstance(noise, torch.Tensor) else getattr(velocity_fn, "device", None) or torch.device("cpu")
+        device = (
+            noise.device
+            if isinstance(noise, torch.Tensor)
+            else getattr(velocity_fn, "device", None) or torch.device("cpu")
+        )
     device = torch.device(device)
     if shape is not None and noise is not None:
         raise ValueError("give either shape (noise is drawn) or noise (the initial latents), not both")
@@ -608,7 +672,11 @@ def rollout(
     sigma_max = sigma_values[1] if config.schedule == "flow_grpo" else None
     sde_kwargs = dict(schedule=config.schedule, noise_level=config.noise_level, sigma_max=sigma_max)
 
-    latents = torch.empty((batch, num_sde + 1, *x.shape[1:]), dtype=dtype, device=device) if num_sde else x.new_empty((batch, 0, *x.shape[1:]))
+    latents = (
+        torch.empty((batch, num_sde + 1, *x.shape[1:]), dtype=dtype, device=device)
+        if num_sde
+        else x.new_empty((batch, 0, *x.shape[1:]))
+    )
     log_prob = torch.zeros((batch, num_sde), dtype=torch.float32, device=device)
     process_reward = torch.zeros((batch, num_sde), dtype=torch.float32, device=device)
     guided = torch.zeros(num_sde, dtype=torch.bool, device=device)
@@ -620,7 +688,9 @@ def rollout(
         v = velocity_fn(x, torch.full((batch,), sigma, dtype=torch.float32, device=device), cond)
         if not isinstance(v, torch.Tensor) or v.shape != x.shape:
             got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
-            raise ValueError(f"velocity_fn must return a tensor of the latent shape {tuple(x.shape)}, got {got} at step {i}")
+            raise ValueError(
+                f"velocity_fn must return a tensor of the latent shape {tuple(x.shape)}, got {got} at step {i}"
+            )
         if not start <= i < end:
             out = ops.sde_step(x, v, sigma, sigma_next, schedule="ode", noise_level=0.0)
             x, x0 = out.x_next, out.x0_pred
@@ -633,9 +703,16 @@ def rollout(
         reward_grad, c = None, 0.0
         if i in guided_steps:
             sigma_b = torch.full((batch,), sigma, dtype=torch.float32, device=device)
-            reward, reward_grad = ops.reward_grad(prm, x, sigma_b, prm_cond, normalize=config.grad_normalize, max_norm=config.grad_max_norm)
+            reward, reward_grad = ops.reward_grad(
+                prm, x, sigma_b, prm_cond, normalize=config.grad_normalize, max_norm=config.grad_max_norm
+            )
             c = guidance_coefficient(
-                sigma, sigma_next, form=config.guidance_form, lam=config.guidance_lambda, beta=config.guidance_beta, **sde_kwargs
+                sigma,
+                sigma_next,
+                form=config.guidance_form,
+                lam=config.guidance_lambda,
+                beta=config.guidance_beta,
+                **sde_kwargs,
             )
             process_reward[:, j] = reward.float()
             guided[j] = True
@@ -645,8 +722,16 @@ def rollout(
         else:
             step_seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device).item())
         out = ops.sde_step(
-            x, v, sigma, sigma_next, reward_grad=reward_grad, guidance_scale=c, noise=step_noise, seed=step_seed,
-            logprob_mean=config.logprob_mean, **sde_kwargs,
+            x,
+            v,
+            sigma,
+            sigma_next,
+            reward_grad=reward_grad,
+            guidance_scale=c,
+            noise=step_noise,
+            seed=step_seed,
+            logprob_mean=config.logprob_mean,
+            **sde_kwargs,
         )
         x, x0 = out.x_next, out.x0_pred
         latents[:, j + 1] = x

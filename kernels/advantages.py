@@ -44,10 +44,19 @@ def _load_rows(r_ptr, order_ptr, start, end, o_b, o_k, m_k, K, GATHER: tl.conste
 
 @triton.jit
 def _group_advantages_kernel(
-    r_ptr, out_ptr, order_ptr, seg_end_ptr,
-    B, K, eps, clip,
-    UNBIASED: tl.constexpr, GLOBAL_STD: tl.constexpr, CLIP: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
+    r_ptr,
+    out_ptr,
+    order_ptr,
+    seg_end_ptr,
+    B,
+    K,
+    eps,
+    clip,
+    UNBIASED: tl.constexpr,
+    GLOBAL_STD: tl.constexpr,
+    CLIP: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     i_s = tl.program_id(0)
     i_k = tl.program_id(1)
@@ -125,7 +134,9 @@ def group_advantages_forward(
     rewards = rewards.contiguous()
     batch, cols = rewards.shape
     if rewards.numel() >= 2**31:
-        raise ValueError(f"rewards has {rewards.numel()} elements; the kernel indexes them with 32-bit offsets (< 2^31)")
+        raise ValueError(
+            f"rewards has {rewards.numel()} elements; the kernel indexes them with 32-bit offsets (< 2^31)"
+        )
     out = torch.empty((batch, cols), dtype=out_dtype, device=rewards.device)
     if cols == 0:
         return out
@@ -133,19 +144,48 @@ def group_advantages_forward(
     block_b = min(triton.next_power_of_2(max_group or 32), max(1024 // block_k, 16), 64)
     grid = (batch, triton.cdiv(cols, block_k))
     _group_advantages_kernel[grid](
-        rewards, out, order, seg_end, batch, cols, float(eps), float(clip if clip is not None else 0.0),
-        UNBIASED=unbiased, GLOBAL_STD=global_std, CLIP=clip is not None,
-        BLOCK_B=block_b, BLOCK_K=block_k, num_warps=1 if block_b * block_k <= 256 else 4,
+        rewards,
+        out,
+        order,
+        seg_end,
+        batch,
+        cols,
+        float(eps),
+        float(clip if clip is not None else 0.0),
+        UNBIASED=unbiased,
+        GLOBAL_STD=global_std,
+        CLIP=clip is not None,
+        BLOCK_B=block_b,
+        BLOCK_K=block_k,
+        num_warps=1 if block_b * block_k <= 256 else 4,
     )
     return out
 
 
-_SIG = {"r_ptr": "*fp32", "out_ptr": "*fp32", "order_ptr": "*i32", "seg_end_ptr": "*i32",
-        "B": "i32", "K": "i32", "eps": "fp32", "clip": "fp32"}
+_SIG = {
+    "r_ptr": "*fp32",
+    "out_ptr": "*fp32",
+    "order_ptr": "*i32",
+    "seg_end_ptr": "*i32",
+    "B": "i32",
+    "K": "i32",
+    "eps": "fp32",
+    "clip": "fp32",
+}
 
 AOT_SPECS = [
-    AOTSpec("group_advantages_outcome", _group_advantages_kernel, _SIG,
-            dict(UNBIASED=True, GLOBAL_STD=False, CLIP=False, BLOCK_B=32, BLOCK_K=1), num_warps=1),
-    AOTSpec("group_advantages_process_global_clip", _group_advantages_kernel, {**_SIG, "r_ptr": "*bf16"},
-            dict(UNBIASED=False, GLOBAL_STD=True, CLIP=True, BLOCK_B=32, BLOCK_K=16), num_warps=4),
+    AOTSpec(
+        "group_advantages_outcome",
+        _group_advantages_kernel,
+        _SIG,
+        dict(UNBIASED=True, GLOBAL_STD=False, CLIP=False, BLOCK_B=32, BLOCK_K=1),
+        num_warps=1,
+    ),
+    AOTSpec(
+        "group_advantages_process_global_clip",
+        _group_advantages_kernel,
+        {**_SIG, "r_ptr": "*bf16"},
+        dict(UNBIASED=False, GLOBAL_STD=True, CLIP=True, BLOCK_B=32, BLOCK_K=16),
+        num_warps=4,
+    ),
 ]

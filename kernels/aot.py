@@ -76,7 +76,11 @@ def compile_spec(spec: AOTSpec, arch: int):
     signature = {n: (spec.signature[n] if n in spec.signature else "constexpr") for n in names}
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in spec.aligned}
     src = ASTSource(fn=spec.kernel, signature=signature, constexprs=spec.constexprs, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"enable_fp_fusion": True, "num_warps": spec.num_warps, **spec.options})
+    return triton.compile(
+        src,
+        target=GPUTarget("cuda", arch, 32),
+        options={"enable_fp_fusion": True, "num_warps": spec.num_warps, **spec.options},
+    )
 
 
 def _tool(name: str, *args: str) -> str:
@@ -117,8 +121,14 @@ def report(archs=(80, 90), names: Optional[List[str]] = None) -> List[Dict[str, 
             continue
         for arch in archs:
             compiled = compile_spec(spec, arch)
-            rows.append({"kernel": spec.name, "arch": f"sm_{arch}", "ptx_bytes": len(compiled.asm["ptx"]),
-                         **sass_report(compiled.asm["cubin"])})
+            rows.append(
+                {
+                    "kernel": spec.name,
+                    "arch": f"sm_{arch}",
+                    "ptx_bytes": len(compiled.asm["ptx"]),
+                    **sass_report(compiled.asm["cubin"]),
+                }
+            )
     return rows
 
 

@@ -22,8 +22,9 @@ N_PARTIALS = 6  # clipped-surrogate sum, kl sum, clipped count, approx-kl sum, s
 
 
 @triton.jit
-def _ratio_and_advantage(logp_ptr, old_ptr, adv_ptr, offs, mask, K, adv_clip,
-                         ADV_PER_ROW: tl.constexpr, CLIP_ADV: tl.constexpr):
+def _ratio_and_advantage(
+    logp_ptr, old_ptr, adv_ptr, offs, mask, K, adv_clip, ADV_PER_ROW: tl.constexpr, CLIP_ADV: tl.constexpr
+):
     b_lp = tl.load(logp_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     b_old = tl.load(old_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if ADV_PER_ROW:
@@ -46,15 +47,26 @@ def _exp_minus_1_minus_x(x):
 
 @triton.jit
 def _grpo_loss_fwd_kernel(
-    logp_ptr, old_ptr, adv_ptr, kl_ptr, partial_ptr,
-    N, K, clip_range, adv_clip,
-    ADV_PER_ROW: tl.constexpr, CLIP_ADV: tl.constexpr, HAS_KL: tl.constexpr, BLOCK: tl.constexpr,
+    logp_ptr,
+    old_ptr,
+    adv_ptr,
+    kl_ptr,
+    partial_ptr,
+    N,
+    K,
+    clip_range,
+    adv_clip,
+    ADV_PER_ROW: tl.constexpr,
+    CLIP_ADV: tl.constexpr,
+    HAS_KL: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     i_p = tl.program_id(0)
     offs = i_p * BLOCK + tl.arange(0, BLOCK)
     mask = offs < N
-    b_log_ratio, b_ratio, b_a = _ratio_and_advantage(logp_ptr, old_ptr, adv_ptr, offs, mask, K, adv_clip,
-                                                      ADV_PER_ROW, CLIP_ADV)
+    b_log_ratio, b_ratio, b_a = _ratio_and_advantage(
+        logp_ptr, old_ptr, adv_ptr, offs, mask, K, adv_clip, ADV_PER_ROW, CLIP_ADV
+    )
     b_clipped = tl.minimum(tl.maximum(b_ratio, 1.0 - clip_range), 1.0 + clip_range)
     b_loss = tl.maximum(-b_a * b_ratio, -b_a * b_clipped)
     b_akl = _exp_minus_1_minus_x(b_log_ratio)
@@ -74,16 +86,28 @@ def _grpo_loss_fwd_kernel(
 
 @triton.jit
 def _grpo_loss_bwd_kernel(
-    grad_ptr, logp_ptr, old_ptr, adv_ptr, dlogp_ptr, dkl_ptr,
-    N, K, clip_range, adv_clip, inv_n, kl_coef,
-    ADV_PER_ROW: tl.constexpr, CLIP_ADV: tl.constexpr, HAS_KL: tl.constexpr, BLOCK: tl.constexpr,
+    grad_ptr,
+    logp_ptr,
+    old_ptr,
+    adv_ptr,
+    dlogp_ptr,
+    dkl_ptr,
+    N,
+    K,
+    clip_range,
+    adv_clip,
+    inv_n,
+    kl_coef,
+    ADV_PER_ROW: tl.constexpr,
+    CLIP_ADV: tl.constexpr,
+    HAS_KL: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     i_p = tl.program_id(0)
     offs = i_p * BLOCK + tl.arange(0, BLOCK)
     mask = offs < N
     g = tl.load(grad_ptr).to(tl.float32) * inv_n
-    _, b_ratio, b_a = _ratio_and_advantage(logp_ptr, old_ptr, adv_ptr, offs, mask, K, adv_clip,
-                                           ADV_PER_ROW, CLIP_ADV)
+    _, b_ratio, b_a = _ratio_and_advantage(logp_ptr, old_ptr, adv_ptr, offs, mask, K, adv_clip, ADV_PER_ROW, CLIP_ADV)
     b_clipped = tl.minimum(tl.maximum(b_ratio, 1.0 - clip_range), 1.0 + clip_range)
     # The clipped branch wins (and is flat) where A * (ratio - clip(ratio)) > 0; at ties both
     # branches have the unclipped slope -A * ratio.
@@ -122,10 +146,20 @@ def grpo_loss_forward(
     programs = triton.cdiv(n, block)
     partial = torch.empty((programs, N_PARTIALS), dtype=torch.float32, device=log_prob.device)
     _grpo_loss_fwd_kernel[(programs,)](
-        log_prob, old_log_prob, advantages, kl if kl is not None else log_prob, partial,
-        n, cols, float(clip_range), float(adv_clip if adv_clip is not None else 0.0),
-        ADV_PER_ROW=advantages.numel() != n, CLIP_ADV=adv_clip is not None, HAS_KL=kl is not None,
-        BLOCK=block, num_warps=4,
+        log_prob,
+        old_log_prob,
+        advantages,
+        kl if kl is not None else log_prob,
+        partial,
+        n,
+        cols,
+        float(clip_range),
+        float(adv_clip if adv_clip is not None else 0.0),
+        ADV_PER_ROW=advantages.numel() != n,
+        CLIP_ADV=adv_clip is not None,
+        HAS_KL=kl is not None,
+        BLOCK=block,
+        num_warps=4,
     )
     sums = partial[:, :5].sum(0) / n
     policy, kl_mean = sums[0], sums[1]
@@ -152,30 +186,81 @@ def grpo_loss_backward(
     dlogp = torch.empty_like(log_prob)
     dkl = torch.empty_like(kl) if kl is not None else None
     _grpo_loss_bwd_kernel[(triton.cdiv(n, block),)](
-        grad_loss.contiguous(), log_prob, old_log_prob, advantages, dlogp, dkl if dkl is not None else dlogp,
-        n, cols, float(clip_range), float(adv_clip if adv_clip is not None else 0.0), 1.0 / n, float(kl_coef),
-        ADV_PER_ROW=advantages.numel() != n, CLIP_ADV=adv_clip is not None, HAS_KL=kl is not None,
-        BLOCK=block, num_warps=4,
+        grad_loss.contiguous(),
+        log_prob,
+        old_log_prob,
+        advantages,
+        dlogp,
+        dkl if dkl is not None else dlogp,
+        n,
+        cols,
+        float(clip_range),
+        float(adv_clip if adv_clip is not None else 0.0),
+        1.0 / n,
+        float(kl_coef),
+        ADV_PER_ROW=advantages.numel() != n,
+        CLIP_ADV=adv_clip is not None,
+        HAS_KL=kl is not None,
+        BLOCK=block,
+        num_warps=4,
     )
     return dlogp, dkl
 
 
-_FWD_SIG = {"logp_ptr": "*fp32", "old_ptr": "*fp32", "adv_ptr": "*fp32", "kl_ptr": "*fp32", "partial_ptr": "*fp32",
-            "N": "i32", "K": "i32", "clip_range": "fp32", "adv_clip": "fp32"}
-_BWD_SIG = {"grad_ptr": "*fp32", "logp_ptr": "*fp32", "old_ptr": "*fp32", "adv_ptr": "*fp32", "dlogp_ptr": "*fp32",
-            "dkl_ptr": "*fp32", "N": "i32", "K": "i32", "clip_range": "fp32", "adv_clip": "fp32", "inv_n": "fp32",
-            "kl_coef": "fp32"}
+_FWD_SIG = {
+    "logp_ptr": "*fp32",
+    "old_ptr": "*fp32",
+    "adv_ptr": "*fp32",
+    "kl_ptr": "*fp32",
+    "partial_ptr": "*fp32",
+    "N": "i32",
+    "K": "i32",
+    "clip_range": "fp32",
+    "adv_clip": "fp32",
+}
+_BWD_SIG = {
+    "grad_ptr": "*fp32",
+    "logp_ptr": "*fp32",
+    "old_ptr": "*fp32",
+    "adv_ptr": "*fp32",
+    "dlogp_ptr": "*fp32",
+    "dkl_ptr": "*fp32",
+    "N": "i32",
+    "K": "i32",
+    "clip_range": "fp32",
+    "adv_clip": "fp32",
+    "inv_n": "fp32",
+    "kl_coef": "fp32",
+}
 _ALIGNED = ("logp_ptr", "old_ptr", "adv_ptr", "kl_ptr", "N")
 
 AOT_SPECS = [
-    AOTSpec("grpo_loss_fwd_per_row_adv", _grpo_loss_fwd_kernel, _FWD_SIG,
-            dict(ADV_PER_ROW=True, CLIP_ADV=True, HAS_KL=False, BLOCK=1024), aligned=("logp_ptr", "old_ptr", "N")),
-    AOTSpec("grpo_loss_fwd_kl", _grpo_loss_fwd_kernel, _FWD_SIG,
-            dict(ADV_PER_ROW=False, CLIP_ADV=True, HAS_KL=True, BLOCK=1024), aligned=_ALIGNED),
-    AOTSpec("grpo_loss_bwd_per_row_adv", _grpo_loss_bwd_kernel, _BWD_SIG,
-            dict(ADV_PER_ROW=True, CLIP_ADV=True, HAS_KL=False, BLOCK=1024),
-            aligned=("logp_ptr", "old_ptr", "dlogp_ptr", "N")),
-    AOTSpec("grpo_loss_bwd_kl", _grpo_loss_bwd_kernel, _BWD_SIG,
-            dict(ADV_PER_ROW=False, CLIP_ADV=True, HAS_KL=True, BLOCK=1024),
-            aligned=("logp_ptr", "old_ptr", "adv_ptr", "dlogp_ptr", "dkl_ptr", "N")),
+    AOTSpec(
+        "grpo_loss_fwd_per_row_adv",
+        _grpo_loss_fwd_kernel,
+        _FWD_SIG,
+        dict(ADV_PER_ROW=True, CLIP_ADV=True, HAS_KL=False, BLOCK=1024),
+        aligned=("logp_ptr", "old_ptr", "N"),
+    ),
+    AOTSpec(
+        "grpo_loss_fwd_kl",
+        _grpo_loss_fwd_kernel,
+        _FWD_SIG,
+        dict(ADV_PER_ROW=False, CLIP_ADV=True, HAS_KL=True, BLOCK=1024),
+        aligned=_ALIGNED,
+    ),
+    AOTSpec(
+        "grpo_loss_bwd_per_row_adv",
+        _grpo_loss_bwd_kernel,
+        _BWD_SIG,
+        dict(ADV_PER_ROW=True, CLIP_ADV=True, HAS_KL=False, BLOCK=1024),
+        aligned=("logp_ptr", "old_ptr", "dlogp_ptr", "N"),
+    ),
+    AOTSpec(
+        "grpo_loss_bwd_kl",
+        _grpo_loss_bwd_kernel,
+        _BWD_SIG,
+        dict(ADV_PER_ROW=False, CLIP_ADV=True, HAS_KL=True, BLOCK=1024),
+        aligned=("logp_ptr", "old_ptr", "adv_ptr", "dlogp_ptr", "dkl_ptr", "N"),
+    ),
 ]

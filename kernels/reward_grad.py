@@ -46,8 +46,17 @@ def _sum_sq_kernel(g_ptr, partial_ptr, N, n_chunks, iters, BLOCK: tl.constexpr):
 
 @triton.jit
 def _scale_kernel(
-    g_ptr, out_ptr, partial_ptr, N, n_chunks, iters, max_norm,
-    NORMALIZE: tl.constexpr, CLIP: tl.constexpr, BLOCK: tl.constexpr, REDUCE_BLOCK: tl.constexpr,
+    g_ptr,
+    out_ptr,
+    partial_ptr,
+    N,
+    n_chunks,
+    iters,
+    max_norm,
+    NORMALIZE: tl.constexpr,
+    CLIP: tl.constexpr,
+    BLOCK: tl.constexpr,
+    REDUCE_BLOCK: tl.constexpr,
 ):
     i_b = tl.program_id(0)
     i_c = tl.program_id(1)
@@ -68,7 +77,9 @@ def _scale_kernel(
         tl.store(out_ptr + offset + o_n, (b_g * scale).to(out_ptr.dtype.element_ty), mask=m)
 
 
-def scale_by_norm(grad: torch.Tensor, *, normalize: bool, max_norm: Optional[float], inplace: bool = False) -> torch.Tensor:
+def scale_by_norm(
+    grad: torch.Tensor, *, normalize: bool, max_norm: Optional[float], inplace: bool = False
+) -> torch.Tensor:
     """``grad [B, ...]`` with each sample scaled to unit norm and/or clipped to ``max_norm``.
 
     ``n_b = ||g_b||_2`` (fp32); ``normalize`` gives ``g_b / n_b`` (0 stays 0), then ``max_norm``
@@ -91,9 +102,18 @@ def scale_by_norm(grad: torch.Tensor, *, normalize: bool, max_norm: Optional[flo
     grid = (batch, n_chunks)
     _sum_sq_kernel[grid](grad, partial, n, n_chunks, iters, BLOCK=block, num_warps=NUM_WARPS)
     _scale_kernel[grid](
-        grad, out, partial, n, n_chunks, iters, float(max_norm if max_norm is not None else 0.0),
-        NORMALIZE=normalize, CLIP=max_norm is not None, BLOCK=block,
-        REDUCE_BLOCK=triton.next_power_of_2(n_chunks), num_warps=NUM_WARPS,
+        grad,
+        out,
+        partial,
+        n,
+        n_chunks,
+        iters,
+        float(max_norm if max_norm is not None else 0.0),
+        NORMALIZE=normalize,
+        CLIP=max_norm is not None,
+        BLOCK=block,
+        REDUCE_BLOCK=triton.next_power_of_2(n_chunks),
+        num_warps=NUM_WARPS,
     )
     return out
 
@@ -101,23 +121,45 @@ def scale_by_norm(grad: torch.Tensor, *, normalize: bool, max_norm: Optional[flo
 def _aot_specs():
     specs = []
     for tag, ty in (("fp32", "*fp32"), ("bf16", "*bf16")):
-        specs.append(AOTSpec(
-            f"reward_grad_sum_sq_{tag}", _sum_sq_kernel,
-            {"g_ptr": ty, "partial_ptr": "*fp32", "N": "i32", "n_chunks": "i32", "iters": "i32"},
-            dict(BLOCK=MAX_BLOCK), aligned=("g_ptr", "N"), num_warps=NUM_WARPS,
-        ))
-    scale_sig = {"g_ptr": "*fp32", "out_ptr": "*fp32", "partial_ptr": "*fp32", "N": "i32", "n_chunks": "i32",
-                 "iters": "i32", "max_norm": "fp32"}
-    specs.append(AOTSpec(
-        "reward_grad_normalize_fp32", _scale_kernel, scale_sig,
-        dict(NORMALIZE=True, CLIP=False, BLOCK=MAX_BLOCK, REDUCE_BLOCK=MAX_CHUNKS),
-        aligned=("g_ptr", "out_ptr", "N"), num_warps=NUM_WARPS,
-    ))
-    specs.append(AOTSpec(
-        "reward_grad_normalize_clip_bf16", _scale_kernel, {**scale_sig, "g_ptr": "*bf16", "out_ptr": "*bf16"},
-        dict(NORMALIZE=True, CLIP=True, BLOCK=MAX_BLOCK, REDUCE_BLOCK=MAX_CHUNKS),
-        aligned=("g_ptr", "out_ptr", "N"), num_warps=NUM_WARPS,
-    ))
+        specs.append(
+            AOTSpec(
+                f"reward_grad_sum_sq_{tag}",
+                _sum_sq_kernel,
+                {"g_ptr": ty, "partial_ptr": "*fp32", "N": "i32", "n_chunks": "i32", "iters": "i32"},
+                dict(BLOCK=MAX_BLOCK),
+                aligned=("g_ptr", "N"),
+                num_warps=NUM_WARPS,
+            )
+        )
+    scale_sig = {
+        "g_ptr": "*fp32",
+        "out_ptr": "*fp32",
+        "partial_ptr": "*fp32",
+        "N": "i32",
+        "n_chunks": "i32",
+        "iters": "i32",
+        "max_norm": "fp32",
+    }
+    specs.append(
+        AOTSpec(
+            "reward_grad_normalize_fp32",
+            _scale_kernel,
+            scale_sig,
+            dict(NORMALIZE=True, CLIP=False, BLOCK=MAX_BLOCK, REDUCE_BLOCK=MAX_CHUNKS),
+            aligned=("g_ptr", "out_ptr", "N"),
+            num_warps=NUM_WARPS,
+        )
+    )
+    specs.append(
+        AOTSpec(
+            "reward_grad_normalize_clip_bf16",
+            _scale_kernel,
+            {**scale_sig, "g_ptr": "*bf16", "out_ptr": "*bf16"},
+            dict(NORMALIZE=True, CLIP=True, BLOCK=MAX_BLOCK, REDUCE_BLOCK=MAX_CHUNKS),
+            aligned=("g_ptr", "out_ptr", "N"),
+            num_warps=NUM_WARPS,
+        )
+    )
     return specs
 
 

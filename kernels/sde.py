@@ -131,11 +131,28 @@ def _block_offsets(pid, N, n_blocks, BLOCK: tl.constexpr, INT64: tl.constexpr):
 # and on divisibility by 16).
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi"])
 def _sde_step_kernel(
-    x_ptr, v_ptr, g_ptr, eps_ptr, c_ptr, sigma_ptr, sigma_next_ptr,
-    x_next_ptr, x0_ptr, partial_ptr,
-    N, n_blocks, seed_lo, seed_hi, scale, sigma_max,
-    SCHEDULE: tl.constexpr, HAS_GUIDANCE: tl.constexpr, HAS_NOISE: tl.constexpr,
-    GUIDED_LOGPROB: tl.constexpr, BLOCK: tl.constexpr, INT64: tl.constexpr,
+    x_ptr,
+    v_ptr,
+    g_ptr,
+    eps_ptr,
+    c_ptr,
+    sigma_ptr,
+    sigma_next_ptr,
+    x_next_ptr,
+    x0_ptr,
+    partial_ptr,
+    N,
+    n_blocks,
+    seed_lo,
+    seed_hi,
+    scale,
+    sigma_max,
+    SCHEDULE: tl.constexpr,
+    HAS_GUIDANCE: tl.constexpr,
+    HAS_NOISE: tl.constexpr,
+    GUIDED_LOGPROB: tl.constexpr,
+    BLOCK: tl.constexpr,
+    INT64: tl.constexpr,
 ):
     pid = tl.program_id(0)
     i_b, o_x, m_x = _block_offsets(pid, N, n_blocks, BLOCK, INT64)
@@ -170,10 +187,22 @@ def _sde_step_kernel(
 
 @triton.jit
 def _sde_log_prob_fwd_kernel(
-    x_ptr, v_ptr, x_next_ptr, v_ref_ptr, sigma_ptr, sigma_next_ptr,
-    partial_ptr, partial_kl_ptr,
-    N, n_blocks, scale, sigma_max,
-    SCHEDULE: tl.constexpr, HAS_REF: tl.constexpr, BLOCK: tl.constexpr, INT64: tl.constexpr,
+    x_ptr,
+    v_ptr,
+    x_next_ptr,
+    v_ref_ptr,
+    sigma_ptr,
+    sigma_next_ptr,
+    partial_ptr,
+    partial_kl_ptr,
+    N,
+    n_blocks,
+    scale,
+    sigma_max,
+    SCHEDULE: tl.constexpr,
+    HAS_REF: tl.constexpr,
+    BLOCK: tl.constexpr,
+    INT64: tl.constexpr,
 ):
     pid = tl.program_id(0)
     i_b, o_x, m_x = _block_offsets(pid, N, n_blocks, BLOCK, INT64)
@@ -190,10 +219,23 @@ def _sde_log_prob_fwd_kernel(
 
 @triton.jit
 def _sde_log_prob_bwd_kernel(
-    grad_lp_ptr, grad_kl_ptr, x_ptr, v_ptr, x_next_ptr, v_ref_ptr, sigma_ptr, sigma_next_ptr,
+    grad_lp_ptr,
+    grad_kl_ptr,
+    x_ptr,
+    v_ptr,
+    x_next_ptr,
+    v_ref_ptr,
+    sigma_ptr,
+    sigma_next_ptr,
     grad_v_ptr,
-    N, n_blocks, scale, sigma_max,
-    SCHEDULE: tl.constexpr, HAS_REF: tl.constexpr, BLOCK: tl.constexpr, INT64: tl.constexpr,
+    N,
+    n_blocks,
+    scale,
+    sigma_max,
+    SCHEDULE: tl.constexpr,
+    HAS_REF: tl.constexpr,
+    BLOCK: tl.constexpr,
+    INT64: tl.constexpr,
 ):
     # d log_prob / d v = k (x_next - mean) / (var N);  d kl / d v = k^2 (v - v_ref) / (var N).
     pid = tl.program_id(0)
@@ -224,9 +266,19 @@ def _row_sum(row_ptr, n_blocks, REDUCE_BLOCK: tl.constexpr):
 
 @triton.jit
 def _finalize_kernel(
-    partial_ptr, partial_kl_ptr, sigma_ptr, sigma_next_ptr, log_prob_ptr, kl_ptr,
-    N, n_blocks, scale, sigma_max,
-    SCHEDULE: tl.constexpr, HAS_KL: tl.constexpr, REDUCE_BLOCK: tl.constexpr,
+    partial_ptr,
+    partial_kl_ptr,
+    sigma_ptr,
+    sigma_next_ptr,
+    log_prob_ptr,
+    kl_ptr,
+    N,
+    n_blocks,
+    scale,
+    sigma_max,
+    SCHEDULE: tl.constexpr,
+    HAS_KL: tl.constexpr,
+    REDUCE_BLOCK: tl.constexpr,
 ):
     """Per sample: ``log_prob = -sum / (2 var N) - log(var) / 2 - log(2 pi) / 2`` (0 where var == 0)."""
     i_b = tl.program_id(0)
@@ -281,18 +333,39 @@ def _finalize(partial, partial_kl, sigma, sigma_next, n, n_blocks, schedule_id, 
     log_prob = _alloc((batch,), torch.float32, sigma.device)
     kl = _alloc((batch,), torch.float32, sigma.device) if partial_kl is not None else None
     _finalize_kernel[(batch,)](
-        partial, partial_kl if partial_kl is not None else partial, sigma, sigma_next, log_prob,
-        kl if kl is not None else log_prob, n, n_blocks, scale, sigma_max,
-        SCHEDULE=schedule_id, HAS_KL=partial_kl is not None,
-        REDUCE_BLOCK=min(REDUCE_BLOCK, triton.next_power_of_2(n_blocks)), num_warps=1, **LAUNCH_OPTIONS,
+        partial,
+        partial_kl if partial_kl is not None else partial,
+        sigma,
+        sigma_next,
+        log_prob,
+        kl if kl is not None else log_prob,
+        n,
+        n_blocks,
+        scale,
+        sigma_max,
+        SCHEDULE=schedule_id,
+        HAS_KL=partial_kl is not None,
+        REDUCE_BLOCK=min(REDUCE_BLOCK, triton.next_power_of_2(n_blocks)),
+        num_warps=1,
+        **LAUNCH_OPTIONS,
     )
     return log_prob, kl
 
 
 def sde_step_forward(
-    x: torch.Tensor, v: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor, *,
-    reward_grad: Optional[torch.Tensor], guidance_scale: Optional[torch.Tensor], noise: Optional[torch.Tensor],
-    seed: int, schedule: str, scale: float, sigma_max: Optional[float], guided_logprob: bool,
+    x: torch.Tensor,
+    v: torch.Tensor,
+    sigma: torch.Tensor,
+    sigma_next: torch.Tensor,
+    *,
+    reward_grad: Optional[torch.Tensor],
+    guidance_scale: Optional[torch.Tensor],
+    noise: Optional[torch.Tensor],
+    seed: int,
+    schedule: str,
+    scale: float,
+    sigma_max: Optional[float],
+    guided_logprob: bool,
 ):
     """Launch the fused step; returns ``(x_next, log_prob or None, x0_pred)``.
 
@@ -308,22 +381,49 @@ def sde_step_forward(
     x0_pred = _alloc(x.shape, x.dtype, x.device)
     partial = _alloc((batch, n_blocks), torch.float32, x.device) if schedule != "ode" else x_next
     _sde_step_kernel[(batch * n_blocks,)](
-        x, v, reward_grad.contiguous() if has_guidance else x, noise.contiguous() if has_noise else x,
-        guidance_scale if has_guidance else sigma, sigma, sigma_next,
-        x_next, x0_pred, partial,
-        n, n_blocks, *_int32_halves(seed), scale, _sigma_max_arg(sigma_max),
-        SCHEDULE=schedule_id, HAS_GUIDANCE=has_guidance, HAS_NOISE=has_noise, GUIDED_LOGPROB=guided_logprob,
-        BLOCK=block, INT64=int64, num_warps=NUM_WARPS, **LAUNCH_OPTIONS,
+        x,
+        v,
+        reward_grad.contiguous() if has_guidance else x,
+        noise.contiguous() if has_noise else x,
+        guidance_scale if has_guidance else sigma,
+        sigma,
+        sigma_next,
+        x_next,
+        x0_pred,
+        partial,
+        n,
+        n_blocks,
+        *_int32_halves(seed),
+        scale,
+        _sigma_max_arg(sigma_max),
+        SCHEDULE=schedule_id,
+        HAS_GUIDANCE=has_guidance,
+        HAS_NOISE=has_noise,
+        GUIDED_LOGPROB=guided_logprob,
+        BLOCK=block,
+        INT64=int64,
+        num_warps=NUM_WARPS,
+        **LAUNCH_OPTIONS,
     )
     if schedule == "ode":
         return x_next, None, x0_pred
-    log_prob, _ = _finalize(partial, None, sigma, sigma_next, n, n_blocks, schedule_id, scale, _sigma_max_arg(sigma_max))
+    log_prob, _ = _finalize(
+        partial, None, sigma, sigma_next, n, n_blocks, schedule_id, scale, _sigma_max_arg(sigma_max)
+    )
     return x_next, log_prob, x0_pred
 
 
 def sde_log_prob_forward(
-    x: torch.Tensor, v: torch.Tensor, x_next: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor, *,
-    v_ref: Optional[torch.Tensor], schedule: str, scale: float, sigma_max: Optional[float],
+    x: torch.Tensor,
+    v: torch.Tensor,
+    x_next: torch.Tensor,
+    sigma: torch.Tensor,
+    sigma_next: torch.Tensor,
+    *,
+    v_ref: Optional[torch.Tensor],
+    schedule: str,
+    scale: float,
+    sigma_max: Optional[float],
 ):
     """Launch the fused log-prob; returns ``(log_prob, kl or None)``, both ``[B]`` float32."""
     batch, n, block, n_blocks, int64 = _layout(x)
@@ -332,18 +432,41 @@ def sde_log_prob_forward(
     partial = _alloc((batch, n_blocks), torch.float32, x.device)
     partial_kl = _alloc((batch, n_blocks), torch.float32, x.device) if has_ref else None
     _sde_log_prob_fwd_kernel[(batch * n_blocks,)](
-        x.contiguous(), v.contiguous(), x_next.contiguous(), v_ref.contiguous() if has_ref else x, sigma, sigma_next,
-        partial, partial_kl if has_ref else partial,
-        n, n_blocks, scale, _sigma_max_arg(sigma_max),
-        SCHEDULE=schedule_id, HAS_REF=has_ref, BLOCK=block, INT64=int64, num_warps=NUM_WARPS, **LAUNCH_OPTIONS,
+        x.contiguous(),
+        v.contiguous(),
+        x_next.contiguous(),
+        v_ref.contiguous() if has_ref else x,
+        sigma,
+        sigma_next,
+        partial,
+        partial_kl if has_ref else partial,
+        n,
+        n_blocks,
+        scale,
+        _sigma_max_arg(sigma_max),
+        SCHEDULE=schedule_id,
+        HAS_REF=has_ref,
+        BLOCK=block,
+        INT64=int64,
+        num_warps=NUM_WARPS,
+        **LAUNCH_OPTIONS,
     )
     return _finalize(partial, partial_kl, sigma, sigma_next, n, n_blocks, schedule_id, scale, _sigma_max_arg(sigma_max))
 
 
 def sde_log_prob_backward(
-    grad_log_prob: Optional[torch.Tensor], grad_kl: Optional[torch.Tensor],
-    x: torch.Tensor, v: torch.Tensor, x_next: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor, *,
-    v_ref: Optional[torch.Tensor], schedule: str, scale: float, sigma_max: Optional[float],
+    grad_log_prob: Optional[torch.Tensor],
+    grad_kl: Optional[torch.Tensor],
+    x: torch.Tensor,
+    v: torch.Tensor,
+    x_next: torch.Tensor,
+    sigma: torch.Tensor,
+    sigma_next: torch.Tensor,
+    *,
+    v_ref: Optional[torch.Tensor],
+    schedule: str,
+    scale: float,
+    sigma_max: Optional[float],
 ) -> torch.Tensor:
     """Launch the fused backward; returns ``grad_v`` in the dtype of ``v``.
 
@@ -357,11 +480,25 @@ def sde_log_prob_backward(
         grad_lp = grad_log_prob.to(torch.float32).contiguous()
     grad_v = _alloc(v.shape, v.dtype, v.device)
     _sde_log_prob_bwd_kernel[(batch * n_blocks,)](
-        grad_lp, grad_kl.to(torch.float32).contiguous() if has_ref else grad_lp,
-        x.contiguous(), v.contiguous(), x_next.contiguous(), v_ref.contiguous() if has_ref else x, sigma, sigma_next,
+        grad_lp,
+        grad_kl.to(torch.float32).contiguous() if has_ref else grad_lp,
+        x.contiguous(),
+        v.contiguous(),
+        x_next.contiguous(),
+        v_ref.contiguous() if has_ref else x,
+        sigma,
+        sigma_next,
         grad_v,
-        n, n_blocks, scale, _sigma_max_arg(sigma_max),
-        SCHEDULE=SCHEDULE_IDS[schedule], HAS_REF=has_ref, BLOCK=block, INT64=int64, num_warps=NUM_WARPS, **LAUNCH_OPTIONS,
+        n,
+        n_blocks,
+        scale,
+        _sigma_max_arg(sigma_max),
+        SCHEDULE=SCHEDULE_IDS[schedule],
+        HAS_REF=has_ref,
+        BLOCK=block,
+        INT64=int64,
+        num_warps=NUM_WARPS,
+        **LAUNCH_OPTIONS,
     )
     return grad_v
 
@@ -376,51 +513,111 @@ def _aot_specs():
     specs = []
     for tag, ty in (("fp32", "*fp32"), ("bf16", "*bf16")):
         for noise in (False, True):
-            specs.append(AOTSpec(
-                name=f"sde_step_{'noise_' if noise else ''}{tag}",
+            specs.append(
+                AOTSpec(
+                    name=f"sde_step_{'noise_' if noise else ''}{tag}",
+                    options=LAUNCH_OPTIONS,
+                    kernel=_sde_step_kernel,
+                    signature={
+                        "x_ptr": ty,
+                        "v_ptr": ty,
+                        "g_ptr": ty,
+                        "eps_ptr": ty,
+                        "c_ptr": "*fp32",
+                        "sigma_ptr": "*fp32",
+                        "sigma_next_ptr": "*fp32",
+                        "x_next_ptr": ty,
+                        "x0_ptr": ty,
+                        "partial_ptr": "*fp32",
+                        "N": "i32",
+                        "n_blocks": "i32",
+                        "seed_lo": "i32",
+                        "seed_hi": "i32",
+                        "scale": "fp32",
+                        "sigma_max": "fp32",
+                    },
+                    constexprs={
+                        "SCHEDULE": SCHEDULE_IDS["flow_grpo"],
+                        "HAS_GUIDANCE": True,
+                        "HAS_NOISE": noise,
+                        "GUIDED_LOGPROB": False,
+                        "BLOCK": MAX_BLOCK,
+                        "INT64": False,
+                    },
+                    aligned=("x_ptr", "v_ptr", "g_ptr", "eps_ptr", "x_next_ptr", "x0_ptr", "N"),
+                    num_warps=NUM_WARPS,
+                )
+            )
+        specs.append(
+            AOTSpec(
+                name=f"sde_log_prob_fwd_{tag}",
                 options=LAUNCH_OPTIONS,
-                kernel=_sde_step_kernel,
-                signature={"x_ptr": ty, "v_ptr": ty, "g_ptr": ty, "eps_ptr": ty, "c_ptr": "*fp32", "sigma_ptr": "*fp32",
-                           "sigma_next_ptr": "*fp32", "x_next_ptr": ty, "x0_ptr": ty, "partial_ptr": "*fp32",
-                           "N": "i32", "n_blocks": "i32", "seed_lo": "i32", "seed_hi": "i32", "scale": "fp32",
-                           "sigma_max": "fp32"},
-                constexprs={"SCHEDULE": SCHEDULE_IDS["flow_grpo"], "HAS_GUIDANCE": True, "HAS_NOISE": noise,
-                            "GUIDED_LOGPROB": False, "BLOCK": MAX_BLOCK, "INT64": False},
-                aligned=("x_ptr", "v_ptr", "g_ptr", "eps_ptr", "x_next_ptr", "x0_ptr", "N"),
+                kernel=_sde_log_prob_fwd_kernel,
+                signature={
+                    "x_ptr": ty,
+                    "v_ptr": ty,
+                    "x_next_ptr": ty,
+                    "v_ref_ptr": ty,
+                    "sigma_ptr": "*fp32",
+                    "sigma_next_ptr": "*fp32",
+                    "partial_ptr": "*fp32",
+                    "partial_kl_ptr": "*fp32",
+                    "N": "i32",
+                    "n_blocks": "i32",
+                    "scale": "fp32",
+                    "sigma_max": "fp32",
+                },
+                constexprs={"SCHEDULE": SCHEDULE_IDS["flow_grpo"], "HAS_REF": True, "BLOCK": MAX_BLOCK, "INT64": False},
+                aligned=("x_ptr", "v_ptr", "x_next_ptr", "v_ref_ptr", "N"),
                 num_warps=NUM_WARPS,
-            ))
-        specs.append(AOTSpec(
-            name=f"sde_log_prob_fwd_{tag}",
+            )
+        )
+        specs.append(
+            AOTSpec(
+                name=f"sde_log_prob_bwd_{tag}",
+                options=LAUNCH_OPTIONS,
+                kernel=_sde_log_prob_bwd_kernel,
+                signature={
+                    "grad_lp_ptr": "*fp32",
+                    "grad_kl_ptr": "*fp32",
+                    "x_ptr": ty,
+                    "v_ptr": ty,
+                    "x_next_ptr": ty,
+                    "v_ref_ptr": ty,
+                    "sigma_ptr": "*fp32",
+                    "sigma_next_ptr": "*fp32",
+                    "grad_v_ptr": ty,
+                    "N": "i32",
+                    "n_blocks": "i32",
+                    "scale": "fp32",
+                    "sigma_max": "fp32",
+                },
+                constexprs={"SCHEDULE": SCHEDULE_IDS["flow_grpo"], "HAS_REF": True, "BLOCK": MAX_BLOCK, "INT64": False},
+                aligned=("x_ptr", "v_ptr", "x_next_ptr", "v_ref_ptr", "grad_v_ptr", "N"),
+                num_warps=NUM_WARPS,
+            )
+        )
+    specs.append(
+        AOTSpec(
+            name="sde_finalize",
             options=LAUNCH_OPTIONS,
-            kernel=_sde_log_prob_fwd_kernel,
-            signature={"x_ptr": ty, "v_ptr": ty, "x_next_ptr": ty, "v_ref_ptr": ty, "sigma_ptr": "*fp32",
-                       "sigma_next_ptr": "*fp32", "partial_ptr": "*fp32", "partial_kl_ptr": "*fp32",
-                       "N": "i32", "n_blocks": "i32", "scale": "fp32", "sigma_max": "fp32"},
-            constexprs={"SCHEDULE": SCHEDULE_IDS["flow_grpo"], "HAS_REF": True, "BLOCK": MAX_BLOCK, "INT64": False},
-            aligned=("x_ptr", "v_ptr", "x_next_ptr", "v_ref_ptr", "N"),
-            num_warps=NUM_WARPS,
-        ))
-        specs.append(AOTSpec(
-            name=f"sde_log_prob_bwd_{tag}",
-            options=LAUNCH_OPTIONS,
-            kernel=_sde_log_prob_bwd_kernel,
-            signature={"grad_lp_ptr": "*fp32", "grad_kl_ptr": "*fp32", "x_ptr": ty, "v_ptr": ty, "x_next_ptr": ty,
-                       "v_ref_ptr": ty, "sigma_ptr": "*fp32", "sigma_next_ptr": "*fp32", "grad_v_ptr": ty,
-                       "N": "i32", "n_blocks": "i32", "scale": "fp32", "sigma_max": "fp32"},
-            constexprs={"SCHEDULE": SCHEDULE_IDS["flow_grpo"], "HAS_REF": True, "BLOCK": MAX_BLOCK, "INT64": False},
-            aligned=("x_ptr", "v_ptr", "x_next_ptr", "v_ref_ptr", "grad_v_ptr", "N"),
-            num_warps=NUM_WARPS,
-        ))
-    specs.append(AOTSpec(
-        name="sde_finalize",
-        options=LAUNCH_OPTIONS,
-        kernel=_finalize_kernel,
-        signature={"partial_ptr": "*fp32", "partial_kl_ptr": "*fp32", "sigma_ptr": "*fp32", "sigma_next_ptr": "*fp32",
-                   "log_prob_ptr": "*fp32", "kl_ptr": "*fp32", "N": "i32", "n_blocks": "i32", "scale": "fp32",
-                   "sigma_max": "fp32"},
-        constexprs={"SCHEDULE": SCHEDULE_IDS["flow_grpo"], "HAS_KL": True, "REDUCE_BLOCK": REDUCE_BLOCK},
-        num_warps=1,
-    ))
+            kernel=_finalize_kernel,
+            signature={
+                "partial_ptr": "*fp32",
+                "partial_kl_ptr": "*fp32",
+                "sigma_ptr": "*fp32",
+                "sigma_next_ptr": "*fp32",
+                "log_prob_ptr": "*fp32",
+                "kl_ptr": "*fp32",
+                "N": "i32",
+                "n_blocks": "i32",
+                "scale": "fp32",
+                "sigma_max": "fp32",
+            },
+            constexprs={"SCHEDULE": SCHEDULE_IDS["flow_grpo"], "HAS_KL": True, "REDUCE_BLOCK": REDUCE_BLOCK},
+            num_warps=1,
+        )
+    )
     return specs
 
 

@@ -39,7 +39,8 @@ def pytest_configure(config):
     if os.environ["TRITON_INTERPRET"] not in ("", "0") and triton_version < (3, 7) and numpy_version >= (2, 4):
         raise pytest.UsageError(
             f"Triton {triton.__version__}'s interpreter cannot run these kernels with numpy {np.__version__}: "
-            "pip install 'triton>=3.7' or 'numpy<2.4' for the CPU test run")
+            "pip install 'triton>=3.7' or 'numpy<2.4' for the CPU test run"
+        )
 
 
 def pytest_collection_modifyitems(config, items):

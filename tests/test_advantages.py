@@ -5,8 +5,8 @@ import itertools
 import numpy as np
 import pytest
 import torch
-
 from conftest import aot_compile
+
 from euphonium import ops
 
 BACKENDS = ["reference", "torch", "triton"]
@@ -44,7 +44,9 @@ def _layout(kind, batch):
     return {"group_ids": ids.to(torch.int32)}, ids.numpy()
 
 
-OPTIONS = [dict(unbiased=u, global_std=g, clip=c) for u, g, c in itertools.product([True, False], [False, True], [None, 0.9])]
+OPTIONS = [
+    dict(unbiased=u, global_std=g, clip=c) for u, g, c in itertools.product([True, False], [False, True], [None, 0.9])
+]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -71,8 +73,9 @@ def test_eps_and_large_groups(backend, nan_poison):
     rewards = torch.randn(160, 3) + 1000.0
     with ops.use_backend(backend):
         adv = ops.group_advantages(rewards, group_size=80, eps=0.5)
-    np.testing.assert_allclose(adv.numpy(), advantages_np(rewards.numpy(), np.arange(160) // 80, eps=0.5),
-                               rtol=0, atol=3e-4)
+    np.testing.assert_allclose(
+        adv.numpy(), advantages_np(rewards.numpy(), np.arange(160) // 80, eps=0.5), rtol=0, atol=3e-4
+    )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -143,16 +146,19 @@ def test_dual_reward_advantages(backend, nan_poison):
         a_o, a_p = ops.dual_reward_advantages(outcome, process, guided=guided, group_ids=ids, clip=2.0)
     assert list(a_o) == ["adherence", "smooth"]
     for name, r in outcome.items():
-        np.testing.assert_allclose(a_o[name].numpy(), advantages_np(r.numpy(), ids.numpy(), clip=2.0),
-                                   rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(
+            a_o[name].numpy(), advantages_np(r.numpy(), ids.numpy(), clip=2.0), rtol=1e-5, atol=1e-5
+        )
     assert a_p.shape == (batch, steps) and (a_p[:, ~guided] == 0).all()
-    np.testing.assert_allclose(a_p[:, guided].numpy(),
-                               advantages_np(process[:, guided].numpy(), ids.numpy(), clip=2.0), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        a_p[:, guided].numpy(), advantages_np(process[:, guided].numpy(), ids.numpy(), clip=2.0), rtol=1e-5, atol=1e-5
+    )
     with ops.use_backend(backend):
         only_outcome, none = ops.dual_reward_advantages(outcome, group_ids=ids)
     assert none is None
-    np.testing.assert_allclose(only_outcome["smooth"].numpy(), advantages_np(outcome["smooth"].numpy(), ids.numpy()),
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        only_outcome["smooth"].numpy(), advantages_np(outcome["smooth"].numpy(), ids.numpy()), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_bad_input():

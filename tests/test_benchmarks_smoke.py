@@ -33,8 +33,9 @@ def results(tmp_path_factory, one_thread):
     root = tmp_path_factory.mktemp("results")
     payloads = {}
     for module in OPS:
-        payloads[module] = module.main(["--device", "cpu", "--quick", "--compile-backend", "eager", "--out", str(root),
-                                        *one_thread])
+        payloads[module] = module.main(
+            ["--device", "cpu", "--quick", "--compile-backend", "eager", "--out", str(root), *one_thread]
+        )
     return root, payloads
 
 
@@ -83,11 +84,34 @@ def test_readme_table_lists_every_case(results, tmp_path):
 
 
 def test_train_step_breakdown_adds_up(tmp_path, one_thread):
-    rows = train_step.main(["--device", "cpu", "--batch", "4", "--group-size", "2", "--num-steps", "2",
-                            "--guided-steps", "1", "--steps", "1", "--out", str(tmp_path), *one_thread])
+    rows = train_step.main(
+        [
+            "--device",
+            "cpu",
+            "--batch",
+            "4",
+            "--group-size",
+            "2",
+            "--num-steps",
+            "2",
+            "--guided-steps",
+            "1",
+            "--steps",
+            "1",
+            "--out",
+            str(tmp_path),
+            *one_thread,
+        ]
+    )
     assert [r["category"] for r in rows] == list(train_step.CATEGORIES)
     assert sum(r["share"] for r in rows) == pytest.approx(1.0)
-    for category in ("model forward (rollout)", "model forward (train)", "model backward", "euphonium ops", "PRM gradient"):
+    for category in (
+        "model forward (rollout)",
+        "model forward (train)",
+        "model backward",
+        "euphonium ops",
+        "PRM gradient",
+    ):
         assert next(r for r in rows if r["category"] == category)["mean_s"] > 0, category
     files = list(tmp_path.glob("*/train_step_toy.*"))
     assert sorted(f.suffix for f in files) == [".csv", ".json", ".png"]
@@ -103,8 +127,13 @@ def test_saved_for_backward_counts_new_storage_once():
 
 def test_a_provider_that_disagrees_with_eager_is_flagged():
     x = torch.randn(8, 16)
-    case = Case(label="t", dtype="fp32", shape=(8, 16), bytes_moved=x.numel() * 8,
-                run={"eager": lambda: x * 2, "compile": lambda: x * 2, "euphonium": lambda: x * 2 + 1e-2})
+    case = Case(
+        label="t",
+        dtype="fp32",
+        shape=(8, 16),
+        bytes_moved=x.numel() * 8,
+        run={"eager": lambda: x * 2, "compile": lambda: x * 2, "euphonium": lambda: x * 2 + 1e-2},
+    )
     result = run_case(case, torch.device("cpu"), PROVIDERS, TimingOptions(cpu_min_time_s=0, cpu_min_reps=2), 10.0)
     assert result["providers"]["compile"]["check"] == "ok"
     assert result["providers"]["euphonium"]["check"] != "ok"
@@ -117,18 +146,28 @@ def test_convergence_threshold_steps_and_speedups(tmp_path):
 
     def run(name, seed, curve):
         evals = [0.4, 0.5, 0.6 + seed, 0.7, 0.8]  # steps 0, 5, 10, 15, 20
-        return {"name": name, "seed": seed, "rewards": curve, "seconds": [1.0] * len(curve),
-                "sampler": {}, "config": {"seed": seed}, "evals": evals}
+        return {
+            "name": name,
+            "seed": seed,
+            "rewards": curve,
+            "seconds": [1.0] * len(curve),
+            "sampler": {},
+            "config": {"seed": seed},
+            "evals": evals,
+        }
 
     ramp = lambda top: [0.5 + (top - 0.5) * i / 19 for i in range(20)]  # noqa: E731
     runs = [run("dance_grpo", s, ramp(0.6 + 0.01 * s)) for s in range(3)]
     runs += [run("euphonium", s, ramp(0.8)) for s in range(3)]
     runs += [run("flow_grpo", s, [0.5] * 20) for s in range(3)]
-    payload = convergence.summarise(runs, ["euphonium", "flow_grpo", "dance_grpo"], "methods", steps=20, window=4,
-                                    eval_every=5)
+    payload = convergence.summarise(
+        runs, ["euphonium", "flow_grpo", "dance_grpo"], "methods", steps=20, window=4, eval_every=5
+    )
     assert payload["eval_steps"] == [0, 5, 10, 15, 20]
     assert payload["methods"]["euphonium"]["eval_initial"] == [0.4] * 3
-    assert payload["methods"]["euphonium"]["eval_second_half"] == pytest.approx([(0.6 + s + 0.7 + 0.8) / 3 for s in range(3)])
+    assert payload["methods"]["euphonium"]["eval_second_half"] == pytest.approx(
+        [(0.6 + s + 0.7 + 0.8) / 3 for s in range(3)]
+    )
     # Threshold: the median DanceGRPO seed's mean over its last 4 steps.
     assert payload["threshold"] == pytest.approx(sum(ramp(0.61)[-4:]) / 4)
     dance = payload["methods"]["dance_grpo"]["steps_to_threshold"]
@@ -148,10 +187,23 @@ def test_convergence_threshold_steps_and_speedups(tmp_path):
 def test_convergence_runs_the_trainer_with_an_oracle_prm(one_thread):
     from benchmarks import convergence
 
-    out = convergence.train_one({"name": "oracle", "seed": 3, "overrides": ["sampler.guidance_lambda=1000",
-                                 "prompts_per_step=2", "group_size=2", "sampler.num_steps=4",
-                                 "sampler.guidance_start=2"],
-                                 "oracle": True, "steps": 1, "threads": 1, "eval_every": 1})
+    out = convergence.train_one(
+        {
+            "name": "oracle",
+            "seed": 3,
+            "overrides": [
+                "sampler.guidance_lambda=1000",
+                "prompts_per_step=2",
+                "group_size=2",
+                "sampler.num_steps=4",
+                "sampler.guidance_start=2",
+            ],
+            "oracle": True,
+            "steps": 1,
+            "threads": 1,
+            "eval_every": 1,
+        }
+    )
     assert len(out["rewards"]) == 1 and 0 < out["rewards"][0] < 1
     assert len(out["evals"]) == 2 and all(0 < e < 1 for e in out["evals"])
     assert out["sampler"]["guidance_lambda"] == 1000 and out["config"]["seed"] == 3

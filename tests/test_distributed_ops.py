@@ -22,7 +22,8 @@ def _worker(rank, init_file, out_dir, rewards, process, ids):
         results = {
             "ids": ops.gather_group_advantages(rewards[rows], group_ids=ids[rows]),
             "ids_2d_global_clip": ops.gather_group_advantages(
-                process[rows], group_ids=ids[rows].to(torch.int32), global_std=True, clip=1.0, unbiased=False),
+                process[rows], group_ids=ids[rows].to(torch.int32), global_std=True, clip=1.0, unbiased=False
+            ),
             "contiguous": ops.gather_group_advantages(rewards[rows].bfloat16(), group_size=5),
         }
         bad = rewards[rows].clone()
@@ -59,13 +60,18 @@ def test_groups_spanning_ranks_match_single_process():
         assert gathered.shape == full.shape and gathered.dtype == full.dtype
         torch.testing.assert_close(gathered, full, rtol=0, atol=0, msg=name)
     for r in results:
-        assert r["error"] == ("rewards has non-finite values (first at sample 4 of rank 1, sample 11 of the "
-                              "gathered batch)")
+        assert r["error"] == (
+            "rewards has non-finite values (first at sample 4 of rank 1, sample 11 of the gathered batch)"
+        )
 
 
 def test_without_distributed_is_group_advantages():
     assert not dist.is_initialized()
     rewards = torch.randn(12, 2)
     ids = torch.randint(0, 3, (12,))
-    torch.testing.assert_close(ops.gather_group_advantages(rewards, group_ids=ids, clip=2.0),
-                               ops.group_advantages(rewards, group_ids=ids, clip=2.0), rtol=0, atol=0)
+    torch.testing.assert_close(
+        ops.gather_group_advantages(rewards, group_ids=ids, clip=2.0),
+        ops.group_advantages(rewards, group_ids=ids, clip=2.0),
+        rtol=0,
+        atol=0,
+    )

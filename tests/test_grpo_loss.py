@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 import torch
-
 from conftest import aot_compile
+
 from euphonium import ops
 
 BACKENDS = ["reference", "torch", "triton"]
@@ -58,15 +58,17 @@ CASES = [
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c['shape']}-row{c['adv_per_row']}-kl{c['with_kl']}")
 def test_matches_numpy(backend, case, nan_poison):
-    log_prob, old, adv, kl = _inputs(case["shape"], case["clip_range"], adv_per_row=case["adv_per_row"],
-                                     with_kl=case["with_kl"])
+    log_prob, old, adv, kl = _inputs(
+        case["shape"], case["clip_range"], adv_per_row=case["adv_per_row"], with_kl=case["with_kl"]
+    )
     opts = dict(clip_range=case["clip_range"], adv_clip=case["adv_clip"], kl_coef=case.get("kl_coef", 0.0))
     with ops.use_backend(backend):
         loss, stats = ops.grpo_loss(log_prob, old, adv, kl=kl, **opts)
     grad_out = torch.rand(()) + 0.5
     (loss * grad_out).backward()
     loss_np, stats_np, dlogp_np, dkl_np = grpo_np(
-        log_prob.detach().numpy(), old.numpy(), adv.numpy(), kl=None if kl is None else kl.detach().numpy(), **opts)
+        log_prob.detach().numpy(), old.numpy(), adv.numpy(), kl=None if kl is None else kl.detach().numpy(), **opts
+    )
     assert loss.dtype == torch.float32 and loss.shape == ()
     np.testing.assert_allclose(loss.item(), loss_np, rtol=1e-5, atol=1e-6)
     assert set(stats) == set(stats_np) and all(isinstance(v, float) for v in stats.values())
@@ -170,8 +172,19 @@ def test_dual_reward_loss(backend, combine, nan_poison):
     weights = {"adherence": 1.0, "smooth": 0.3}
     opts = dict(clip_range=0.05, adv_clip=2.0)
     with ops.use_backend(backend):
-        loss, stats = ops.dual_reward_loss(log_prob, old, outcome, process, outcome_weights=weights, process_weight=0.7,
-                                           guided=guided, combine=combine, kl=kl, kl_coef=0.2, **opts)
+        loss, stats = ops.dual_reward_loss(
+            log_prob,
+            old,
+            outcome,
+            process,
+            outcome_weights=weights,
+            process_weight=0.7,
+            guided=guided,
+            combine=combine,
+            kl=kl,
+            kl_coef=0.2,
+            **opts,
+        )
     loss.backward()
     lp, kk = log_prob.detach().numpy(), kl.detach().numpy()
     masked = np.where(guided.numpy()[None], process.numpy(), 0.0)
@@ -180,7 +193,7 @@ def test_dual_reward_loss(backend, combine, nan_poison):
         parts = [grpo_np(lp, old.numpy(), a, **opts) for a, _ in terms]
         policy = sum(w * p[0] for (_, w), p in zip(terms, parts))
         dlogp = sum(w * p[2] for (_, w), p in zip(terms, parts))
-        for (a, _), name, p in zip(terms, ["adherence", "smooth", "process"], parts):
+        for (_a, _), name, p in zip(terms, ["adherence", "smooth", "process"], parts):
             np.testing.assert_allclose(stats[f"policy_loss/{name}"], p[0], rtol=1e-4, atol=1e-6)
     else:
         total = sum(w * (a[:, None] if a.ndim == 1 else a) for a, w in terms)
@@ -274,7 +287,9 @@ def test_no_sync_before_the_stats_are_read():
 
 @pytest.mark.aot
 def test_aot_compile():
-    rows = aot_compile(["grpo_loss_fwd_per_row_adv", "grpo_loss_fwd_kl", "grpo_loss_bwd_per_row_adv", "grpo_loss_bwd_kl"])
+    rows = aot_compile(
+        ["grpo_loss_fwd_per_row_adv", "grpo_loss_fwd_kl", "grpo_loss_bwd_per_row_adv", "grpo_loss_bwd_kl"]
+    )
     assert len(rows) == 8
     for row in rows:
         assert row["spill_bytes"] == 0, row

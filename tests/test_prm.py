@@ -24,6 +24,7 @@ from euphonium.rewards.prm import (
     spearman,
 )
 
+
 @pytest.fixture(autouse=True)
 def _one_thread():
     # These models are tiny: one thread avoids OpenMP synchronisation, which costs 10x on a busy 2-core CI box.
@@ -50,14 +51,19 @@ def synthetic(n, seed):
     corner = torch.randint(0, 5, (n, 2), generator=g)
     for i in range(n):
         y, x = corner[i].tolist()
-        x0[i, :, :, y:y + 4, x:x + 4] = colours[i].view(3, 1, 1, 1)
+        x0[i, :, :, y : y + 4, x : x + 4] = colours[i].view(3, 1, 1, 1)
     x0 += 0.05 * torch.randn(n, *SHAPE, generator=g)
     fixed = torch.Generator().manual_seed(1234)
     table, w = torch.randn(4, TINY["text_dim"], generator=fixed), torch.randn(4, 3, generator=fixed)
     k = torch.randint(4, (n,), generator=g)
     rewards = (w[k] * colours).sum(dim=1)
-    return PRMDataset(x0=x0, prompt_embeds=table[k], rewards=rewards, prompts=[f"prompt {int(i)}" for i in k],
-                      parts={"red": colours[:, 0], "green": colours[:, 1]})
+    return PRMDataset(
+        x0=x0,
+        prompt_embeds=table[k],
+        rewards=rewards,
+        prompts=[f"prompt {int(i)}" for i in k],
+        parts={"red": colours[:, 0], "green": colours[:, 1]},
+    )
 
 
 # --- the model -------------------------------------------------------------------------------------
@@ -86,7 +92,7 @@ def test_samples_are_independent():
     model = tiny_model()
     x, s, e = torch.randn(4, *SHAPE), torch.rand(4), torch.randn(4, TINY["text_dim"])
     full = model(x, s, e)
-    single = torch.cat([model(x[i:i + 1], s[i:i + 1], e[i:i + 1]) for i in range(4)])
+    single = torch.cat([model(x[i : i + 1], s[i : i + 1], e[i : i + 1]) for i in range(4)])
     torch.testing.assert_close(full, single, rtol=1e-5, atol=1e-6)
 
 
@@ -197,7 +203,9 @@ def test_noise_latents_and_spearman():
     from scipy.stats import spearmanr
 
     x0, eps, s = torch.randn(4, *SHAPE), torch.randn(4, *SHAPE), torch.rand(4)
-    torch.testing.assert_close(noise_latents(x0, s, eps), (1 - s.view(-1, 1, 1, 1, 1)) * x0 + s.view(-1, 1, 1, 1, 1) * eps)
+    torch.testing.assert_close(
+        noise_latents(x0, s, eps), (1 - s.view(-1, 1, 1, 1, 1)) * x0 + s.view(-1, 1, 1, 1, 1) * eps
+    )
     a = torch.randn(50)
     b = a + torch.randn(50)
     b[:10] = b[0]  # ties
@@ -236,8 +244,16 @@ def test_collect_rollouts_labels_samples():
 @pytest.mark.parametrize("loss", ["mse", "bradley_terry"])
 def test_training_lowers_held_out_loss(loss):
     train, held = synthetic(384, 0), synthetic(96, 1)
-    config = PRMTrainConfig(steps=250, batch_size=32, lr=3e-3, warmup_steps=10, loss=loss, eval_every=250,
-                            eval_sigmas=(0.0, 0.3), seed=int(torch.randint(0, 1000, ())))
+    config = PRMTrainConfig(
+        steps=250,
+        batch_size=32,
+        lr=3e-3,
+        warmup_steps=10,
+        loss=loss,
+        eval_every=250,
+        eval_sigmas=(0.0, 0.3),
+        seed=int(torch.randint(0, 1000, ())),
+    )
     trainer = PRMTrainer(tiny_model(), config)
     trainer._fit_reward_stats(train)
 
@@ -262,8 +278,12 @@ def test_aux_rewards_are_predicted_and_saved(tmp_path):
     train, held = synthetic(384, 0), synthetic(96, 1)
     model = tiny_model(aux_rewards=("red", "green"))
     # 250 steps left the second head anywhere in 0.4-0.9 depending on the initialisation; 500 give >= 0.9.
-    trainer = PRMTrainer(model, PRMTrainConfig(steps=500, batch_size=32, lr=3e-3, warmup_steps=10, eval_every=500,
-                                               eval_sigmas=(0.0,), aux_weight=0.5))
+    trainer = PRMTrainer(
+        model,
+        PRMTrainConfig(
+            steps=500, batch_size=32, lr=3e-3, warmup_steps=10, eval_every=500, eval_sigmas=(0.0,), aux_weight=0.5
+        ),
+    )
     trainer.fit(train, held, progress=False)
     torch.testing.assert_close(model.aux_mean, torch.stack([train.parts["red"].mean(), train.parts["green"].mean()]))
     with torch.no_grad():
@@ -344,9 +364,29 @@ def test_train_config_validation():
 def test_cli_train_on_saved_data(tmp_path):
     synthetic(40, 0).save(tmp_path / "data.safetensors")
     out = tmp_path / "prm"
-    main(["train", "--data", str(tmp_path / "data.safetensors"), "--output-dir", str(out), "--steps", "4",
-          "--batch-size", "8", "--eval-every", "2", "--checkpoint-every", "0", "--channels", "8,16",
-          "--blocks", "1,1", "--held-out-fraction", "0.2"])
+    main(
+        [
+            "train",
+            "--data",
+            str(tmp_path / "data.safetensors"),
+            "--output-dir",
+            str(out),
+            "--steps",
+            "4",
+            "--batch-size",
+            "8",
+            "--eval-every",
+            "2",
+            "--checkpoint-every",
+            "0",
+            "--channels",
+            "8,16",
+            "--blocks",
+            "1,1",
+            "--held-out-fraction",
+            "0.2",
+        ]
+    )
     summary = json.loads((out / "training.json").read_text())
     assert summary["train_samples"] == 32 and summary["held_out_samples"] == 8
     assert summary["command"].startswith("python -m euphonium.rewards.prm train --data")
@@ -366,8 +406,9 @@ def test_relabel_prompts_scores_clips_against_new_prompts():
     def reward(videos, prompts):
         return videos[:, 0, 0].mean(dim=(1, 2)) + torch.tensor([float(p[1:]) for p in prompts])
 
-    out = relabel_prompts(data, new_prompts, encode, lambda x: ((x + 1) / 2).clamp(0, 1).permute(0, 2, 1, 3, 4),
-                          reward, batch_size=4)
+    out = relabel_prompts(
+        data, new_prompts, encode, lambda x: ((x + 1) / 2).clamp(0, 1).permute(0, 2, 1, 3, 4), reward, batch_size=4
+    )
     assert torch.equal(out.x0, data.x0) and out.prompts == new_prompts
     torch.testing.assert_close(out.prompt_embeds, torch.stack([table[p] for p in new_prompts]))
     expected = ((data.x0[:, 0, 0] + 1) / 2).clamp(0, 1).mean(dim=(1, 2)) + torch.arange(10.0)
@@ -382,9 +423,24 @@ def test_guided_step_effect_on_a_tiny_toy_model():
     transformer, text_encoder = build_toy_model(seed=int(torch.randint(0, 1000, ())))
     prm = LatentRewardModel(**{**TINY, "text_dim": text_encoder.config.dim}).eval()
     prompts = sample_prompts(6, int(torch.randint(0, 1000, ())))
-    rows = guided_step_effect(prm, transformer.eval(), text_encoder.eval(), prompts, lambdas=(1.0, 100.0),
-                              steps=[14, 15], batch_size=4, progress=False)
-    assert [(r["step"], r["lambda"]) for r in rows] == [(14, 1.0), (14, 100.0), (15, 1.0), (15, 100.0), (-1, 1.0), (-1, 100.0)]
+    rows = guided_step_effect(
+        prm,
+        transformer.eval(),
+        text_encoder.eval(),
+        prompts,
+        lambdas=(1.0, 100.0),
+        steps=[14, 15],
+        batch_size=4,
+        progress=False,
+    )
+    assert [(r["step"], r["lambda"]) for r in rows] == [
+        (14, 1.0),
+        (14, 100.0),
+        (15, 1.0),
+        (15, 100.0),
+        (-1, 1.0),
+        (-1, 100.0),
+    ]
     for r in rows:
         assert r["n"] == (6 if r["step"] >= 0 else 12)
         assert 0 <= r["worse"] <= 1 and 0 <= r["improved"] <= 1 - r["worse"] + 1e-12

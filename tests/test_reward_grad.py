@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 import torch
+from conftest import aot_compile
 from torch import nn
 
-from conftest import aot_compile
 from euphonium import ops
 
 BACKENDS = ["reference", "torch", "triton"]
@@ -186,7 +186,7 @@ def test_gradients_autograd_did_not_make_are_not_written_over(backend):
     with ops.use_backend(backend):
         # d/dx sum(x) is autograd's expanded view of one scalar: normalised into a new tensor.
         reward, grad = ops.reward_grad(lambda x: x.flatten(1).sum(1), x, normalize=True)
-        torch.testing.assert_close(grad, torch.full_like(x, 20 ** -0.5))
+        torch.testing.assert_close(grad, torch.full_like(x, 20**-0.5))
         torch.testing.assert_close(reward, x.flatten(1).sum(1))
         # A contiguous view of the PRM's own tensor: a view is never written.
         _KeptGradient.kept = buffer.view(3, 20).view(3, 4, 5)
@@ -276,8 +276,12 @@ def test_bad_arguments():
 
 @pytest.mark.aot
 def test_aot_compile():
-    names = ["reward_grad_sum_sq_fp32", "reward_grad_sum_sq_bf16", "reward_grad_normalize_fp32",
-             "reward_grad_normalize_clip_bf16"]
+    names = [
+        "reward_grad_sum_sq_fp32",
+        "reward_grad_sum_sq_bf16",
+        "reward_grad_normalize_fp32",
+        "reward_grad_normalize_clip_bf16",
+    ]
     rows = aot_compile(names)
     assert len(rows) == 8
     for row in rows:

@@ -51,13 +51,16 @@ def test_check_videos_rejects_bad_input():
         check_videos(torch.zeros(3, 2, 3, 4, 4, dtype=torch.uint8), prompts())
 
 
-@pytest.mark.parametrize("bad,pattern", [
-    (torch.ones(3, 2), r"reward 'mine' must return shape \[3\]"),
-    (torch.ones(4), r"reward 'mine' must return shape \[3\]"),
-    (torch.tensor([0.5, float("nan"), 1.0]), r"reward 'mine' returned nan for sample 1 \(prompt 'prompt 1'\)"),
-    (torch.tensor([0.5, 1.0, float("inf")]), r"reward 'mine' returned inf for sample 2 \(prompt 'prompt 2'\)"),
-    (torch.tensor([-float("inf"), 1.0, 0.0]), r"reward 'mine' returned -inf for sample 0"),
-])
+@pytest.mark.parametrize(
+    "bad,pattern",
+    [
+        (torch.ones(3, 2), r"reward 'mine' must return shape \[3\]"),
+        (torch.ones(4), r"reward 'mine' must return shape \[3\]"),
+        (torch.tensor([0.5, float("nan"), 1.0]), r"reward 'mine' returned nan for sample 1 \(prompt 'prompt 1'\)"),
+        (torch.tensor([0.5, 1.0, float("inf")]), r"reward 'mine' returned inf for sample 2 \(prompt 'prompt 2'\)"),
+        (torch.tensor([-float("inf"), 1.0, 0.0]), r"reward 'mine' returned -inf for sample 0"),
+    ],
+)
 def test_callable_reward_names_reward_and_sample(bad, pattern):
     reward = CallableReward(lambda v, p: bad, name="mine")
     with pytest.raises(ValueError, match=pattern):
@@ -100,8 +103,10 @@ def test_reward_set_returns_total_and_parts():
     brightness = lambda v, p: v.mean(dim=(1, 2, 3, 4))  # noqa: E731
     red = lambda v, p: v[:, :, 0].mean(dim=(1, 2, 3))  # noqa: E731
     multi = lambda v, p: {"a": v.amax(dim=(1, 2, 3, 4)), "b": v.amin(dim=(1, 2, 3, 4))}  # noqa: E731
-    rs = RewardSet({"brightness": brightness, "red": red, "multi": multi},
-                   weights={"brightness": 2.0, "red": -0.5, "a": 0.0, "b": 1.5})
+    rs = RewardSet(
+        {"brightness": brightness, "red": red, "multi": multi},
+        weights={"brightness": 2.0, "red": -0.5, "a": 0.0, "b": 1.5},
+    )
     out = rs(v, prompts())
     assert isinstance(out, RewardOutput)
     assert set(out.parts) == {"brightness", "red", "a", "b"}
@@ -165,7 +170,9 @@ def test_jpeg_orders_smooth_and_noisy_frames():
 def test_jpeg_is_ddpo_per_frame_averaged():
     v = torch.rand(2, 3, 3, 24, 20)
     v[0, 1] = 0.5  # a flat frame among noisy ones
-    expected = torch.tensor([np.mean([_ddpo_jpeg_kb(v[b, f]) for f in range(3)]) for b in range(2)], dtype=torch.float32)
+    expected = torch.tensor(
+        [np.mean([_ddpo_jpeg_kb(v[b, f]) for f in range(3)]) for b in range(2)], dtype=torch.float32
+    )
     torch.testing.assert_close(jpeg_size_kb(v), expected)
     grey = jpeg_size_kb(v[:, :, :1])
     assert grey.shape == (2,) and bool((grey > 0).all())
@@ -195,14 +202,34 @@ def tiny_clip(tmp_path_factory):
         single="<|startoftext|> $A <|endoftext|>",
         special_tokens=[("<|startoftext|>", vocab["<|startoftext|>"]), ("<|endoftext|>", vocab["<|endoftext|>"])],
     )
-    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|startoftext|>", eos_token="<|endoftext|>",
-                            pad_token="<pad>", unk_token="<unk>", model_max_length=16).save_pretrained(path)
+    PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|startoftext|>",
+        eos_token="<|endoftext|>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        model_max_length=16,
+    ).save_pretrained(path)
     config = CLIPConfig(
-        text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-                         num_attention_heads=2, max_position_embeddings=16, pad_token_id=vocab["<pad>"],
-                         bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"]),
-        vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-                           num_attention_heads=2),
+        text_config=dict(
+            vocab_size=len(vocab),
+            hidden_size=32,
+            intermediate_size=37,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=16,
+            pad_token_id=vocab["<pad>"],
+            bos_token_id=vocab["<|startoftext|>"],
+            eos_token_id=vocab["<|endoftext|>"],
+        ),
+        vision_config=dict(
+            image_size=32,
+            patch_size=8,
+            hidden_size=32,
+            intermediate_size=37,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+        ),
         projection_dim=16,
     )
     torch.manual_seed(0)
@@ -289,8 +316,9 @@ def test_toy_oracle_prm_is_the_exact_reward_of_the_one_step_estimate():
     x = (1 - s) * video_to_latents(render(prompts, seed)) + s * torch.randn(5, 3, 8, 16, 16)
     embeds = text_encoder.encode(prompts).detach()
     with torch.no_grad():
-        expected = toy_rewards(latents_to_video(x - s * predict_velocity(transformer, x, sigma, embeds)),
-                               prompts, weights)["combined"]
+        expected = toy_rewards(
+            latents_to_video(x - s * predict_velocity(transformer, x, sigma, embeds)), prompts, weights
+        )["combined"]
         r, g = ops.reward_grad(prm, x, sigma, embeds)
     torch.testing.assert_close(r, expected)
     assert not any(p.requires_grad for p in prm.parameters())

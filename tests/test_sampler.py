@@ -26,8 +26,16 @@ from euphonium.sde import (
 )
 
 TINY_WAN = dict(
-    patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
-    text_dim=32, freq_dim=16, ffn_dim=32, num_layers=2, rope_max_seq_len=32,
+    patch_size=(1, 2, 2),
+    num_attention_heads=2,
+    attention_head_dim=8,
+    in_channels=4,
+    out_channels=4,
+    text_dim=32,
+    freq_dim=16,
+    ffn_dim=32,
+    num_layers=2,
+    rope_max_seq_len=32,
 )
 SHAPE = (4, 4, 2, 4, 4)  # [B, C, F, H, W]
 TEXT_LEN = 5
@@ -105,7 +113,9 @@ def test_guidance_coefficients():
     kl = guidance_coefficient(sigma, sigma_next, form="kl", beta=2.0, schedule="flow_grpo", noise_level=0.7)
     assert kl == pytest.approx(s * s / 4.0 * 0.15)
     s1 = 0.7 * math.sqrt(1.0 / (1 - 0.9))  # flow_grpo at sigma = 1 uses sigma_max in the denominator
-    assert guidance_coefficient(1.0, 0.9, form="kl", beta=1.0, schedule="flow_grpo", noise_level=0.7, sigma_max=0.9) == pytest.approx(s1 * s1 / 2 * 0.1)
+    assert guidance_coefficient(
+        1.0, 0.9, form="kl", beta=1.0, schedule="flow_grpo", noise_level=0.7, sigma_max=0.9
+    ) == pytest.approx(s1 * s1 / 2 * 0.1)
     with pytest.raises(ValueError, match="beta"):
         guidance_coefficient(sigma, sigma_next, form="kl")
 
@@ -116,7 +126,10 @@ def test_guidance_coefficients():
 
 
 def flow_grpo_loop(model, embeds, num_steps, shift, a, seed):
-    """Flow-GRPO's SDE sampler: x_{t+dt} = x + [v + s^2/(2t) (x + (1-t) v)] dt + s sqrt(-dt) eps, s = a sqrt(t/(1-t))."""
+    """Flow-GRPO's SDE sampler: x_{t+dt} = x + [v + s^2/(2t) (x + (1-t) v)] dt + s sqrt(-dt) eps.
+
+    With s = a sqrt(t/(1-t)).
+    """
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(SHAPE, generator=gen)
     sigmas = shifted_sigmas(num_steps, shift)
@@ -178,13 +191,20 @@ def test_rollout_equals_published_loop(wan, cond, method):
 def test_ode_schedule_equals_flow_match_euler_scheduler(wan, cond):
     num_steps, shift = 10, 3.0
     noise = torch.randn(SHAPE)
-    traj = rollout(DiffusersFlowModel(wan), cond, SamplerConfig(num_steps=num_steps, shift=shift, schedule="ode"), noise=noise)
+    traj = rollout(
+        DiffusersFlowModel(wan), cond, SamplerConfig(num_steps=num_steps, shift=shift, schedule="ode"), noise=noise
+    )
     scheduler = FlowMatchEulerDiscreteScheduler(shift=shift)
     scheduler.set_timesteps(sigmas=np.linspace(1.0, 0.0, num_steps + 1)[:-1])
     x = noise.clone()
     with torch.no_grad():
         for t in scheduler.timesteps:
-            v = wan(hidden_states=x, timestep=t.expand(SHAPE[0]), encoder_hidden_states=cond.prompt_embeds, return_dict=False)[0]
+            v = wan(
+                hidden_states=x,
+                timestep=t.expand(SHAPE[0]),
+                encoder_hidden_states=cond.prompt_embeds,
+                return_dict=False,
+            )[0]
             x = scheduler.step(v, t, x, return_dict=False)[0]
     assert torch.equal(traj.final_latent, x)
     assert torch.equal(traj.x0, x)  # the last ODE step lands on its own x0 prediction (sigma_N = 0)
@@ -201,8 +221,15 @@ def test_guidance_raises_prm_reward_and_records_it(wan, cond, form):
     target = torch.randn(SHAPE) * 0.5
     prm = QuadraticPRM(target)
     seed = int(torch.randint(0, 2**31, ()))
-    config = preset("euphonium", num_steps=8, guidance_start=4, guidance_form=form, guidance_lambda=2.0, guidance_beta=0.02,
-                    step_noise="generator")
+    config = preset(
+        "euphonium",
+        num_steps=8,
+        guidance_start=4,
+        guidance_form=form,
+        guidance_lambda=2.0,
+        guidance_beta=0.02,
+        step_noise="generator",
+    )
     model = Recorder(DiffusersFlowModel(wan))
     guided = rollout(model, cond, config, shape=SHAPE, prm=prm, group_size=2, seed=seed)
     plain = rollout(DiffusersFlowModel(wan), cond, config.replace(guidance=False), shape=SHAPE, group_size=2, seed=seed)
@@ -247,7 +274,9 @@ def test_guidance_gradient_options(wan, cond):
 
 
 @pytest.mark.parametrize("backend", ["auto", "reference", "torch", "triton"])
-@pytest.mark.parametrize("schedule,dtype", [("flow_grpo", torch.float32), ("dance_grpo", torch.bfloat16), ("cps", torch.float32)])
+@pytest.mark.parametrize(
+    "schedule,dtype", [("flow_grpo", torch.float32), ("dance_grpo", torch.bfloat16), ("cps", torch.float32)]
+)
 def test_recorded_log_probs_equal_sde_log_prob_bit_for_bit(wan, cond, schedule, dtype, backend, device):
     """Rollout-time log-probs recomputed from the stored trajectory: same bits (the first ratio is 1).
 
@@ -259,8 +288,15 @@ def test_recorded_log_probs_equal_sde_log_prob_bit_for_bit(wan, cond, schedule, 
     cond = cond if device == "cpu" else Conditioning(cond.prompt_embeds.to(device))
     target = torch.randn(SHAPE, device=device)
     window = (1, 6) if schedule == "cps" else None
-    config = SamplerConfig(num_steps=7, shift=3.0, schedule=schedule, noise_level=0.7 if schedule != "dance_grpo" else 0.3,
-                           sde_window=window, guidance=schedule != "cps", guidance_start=4)
+    config = SamplerConfig(
+        num_steps=7,
+        shift=3.0,
+        schedule=schedule,
+        noise_level=0.7 if schedule != "dance_grpo" else 0.3,
+        sde_window=window,
+        guidance=schedule != "cps",
+        guidance_start=4,
+    )
     prm = QuadraticPRM(target) if config.guidance else None
     with ops.use_backend(backend):
         traj = rollout(model, cond, config, shape=SHAPE, prm=prm, seed=11, dtype=dtype, device=device)
@@ -291,7 +327,9 @@ def test_guided_mean_log_prob(wan, cond):
     assert bool((unguided_mean.log_prob[:, 3] < guided_mean.log_prob[:, 3]).all())
     for j in range(6):
         v = model.calls[j][2]
-        torch.testing.assert_close(guided_mean.recompute_log_prob(j, v), guided_mean.log_prob[:, j], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            guided_mean.recompute_log_prob(j, v), guided_mean.log_prob[:, j], rtol=1e-5, atol=1e-5
+        )
 
 
 def test_fixed_window_records_exactly_its_steps(wan, cond):
@@ -365,7 +403,9 @@ def test_shared_initial_noise_per_group(wan, cond):
 
 def test_trajectory_select(wan, cond):
     config = preset("euphonium", num_steps=4, guidance_start=2)
-    traj = rollout(DiffusersFlowModel(wan), cond, config, shape=SHAPE, prm=QuadraticPRM(torch.randn(SHAPE)), group_size=2, seed=1)
+    traj = rollout(
+        DiffusersFlowModel(wan), cond, config, shape=SHAPE, prm=QuadraticPRM(torch.randn(SHAPE)), group_size=2, seed=1
+    )
     sub = traj.select([3, 0])
     assert isinstance(sub, Trajectory)
     assert torch.equal(sub.latents, traj.latents[[3, 0]]) and torch.equal(sub.log_prob, traj.log_prob[[3, 0]])
@@ -376,13 +416,19 @@ def test_trajectory_select(wan, cond):
 
 
 def test_toy_model_with_latent_prm():
-    from euphonium.models.toy.model import build_toy_model
     from euphonium.models.toy import world
+    from euphonium.models.toy.model import build_toy_model
     from euphonium.rewards.prm import LatentRewardModel
 
     transformer, text_encoder = build_toy_model(seed=int(torch.randint(0, 2**31, ())))
-    prm = LatentRewardModel(in_channels=world.CHANNELS, text_dim=text_encoder.config.dim, channels=(8, 16), blocks=(1, 1),
-                            cond_dim=16, sigma_freq_dim=16).eval()
+    prm = LatentRewardModel(
+        in_channels=world.CHANNELS,
+        text_dim=text_encoder.config.dim,
+        channels=(8, 16),
+        blocks=(1, 1),
+        cond_dim=16,
+        sigma_freq_dim=16,
+    ).eval()
     prompts = world.sample_prompts(4)
     with torch.no_grad():
         embeds = text_encoder.encode(prompts)
@@ -410,7 +456,9 @@ def test_cfg_is_one_batched_forward_equal_to_two(wan, cond):
             assert len(calls) == 1
             t = sigma * 1000
             v_c = wan(hidden_states=x, timestep=t, encoder_hidden_states=cond.prompt_embeds, return_dict=False)[0]
-            v_u = wan(hidden_states=x, timestep=t, encoder_hidden_states=cond.negative_prompt_embeds, return_dict=False)[0]
+            v_u = wan(
+                hidden_states=x, timestep=t, encoder_hidden_states=cond.negative_prompt_embeds, return_dict=False
+            )[0]
             plain = DiffusersFlowModel(wan)(x, sigma, cond)
     finally:
         hook.remove()
@@ -425,7 +473,9 @@ def test_adapter_from_pretrained(wan, cond, tmp_path):
     x, sigma = torch.randn(SHAPE), torch.rand(SHAPE[0])
     with torch.no_grad():
         assert torch.equal(loaded(x, sigma, cond), DiffusersFlowModel(wan, cfg_scale=2.0)(x, sigma, cond))
-    half = DiffusersFlowModel.from_pretrained(str(tmp_path), torch_dtype=torch.bfloat16)  # Wan keeps some modules in fp32
+    half = DiffusersFlowModel.from_pretrained(
+        str(tmp_path), torch_dtype=torch.bfloat16
+    )  # Wan keeps some modules in fp32
     assert half.dtype == torch.bfloat16
     with torch.no_grad():
         v = half(x, sigma, cond)
@@ -444,7 +494,9 @@ def test_adapter_dtype_and_backend(wan, cond):
     with pytest.raises(ValueError, match="cfg_scale"):
         DiffusersFlowModel(wan, cfg_scale=0.5)
     with pytest.raises(ValueError, match="negative_prompt_embeds"):
-        DiffusersFlowModel(wan, cfg_scale=2.0)(torch.randn(SHAPE), torch.rand(SHAPE[0]), Conditioning(cond.prompt_embeds))
+        DiffusersFlowModel(wan, cfg_scale=2.0)(
+            torch.randn(SHAPE), torch.rand(SHAPE[0]), Conditioning(cond.prompt_embeds)
+        )
     with pytest.raises(ValueError, match="negative_prompt_embeds"):
         Conditioning(cond.prompt_embeds, negative_prompt_embeds=torch.randn(SHAPE[0], TEXT_LEN + 1, 32))
 
@@ -517,14 +569,32 @@ def test_presets_are_the_published_defaults():
     fast = preset("flow_grpo_fast")
     assert (fast.schedule, fast.noise_level, fast.sde_window_size, fast.sde_window_range) == ("cps", 0.8, 3, (0, 5))
     dance = preset("dance_grpo")
-    assert (dance.schedule, dance.noise_level, dance.num_steps, dance.shift, dance.same_initial_noise) == ("dance_grpo", 0.3, 16, 3.0, True)
+    assert (dance.schedule, dance.noise_level, dance.num_steps, dance.shift, dance.same_initial_noise) == (
+        "dance_grpo",
+        0.3,
+        16,
+        3.0,
+        True,
+    )
     eu = preset("euphonium")
     assert (eu.schedule, eu.guidance, eu.guidance_steps(), eu.guidance_lambda, eu.logprob_mean) == (
-        "dance_grpo", True, [12, 13, 14, 15], 0.01, "unguided")
+        "dance_grpo",
+        True,
+        [12, 13, 14, 15],
+        0.01,
+        "unguided",
+    )
     eu_fast = preset("euphonium_fast")
-    assert (eu_fast.schedule, eu_fast.noise_level, eu_fast.num_steps, eu_fast.sde_window_size, eu_fast.sde_window_range,
-            eu_fast.same_initial_noise, eu_fast.guidance_steps(), eu_fast.guidance_lambda) == (
-        "cps", 0.8, 10, 3, (0, 5), True, list(range(10)), 0.01)
+    assert (
+        eu_fast.schedule,
+        eu_fast.noise_level,
+        eu_fast.num_steps,
+        eu_fast.sde_window_size,
+        eu_fast.sde_window_range,
+        eu_fast.same_initial_noise,
+        eu_fast.guidance_steps(),
+        eu_fast.guidance_lambda,
+    ) == ("cps", 0.8, 10, 3, (0, 5), True, list(range(10)), 0.01)
     assert preset("euphonium_fast", num_steps=16).sde_window_range == (0, 8)
 
 
@@ -535,8 +605,15 @@ def test_euphonium_fast_guides_exactly_the_window(wan):
     cond = Conditioning(torch.randn(SHAPE[0] // 2, TEXT_LEN, 32).repeat_interleave(2, dim=0))
     starts = set()
     for seed in range(6):
-        traj = rollout(DiffusersFlowModel(wan), cond, preset("euphonium_fast", guidance_lambda=1.0), shape=SHAPE,
-                       prm=prm, group_size=2, seed=seed)
+        traj = rollout(
+            DiffusersFlowModel(wan),
+            cond,
+            preset("euphonium_fast", guidance_lambda=1.0),
+            shape=SHAPE,
+            prm=prm,
+            group_size=2,
+            seed=seed,
+        )
         start = int(traj.sde_steps[0])
         assert 0 <= start <= 2 and traj.sde_steps.tolist() == [start, start + 1, start + 2]
         assert traj.guided.tolist() == [True] * 3 and traj.guidance_shift.shape == (SHAPE[0], 3, *SHAPE[1:])

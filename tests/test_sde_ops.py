@@ -114,16 +114,27 @@ def make_case(shape, dtype, schedule, per_sample, guided, device):
     }
     if guided:
         case["g"] = torch.randn(shape, device=device).to(dtype)
-        case["c"] = (0.05 + 0.1 * torch.rand(batch)).to(device) if per_sample else float(torch.empty(()).uniform_(0.05, 0.15))
+        case["c"] = (
+            (0.05 + 0.1 * torch.rand(batch)).to(device) if per_sample else float(torch.empty(()).uniform_(0.05, 0.15))
+        )
     return case
 
 
 def run_step(case, schedule, backend, *, logprob_mean="unguided", noise=True, seed=None):
     with ops.use_backend(backend):
         return ops.sde_step(
-            case["x"], case["v"], case["sigma"], case["sigma_next"], schedule=schedule, noise_level=case["a"],
-            sigma_max=SIGMA_MAX, reward_grad=case["g"], guidance_scale=case["c"],
-            noise=case["eps"] if noise else None, seed=seed, logprob_mean=logprob_mean,
+            case["x"],
+            case["v"],
+            case["sigma"],
+            case["sigma_next"],
+            schedule=schedule,
+            noise_level=case["a"],
+            sigma_max=SIGMA_MAX,
+            reward_grad=case["g"],
+            guidance_scale=case["c"],
+            noise=case["eps"] if noise else None,
+            seed=seed,
+            logprob_mean=logprob_mean,
         )
 
 
@@ -131,8 +142,15 @@ def spec_for(case, schedule, dtype=torch.float64):
     batch = case["x"].shape[0]
     cast = lambda t: None if t is None else t.detach().cpu().to(dtype)  # noqa: E731
     return spec_step(
-        cast(case["x"]), cast(case["v"]), as64(case["sigma"], batch).to(dtype), as64(case["sigma_next"], batch).to(dtype),
-        schedule=schedule, a=case["a"], g=cast(case["g"]), c=as64(case["c"], batch).to(dtype), eps=cast(case["eps"]),
+        cast(case["x"]),
+        cast(case["v"]),
+        as64(case["sigma"], batch).to(dtype),
+        as64(case["sigma_next"], batch).to(dtype),
+        schedule=schedule,
+        a=case["a"],
+        g=cast(case["g"]),
+        c=as64(case["c"], batch).to(dtype),
+        eps=cast(case["eps"]),
     )
 
 
@@ -193,12 +211,25 @@ def check_log_prob_against_spec(shape, dtype, schedule, backend, device):
         v_ref = (case["v"].float() + 0.3 * torch.randn(shape, device=device)).to(dtype)
         with ops.use_backend(backend):
             lp, kl = ops.sde_log_prob(
-                case["x"], case["v"], x_next, case["sigma"], case["sigma_next"], schedule=schedule,
-                noise_level=case["a"], sigma_max=SIGMA_MAX, v_ref=v_ref,
+                case["x"],
+                case["v"],
+                x_next,
+                case["sigma"],
+                case["sigma_next"],
+                schedule=schedule,
+                noise_level=case["a"],
+                sigma_max=SIGMA_MAX,
+                v_ref=v_ref,
             )
             lp_only = ops.sde_log_prob(
-                case["x"], case["v"], x_next, case["sigma"], case["sigma_next"], schedule=schedule,
-                noise_level=case["a"], sigma_max=SIGMA_MAX,
+                case["x"],
+                case["v"],
+                x_next,
+                case["sigma"],
+                case["sigma_next"],
+                schedule=schedule,
+                noise_level=case["a"],
+                sigma_max=SIGMA_MAX,
             )
         assert torch.equal(lp, lp_only)
         assert lp.dtype == kl.dtype == torch.float32 and lp.shape == kl.shape == (shape[0],)
@@ -215,7 +246,9 @@ def check_log_prob_against_spec(shape, dtype, schedule, backend, device):
             eager_v = spec_for({**case, "v": v_ref}, schedule, dtype=dtype)
             lp_eager = spec_log_prob(x_next.cpu(), eager["mean"], eager["std"])
             eager_std = eager["std"].flatten(1)[:, 0]
-            kl_eager = ((eager["mean"] - eager_v["mean"]) ** 2).flatten(1).mean(1) / (2 * torch.where(eager_std > 0, eager_std, 1) ** 2)
+            kl_eager = ((eager["mean"] - eager_v["mean"]) ** 2).flatten(1).mean(1) / (
+                2 * torch.where(eager_std > 0, eager_std, 1) ** 2
+            )
             kl_eager = torch.where(eager_std > 0, kl_eager, 0)
             assert max_err(lp, lp_ref) <= 2 * max_err(lp_eager, lp_ref) + 1e-3
             assert max_err(kl, kl_ref) <= 2 * max_err(kl_eager, kl_ref) + 1e-3
@@ -241,8 +274,15 @@ def test_fp16_and_mixed_dtypes(backend):
         eager = spec_for(case, "flow_grpo", dtype=x_dtype)
         assert max_err(out.x_next, ref["x_next"]) <= 2 * max_err(eager["x_next"], ref["x_next"]) + 1e-3
         with ops.use_backend(backend):
-            lp = ops.sde_log_prob(case["x"], case["v"], out.x_next, case["sigma"], case["sigma_next"],
-                                  noise_level=case["a"], sigma_max=SIGMA_MAX)
+            lp = ops.sde_log_prob(
+                case["x"],
+                case["v"],
+                out.x_next,
+                case["sigma"],
+                case["sigma_next"],
+                noise_level=case["a"],
+                sigma_max=SIGMA_MAX,
+            )
         assert torch.equal(lp, out.log_prob)
 
 
@@ -292,7 +332,9 @@ def test_backends_agree_on_awkward_layouts(backend, monkeypatch):
                 assert torch.equal(lp_small, small.log_prob)
                 torch.testing.assert_close(lp_small, out.log_prob, atol=1e-6, rtol=1e-7)
     torch.testing.assert_close(out.x0_pred, out_ref.x0_pred, atol=1e-5, rtol=1e-5)
-    ref = spec_step(x.double(), v.double(), sigma, torch.full((2,), 0.5, dtype=torch.float64), schedule="dance_grpo", a=0.3)
+    ref = spec_step(
+        x.double(), v.double(), sigma, torch.full((2,), 0.5, dtype=torch.float64), schedule="dance_grpo", a=0.3
+    )
     eps = (out.x_next.double() - ref["mean"]) / ref["std"]
     assert eps.abs().max() < 7 and abs(eps.std().item() - 1) < 0.05
 
@@ -306,18 +348,39 @@ def test_scalar_tensors_and_strided_per_sample_arguments(backend):
         batch = shape[0]
         x, v, g, eps = (torch.randn(shape) for _ in range(4))
         table = torch.rand(batch, 3) * 0.5 + 0.4  # sigma in column 1, guidance scale in column 2
-        args = [(torch.tensor(0.7), torch.tensor(0.45), torch.tensor(0.2)),
-                (table[:, 1], table[:, 1] * table[:, 0], table[:, 2])]
+        args = [
+            (torch.tensor(0.7), torch.tensor(0.45), torch.tensor(0.2)),
+            (table[:, 1], table[:, 1] * table[:, 0], table[:, 2]),
+        ]
         for sigma, sigma_next, c in args:
             with ops.use_backend(backend):
-                out = ops.sde_step(x, v, sigma, sigma_next, schedule="flow_grpo", noise_level=0.7, reward_grad=g,
-                                   guidance_scale=c, noise=eps)
+                out = ops.sde_step(
+                    x,
+                    v,
+                    sigma,
+                    sigma_next,
+                    schedule="flow_grpo",
+                    noise_level=0.7,
+                    reward_grad=g,
+                    guidance_scale=c,
+                    noise=eps,
+                )
                 lp = ops.sde_log_prob(x, v, out.x_next, sigma, sigma_next, schedule="flow_grpo", noise_level=0.7)
-            ref = spec_step(x.double(), v.double(), as64(sigma.expand(batch), batch), as64(sigma_next.expand(batch), batch),
-                            schedule="flow_grpo", a=0.7, g=g.double(), c=as64(c.expand(batch), batch), eps=eps.double())
+            ref = spec_step(
+                x.double(),
+                v.double(),
+                as64(sigma.expand(batch), batch),
+                as64(sigma_next.expand(batch), batch),
+                schedule="flow_grpo",
+                a=0.7,
+                g=g.double(),
+                c=as64(c.expand(batch), batch),
+                eps=eps.double(),
+            )
             torch.testing.assert_close(out.x_next.double(), ref["x_next"], atol=2e-5, rtol=2e-5)
-            torch.testing.assert_close(lp.double(), spec_log_prob(out.x_next.double(), ref["mean"], ref["std"]),
-                                       atol=2e-4, rtol=2e-5)
+            torch.testing.assert_close(
+                lp.double(), spec_log_prob(out.x_next.double(), ref["mean"], ref["std"]), atol=2e-4, rtol=2e-5
+            )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -334,7 +397,9 @@ def flow_grpo_paper_step(x, v, t, t_next, a, eps, t_max):
     mean = x + (v + sigma_t**2 / (2 * t) * (x + (1 - t) * v)) * dt
     std = sigma_t * math.sqrt(-dt)
     x_next = mean + std * eps
-    log_prob = (-((x_next - mean) ** 2) / (2 * std**2) - math.log(std) - math.log(math.sqrt(2 * math.pi))).flatten(1).mean(1)
+    log_prob = (
+        (-((x_next - mean) ** 2) / (2 * std**2) - math.log(std) - math.log(math.sqrt(2 * math.pi))).flatten(1).mean(1)
+    )
     return x_next, log_prob
 
 
@@ -380,15 +445,26 @@ def test_reproduces_dance_grpo_step(backend):
 
 
 def check_same_bits(backend, device):
-    cases = [((3, 5, 7), torch.float32, "flow_grpo"), ((2, 4, 3, 5, 7), torch.bfloat16, "cps"),
-             ((2, 3000), torch.bfloat16, "dance_grpo")]
+    cases = [
+        ((3, 5, 7), torch.float32, "flow_grpo"),
+        ((2, 4, 3, 5, 7), torch.bfloat16, "cps"),
+        ((2, 3000), torch.bfloat16, "dance_grpo"),
+    ]
     for shape, dtype, schedule in cases:
         case = make_case(shape, dtype, schedule, True, True, device)
         for noise in (True, False):
             out = run_step(case, schedule, backend, noise=noise)
             with ops.use_backend(backend):
-                lp = ops.sde_log_prob(case["x"], case["v"], out.x_next, case["sigma"], case["sigma_next"],
-                                      schedule=schedule, noise_level=case["a"], sigma_max=SIGMA_MAX)
+                lp = ops.sde_log_prob(
+                    case["x"],
+                    case["v"],
+                    out.x_next,
+                    case["sigma"],
+                    case["sigma_next"],
+                    schedule=schedule,
+                    noise_level=case["a"],
+                    sigma_max=SIGMA_MAX,
+                )
             assert torch.equal(lp, out.log_prob), (shape, dtype, schedule, noise)
             assert torch.exp(lp - out.log_prob).eq(1).all()
 
@@ -415,8 +491,17 @@ def test_gradcheck(backend, schedule):
 
     def fn(v_):
         with ops.use_backend(backend):
-            return ops.sde_log_prob(case["x"], v_, x_next, case["sigma"], case["sigma_next"], schedule=schedule,
-                                    noise_level=case["a"], sigma_max=SIGMA_MAX, v_ref=v_ref)
+            return ops.sde_log_prob(
+                case["x"],
+                v_,
+                x_next,
+                case["sigma"],
+                case["sigma_next"],
+                schedule=schedule,
+                noise_level=case["a"],
+                sigma_max=SIGMA_MAX,
+                v_ref=v_ref,
+            )
 
     assert fn(v)[0].dtype == torch.float64
     assert torch.autograd.gradcheck(fn, (v,), eps=1e-6, atol=1e-7, rtol=1e-5)
@@ -439,18 +524,39 @@ def check_backward_matches_reference(shape, dtype, schedule, device, backend="tr
     for name in ("reference", backend):
         v = case["v"].clone().requires_grad_(True)
         with ops.use_backend(name):
-            lp, kl = ops.sde_log_prob(case["x"], v, x_next, case["sigma"], case["sigma_next"], schedule=schedule,
-                                      noise_level=case["a"], sigma_max=SIGMA_MAX, v_ref=v_ref)
+            lp, kl = ops.sde_log_prob(
+                case["x"],
+                v,
+                x_next,
+                case["sigma"],
+                case["sigma_next"],
+                schedule=schedule,
+                noise_level=case["a"],
+                sigma_max=SIGMA_MAX,
+                v_ref=v_ref,
+            )
             (grads[name],) = torch.autograd.grad((lp * g_lp).sum() + (kl * g_kl).sum(), v)
             (grads[name + "_lp"],) = torch.autograd.grad(
-                ops.sde_log_prob(case["x"], v, x_next, case["sigma"], case["sigma_next"], schedule=schedule,
-                                 noise_level=case["a"], sigma_max=SIGMA_MAX).sum(), v)
+                ops.sde_log_prob(
+                    case["x"],
+                    v,
+                    x_next,
+                    case["sigma"],
+                    case["sigma_next"],
+                    schedule=schedule,
+                    noise_level=case["a"],
+                    sigma_max=SIGMA_MAX,
+                ).sum(),
+                v,
+            )
         assert grads[name].dtype == dtype
     scale = grads["reference"].float().abs().max().item()
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     torch.testing.assert_close(grads[backend].float(), grads["reference"].float(), atol=tol * scale, rtol=tol)
     scale = grads["reference_lp"].float().abs().max().item()
-    torch.testing.assert_close(grads[backend + "_lp"].float(), grads["reference_lp"].float(), atol=tol * scale, rtol=tol)
+    torch.testing.assert_close(
+        grads[backend + "_lp"].float(), grads["reference_lp"].float(), atol=tol * scale, rtol=tol
+    )
 
 
 @pytest.mark.parametrize("schedule", STOCHASTIC)
@@ -476,7 +582,10 @@ def test_torch_path_saves_only_inputs_and_sums_independently_of_threads(monkeypa
     x, x_next = torch.randn(8, 4, 25_000), 30 * torch.randn(8, 4, 25_000)
     v = torch.randn(8, 4, 25_000, requires_grad=True)
     saved = []
-    with ops.use_backend("torch"), torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+    with (
+        ops.use_backend("torch"),
+        torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t),
+    ):
         lp = ops.sde_log_prob(x, v, x_next, 0.9, 0.6, schedule="dance_grpo", noise_level=0.4)
     inputs = {t.untyped_storage().data_ptr() for t in (x, v, x_next)}
     assert sum(t.numel() for t in saved if t.untyped_storage().data_ptr() not in inputs) <= 2 * x.shape[0]
@@ -533,8 +642,13 @@ def test_torch_compile_fullgraph(backend):
 def test_custom_ops_pass_opcheck(backend):
     x, v, x_next, v_ref = (torch.randn(2, 3, 5) for _ in range(4))
     sigma, sigma_next = torch.tensor([0.9, 0.8]), torch.tensor([0.5, 0.0])
-    torch.library.opcheck(sde_ops._sde_step_op, (x, v, sigma, sigma_next, v_ref, sigma, None, 7, "cps", 0.6, None, False, backend))
-    torch.library.opcheck(sde_ops._sde_log_prob_op, (x, v.requires_grad_(True), x_next, v_ref, sigma, sigma_next, "flow_grpo", 0.7, None, backend))
+    torch.library.opcheck(
+        sde_ops._sde_step_op, (x, v, sigma, sigma_next, v_ref, sigma, None, 7, "cps", 0.6, None, False, backend)
+    )
+    torch.library.opcheck(
+        sde_ops._sde_log_prob_op,
+        (x, v.requires_grad_(True), x_next, v_ref, sigma, sigma_next, "flow_grpo", 0.7, None, backend),
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -561,9 +675,17 @@ def test_fused_paths_write_every_output_element(backend, monkeypatch):
             assert torch.isfinite(out.log_prob).all()
             v = case["v"].clone().requires_grad_(True)
             with ops.use_backend(backend):
-                lp, kl = ops.sde_log_prob(case["x"], v, out.x_next, case["sigma"], case["sigma_next"],
-                                          schedule=schedule, noise_level=case["a"], sigma_max=SIGMA_MAX,
-                                          v_ref=torch.randn(shape).to(dtype))
+                lp, kl = ops.sde_log_prob(
+                    case["x"],
+                    v,
+                    out.x_next,
+                    case["sigma"],
+                    case["sigma_next"],
+                    schedule=schedule,
+                    noise_level=case["a"],
+                    sigma_max=SIGMA_MAX,
+                    v_ref=torch.randn(shape).to(dtype),
+                )
                 (grad,) = torch.autograd.grad(lp.sum() + kl.sum(), v)
             assert torch.isfinite(lp).all() and torch.isfinite(kl).all() and torch.isfinite(grad).all()
 
@@ -606,7 +728,9 @@ def test_philox_randn_offsets_and_chunks(monkeypatch):
     assert torch.equal(ops.philox_randn(seed, 1234, offset=3000), full[3000:4234])
     # The normals from the integer stream, as Triton's uint_to_uniform_float and Box-Muller do them.
     w0, w1, _, _ = philox.philox4x32(seed, torch.arange(5000))
-    uniform = [torch.where(w >= 2**31, 2**32 - 1 - w, w).to(torch.float32) * torch.tensor(4.6566127342e-10) for w in (w0, w1)]
+    uniform = [
+        torch.where(w >= 2**31, 2**32 - 1 - w, w).to(torch.float32) * torch.tensor(4.6566127342e-10) for w in (w0, w1)
+    ]
     expected = torch.sqrt(-2.0 * torch.log(uniform[0].clamp_min(1e-7))) * torch.cos(6.283185307179586 * uniform[1])
     assert torch.equal(full, expected)
 
@@ -642,16 +766,22 @@ def test_noise_statistics_and_seeds(backend):
     assert torch.equal(a.x_next, b.x_next) and torch.equal(a.log_prob, b.log_prob)
     assert torch.equal(d.x_next, e.x_next)
     assert not torch.equal(a.x_next, c.x_next) and not torch.equal(e.x_next, f.x_next)
-    ref = spec_step(x.double(), v.double(), torch.full((2,), sigma, dtype=torch.float64),
-                    torch.full((2,), sigma_next, dtype=torch.float64), schedule="dance_grpo", a=0.5)
+    ref = spec_step(
+        x.double(),
+        v.double(),
+        torch.full((2,), sigma, dtype=torch.float64),
+        torch.full((2,), sigma_next, dtype=torch.float64),
+        schedule="dance_grpo",
+        a=0.5,
+    )
     for out in (a, c, f):
         eps = ((out.x_next.double() - ref["mean"]) / ref["std"]).flatten()
         assert abs(eps.mean().item()) < 5 / math.sqrt(n)
         assert abs(eps.std().item() - 1) < 5 * math.sqrt(0.5 / n) + 1e-4
         assert stats.kstest(eps.numpy(), "norm").pvalue > 1e-5
     # Independent streams for different seeds and across samples of one call.
-    eps_a = ((a.x_next.double() - ref["mean"]) / ref["std"])
-    eps_c = ((c.x_next.double() - ref["mean"]) / ref["std"])
+    eps_a = (a.x_next.double() - ref["mean"]) / ref["std"]
+    eps_c = (c.x_next.double() - ref["mean"]) / ref["std"]
     assert abs(torch.corrcoef(torch.stack([eps_a.flatten(), eps_c.flatten()]))[0, 1].item()) < 5 / math.sqrt(n)
     assert abs(torch.corrcoef(eps_a)[0, 1].item()) < 5 / math.sqrt(n // 2)
 
@@ -673,28 +803,88 @@ def _bad_calls():
         ("v shape", lambda: step(x, v[:, :2], 0.5, 0.4), ValueError, "v must have the shape of x"),
         ("v int", lambda: step(x, v.int(), 0.5, 0.4), TypeError, "v must be a floating-point"),
         ("v device", lambda: step(x, v.to("meta"), 0.5, 0.4), ValueError, "v is on meta"),
-        ("reward_grad shape", lambda: step(x, v, 0.5, 0.4, reward_grad=v[:1], guidance_scale=0.1), ValueError, "reward_grad must have the shape"),
+        (
+            "reward_grad shape",
+            lambda: step(x, v, 0.5, 0.4, reward_grad=v[:1], guidance_scale=0.1),
+            ValueError,
+            "reward_grad must have the shape",
+        ),
         ("noise shape", lambda: step(x, v, 0.5, 0.4, noise=v[..., :3]), ValueError, "noise must have the shape"),
         ("x_next shape", lambda: lp(x, v, x[:1], 0.5, 0.4), ValueError, "x_next must have the shape"),
         ("v_ref shape", lambda: lp(x, v, x, 0.5, 0.4, v_ref=v[:, :1]), ValueError, "v_ref must have the shape"),
-        ("v_ref grad", lambda: lp(x, v, x, 0.5, 0.4, v_ref=v.clone().requires_grad_()), ValueError, "v_ref requires grad"),
-        ("sigma length", lambda: step(x, v, torch.tensor([0.5, 0.6, 0.7]), 0.4), ValueError, r"sigma must be a float or a tensor of shape \[2\]"),
-        ("sigma_next length", lambda: lp(x, v, x, 0.5, torch.tensor([0.1])), ValueError, "sigma_next must be a float or a tensor of shape"),
-        ("sigma int tensor", lambda: step(x, v, torch.tensor([1, 1]), 0.4), TypeError, "sigma must be a floating-point"),
+        (
+            "v_ref grad",
+            lambda: lp(x, v, x, 0.5, 0.4, v_ref=v.clone().requires_grad_()),
+            ValueError,
+            "v_ref requires grad",
+        ),
+        (
+            "sigma length",
+            lambda: step(x, v, torch.tensor([0.5, 0.6, 0.7]), 0.4),
+            ValueError,
+            r"sigma must be a float or a tensor of shape \[2\]",
+        ),
+        (
+            "sigma_next length",
+            lambda: lp(x, v, x, 0.5, torch.tensor([0.1])),
+            ValueError,
+            "sigma_next must be a float or a tensor of shape",
+        ),
+        (
+            "sigma int tensor",
+            lambda: step(x, v, torch.tensor([1, 1]), 0.4),
+            TypeError,
+            "sigma must be a floating-point",
+        ),
         ("sigma > 1", lambda: step(x, v, 1.5, 0.4), ValueError, "sigma must satisfy 0 < sigma <= 1"),
         ("sigma nan", lambda: step(x, v, torch.tensor([0.5, float("nan")]), 0.4), ValueError, "sigma must satisfy"),
-        ("sigma_next >= sigma", lambda: step(x, v, 0.5, 0.5), ValueError, "sigma_next must satisfy 0 <= sigma_next < sigma"),
-        ("sigma_next < 0", lambda: lp(x, v, x, torch.tensor([0.5, 0.5]), torch.tensor([0.1, -0.1])), ValueError, "sigma_next must satisfy"),
+        (
+            "sigma_next >= sigma",
+            lambda: step(x, v, 0.5, 0.5),
+            ValueError,
+            "sigma_next must satisfy 0 <= sigma_next < sigma",
+        ),
+        (
+            "sigma_next < 0",
+            lambda: lp(x, v, x, torch.tensor([0.5, 0.5]), torch.tensor([0.1, -0.1])),
+            ValueError,
+            "sigma_next must satisfy",
+        ),
         ("sigma_max missing", lambda: step(x, v, torch.tensor([1.0, 0.5]), 0.4), ValueError, "sigma_max is required"),
         ("sigma_max range", lambda: step(x, v, 1.0, 0.4, sigma_max=1.0), ValueError, "sigma_max must be in"),
         ("schedule", lambda: step(x, v, 0.5, 0.4, schedule="ddim"), ValueError, "schedule must be one of"),
         ("logprob_mean", lambda: step(x, v, 0.5, 0.4, logprob_mean="mean"), ValueError, "logprob_mean must be one of"),
-        ("noise_level", lambda: step(x, v, 0.5, 0.4, noise_level=0.0), ValueError, "noise_level must be a finite number > 0"),
-        ("cps noise_level", lambda: step(x, v, 0.5, 0.4, schedule="cps", noise_level=1.5), ValueError, r"noise_level must be in \(0, 1\]"),
+        (
+            "noise_level",
+            lambda: step(x, v, 0.5, 0.4, noise_level=0.0),
+            ValueError,
+            "noise_level must be a finite number > 0",
+        ),
+        (
+            "cps noise_level",
+            lambda: step(x, v, 0.5, 0.4, schedule="cps", noise_level=1.5),
+            ValueError,
+            r"noise_level must be in \(0, 1\]",
+        ),
         ("guidance without grad", lambda: step(x, v, 0.5, 0.4, guidance_scale=0.1), ValueError, "reward_grad is None"),
-        ("guidance str", lambda: step(x, v, 0.5, 0.4, guidance_scale="0.1"), TypeError, "guidance_scale must be a float or a \\[B\\] tensor, got str"),
-        ("guidance nan", lambda: step(x, v, 0.5, 0.4, reward_grad=v, guidance_scale=float("nan")), ValueError, "guidance_scale must be a finite"),
-        ("guidance length", lambda: step(x, v, 0.5, 0.4, reward_grad=v, guidance_scale=torch.ones(3)), ValueError, "guidance_scale must be a float or a tensor of shape"),
+        (
+            "guidance str",
+            lambda: step(x, v, 0.5, 0.4, guidance_scale="0.1"),
+            TypeError,
+            "guidance_scale must be a float or a \\[B\\] tensor, got str",
+        ),
+        (
+            "guidance nan",
+            lambda: step(x, v, 0.5, 0.4, reward_grad=v, guidance_scale=float("nan")),
+            ValueError,
+            "guidance_scale must be a finite",
+        ),
+        (
+            "guidance length",
+            lambda: step(x, v, 0.5, 0.4, reward_grad=v, guidance_scale=torch.ones(3)),
+            ValueError,
+            "guidance_scale must be a float or a tensor of shape",
+        ),
         ("seed and noise", lambda: step(x, v, 0.5, 0.4, noise=v, seed=1), ValueError, "either noise or seed"),
         ("seed negative", lambda: step(x, v, 0.5, 0.4, seed=-1), ValueError, "seed must be in"),
         ("seed float", lambda: step(x, v, 0.5, 0.4, seed=1.5), TypeError, "seed must be an int"),
@@ -705,7 +895,7 @@ def _bad_calls():
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_bad_inputs_name_the_argument(backend):
     with ops.use_backend(backend):
-        for name, call, exc, match in _bad_calls():
+        for _name, call, exc, match in _bad_calls():
             with pytest.raises(exc, match=match):
                 call()
 

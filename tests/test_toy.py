@@ -33,12 +33,25 @@ def test_prompt_grammar_round_trips():
         a = toy.parse_prompt(p)
         assert toy.format_prompt(a["color"], a["shape"], a["direction"], a["size"]) == p
     assert toy.parse_prompt("  A red   square moving LEFT ") == {
-        "color": "red", "shape": "square", "size": None, "direction": "left"}
+        "color": "red",
+        "shape": "square",
+        "size": None,
+        "direction": "left",
+    }
 
 
-@pytest.mark.parametrize("bad", ["a red square", "a purple square moving left", "a red star moving left",
-                                 "a huge red square moving left", "a red square moving sideways",
-                                 "the red square moving left", ""])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "a red square",
+        "a purple square moving left",
+        "a red star moving left",
+        "a huge red square moving left",
+        "a red square moving sideways",
+        "the red square moving left",
+        "",
+    ],
+)
 def test_bad_prompts_raise(bad):
     with pytest.raises(ValueError, match="prompt"):
         toy.parse_prompt(bad)
@@ -226,8 +239,25 @@ def test_committed_model_loads_and_samples():
 @pytest.mark.slow
 def test_pretrain_cli_runs_and_loss_falls(tmp_path):
     tiny = json.dumps({"num_layers": 1, "num_attention_heads": 1, "ffn_dim": 32})
-    toy_cli(["pretrain", "--output", str(tmp_path), "--steps", "40", "--batch-size", "8", "--warmup-steps", "5",
-             "--eval-every", "0", "--seed", str(_seed() % 1000), "--transformer-config", tiny])
+    toy_cli(
+        [
+            "pretrain",
+            "--output",
+            str(tmp_path),
+            "--steps",
+            "40",
+            "--batch-size",
+            "8",
+            "--warmup-steps",
+            "5",
+            "--eval-every",
+            "0",
+            "--seed",
+            str(_seed() % 1000),
+            "--transformer-config",
+            tiny,
+        ]
+    )
     record = json.loads((tmp_path / "pretrain.json").read_text())
     losses = record["loss_every_10_steps"]
     assert len(losses) == 4 and losses[-1] < 0.8 * losses[0]

@@ -14,8 +14,18 @@ from euphonium.train import ConfigError, Trainer, load_config
 from euphonium.train import trainer as trainer_module
 from euphonium.train.__main__ import main
 
-REQUIRED = ("step", "reward_mean", "loss", "clip_frac", "approx_kl", "ratio_max_dev", "grad_norm", "lr",
-            "world_size", "seconds")
+REQUIRED = (
+    "step",
+    "reward_mean",
+    "loss",
+    "clip_frac",
+    "approx_kl",
+    "ratio_max_dev",
+    "grad_norm",
+    "lr",
+    "world_size",
+    "seconds",
+)
 TOY_PARTS = ("color", "shape", "size", "direction", "smoothness")
 
 
@@ -31,9 +41,15 @@ def tiny_assets(tmp_path_factory):
 
 def tiny_overrides(assets, **extra):
     values = {
-        "model.path": str(assets / "toy"), "prm_path": str(assets / "prm"), "prompts_per_step": 2,
-        "group_size": 2, "sampler.num_steps": 4, "sampler.guidance_start": 2, "max_steps": 2,
-        "checkpoint_every": 1, "num_eval_samples": 2,
+        "model.path": str(assets / "toy"),
+        "prm_path": str(assets / "prm"),
+        "prompts_per_step": 2,
+        "group_size": 2,
+        "sampler.num_steps": 4,
+        "sampler.guidance_start": 2,
+        "max_steps": 2,
+        "checkpoint_every": 1,
+        "num_eval_samples": 2,
     }
     values.update(extra)
     return [f"{k}={v}" for k, v in values.items()]
@@ -45,17 +61,20 @@ def test_defaults_are_the_toy_euphonium_fast_run():
     assert load_config(str(Path(__file__).parents[1] / "configs" / "toy.yaml")).to_dict() == config.to_dict()
 
 
-@pytest.mark.parametrize("override, message", [
-    ("grup_size=4", "unknown config key 'grup_size'"),
-    ("model.pth=/x", "unknown config key 'model.pth'"),
-    ("lr=fast", "lr must be of type float"),
-    ("max_steps=1.5", "max_steps must be of type int"),
-    ("group_size=1", "group_size must be >= 2"),
-    ("algorithm=ppo", "algorithm must be one of"),
-    ("model.kind=wan", "model.path is required"),
-    ("timestep_fraction=0", "timestep_fraction must be in (0, 1]"),
-    ("noequals", "must look like key=value"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("grup_size=4", "unknown config key 'grup_size'"),
+        ("model.pth=/x", "unknown config key 'model.pth'"),
+        ("lr=fast", "lr must be of type float"),
+        ("max_steps=1.5", "max_steps must be of type int"),
+        ("group_size=1", "group_size must be >= 2"),
+        ("algorithm=ppo", "algorithm must be one of"),
+        ("model.kind=wan", "model.path is required"),
+        ("timestep_fraction=0", "timestep_fraction must be in (0, 1]"),
+        ("noequals", "must look like key=value"),
+    ],
+)
 def test_config_errors_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("]", r"\]")):
         load_config(None, [override])
@@ -71,12 +90,15 @@ def test_overrides_into_a_mapping_update_one_key():
         load_config(None, ["lr.x=1"])
 
 
-@pytest.mark.parametrize("override, message", [
-    ("reward_weights={combined: 1}", "have no weight"),
-    ("rewards={nosuch: {}}", "unknown reward 'nosuch'"),
-    ("reward_weights.colour=1", "unknown rewards \\['colour'\\]"),
-    ("prompts=[a purple cow]", "prompts: prompt 'a purple cow' does not follow the toy grammar"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("reward_weights={combined: 1}", "have no weight"),
+        ("rewards={nosuch: {}}", "unknown reward 'nosuch'"),
+        ("reward_weights.colour=1", "unknown rewards \\['colour'\\]"),
+        ("prompts=[a purple cow]", "prompts: prompt 'a purple cow' does not follow the toy grammar"),
+    ],
+)
 def test_reward_and_prompt_errors_come_before_the_model_loads(tmp_path, override, message):
     # The model path does not exist: the reward/prompt error must be raised before anything loads it.
     config = load_config(None, ["model.path=/nonexistent", override])
@@ -121,8 +143,12 @@ def test_short_run_writes_metrics_checkpoints_and_samples(tiny_assets, tmp_path)
 def test_every_algorithm_trains_with_its_preset(tiny_assets, tmp_path, algorithm):
     # The published Euphonium preset guides its last steps, euphonium_fast the window's (first half).
     start = 3 if algorithm == "euphonium" else 0
-    config = load_config(None, tiny_overrides(tiny_assets, algorithm=algorithm, max_steps=1,
-                                              **{"sampler.num_steps": 6, "sampler.guidance_start": start}))
+    config = load_config(
+        None,
+        tiny_overrides(
+            tiny_assets, algorithm=algorithm, max_steps=1, **{"sampler.num_steps": 6, "sampler.guidance_start": start}
+        ),
+    )
     trainer = Trainer(config, tmp_path / algorithm)
     assert trainer.sampler.schedule == preset(algorithm).schedule
     guided = algorithm.startswith("euphonium")
@@ -134,18 +160,33 @@ def test_every_algorithm_trains_with_its_preset(tiny_assets, tmp_path, algorithm
 def test_windowed_sampler_run_evaluates_and_samples(tiny_assets, tmp_path):
     """Flow-GRPO-Fast's random SDE window: training, the fixed-set evaluation and the final ODE samples."""
     out = tmp_path / "run"
-    overrides = tiny_overrides(tiny_assets, algorithm="flow_grpo", max_steps=1, eval_every=1, eval_prompts=2,
-                               **{"sampler.schedule": "cps", "sampler.sde_window_size": 2,
-                                  "sampler.sde_window_range": "[0,3]"})
+    overrides = tiny_overrides(
+        tiny_assets,
+        algorithm="flow_grpo",
+        max_steps=1,
+        eval_every=1,
+        eval_prompts=2,
+        **{"sampler.schedule": "cps", "sampler.sde_window_size": 2, "sampler.sde_window_range": "[0,3]"},
+    )
     assert main(["--output-dir", str(out), *overrides]) == 0
     assert len((out / "eval.jsonl").read_text().splitlines()) == 2 and (out / "samples.gif").is_file()
 
 
 def test_every_option_path_trains(tiny_assets, tmp_path):
     """Distillation, online PRM refresh, PPO epochs, micro-batches, global-std advantages and LoRA in one step."""
-    config = load_config(None, tiny_overrides(tiny_assets, max_steps=1, distill_coef=1.0, prm_refresh_every=1,
-                                              inner_epochs=2, micro_batches=2, adv_global_std=True,
-                                              **{"model.lora_rank": 2, "sampler.guidance_lambda": 100.0}))
+    config = load_config(
+        None,
+        tiny_overrides(
+            tiny_assets,
+            max_steps=1,
+            distill_coef=1.0,
+            prm_refresh_every=1,
+            inner_epochs=2,
+            micro_batches=2,
+            adv_global_std=True,
+            **{"model.lora_rank": 2, "sampler.guidance_lambda": 100.0},
+        ),
+    )
     trainer = Trainer(config, tmp_path / "run")
     before = {k: v.clone() for k, v in trainer._trainable_state().items()}
     assert all("lora" in name for name in before)
@@ -204,7 +245,9 @@ def test_resume_without_ema_starts_it_at_the_resumed_weights(tiny_assets, tmp_pa
     assert main(["--output-dir", str(out), *tiny_overrides(tiny_assets, max_steps=2, ema_decay="null")]) == 0
     assert not (out / "checkpoints" / "step-2" / "ema.safetensors").exists()
     with pytest.warns(UserWarning, match="differ from the checkpoint's config.json: ema_decay"):
-        assert main(["--output-dir", str(out), "--resume", *tiny_overrides(tiny_assets, max_steps=3, ema_decay=0.9)]) == 0
+        assert (
+            main(["--output-dir", str(out), "--resume", *tiny_overrides(tiny_assets, max_steps=3, ema_decay=0.9)]) == 0
+        )
     before = load_file(str(out / "checkpoints" / "step-2" / "trainable.safetensors"))
     after = load_file(str(out / "checkpoints" / "step-3" / "trainable.safetensors"))
     ema = load_file(str(out / "checkpoints" / "step-3" / "ema.safetensors"))
@@ -222,7 +265,10 @@ def test_non_finite_updates_are_skipped_then_abort_keeping_the_checkpoint(tiny_a
         return (loss * float("nan") if trainer.step >= 2 else loss), stats
 
     monkeypatch.setattr(trainer_module.ops, "dual_reward_loss", poisoned)
-    with pytest.warns(UserWarning, match="update skipped"), pytest.raises(RuntimeError, match="non-finite updates in a row"):
+    with (
+        pytest.warns(UserWarning, match="update skipped"),
+        pytest.raises(RuntimeError, match="non-finite updates in a row"),
+    ):
         trainer.train()
     checkpoints = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
     assert checkpoints[-1] == "step-3"  # step 3 skipped its update (weights of step 2) and was saved

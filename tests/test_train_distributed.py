@@ -20,8 +20,18 @@ from euphonium.rewards.prm import LatentRewardModel
 
 pytestmark = pytest.mark.distributed
 
-REQUIRED = ("step", "reward_mean", "loss", "clip_frac", "approx_kl", "ratio_max_dev", "grad_norm", "lr",
-            "world_size", "seconds")
+REQUIRED = (
+    "step",
+    "reward_mean",
+    "loss",
+    "clip_frac",
+    "approx_kl",
+    "ratio_max_dev",
+    "grad_norm",
+    "lr",
+    "world_size",
+    "seconds",
+)
 TOY_PARTS = ("color", "shape", "size", "direction", "smoothness")
 LR = 3e-4
 
@@ -48,7 +58,8 @@ DUMP_DRIVER = textwrap.dedent("""
     out, dump, overrides = sys.argv[1], sys.argv[2], sys.argv[3:]
     trainer = Trainer(load_config(None, overrides), out)
     trainer.train()
-    save_file({k: v.contiguous() for k, v in trainer._trainable_state().items()}, f"{dump}/rank{trainer.rank}.safetensors")
+    state = {k: v.contiguous() for k, v in trainer._trainable_state().items()}
+    save_file(state, f"{dump}/rank{trainer.rank}.safetensors")
 """)
 
 
@@ -70,9 +81,18 @@ def run_seed():
 
 def overrides(assets, seed, **extra):
     # 2 prompts x 2 rollouts over 2 ranks: each rank holds one group.
-    values = {"model.path": assets / "toy", "prm_path": assets / "prm", "prompts_per_step": 2, "group_size": 2,
-              "sampler.num_steps": 4, "sampler.guidance_start": 2, "max_steps": 2, "num_eval_samples": 2,
-              "lr": LR, "seed": seed}
+    values = {
+        "model.path": assets / "toy",
+        "prm_path": assets / "prm",
+        "prompts_per_step": 2,
+        "group_size": 2,
+        "sampler.num_steps": 4,
+        "sampler.guidance_start": 2,
+        "max_steps": 2,
+        "num_eval_samples": 2,
+        "lr": LR,
+        "seed": seed,
+    }
     values.update(extra)
     return [f"{k}={v}" for k, v in values.items()]
 
@@ -154,8 +174,10 @@ def test_fsdp2_trains_as_ddp_and_resumes_exactly(ddp_run, toy_assets, run_seed):
         resumed = load_file(str(out / "resumed" / "checkpoints" / "step-2" / f"{name}.safetensors"))
         assert straight.keys() == resumed.keys()
         assert all(torch.equal(straight[k], resumed[k]) for k in straight), name
-    optim = [torch.load(out / run / "checkpoints" / "step-2" / "optim.pt", weights_only=False)["optimizer"]
-             for run in ("straight", "resumed")]
+    optim = [
+        torch.load(out / run / "checkpoints" / "step-2" / "optim.pt", weights_only=False)["optimizer"]
+        for run in ("straight", "resumed")
+    ]
     # Full (unsharded) Adam states keyed by parameter name, whatever the number of ranks.
     assert set(optim[0]["state"]) == set(fsdp)
     for name, state in optim[0]["state"].items():
@@ -170,8 +192,17 @@ def test_ddp_lora_replicas_stay_identical(toy_assets, run_seed, tmp_path):
     driver.write_text(DUMP_DRIVER)
     out, dump = tmp_path / "run", tmp_path / "dump"
     dump.mkdir()
-    torchrun(driver, out, dump, *overrides(toy_assets, run_seed, **{"model.lora_rank": 2, "model.gradient_checkpointing": "true",
-                                                                     "kl_coef": 0.01, "micro_batches": 2}), cwd=tmp_path)
+    torchrun(
+        driver,
+        out,
+        dump,
+        *overrides(
+            toy_assets,
+            run_seed,
+            **{"model.lora_rank": 2, "model.gradient_checkpointing": "true", "kl_coef": 0.01, "micro_batches": 2},
+        ),
+        cwd=tmp_path,
+    )
     check_rank_0_wrote_once(out, steps=[2])
     ranks = [load_file(str(dump / f"rank{r}.safetensors")) for r in (0, 1)]
     saved = load_file(str(out / "checkpoints" / "step-2" / "trainable.safetensors"))

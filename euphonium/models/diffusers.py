@@ -62,7 +62,9 @@ def select_attention_backend(transformer: torch.nn.Module, backend: str = "auto"
     if not hasattr(transformer, "set_attention_backend"):
         if backend in ("auto", "native"):
             return "native"
-        raise ValueError(f"attention_backend {backend!r} needs a diffusers ModelMixin with set_attention_backend (diffusers >= 0.35)")
+        raise ValueError(
+            f"attention_backend {backend!r} needs a diffusers ModelMixin with set_attention_backend (diffusers >= 0.35)"
+        )
     if backend != "auto":
         transformer.set_attention_backend(backend)
         return backend
@@ -109,14 +111,18 @@ class Conditioning:
         if not isinstance(self.prompt_embeds, torch.Tensor) or not self.prompt_embeds.is_floating_point():
             raise TypeError("Conditioning.prompt_embeds must be a floating-point tensor [B, L, D]")
         if self.prompt_embeds.dim() < 2 or self.prompt_embeds.shape[0] == 0:
-            raise ValueError(f"Conditioning.prompt_embeds must be [B, L, D] with a non-empty batch, got {tuple(self.prompt_embeds.shape)}")
+            raise ValueError(
+                "Conditioning.prompt_embeds must be [B, L, D] with a non-empty batch, got "
+                f"{tuple(self.prompt_embeds.shape)}"
+            )
         neg = self.negative_prompt_embeds
         if neg is not None:
             if not isinstance(neg, torch.Tensor) or not neg.is_floating_point():
                 raise TypeError("Conditioning.negative_prompt_embeds must be a floating-point tensor [B, L, D]")
             if neg.shape != self.prompt_embeds.shape:
                 raise ValueError(
-                    f"Conditioning.negative_prompt_embeds must have the shape of prompt_embeds {tuple(self.prompt_embeds.shape)} "
+                    "Conditioning.negative_prompt_embeds must have the shape of prompt_embeds "
+                    f"{tuple(self.prompt_embeds.shape)} "
                     f"(pad both to one length), got {tuple(neg.shape)}"
                 )
         if self.negative_kwargs is not None:
@@ -137,7 +143,9 @@ class Conditioning:
             prompt_embeds=self.prompt_embeds[index],
             negative_prompt_embeds=None if self.negative_prompt_embeds is None else self.negative_prompt_embeds[index],
             kwargs={k: pick(v) for k, v in self.kwargs.items()},
-            negative_kwargs=None if self.negative_kwargs is None else {k: pick(v) for k, v in self.negative_kwargs.items()},
+            negative_kwargs=None
+            if self.negative_kwargs is None
+            else {k: pick(v) for k, v in self.negative_kwargs.items()},
         )
 
 
@@ -161,9 +169,18 @@ class DiffusersFlowModel:
 
     def __init__(self, transformer: torch.nn.Module, *, cfg_scale: float = 1.0, attention_backend: str = "auto"):
         if not isinstance(transformer, torch.nn.Module):
-            raise TypeError(f"transformer must be a torch.nn.Module (a diffusers transformer), got {type(transformer).__name__}")
-        if isinstance(cfg_scale, bool) or not isinstance(cfg_scale, (int, float)) or not cfg_scale >= 1 or cfg_scale == float("inf"):
-            raise ValueError(f"cfg_scale must be a finite number >= 1 (1 disables classifier-free guidance), got {cfg_scale!r}")
+            raise TypeError(
+                f"transformer must be a torch.nn.Module (a diffusers transformer), got {type(transformer).__name__}"
+            )
+        if (
+            isinstance(cfg_scale, bool)
+            or not isinstance(cfg_scale, (int, float))
+            or not cfg_scale >= 1
+            or cfg_scale == float("inf")
+        ):
+            raise ValueError(
+                f"cfg_scale must be a finite number >= 1 (1 disables classifier-free guidance), got {cfg_scale!r}"
+            )
         self.transformer = transformer
         self.cfg_scale = float(cfg_scale)
         self.attention_backend = select_attention_backend(transformer, attention_backend)
@@ -197,11 +214,19 @@ class DiffusersFlowModel:
     def device(self) -> torch.device:
         return next(self.transformer.parameters()).device
 
-    def _forward(self, x: torch.Tensor, timestep: torch.Tensor, embeds: torch.Tensor, kwargs: Mapping[str, Any]) -> torch.Tensor:
+    def _forward(
+        self, x: torch.Tensor, timestep: torch.Tensor, embeds: torch.Tensor, kwargs: Mapping[str, Any]
+    ) -> torch.Tensor:
         dtype = self.dtype
-        extra = {k: v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in kwargs.items()}
+        extra = {
+            k: v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in kwargs.items()
+        }
         out = self.transformer(
-            hidden_states=x.to(dtype), timestep=timestep, encoder_hidden_states=embeds.to(dtype), return_dict=False, **extra
+            hidden_states=x.to(dtype),
+            timestep=timestep,
+            encoder_hidden_states=embeds.to(dtype),
+            return_dict=False,
+            **extra,
         )
         return out[0]
 
@@ -223,11 +248,16 @@ class DiffusersFlowModel:
         if self.cfg_scale == 1.0:
             return self._forward(x, timestep, cond.prompt_embeds, cond.kwargs)
         if cond.negative_prompt_embeds is None:
-            raise ValueError(f"cond.negative_prompt_embeds is required for classifier-free guidance (cfg_scale={self.cfg_scale})")
+            raise ValueError(
+                f"cond.negative_prompt_embeds is required for classifier-free guidance (cfg_scale={self.cfg_scale})"
+            )
         negative_kwargs = {**cond.kwargs, **(cond.negative_kwargs or {})}
         kwargs = {k: _cat_batch(v, negative_kwargs[k], batch) for k, v in cond.kwargs.items()}
         both = self._forward(
-            torch.cat([x, x]), torch.cat([timestep, timestep]), torch.cat([cond.prompt_embeds, cond.negative_prompt_embeds]), kwargs
+            torch.cat([x, x]),
+            torch.cat([timestep, timestep]),
+            torch.cat([cond.prompt_embeds, cond.negative_prompt_embeds]),
+            kwargs,
         )
         v_cond, v_uncond = both.float().chunk(2)
         return (v_uncond + self.cfg_scale * (v_cond - v_uncond)).to(both.dtype)

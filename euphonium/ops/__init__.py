@@ -8,5 +8,11 @@ from euphonium.ops.reward_grad import reward_grad
 from euphonium.ops.sde import SDEStepOutput, philox_randn, sde_log_prob, sde_step
 
 __all__ = ["get_backend", "use_backend", "SDEStepOutput", "philox_randn", "sde_log_prob", "sde_step"]
-__all__ += ["group_advantages", "gather_group_advantages", "grpo_loss", "dual_reward_advantages", "dual_reward_loss",
-            "reward_grad"]
+__all__ += [
+    "group_advantages",
+    "gather_group_advantages",
+    "grpo_loss",
+    "dual_reward_advantages",
+    "dual_reward_loss",
+    "reward_grad",
+]

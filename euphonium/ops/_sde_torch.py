@@ -44,7 +44,11 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def coefficients(
-    sigma: torch.Tensor, sigma_next: torch.Tensor, schedule: str, scale: float, sigma_max: Optional[float],
+    sigma: torch.Tensor,
+    sigma_next: torch.Tensor,
+    schedule: str,
+    scale: float,
+    sigma_max: Optional[float],
     dtype: torch.dtype,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-sample ``(a_x, k, var)`` ``[B]`` in ``dtype`` with ``mean = a_x x + k v`` and ``std^2 = var``.
@@ -138,9 +142,18 @@ def _column(t: torch.Tensor) -> torch.Tensor:
 
 
 def sde_step(
-    x: torch.Tensor, v: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor,
-    reward_grad: Optional[torch.Tensor], guidance_scale: Optional[torch.Tensor], noise: Optional[torch.Tensor],
-    seed: int, schedule: str, scale: float, sigma_max: Optional[float], guided_logprob: bool,
+    x: torch.Tensor,
+    v: torch.Tensor,
+    sigma: torch.Tensor,
+    sigma_next: torch.Tensor,
+    reward_grad: Optional[torch.Tensor],
+    guidance_scale: Optional[torch.Tensor],
+    noise: Optional[torch.Tensor],
+    seed: int,
+    schedule: str,
+    scale: float,
+    sigma_max: Optional[float],
+    guided_logprob: bool,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
     """``(x_next, log_prob or None, x0_pred)`` of one step; inputs validated by ``ops.sde_step``.
 
@@ -179,7 +192,9 @@ def sde_step(
             eps = e2[rows, cols].to(ct)
         else:
             count = (rows.stop - rows.start) * (cols.stop - cols.start)
-            eps = philox_randn(seed, count, x.device, offset=rows.start * n + cols.start).view(-1, cols.stop - cols.start)
+            eps = philox_randn(seed, count, x.device, offset=rows.start * n + cols.start).view(
+                -1, cols.stop - cols.start
+            )
             eps = eps.to(ct)
         torch.addcmul(m_g, eps, std[rows], out=out)
         # The log-prob is taken at x_next as stored (rounded to the output dtype).
@@ -190,8 +205,15 @@ def sde_step(
 
 
 def sde_log_prob(
-    x: torch.Tensor, v: torch.Tensor, x_next: torch.Tensor, v_ref: Optional[torch.Tensor],
-    sigma: torch.Tensor, sigma_next: torch.Tensor, schedule: str, scale: float, sigma_max: Optional[float],
+    x: torch.Tensor,
+    v: torch.Tensor,
+    x_next: torch.Tensor,
+    v_ref: Optional[torch.Tensor],
+    sigma: torch.Tensor,
+    sigma_next: torch.Tensor,
+    schedule: str,
+    scale: float,
+    sigma_max: Optional[float],
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """``(log_prob, kl or None)`` ``[B]`` (float32; float64 for float64 ``x``), the same bits as the step's.
 
@@ -223,9 +245,17 @@ def sde_log_prob(
 
 
 def sde_log_prob_backward(
-    grad_log_prob: Optional[torch.Tensor], grad_kl: Optional[torch.Tensor],
-    x: torch.Tensor, v: torch.Tensor, x_next: torch.Tensor, v_ref: Optional[torch.Tensor],
-    sigma: torch.Tensor, sigma_next: torch.Tensor, schedule: str, scale: float, sigma_max: Optional[float],
+    grad_log_prob: Optional[torch.Tensor],
+    grad_kl: Optional[torch.Tensor],
+    x: torch.Tensor,
+    v: torch.Tensor,
+    x_next: torch.Tensor,
+    v_ref: Optional[torch.Tensor],
+    sigma: torch.Tensor,
+    sigma_next: torch.Tensor,
+    schedule: str,
+    scale: float,
+    sigma_max: Optional[float],
 ) -> torch.Tensor:
     """``grad_v`` (dtype of ``v``) for upstream ``[B]`` gradients (None counts as zero)."""
     batch = x.shape[0]

@@ -16,8 +16,8 @@ from typing import Optional, Tuple
 
 import torch
 
+from euphonium._checks import check_finite, check_float_tensor, check_index_tensor, check_positive
 from euphonium.ops._backend import resolve
-from euphonium.ops._checks import check_finite, check_float_tensor, check_index_tensor, check_positive
 
 
 def group_advantages(
@@ -75,8 +75,9 @@ def group_advantages(
 
     backend = resolve(rewards.device, torch_path=True)
     if backend == "torch" and group_size is not None:
-        return group_advantages_contiguous(rewards, group_size, eps=eps, unbiased=unbiased, global_std=global_std,
-                                           clip=clip)
+        return group_advantages_contiguous(
+            rewards, group_size, eps=eps, unbiased=unbiased, global_std=global_std, clip=clip
+        )
     if backend != "triton":
         ids = group_ids if group_ids is not None else contiguous_group_ids(batch, group_size, rewards.device)
         return group_advantages_ref(rewards, ids, eps=eps, unbiased=unbiased, global_std=global_std, clip=clip)
@@ -86,8 +87,15 @@ def group_advantages(
     order, seg_end = segment_layout(batch, group_size=group_size, group_ids=group_ids, device=rewards.device)
     out_dtype = torch.promote_types(rewards.dtype, torch.float32)
     adv = group_advantages_forward(
-        rewards.reshape(batch, -1), order, seg_end, out_dtype=out_dtype, eps=eps, unbiased=unbiased,
-        global_std=global_std, clip=clip, max_group=group_size,
+        rewards.reshape(batch, -1),
+        order,
+        seg_end,
+        out_dtype=out_dtype,
+        eps=eps,
+        unbiased=unbiased,
+        global_std=global_std,
+        clip=clip,
+        max_group=group_size,
     )
     return adv.reshape(rewards.shape)
 

@@ -7,7 +7,7 @@ from typing import List, Optional
 import torch
 import torch.distributed as dist
 
-from euphonium.ops._checks import check_float_tensor, check_index_tensor
+from euphonium._checks import check_float_tensor, check_index_tensor
 from euphonium.ops.advantages import group_advantages
 
 
@@ -59,8 +59,10 @@ def gather_group_advantages(
     dist.all_gather(shapes, shape, group=process_group)
     shapes = torch.stack(shapes).tolist()
     if any(s[1:] != shapes[0][1:] for s in shapes):
-        raise ValueError(f"rewards must have the same number of columns on every rank; "
-                         f"(batch, columns, dims) per rank: {[tuple(s) for s in shapes]}")
+        raise ValueError(
+            f"rewards must have the same number of columns on every rank; "
+            f"(batch, columns, dims) per rank: {[tuple(s) for s in shapes]}"
+        )
     counts = [s[0] for s in shapes]
     padded = max(counts)
 
@@ -70,14 +72,16 @@ def gather_group_advantages(
     if bool(bad.any()):
         index = bad.any(dim=1).nonzero()[0].item()
         owner = max(r for r in range(world) if sum(counts[:r]) <= index)
-        raise ValueError(f"rewards has non-finite values (first at sample {index - sum(counts[:owner])} "
-                         f"of rank {owner}, sample {index} of the gathered batch)")
+        raise ValueError(
+            f"rewards has non-finite values (first at sample {index - sum(counts[:owner])} "
+            f"of rank {owner}, sample {index} of the gathered batch)"
+        )
     all_ids = None
     if group_ids is not None:
         all_ids = _gather_padded(group_ids.to(torch.int64), padded, counts, process_group)
     adv = group_advantages(all_rewards.to(rewards.dtype), group_size=group_size, group_ids=all_ids, **options)
     start = sum(counts[:rank])
-    return adv[start:start + local].reshape(rewards.shape)
+    return adv[start : start + local].reshape(rewards.shape)
 
 
 def _gather_padded(t: torch.Tensor, padded: int, counts: List[int], group) -> torch.Tensor:

@@ -17,8 +17,8 @@ from typing import Dict, Mapping, Optional, Tuple
 
 import torch
 
+from euphonium._checks import check_float_tensor, check_like, check_positive, check_same_device
 from euphonium.ops._backend import resolve
-from euphonium.ops._checks import check_float_tensor, check_like, check_positive, check_same_device
 from euphonium.ops.advantages import group_advantages
 
 STAT_NAMES = ("clip_frac", "approx_kl", "ratio_mean", "ratio_max_dev", "policy_loss", "kl")
@@ -60,8 +60,9 @@ def grpo_loss(
         function of PyTorch ops; both backwards recompute the ratio from the inputs rather than
         saving it (the eager reference keeps about ten element-sized tensors for autograd).
     """
-    loss, stats = grpo_loss_tensors(log_prob, old_log_prob, advantages, clip_range=clip_range,
-                                    adv_clip=adv_clip, kl=kl, kl_coef=kl_coef)
+    loss, stats = grpo_loss_tensors(
+        log_prob, old_log_prob, advantages, clip_range=clip_range, adv_clip=adv_clip, kl=kl, kl_coef=kl_coef
+    )
     return loss, dict(zip(STAT_NAMES, stats.tolist()))
 
 
@@ -95,14 +96,22 @@ def grpo_loss_tensors(
 
     backend = resolve(log_prob.device, torch_path=True)
     if backend == "reference":
-        return grpo_loss_ref(log_prob, old_log_prob, advantages, clip_range=clip_range, adv_clip=adv_clip,
-                             kl=kl, kl_coef=kl_coef)
+        return grpo_loss_ref(
+            log_prob, old_log_prob, advantages, clip_range=clip_range, adv_clip=adv_clip, kl=kl, kl_coef=kl_coef
+        )
     if backend == "torch":
-        return _GRPOLossTorch.apply(log_prob, old_log_prob.detach(), advantages.detach(), kl, clip_range, adv_clip,
-                                    kl_coef)
-    return _GRPOLoss.apply(log_prob.contiguous(), old_log_prob.detach().contiguous(),
-                           advantages.detach().contiguous(), kl.contiguous() if kl is not None else None,
-                           clip_range, adv_clip, kl_coef)
+        return _GRPOLossTorch.apply(
+            log_prob, old_log_prob.detach(), advantages.detach(), kl, clip_range, adv_clip, kl_coef
+        )
+    return _GRPOLoss.apply(
+        log_prob.contiguous(),
+        old_log_prob.detach().contiguous(),
+        advantages.detach().contiguous(),
+        kl.contiguous() if kl is not None else None,
+        clip_range,
+        adv_clip,
+        kl_coef,
+    )
 
 
 class _GRPOLoss(torch.autograd.Function):
@@ -110,8 +119,9 @@ class _GRPOLoss(torch.autograd.Function):
     def forward(ctx, log_prob, old_log_prob, advantages, kl, clip_range, adv_clip, kl_coef):
         from euphonium.kernels.grpo_loss import grpo_loss_forward
 
-        loss, stats = grpo_loss_forward(log_prob, old_log_prob, advantages, kl, clip_range=clip_range,
-                                        adv_clip=adv_clip, kl_coef=kl_coef)
+        loss, stats = grpo_loss_forward(
+            log_prob, old_log_prob, advantages, kl, clip_range=clip_range, adv_clip=adv_clip, kl_coef=kl_coef
+        )
         ctx.save_for_backward(log_prob, old_log_prob, advantages, kl)
         ctx.config = (clip_range, adv_clip, kl_coef)
         ctx.mark_non_differentiable(stats)
@@ -124,9 +134,16 @@ class _GRPOLoss(torch.autograd.Function):
 
         log_prob, old_log_prob, advantages, kl = ctx.saved_tensors
         clip_range, adv_clip, kl_coef = ctx.config
-        dlogp, dkl = grpo_loss_backward(grad_loss, log_prob, old_log_prob, advantages,
-                                        kl if ctx.needs_input_grad[3] else None,
-                                        clip_range=clip_range, adv_clip=adv_clip, kl_coef=kl_coef)
+        dlogp, dkl = grpo_loss_backward(
+            grad_loss,
+            log_prob,
+            old_log_prob,
+            advantages,
+            kl if ctx.needs_input_grad[3] else None,
+            clip_range=clip_range,
+            adv_clip=adv_clip,
+            kl_coef=kl_coef,
+        )
         return dlogp if ctx.needs_input_grad[0] else None, None, None, dkl, None, None, None
 
 
@@ -216,9 +233,16 @@ def grpo_loss_ref(
         approx_kl = exp_minus_1_minus_x(log_ratio)
         ratio_minus_1 = log_ratio + approx_kl
         dev = ratio_minus_1.abs()
-        stats = torch.stack([
-            (dev > clip_range).to(dtype).mean(), approx_kl.mean(), 1 + ratio_minus_1.mean(), dev.max(), policy, kl_mean,
-        ])
+        stats = torch.stack(
+            [
+                (dev > clip_range).to(dtype).mean(),
+                approx_kl.mean(),
+                1 + ratio_minus_1.mean(),
+                dev.max(),
+                policy,
+                kl_mean,
+            ]
+        )
     return loss, stats
 
 
@@ -276,13 +300,22 @@ def dual_reward_advantages(
     bad = ~torch.isfinite(stacked)
     if bool(bad.any()):
         sample, col = bad.nonzero()[0].tolist()
-        where = f"outcome_rewards[{names[col]!r}]" if col < len(names) else f"process_rewards at step {col - len(names)}"
+        where = (
+            f"outcome_rewards[{names[col]!r}]" if col < len(names) else f"process_rewards at step {col - len(names)}"
+        )
         raise ValueError(f"{where} has non-finite values (first at sample {sample})")
-    adv = group_advantages(stacked, group_size=group_size, group_ids=group_ids, eps=eps, unbiased=unbiased,
-                           global_std=global_std, clip=clip)
+    adv = group_advantages(
+        stacked,
+        group_size=group_size,
+        group_ids=group_ids,
+        eps=eps,
+        unbiased=unbiased,
+        global_std=global_std,
+        clip=clip,
+    )
     outcome = {name: adv[:, i] for i, name in enumerate(names)}
     # Unguided columns are all zero, so their advantages are exactly zero (all-equal groups).
-    process = adv[:, len(names):] if process_rewards is not None else None
+    process = adv[:, len(names) :] if process_rewards is not None else None
     return outcome, process
 
 
@@ -337,16 +370,19 @@ def dual_reward_loss(
     if not isinstance(outcome_weights, Mapping) or set(outcome_weights) != set(names):
         got = sorted(outcome_weights) if isinstance(outcome_weights, Mapping) else type(outcome_weights).__name__
         raise ValueError(f"outcome_weights must give a weight for exactly the outcome names {sorted(names)}, got {got}")
-    weights = {name: check_positive(f"outcome_weights[{name!r}]", outcome_weights[name], allow_zero=True)
-               for name in names}
+    weights = {
+        name: check_positive(f"outcome_weights[{name!r}]", outcome_weights[name], allow_zero=True) for name in names
+    }
     process_weight = check_positive("process_weight", process_weight, allow_zero=True)
     kl_coef = check_positive("kl_coef", kl_coef, allow_zero=True)
     check_float_tensor("log_prob", log_prob)
     for name in names:
         adv = check_float_tensor(f"outcome_advantages[{name!r}]", outcome_advantages[name])
         if adv.shape != log_prob.shape[:1]:
-            raise ValueError(f"outcome_advantages[{name!r}] must be [B] = [{log_prob.shape[0]}] (one per sample), "
-                             f"got {tuple(adv.shape)}")
+            raise ValueError(
+                f"outcome_advantages[{name!r}] must be [B] = [{log_prob.shape[0]}] (one per sample), "
+                f"got {tuple(adv.shape)}"
+            )
 
     terms = [(name, outcome_advantages[name], weights[name]) for name in names]
     if process_advantages is not None:
@@ -357,8 +393,9 @@ def dual_reward_loss(
                 f"got {tuple(process_advantages.shape)}"
             )
         mask = _guided_mask(guided, process_advantages.shape[1], process_advantages)
-        terms.append(("process", torch.where(mask, process_advantages, torch.zeros_like(process_advantages)),
-                      process_weight))
+        terms.append(
+            ("process", torch.where(mask, process_advantages, torch.zeros_like(process_advantages)), process_weight)
+        )
     elif guided is not None:
         raise ValueError("guided is given but process_advantages is None")
     options = dict(clip_range=clip_range, adv_clip=adv_clip)
@@ -380,8 +417,9 @@ def dual_reward_loss(
         check_like("kl", kl, "log_prob", log_prob)
         kl_mean = kl.to(loss.dtype).mean()
         loss = loss + kl_coef * kl_mean
-    values = torch.cat([term_stats[0][:4], policy.reshape(1), kl_mean.detach().reshape(1),
-                        torch.stack([s[4] for s in term_stats])]).tolist()
+    values = torch.cat(
+        [term_stats[0][:4], policy.reshape(1), kl_mean.detach().reshape(1), torch.stack([s[4] for s in term_stats])]
+    ).tolist()
     stats = dict(zip(STAT_NAMES, values[:6]))
     stats.update({f"policy_loss/{name}": v for (name, _, _), v in zip(terms, values[6:])})
     return loss, stats
@@ -406,8 +444,10 @@ def _guided_mask(guided, steps: int, ref: torch.Tensor) -> torch.Tensor:
     if guided is None:
         return torch.ones((1, steps), dtype=torch.bool, device=ref.device)
     if not isinstance(guided, torch.Tensor) or guided.dtype != torch.bool:
-        raise TypeError(f"guided must be a bool tensor of shape [{steps}], got "
-                        f"{guided.dtype if isinstance(guided, torch.Tensor) else type(guided).__name__}")
+        raise TypeError(
+            f"guided must be a bool tensor of shape [{steps}], got "
+            f"{guided.dtype if isinstance(guided, torch.Tensor) else type(guided).__name__}"
+        )
     if guided.shape != (steps,):
         raise ValueError(f"guided must have shape [{steps}] (one flag per step), got {tuple(guided.shape)}")
     check_same_device("guided", guided, "the process rewards", ref)

@@ -13,7 +13,6 @@ cache, with in-place ops.
 
 from __future__ import annotations
 
-import math
 from typing import Optional, Tuple, Union
 
 import torch
@@ -74,7 +73,11 @@ def _uniform(word: torch.Tensor) -> torch.Tensor:
 
 
 def philox_randn(
-    seed: int, numel: int, device: Union[str, torch.device] = "cpu", *, offset: int = 0,
+    seed: int,
+    numel: int,
+    device: Union[str, torch.device] = "cpu",
+    *,
+    offset: int = 0,
     out: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """``numel`` standard normal float32 values: element ``i`` is Triton's ``tl.randn(seed, offset + i)``.

@@ -6,8 +6,8 @@ from typing import Callable, Optional, Tuple
 
 import torch
 
+from euphonium._checks import check_finite, check_float_tensor, check_positive
 from euphonium.ops._backend import resolve
-from euphonium.ops._checks import check_finite, check_float_tensor, check_positive
 
 
 def reward_grad(
@@ -61,8 +61,10 @@ def reward_grad(
             raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
     max_norm = check_positive("max_norm", max_norm, allow_none=True)
     if torch.is_inference_mode_enabled():
-        raise RuntimeError("reward_grad needs autograd, which torch.inference_mode disables beyond enable_grad(); "
-                           "run the rollout under torch.no_grad() instead")
+        raise RuntimeError(
+            "reward_grad needs autograd, which torch.inference_mode disables beyond enable_grad(); "
+            "run the rollout under torch.no_grad() instead"
+        )
     reward, grad = _RewardGrad.apply(x, prm, args, kwargs)
     check_finite("grad", grad, what="the process reward model's gradient d reward / d x")
     if normalize or max_norm is not None:
@@ -73,8 +75,9 @@ def reward_grad(
     return reward, grad
 
 
-def scale_by_norm(grad: torch.Tensor, *, normalize: bool = False, max_norm: Optional[float] = None,
-                  inplace: bool = False) -> torch.Tensor:
+def scale_by_norm(
+    grad: torch.Tensor, *, normalize: bool = False, max_norm: Optional[float] = None, inplace: bool = False
+) -> torch.Tensor:
     """:func:`reward_grad`'s per-sample normalisation / norm clipping of ``grad`` on the backend that
     ``grad``'s device resolves to (the Triton kernels, the PyTorch path or the reference).
 
@@ -104,12 +107,16 @@ class _RewardGrad(torch.autograd.Function):
             if not isinstance(reward, torch.Tensor):
                 raise ValueError(f"prm must return a [B] tensor of rewards, got {type(reward).__name__}")
             if reward.shape != (batch,) or not reward.is_floating_point():
-                raise ValueError(f"prm must return a floating-point reward of shape [{batch}], got "
-                                 f"{reward.dtype} of shape {tuple(reward.shape)}")
+                raise ValueError(
+                    f"prm must return a floating-point reward of shape [{batch}], got "
+                    f"{reward.dtype} of shape {tuple(reward.shape)}"
+                )
             check_finite("prm(x)", reward, what="the process reward model returned non-finite rewards")
             if not reward.requires_grad:
-                raise ValueError("prm(x) does not depend on x differentiably (no autograd graph: does the PRM "
-                                 "run under torch.no_grad/inference_mode or detach its input?)")
+                raise ValueError(
+                    "prm(x) does not depend on x differentiably (no autograd graph: does the PRM "
+                    "run under torch.no_grad/inference_mode or detach its input?)"
+                )
             (grad,) = torch.autograd.grad(reward.sum(), [x_leaf], allow_unused=True)
         if grad is None:
             raise ValueError("prm(x) does not depend on x: its gradient with respect to x does not exist")
@@ -131,8 +138,10 @@ def scale_by_norm_ref(grad: torch.Tensor, *, normalize: bool = False, max_norm: 
 
 def _check_inplace(grad: torch.Tensor, inplace: bool) -> None:
     if inplace and not grad.is_contiguous():
-        raise ValueError(f"scale_by_norm(inplace=True) needs a contiguous grad, got strides {grad.stride()} "
-                         f"for shape {tuple(grad.shape)}")
+        raise ValueError(
+            f"scale_by_norm(inplace=True) needs a contiguous grad, got strides {grad.stride()} "
+            f"for shape {tuple(grad.shape)}"
+        )
 
 
 def _scales(norm: torch.Tensor, normalize: bool, max_norm: Optional[float]) -> torch.Tensor:
@@ -146,8 +155,9 @@ def _scales(norm: torch.Tensor, normalize: bool, max_norm: Optional[float]) -> t
     return scale
 
 
-def scale_by_norm_torch(grad: torch.Tensor, *, normalize: bool = False, max_norm: Optional[float] = None,
-                        inplace: bool = False) -> torch.Tensor:
+def scale_by_norm_torch(
+    grad: torch.Tensor, *, normalize: bool = False, max_norm: Optional[float] = None, inplace: bool = False
+) -> torch.Tensor:
     """The PyTorch path of the post-processing (backend ``torch``; CPU tensors under ``auto``).
 
     The reference's arithmetic (fp32 norms and products, one rounding to ``grad``'s dtype) without

@@ -36,10 +36,10 @@ from typing import NamedTuple, Optional, Tuple, Union
 
 import torch
 
+from euphonium._checks import check_float_tensor, check_like, per_sample
 from euphonium.ops import _sde_torch
-from euphonium.ops._sde_torch import compute_dtype
 from euphonium.ops._backend import resolve
-from euphonium.ops._checks import check_float_tensor, check_like, per_sample
+from euphonium.ops._sde_torch import compute_dtype
 from euphonium.ops.philox import draw_seed, philox4x32, philox_randn  # noqa: F401 (re-exported)
 
 SCHEDULES = ("flow_grpo", "dance_grpo", "cps", "ode")
@@ -188,22 +188,32 @@ def _check_schedule(schedule, noise_level, sigma_max):
         raise TypeError(f"noise_level must be a float, got {type(noise_level).__name__}")
     noise_level = float(noise_level)
     if schedule != "ode" and not (0 < noise_level < float("inf")):
-        raise ValueError(f"noise_level must be a finite number > 0 for schedule={schedule!r} (use schedule='ode' for a deterministic step), got {noise_level}")
+        raise ValueError(
+            f"noise_level must be a finite number > 0 for schedule={schedule!r} (use schedule='ode' for a "
+            f"deterministic step), got {noise_level}"
+        )
     if schedule == "cps" and noise_level > 1:
-        raise ValueError(f"noise_level must be in (0, 1] for schedule='cps' (std = sigma_next * sin(noise_level * pi / 2)), got {noise_level}")
+        raise ValueError(
+            "noise_level must be in (0, 1] for schedule='cps' (std = sigma_next * sin(noise_level * pi / 2)), "
+            f"got {noise_level}"
+        )
     if sigma_max is not None:
         if isinstance(sigma_max, bool) or not isinstance(sigma_max, (int, float)):
             raise TypeError(f"sigma_max must be a float or None, got {type(sigma_max).__name__}")
         sigma_max = float(sigma_max)
         if not 0 < sigma_max < 1:
-            raise ValueError(f"sigma_max must be in (0, 1) (the largest sigma below 1 of the schedule), got {sigma_max}")
+            raise ValueError(
+                f"sigma_max must be in (0, 1) (the largest sigma below 1 of the schedule), got {sigma_max}"
+            )
     return noise_level, sigma_max
 
 
 def _check_latent(name, t):
     check_float_tensor(name, t)
     if t.dim() < 2:
-        raise ValueError(f"{name} must have a batch dimension and at least one more, shape [B, ...], got shape {tuple(t.shape)}")
+        raise ValueError(
+            f"{name} must have a batch dimension and at least one more, shape [B, ...], got shape {tuple(t.shape)}"
+        )
     if t.numel() == 0:
         raise ValueError(f"{name} has no elements (shape {tuple(t.shape)})")
     return t
@@ -215,7 +225,10 @@ def _check_sigmas(sigma, sigma_next, x, schedule, sigma_max):
     Returns the sigmas as [B] float32 tensors on ``x.device`` (one host sync for tensor sigmas).
     """
     batch = x.shape[0]
-    for name, value, rule in (("sigma", sigma, "0 < sigma <= 1"), ("sigma_next", sigma_next, "0 <= sigma_next < sigma")):
+    for name, value, rule in (
+        ("sigma", sigma, "0 < sigma <= 1"),
+        ("sigma_next", sigma_next, "0 <= sigma_next < sigma"),
+    ):
         # Numbers far outside [0, 1] (or NaN) are rejected before they are converted to fp32.
         if isinstance(value, (int, float)) and not isinstance(value, bool) and not 0 <= float(value) <= 1:
             raise ValueError(f"{name} must satisfy {rule}, got {value!r}")
@@ -230,9 +243,15 @@ def _check_sigmas(sigma, sigma_next, x, schedule, sigma_max):
     if flags[0]:
         raise ValueError(f"sigma must satisfy 0 < sigma <= 1 (finite), got {_describe(sigma)}")
     if flags[1]:
-        raise ValueError(f"sigma_next must satisfy 0 <= sigma_next < sigma, got sigma_next={_describe(sigma_next)} with sigma={_describe(sigma)}")
+        raise ValueError(
+            f"sigma_next must satisfy 0 <= sigma_next < sigma, got sigma_next={_describe(sigma_next)} with "
+            f"sigma={_describe(sigma)}"
+        )
     if flags[2] and schedule == "flow_grpo" and sigma_max is None:
-        raise ValueError("sigma_max is required with schedule='flow_grpo' at sigma == 1 (the coefficient sqrt(sigma / (1 - sigma)) is infinite there); pass the largest sigma below 1, as Flow-GRPO does")
+        raise ValueError(
+            "sigma_max is required with schedule='flow_grpo' at sigma == 1 (the coefficient sqrt(sigma / (1 - "
+            "sigma)) is infinite there); pass the largest sigma below 1, as Flow-GRPO does"
+        )
     return s, sn
 
 
@@ -250,7 +269,9 @@ def _check_seed(seed, noise):
     if seed is None:
         return None
     if noise is not None:
-        raise ValueError("pass either noise or seed, not both (seed only seeds the in-kernel noise drawn when noise is None)")
+        raise ValueError(
+            "pass either noise or seed, not both (seed only seeds the in-kernel noise drawn when noise is None)"
+        )
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed must be an int, got {type(seed).__name__}")
     if not 0 <= seed < _SEED_LIMIT:
@@ -348,14 +369,29 @@ def sde_step(
         if noise is None and schedule != "ode":
             noise = philox_randn(draw_seed() if seed is None else seed, x.numel(), x.device).reshape(x.shape)
         return sde_step_reference(
-            x, v, sigma_t, sigma_next_t, noise, schedule=schedule, noise_level=noise_level, sigma_max=sigma_max,
-            reward_grad=reward_grad, guidance_scale=scale_t if scale_t is not None else 0.0,
+            x,
+            v,
+            sigma_t,
+            sigma_next_t,
+            noise,
+            schedule=schedule,
+            noise_level=noise_level,
+            sigma_max=sigma_max,
+            reward_grad=reward_grad,
+            guidance_scale=scale_t if scale_t is not None else 0.0,
             logprob_mean=logprob_mean,
         )
 
     if torch.is_grad_enabled():
-        for name, t in (("x", x), ("v", v), ("reward_grad", reward_grad), ("noise", noise), ("sigma", sigma),
-                        ("sigma_next", sigma_next), ("guidance_scale", guidance_scale)):
+        for name, t in (
+            ("x", x),
+            ("v", v),
+            ("reward_grad", reward_grad),
+            ("noise", noise),
+            ("sigma", sigma),
+            ("sigma_next", sigma_next),
+            ("guidance_scale", guidance_scale),
+        ):
             if isinstance(t, torch.Tensor) and t.requires_grad:
                 raise ValueError(
                     f"sde_step's fused step ({backend} backend) is not differentiable, but {name} requires grad: run "
@@ -364,8 +400,21 @@ def sde_step(
                 )
     if noise is None and seed is None and schedule != "ode":
         seed = draw_seed()
-    args = (x, v, sigma_t, sigma_next_t, reward_grad, scale_t, noise, 0 if seed is None else seed, schedule,
-            _schedule_scale(schedule, noise_level), sigma_max, logprob_mean == "guided", backend)
+    args = (
+        x,
+        v,
+        sigma_t,
+        sigma_next_t,
+        reward_grad,
+        scale_t,
+        noise,
+        0 if seed is None else seed,
+        schedule,
+        _schedule_scale(schedule, noise_level),
+        sigma_max,
+        logprob_mean == "guided",
+        backend,
+    )
     if torch.compiler.is_compiling():
         x_next, log_prob, x0_pred = _sde_step_op(*args)
         log_prob = None if schedule == "ode" else log_prob
@@ -380,16 +429,51 @@ def sde_step(
 # ----------------------------------------------------------------------------------------------
 
 
-def _fused_step(x, v, sigma, sigma_next, reward_grad, guidance_scale, noise, seed, schedule, scale, sigma_max,
-                guided_logprob, backend):
+def _fused_step(
+    x,
+    v,
+    sigma,
+    sigma_next,
+    reward_grad,
+    guidance_scale,
+    noise,
+    seed,
+    schedule,
+    scale,
+    sigma_max,
+    guided_logprob,
+    backend,
+):
     if backend == "torch":
-        return _sde_torch.sde_step(x, v, sigma, sigma_next, reward_grad, guidance_scale, noise, seed, schedule, scale,
-                                   sigma_max, guided_logprob)
+        return _sde_torch.sde_step(
+            x,
+            v,
+            sigma,
+            sigma_next,
+            reward_grad,
+            guidance_scale,
+            noise,
+            seed,
+            schedule,
+            scale,
+            sigma_max,
+            guided_logprob,
+        )
     from euphonium.kernels import sde as kernels
 
     return kernels.sde_step_forward(
-        x, v, sigma, sigma_next, reward_grad=reward_grad, guidance_scale=guidance_scale, noise=noise, seed=seed,
-        schedule=schedule, scale=scale, sigma_max=sigma_max, guided_logprob=guided_logprob,
+        x,
+        v,
+        sigma,
+        sigma_next,
+        reward_grad=reward_grad,
+        guidance_scale=guidance_scale,
+        noise=noise,
+        seed=seed,
+        schedule=schedule,
+        scale=scale,
+        sigma_max=sigma_max,
+        guided_logprob=guided_logprob,
     )
 
 
@@ -403,17 +487,28 @@ def _fused_log_prob(x, v, x_next, v_ref, sigma, sigma_next, schedule, scale, sig
     )
 
 
-def _fused_log_prob_backward(grad_log_prob, grad_kl, x, v, x_next, v_ref, sigma, sigma_next, schedule, scale,
-                             sigma_max, backend):
+def _fused_log_prob_backward(
+    grad_log_prob, grad_kl, x, v, x_next, v_ref, sigma, sigma_next, schedule, scale, sigma_max, backend
+):
     grad_kl = grad_kl if v_ref is not None else None
     if backend == "torch":
-        return _sde_torch.sde_log_prob_backward(grad_log_prob, grad_kl, x, v, x_next, v_ref, sigma, sigma_next,
-                                                schedule, scale, sigma_max)
+        return _sde_torch.sde_log_prob_backward(
+            grad_log_prob, grad_kl, x, v, x_next, v_ref, sigma, sigma_next, schedule, scale, sigma_max
+        )
     from euphonium.kernels import sde as kernels
 
     return kernels.sde_log_prob_backward(
-        grad_log_prob, grad_kl, x, v, x_next, sigma, sigma_next,
-        v_ref=v_ref, schedule=schedule, scale=scale, sigma_max=sigma_max,
+        grad_log_prob,
+        grad_kl,
+        x,
+        v,
+        x_next,
+        sigma,
+        sigma_next,
+        v_ref=v_ref,
+        schedule=schedule,
+        scale=scale,
+        sigma_max=sigma_max,
     )
 
 
@@ -447,12 +542,33 @@ class _SDELogProb(torch.autograd.Function):
 
 @torch.library.custom_op("euphonium::sde_step", mutates_args=())
 def _sde_step_op(
-    x: torch.Tensor, v: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor,
-    reward_grad: Optional[torch.Tensor], guidance_scale: Optional[torch.Tensor], noise: Optional[torch.Tensor],
-    seed: int, schedule: str, scale: float, sigma_max: Optional[float], guided_logprob: bool, backend: str,
+    x: torch.Tensor,
+    v: torch.Tensor,
+    sigma: torch.Tensor,
+    sigma_next: torch.Tensor,
+    reward_grad: Optional[torch.Tensor],
+    guidance_scale: Optional[torch.Tensor],
+    noise: Optional[torch.Tensor],
+    seed: int,
+    schedule: str,
+    scale: float,
+    sigma_max: Optional[float],
+    guided_logprob: bool,
+    backend: str,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     x_next, log_prob, x0_pred = _fused_step(
-        x, v, sigma, sigma_next, reward_grad, guidance_scale, noise, seed, schedule, scale, sigma_max, guided_logprob,
+        x,
+        v,
+        sigma,
+        sigma_next,
+        reward_grad,
+        guidance_scale,
+        noise,
+        seed,
+        schedule,
+        scale,
+        sigma_max,
+        guided_logprob,
         backend,
     )
     empty = x.new_empty(0, dtype=_log_prob_dtype(x, backend))
@@ -460,16 +576,37 @@ def _sde_step_op(
 
 
 @_sde_step_op.register_fake
-def _(x, v, sigma, sigma_next, reward_grad, guidance_scale, noise, seed, schedule, scale, sigma_max, guided_logprob,
-      backend):
+def _(
+    x,
+    v,
+    sigma,
+    sigma_next,
+    reward_grad,
+    guidance_scale,
+    noise,
+    seed,
+    schedule,
+    scale,
+    sigma_max,
+    guided_logprob,
+    backend,
+):
     batch = 0 if schedule == "ode" else x.shape[0]
     return x.new_empty(x.shape), x.new_empty(batch, dtype=_log_prob_dtype(x, backend)), x.new_empty(x.shape)
 
 
 @torch.library.custom_op("euphonium::sde_log_prob", mutates_args=())
 def _sde_log_prob_op(
-    x: torch.Tensor, v: torch.Tensor, x_next: torch.Tensor, v_ref: Optional[torch.Tensor], sigma: torch.Tensor,
-    sigma_next: torch.Tensor, schedule: str, scale: float, sigma_max: Optional[float], backend: str,
+    x: torch.Tensor,
+    v: torch.Tensor,
+    x_next: torch.Tensor,
+    v_ref: Optional[torch.Tensor],
+    sigma: torch.Tensor,
+    sigma_next: torch.Tensor,
+    schedule: str,
+    scale: float,
+    sigma_max: Optional[float],
+    backend: str,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     log_prob, kl = _fused_log_prob(x, v, x_next, v_ref, sigma, sigma_next, schedule, scale, sigma_max, backend)
     return log_prob, x.new_empty(0, dtype=log_prob.dtype) if kl is None else kl
@@ -483,9 +620,18 @@ def _(x, v, x_next, v_ref, sigma, sigma_next, schedule, scale, sigma_max, backen
 
 @torch.library.custom_op("euphonium::sde_log_prob_backward", mutates_args=())
 def _sde_log_prob_backward_op(
-    grad_log_prob: torch.Tensor, grad_kl: Optional[torch.Tensor], x: torch.Tensor, v: torch.Tensor,
-    x_next: torch.Tensor, v_ref: Optional[torch.Tensor], sigma: torch.Tensor, sigma_next: torch.Tensor,
-    schedule: str, scale: float, sigma_max: Optional[float], backend: str,
+    grad_log_prob: torch.Tensor,
+    grad_kl: Optional[torch.Tensor],
+    x: torch.Tensor,
+    v: torch.Tensor,
+    x_next: torch.Tensor,
+    v_ref: Optional[torch.Tensor],
+    sigma: torch.Tensor,
+    sigma_next: torch.Tensor,
+    schedule: str,
+    scale: float,
+    sigma_max: Optional[float],
+    backend: str,
 ) -> torch.Tensor:
     return _fused_log_prob_backward(
         grad_log_prob, grad_kl, x, v, x_next, v_ref, sigma, sigma_next, schedule, scale, sigma_max, backend
@@ -561,10 +707,27 @@ def sde_log_prob(
     backend = resolve(x.device, torch_path=True)
     if backend == "reference":
         return sde_log_prob_reference(
-            x, v, x_next, sigma_t, sigma_next_t, schedule=schedule, noise_level=noise_level, sigma_max=sigma_max,
+            x,
+            v,
+            x_next,
+            sigma_t,
+            sigma_next_t,
+            schedule=schedule,
+            noise_level=noise_level,
+            sigma_max=sigma_max,
             v_ref=v_ref,
         )
-    args = (x, v, x_next, v_ref, sigma_t, sigma_next_t, schedule, _schedule_scale(schedule, noise_level), sigma_max,
-            backend)
+    args = (
+        x,
+        v,
+        x_next,
+        v_ref,
+        sigma_t,
+        sigma_next_t,
+        schedule,
+        _schedule_scale(schedule, noise_level),
+        sigma_max,
+        backend,
+    )
     log_prob, kl = _sde_log_prob_op(*args) if torch.compiler.is_compiling() else _SDELogProb.apply(*args)
     return log_prob if v_ref is None else (log_prob, kl)

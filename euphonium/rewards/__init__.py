@@ -28,8 +28,17 @@ from euphonium.rewards.jpeg import JpegCompressibility, JpegIncompressibility, j
 
 # The PRM module loads lazily (PEP 562): `python -m euphonium.rewards.prm` must not find it already
 # imported by this package, and importing the outcome rewards should not pull in diffusers.
-_PRM_NAMES = ("TOY_PRM_DIR", "LatentRewardModel", "PRMDataset", "PRMTrainConfig", "PRMTrainer", "collect_rollouts",
-              "load_toy_prm", "pool_prompt_embeds", "spearman")
+_PRM_NAMES = (
+    "TOY_PRM_DIR",
+    "LatentRewardModel",
+    "PRMDataset",
+    "PRMTrainConfig",
+    "PRMTrainer",
+    "collect_rollouts",
+    "load_toy_prm",
+    "pool_prompt_embeds",
+    "spearman",
+)
 
 
 def __getattr__(name: str):

@@ -20,7 +20,7 @@ from typing import Callable, Dict, Mapping, NamedTuple, Optional, Sequence, Unio
 import numpy as np
 import torch
 
-from euphonium.ops._checks import check_float_tensor
+from euphonium._checks import check_float_tensor
 
 RewardValue = Union[torch.Tensor, np.ndarray, Sequence[float]]
 RewardFn = Callable[[torch.Tensor, Sequence[str]], Union[RewardValue, Mapping[str, RewardValue]]]
@@ -67,8 +67,9 @@ def check_videos(videos, prompts: Optional[Sequence[str]] = None) -> int:
     return batch
 
 
-def check_reward_values(name: str, values, batch: int, prompts: Optional[Sequence[str]] = None,
-                        device: Optional[torch.device] = None) -> torch.Tensor:
+def check_reward_values(
+    name: str, values, batch: int, prompts: Optional[Sequence[str]] = None, device: Optional[torch.device] = None
+) -> torch.Tensor:
     """Reward ``name``'s output as a ``[batch]`` float32 tensor on ``device``.
 
     Accepts a tensor, a NumPy array or a sequence of numbers. Raises ``ValueError`` naming the reward
@@ -82,15 +83,17 @@ def check_reward_values(name: str, values, batch: int, prompts: Optional[Sequenc
         try:
             values = torch.as_tensor(np.asarray(values, dtype=np.float64))
         except (TypeError, ValueError) as err:
-            raise TypeError(f"reward {name!r} must return a tensor, an array or a list of numbers, got "
-                            f"{type(values).__name__}") from err
+            raise TypeError(
+                f"reward {name!r} must return a tensor, an array or a list of numbers, got {type(values).__name__}"
+            ) from err
     if values.dtype == torch.bool or values.is_complex():
         raise TypeError(f"reward {name!r} must return real numbers, got dtype {values.dtype}")
     if values.dim() == 2 and values.shape[1] == 1:
         values = values[:, 0]
     if values.dim() != 1 or values.shape[0] != batch:
-        raise ValueError(f"reward {name!r} must return shape [{batch}] (one value per sample), got "
-                         f"shape {tuple(values.shape)}")
+        raise ValueError(
+            f"reward {name!r} must return shape [{batch}] (one value per sample), got shape {tuple(values.shape)}"
+        )
     values = values.to(device=device if device is not None else values.device, dtype=torch.float32)
     bad = ~torch.isfinite(values)
     if bool(bad.any()):
@@ -179,8 +182,7 @@ class RewardSet:
             raise ValueError(f"weights names unknown rewards {unknown}; the rewards are {sorted(parts)}")
         missing = sorted(set(parts) - set(self.weights))
         if missing:
-            raise ValueError(f"rewards {missing} have no weight; give each a weight (0 logs it without "
-                             "optimising it)")
+            raise ValueError(f"rewards {missing} have no weight; give each a weight (0 logs it without optimising it)")
         return self.weights
 
     def __call__(self, videos: torch.Tensor, prompts: Sequence[str]) -> RewardOutput:

@@ -46,17 +46,27 @@ class ClipScore(Reward):
 
     name = "clip_score"
 
-    def __init__(self, path: Union[str, Path], *, device: Union[str, torch.device, None] = None,
-                 dtype: torch.dtype = torch.float32, scale: float = 1.0, frame_batch_size: int = 64):
+    def __init__(
+        self,
+        path: Union[str, Path],
+        *,
+        device: Union[str, torch.device, None] = None,
+        dtype: torch.dtype = torch.float32,
+        scale: float = 1.0,
+        frame_batch_size: int = 64,
+    ):
         from transformers import AutoTokenizer, CLIPModel
 
         path = Path(path)
         if not (path / "config.json").is_file():
-            raise ValueError(f"path must be a local folder holding a CLIPModel saved with save_pretrained "
-                             f"(config.json, weights, tokenizer, preprocessor_config.json), got {str(path)!r}")
+            raise ValueError(
+                f"path must be a local folder holding a CLIPModel saved with save_pretrained "
+                f"(config.json, weights, tokenizer, preprocessor_config.json), got {str(path)!r}"
+            )
         if not (path / "preprocessor_config.json").is_file():
-            raise ValueError(f"path {str(path)!r} has no preprocessor_config.json (save the CLIPImageProcessor "
-                             "next to the model)")
+            raise ValueError(
+                f"path {str(path)!r} has no preprocessor_config.json (save the CLIPImageProcessor next to the model)"
+            )
         if not math.isfinite(scale):
             raise ValueError(f"scale must be finite, got {scale}")
         if isinstance(frame_batch_size, bool) or not isinstance(frame_batch_size, int) or frame_batch_size < 1:
@@ -75,27 +85,29 @@ class ClipScore(Reward):
         self.dtype = dtype
         self.scale = float(scale)
         self.frame_batch_size = frame_batch_size
-        self.max_length = min(int(self.tokenizer.model_max_length),
-                              int(self.model.config.text_config.max_position_embeddings))
+        self.max_length = min(
+            int(self.tokenizer.model_max_length), int(self.model.config.text_config.max_position_embeddings)
+        )
 
     def preprocess(self, frames: torch.Tensor) -> torch.Tensor:
         """``[N, 3, H, W]`` in [0, 1] -> CLIP pixel values ``[N, 3, crop_h, crop_w]`` (resize, crop, normalise)."""
         h, w = frames.shape[-2:]
         factor = self.resize_to / min(h, w)
         size = (max(self.crop[0], round(h * factor)), max(self.crop[1], round(w * factor)))
-        frames = F.interpolate(frames.float(), size=size, mode="bicubic", align_corners=False,
-                               antialias=factor < 1)
+        frames = F.interpolate(frames.float(), size=size, mode="bicubic", align_corners=False, antialias=factor < 1)
         if self.center_crop:
             top, left = (size[0] - self.crop[0]) // 2, (size[1] - self.crop[1]) // 2
-            frames = frames[:, :, top:top + self.crop[0], left:left + self.crop[1]]
+            frames = frames[:, :, top : top + self.crop[0], left : left + self.crop[1]]
         return (frames - self.mean) / self.std
 
     def text_embeddings(self, prompts: Sequence[str]) -> torch.Tensor:
         """Unit-norm CLIP text embeddings ``[B, D]`` float32."""
-        tokens = self.tokenizer(list(prompts), padding=True, truncation=True, max_length=self.max_length,
-                                return_tensors="pt").to(self.device)
-        text = _features(self.model.get_text_features(input_ids=tokens["input_ids"],
-                                                      attention_mask=tokens.get("attention_mask")))
+        tokens = self.tokenizer(
+            list(prompts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+        ).to(self.device)
+        text = _features(
+            self.model.get_text_features(input_ids=tokens["input_ids"], attention_mask=tokens.get("attention_mask"))
+        )
         return F.normalize(text.float(), dim=-1)
 
     def compute(self, videos: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
@@ -103,10 +115,12 @@ class ClipScore(Reward):
         if c != 3:
             raise ValueError(f"videos must be RGB ([B, F, 3, H, W]) for CLIP, got shape {tuple(videos.shape)}")
         frames = videos.to(self.device).reshape(b * f, *videos.shape[2:])
-        image = torch.cat([
-            _features(self.model.get_image_features(pixel_values=self.preprocess(chunk).to(self.dtype)))
-            for chunk in frames.split(self.frame_batch_size)
-        ])
+        image = torch.cat(
+            [
+                _features(self.model.get_image_features(pixel_values=self.preprocess(chunk).to(self.dtype)))
+                for chunk in frames.split(self.frame_batch_size)
+            ]
+        )
         image = F.normalize(image.float(), dim=-1).view(b, f, -1)
         text = self.text_embeddings(prompts)
         cosine = (image * text[:, None, :]).sum(-1).mean(dim=1)

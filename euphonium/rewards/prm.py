@@ -40,7 +40,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from euphonium.ops._checks import check_float_tensor, per_sample
+from euphonium._checks import check_float_tensor, per_sample
 
 # --------------------------------------------------------------------------------------------------
 # The model
@@ -66,8 +66,9 @@ def pool_prompt_embeds(prompt_embeds: torch.Tensor, prompt_mask: Optional[torch.
     if prompt_mask is None:
         return prompt_embeds.float().mean(dim=1)
     if prompt_mask.shape != prompt_embeds.shape[:2]:
-        raise ValueError(f"prompt_mask must have shape {tuple(prompt_embeds.shape[:2])} ([B, L]), got "
-                         f"{tuple(prompt_mask.shape)}")
+        raise ValueError(
+            f"prompt_mask must have shape {tuple(prompt_embeds.shape[:2])} ([B, L]), got {tuple(prompt_mask.shape)}"
+        )
     m = prompt_mask.to(device=prompt_embeds.device, dtype=torch.float32).unsqueeze(-1)
     return (prompt_embeds.float() * m).sum(dim=1) / m.sum(dim=1).clamp_min(1.0)
 
@@ -123,10 +124,18 @@ class LatentRewardModel(ModelMixin, ConfigMixin):
     """
 
     @register_to_config
-    def __init__(self, in_channels: int = 3, text_dim: int = 64, channels: Tuple[int, ...] = (32, 64),
-                 blocks: Tuple[int, ...] = (2, 2), patch_size: Tuple[int, int, int] = (2, 2, 2),
-                 cond_dim: int = 128, sigma_freq_dim: int = 128, norm_groups: int = 8,
-                 aux_rewards: Tuple[str, ...] = ()):
+    def __init__(
+        self,
+        in_channels: int = 3,
+        text_dim: int = 64,
+        channels: Tuple[int, ...] = (32, 64),
+        blocks: Tuple[int, ...] = (2, 2),
+        patch_size: Tuple[int, int, int] = (2, 2, 2),
+        cond_dim: int = 128,
+        sigma_freq_dim: int = 128,
+        norm_groups: int = 8,
+        aux_rewards: Tuple[str, ...] = (),
+    ):
         super().__init__()
         channels, blocks, patch_size = tuple(channels), tuple(blocks), tuple(patch_size)
         if len(set(aux_rewards)) != len(aux_rewards) or not all(isinstance(a, str) and a for a in aux_rewards):
@@ -137,28 +146,37 @@ class LatentRewardModel(ModelMixin, ConfigMixin):
             raise ValueError(f"patch_size must be three positive ints (F, H, W), got {patch_size}")
         for c in channels:
             if c % norm_groups:
-                raise ValueError(f"every entry of channels must be divisible by norm_groups={norm_groups}, got {channels}")
+                raise ValueError(
+                    f"every entry of channels must be divisible by norm_groups={norm_groups}, got {channels}"
+                )
         self.stem = nn.Conv3d(in_channels, channels[0], patch_size, stride=patch_size)
         self.sigma_proj = Timesteps(sigma_freq_dim, flip_sin_to_cos=True, downscale_freq_shift=0)
         self.sigma_embed = TimestepEmbedding(sigma_freq_dim, cond_dim)
-        self.text_embed = nn.Sequential(nn.LayerNorm(text_dim), nn.Linear(text_dim, cond_dim), nn.SiLU(),
-                                        nn.Linear(cond_dim, cond_dim))
+        self.text_embed = nn.Sequential(
+            nn.LayerNorm(text_dim), nn.Linear(text_dim, cond_dim), nn.SiLU(), nn.Linear(cond_dim, cond_dim)
+        )
         self.stages = nn.ModuleList(
             nn.ModuleList(_ResBlock(c, cond_dim, norm_groups) for _ in range(n)) for c, n in zip(channels, blocks)
         )
         self.downs = nn.ModuleList(nn.Conv3d(a, b, 2, stride=2) for a, b in zip(channels[:-1], channels[1:]))
         self.out_norm = nn.GroupNorm(norm_groups, channels[-1])
         self.text_query = nn.Linear(cond_dim, channels[-1])
-        self.head = nn.Sequential(nn.Linear(2 * channels[-1] + cond_dim, cond_dim), nn.SiLU(),
-                                  nn.Linear(cond_dim, 1 + len(aux_rewards)))
+        self.head = nn.Sequential(
+            nn.Linear(2 * channels[-1] + cond_dim, cond_dim), nn.SiLU(), nn.Linear(cond_dim, 1 + len(aux_rewards))
+        )
         self.register_buffer("reward_mean", torch.zeros(()))
         self.register_buffer("reward_std", torch.ones(()))
         self.register_buffer("reward_stats_fitted", torch.zeros((), dtype=torch.bool))
         self.register_buffer("aux_mean", torch.zeros(len(aux_rewards)))
         self.register_buffer("aux_std", torch.ones(len(aux_rewards)))
 
-    def set_reward_stats(self, mean: float, std: float, aux_mean: Optional[Sequence[float]] = None,
-                         aux_std: Optional[Sequence[float]] = None) -> None:
+    def set_reward_stats(
+        self,
+        mean: float,
+        std: float,
+        aux_mean: Optional[Sequence[float]] = None,
+        aux_std: Optional[Sequence[float]] = None,
+    ) -> None:
         """Set the output scale ``r = mean + std * s`` (``std > 0``) and, with ``aux_rewards``, the
         standardisation of each auxiliary target (``aux_mean``, ``aux_std``: one entry per name)."""
         if not (math.isfinite(mean) and math.isfinite(std) and std > 0):
@@ -183,12 +201,15 @@ class LatentRewardModel(ModelMixin, ConfigMixin):
         sigma = per_sample("sigma", sigma, x.shape[0], x.device)
         check_float_tensor("prompt_embeds", prompt_embeds, min_dim=2)
         if prompt_embeds.shape[0] != x.shape[0] or prompt_embeds.shape[-1] != self.config.text_dim:
-            raise ValueError(f"prompt_embeds must be [{x.shape[0]}, L, {self.config.text_dim}] or "
-                             f"[{x.shape[0]}, {self.config.text_dim}], got {tuple(prompt_embeds.shape)}")
+            raise ValueError(
+                f"prompt_embeds must be [{x.shape[0]}, L, {self.config.text_dim}] or "
+                f"[{x.shape[0]}, {self.config.text_dim}], got {tuple(prompt_embeds.shape)}"
+            )
         return sigma
 
-    def score_all(self, x_sigma: torch.Tensor, sigma, prompt_embeds: torch.Tensor,
-                  prompt_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def score_all(
+        self, x_sigma: torch.Tensor, sigma, prompt_embeds: torch.Tensor, prompt_mask: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
         """Head outputs in standard units ``[B, 1 + len(aux_rewards)]``: the total, then each auxiliary part."""
         sigma = self._check(x_sigma, sigma, prompt_embeds)
         dtype = self.stem.weight.dtype
@@ -205,13 +226,15 @@ class LatentRewardModel(ModelMixin, ConfigMixin):
         # float32 for low-precision weights; float64 models (gradient checks) stay float64.
         return self.head(torch.cat([h, h * q, cond], dim=1)).to(torch.promote_types(dtype, torch.float32))
 
-    def score(self, x_sigma: torch.Tensor, sigma, prompt_embeds: torch.Tensor,
-              prompt_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def score(
+        self, x_sigma: torch.Tensor, sigma, prompt_embeds: torch.Tensor, prompt_mask: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
         """The reward in standard units ``s [B]`` float32 (``forward`` returns ``mean + std * s``)."""
         return self.score_all(x_sigma, sigma, prompt_embeds, prompt_mask)[:, 0]
 
-    def forward(self, x_sigma: torch.Tensor, sigma, prompt_embeds: torch.Tensor,
-                prompt_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(
+        self, x_sigma: torch.Tensor, sigma, prompt_embeds: torch.Tensor, prompt_mask: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
         return self.reward_mean + self.reward_std * self.score(x_sigma, sigma, prompt_embeds, prompt_mask)
 
 
@@ -246,8 +269,10 @@ class PRMDataset:
             raise ValueError(f"x0 must have shape [N, C, F, H, W], got {tuple(self.x0.shape)}")
         check_float_tensor("prompt_embeds", self.prompt_embeds, min_dim=2)
         if self.prompt_embeds.dim() != 2 or self.prompt_embeds.shape[0] != n:
-            raise ValueError(f"prompt_embeds must be pooled [N={n}, D] (see pool_prompt_embeds), got "
-                             f"{tuple(self.prompt_embeds.shape)}")
+            raise ValueError(
+                f"prompt_embeds must be pooled [N={n}, D] (see pool_prompt_embeds), got "
+                f"{tuple(self.prompt_embeds.shape)}"
+            )
         check_float_tensor("rewards", self.rewards)
         if self.rewards.shape != (n,):
             raise ValueError(f"rewards must have shape [{n}], got {tuple(self.rewards.shape)}")
@@ -261,8 +286,10 @@ class PRMDataset:
             self.prompts = list(self.prompts)
         for name, values in self.parts.items():
             if not isinstance(values, torch.Tensor) or values.shape != (n,):
-                raise ValueError(f"parts[{name!r}] must be a [{n}] tensor, got "
-                                 f"{tuple(values.shape) if isinstance(values, torch.Tensor) else type(values).__name__}")
+                raise ValueError(
+                    f"parts[{name!r}] must be a [{n}] tensor, got "
+                    f"{tuple(values.shape) if isinstance(values, torch.Tensor) else type(values).__name__}"
+                )
 
     def __len__(self) -> int:
         return self.x0.shape[0]
@@ -271,7 +298,9 @@ class PRMDataset:
         """The samples at ``index`` (a list or 1-D int tensor), as a new dataset."""
         index = torch.as_tensor(index, dtype=torch.long)
         return PRMDataset(
-            x0=self.x0[index], prompt_embeds=self.prompt_embeds[index], rewards=self.rewards[index],
+            x0=self.x0[index],
+            prompt_embeds=self.prompt_embeds[index],
+            rewards=self.rewards[index],
             prompts=[self.prompts[i] for i in index.tolist()] if self.prompts is not None else None,
             parts={k: v[index] for k, v in self.parts.items()},
         )
@@ -297,8 +326,10 @@ class PRMDataset:
             prompts = [p for d in datasets for p in d.prompts]
         common = set.intersection(*(set(d.parts) for d in datasets))
         return PRMDataset(
-            x0=torch.cat([d.x0 for d in datasets]), prompt_embeds=torch.cat([d.prompt_embeds for d in datasets]),
-            rewards=torch.cat([d.rewards for d in datasets]), prompts=prompts,
+            x0=torch.cat([d.x0 for d in datasets]),
+            prompt_embeds=torch.cat([d.prompt_embeds for d in datasets]),
+            rewards=torch.cat([d.rewards for d in datasets]),
+            prompts=prompts,
             parts={k: torch.cat([d.parts[k] for d in datasets]) for k in sorted(common)},
         )
 
@@ -306,8 +337,11 @@ class PRMDataset:
         """Write one ``.safetensors`` file (tensors; prompts in its JSON metadata)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tensors = {"x0": self.x0.contiguous(), "prompt_embeds": self.prompt_embeds.contiguous(),
-                   "rewards": self.rewards.contiguous()}
+        tensors = {
+            "x0": self.x0.contiguous(),
+            "prompt_embeds": self.prompt_embeds.contiguous(),
+            "rewards": self.rewards.contiguous(),
+        }
         tensors.update({f"parts.{k}": v.contiguous() for k, v in self.parts.items()})
         metadata = {"format": "euphonium.prm_dataset.v1"}
         if self.prompts is not None:
@@ -329,13 +363,22 @@ class PRMDataset:
             raise ValueError(f"{path} is not a PRM dataset written by PRMDataset.save (metadata {metadata})")
         tensors = load_file(str(path))
         prompts = json.loads(metadata["prompts"]) if "prompts" in metadata else None
-        parts = {k[len("parts."):]: v for k, v in tensors.items() if k.startswith("parts.")}
-        return cls(x0=tensors["x0"], prompt_embeds=tensors["prompt_embeds"], rewards=tensors["rewards"],
-                   prompts=prompts, parts=parts)
+        parts = {k[len("parts.") :]: v for k, v in tensors.items() if k.startswith("parts.")}
+        return cls(
+            x0=tensors["x0"],
+            prompt_embeds=tensors["prompt_embeds"],
+            rewards=tensors["rewards"],
+            prompts=prompts,
+            parts=parts,
+        )
 
 
-def noise_latents(x0: torch.Tensor, sigma: torch.Tensor, noise: Optional[torch.Tensor] = None,
-                  generator: Optional[torch.Generator] = None) -> torch.Tensor:
+def noise_latents(
+    x0: torch.Tensor,
+    sigma: torch.Tensor,
+    noise: Optional[torch.Tensor] = None,
+    generator: Optional[torch.Generator] = None,
+) -> torch.Tensor:
     """``x_sigma = (1 - sigma) * x0 + sigma * eps`` (the flow-matching forward process), float32.
 
     ``x0 [B, ...]``, ``sigma [B]``; ``eps`` is ``noise`` or drawn from ``generator``.
@@ -348,6 +391,7 @@ def noise_latents(x0: torch.Tensor, sigma: torch.Tensor, noise: Optional[torch.T
 
 def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
     """Spearman rank correlation of two ``[N]`` tensors (ties get their average rank); NaN if one is constant."""
+
     def ranks(t: torch.Tensor) -> torch.Tensor:
         t = t.detach().double().flatten().cpu()
         values, inverse, counts = torch.unique(t, return_inverse=True, return_counts=True)
@@ -420,8 +464,17 @@ class PRMTrainConfig:
     online_lr: float = 2e-4
 
     def __post_init__(self):
-        for name in ("steps", "batch_size", "warmup_steps", "eval_every", "checkpoint_every", "keep_checkpoints",
-                     "seed", "buffer_size", "online_steps"):
+        for name in (
+            "steps",
+            "batch_size",
+            "warmup_steps",
+            "eval_every",
+            "checkpoint_every",
+            "keep_checkpoints",
+            "seed",
+            "buffer_size",
+            "online_steps",
+        ):
             value = getattr(self, name)
             minimum = 0 if name in ("warmup_steps", "checkpoint_every", "seed") else 1
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
@@ -441,7 +494,9 @@ class PRMTrainConfig:
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"PRMTrainConfig.lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
         if not 0 <= self.sigma_min < self.sigma_max <= 1:
-            raise ValueError(f"PRMTrainConfig needs 0 <= sigma_min < sigma_max <= 1, got {self.sigma_min}, {self.sigma_max}")
+            raise ValueError(
+                f"PRMTrainConfig needs 0 <= sigma_min < sigma_max <= 1, got {self.sigma_min}, {self.sigma_max}"
+            )
         self.eval_sigmas = tuple(float(s) for s in self.eval_sigmas)
         if not self.eval_sigmas or not all(0 <= s <= 1 for s in self.eval_sigmas):
             raise ValueError(f"PRMTrainConfig.eval_sigmas must be non-empty values in [0, 1], got {self.eval_sigmas}")
@@ -460,9 +515,17 @@ def _standardize(rewards: torch.Tensor, model: LatentRewardModel) -> torch.Tenso
     return (rewards.float() - model.reward_mean) / model.reward_std
 
 
-def prm_loss(model: LatentRewardModel, x0: torch.Tensor, prompt_embeds: torch.Tensor, rewards: torch.Tensor,
-             sigma: torch.Tensor, noise: torch.Tensor, loss: str = "mse", aux: Optional[torch.Tensor] = None,
-             aux_weight: float = 1.0) -> torch.Tensor:
+def prm_loss(
+    model: LatentRewardModel,
+    x0: torch.Tensor,
+    prompt_embeds: torch.Tensor,
+    rewards: torch.Tensor,
+    sigma: torch.Tensor,
+    noise: torch.Tensor,
+    loss: str = "mse",
+    aux: Optional[torch.Tensor] = None,
+    aux_weight: float = 1.0,
+) -> torch.Tensor:
     """The PRM training loss on one batch (scalar; formulas in :class:`PRMTrainConfig`).
 
     ``x0 [B, C, F, H, W]`` is noised to ``x_sigma`` with ``sigma [B]`` and ``noise``. For
@@ -477,8 +540,8 @@ def prm_loss(model: LatentRewardModel, x0: torch.Tensor, prompt_embeds: torch.Te
         out = F.mse_loss(score, target)
     elif loss == "bradley_terry":
         half = score.shape[0] // 2
-        diff = score[:half] - score[half:2 * half]
-        order = torch.sign(target[:half] - target[half:2 * half])
+        diff = score[:half] - score[half : 2 * half]
+        order = torch.sign(target[:half] - target[half : 2 * half])
         valid = order != 0
         out = F.softplus(-order[valid] * diff[valid]).mean() if bool(valid.any()) else (score * 0).sum()
     else:
@@ -498,8 +561,12 @@ class PRMTrainer:
         output_dir: where ``metrics.jsonl`` and checkpoints go (``None``: nothing is written).
     """
 
-    def __init__(self, model: LatentRewardModel, config: Optional[PRMTrainConfig] = None,
-                 output_dir: Union[str, Path, None] = None):
+    def __init__(
+        self,
+        model: LatentRewardModel,
+        config: Optional[PRMTrainConfig] = None,
+        output_dir: Union[str, Path, None] = None,
+    ):
         if not isinstance(model, LatentRewardModel):
             raise TypeError(f"model must be a LatentRewardModel, got {type(model).__name__}")
         self.model = model
@@ -534,8 +601,10 @@ class PRMTrainer:
         mean, std = stats(data.rewards)
         aux = self._aux_targets(data)
         if self.model.config.aux_rewards and aux is None:
-            raise ValueError(f"the PRM predicts aux_rewards {list(self.model.config.aux_rewards)} but the data has "
-                             f"parts {sorted(data.parts)}")
+            raise ValueError(
+                f"the PRM predicts aux_rewards {list(self.model.config.aux_rewards)} but the data has "
+                f"parts {sorted(data.parts)}"
+            )
         aux_stats = [stats(aux[:, j]) for j in range(aux.shape[1])] if aux is not None else []
         self.model.set_reward_stats(mean, std, [m for m, _ in aux_stats], [s for _, s in aux_stats])
 
@@ -549,14 +618,20 @@ class PRMTrainer:
         noise = torch.randn((batch_size, *data.x0.shape[1:]), generator=self.generator)
         to = dict(device=self.device)
         aux = self._aux_targets(data)
-        return dict(x0=data.x0[index].to(**to), prompt_embeds=data.prompt_embeds[index].to(**to),
-                    rewards=data.rewards[index].to(**to), sigma=sigma.to(**to), noise=noise.to(**to),
-                    aux=aux[index].to(**to) if aux is not None else None)
+        return dict(
+            x0=data.x0[index].to(**to),
+            prompt_embeds=data.prompt_embeds[index].to(**to),
+            rewards=data.rewards[index].to(**to),
+            sigma=sigma.to(**to),
+            noise=noise.to(**to),
+            aux=aux[index].to(**to) if aux is not None else None,
+        )
 
     def _optimizer_step(self, optimizer: torch.optim.Optimizer, data: PRMDataset, batch_size: int) -> float:
         self.model.train()
-        loss = prm_loss(self.model, **self._draw_batch(data, batch_size), loss=self.config.loss,
-                        aux_weight=self.config.aux_weight)
+        loss = prm_loss(
+            self.model, **self._draw_batch(data, batch_size), loss=self.config.loss, aux_weight=self.config.aux_weight
+        )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.config.grad_clip > 0:
@@ -575,15 +650,17 @@ class PRMTrainer:
         gen = torch.Generator().manual_seed(seed)
         out = []
         for start in range(0, len(data), batch_size):
-            x0 = data.x0[start:start + batch_size]
+            x0 = data.x0[start : start + batch_size]
             noise = torch.randn(x0.shape, generator=gen)
             s = torch.full((x0.shape[0],), float(sigma), device=self.device)
             x = noise_latents(x0.to(self.device), s, noise.to(self.device))
-            out.append(self.model(x, s, data.prompt_embeds[start:start + batch_size].to(self.device)).float().cpu())
+            out.append(self.model(x, s, data.prompt_embeds[start : start + batch_size].to(self.device)).float().cpu())
         return torch.cat(out)
 
     @torch.no_grad()
-    def evaluate(self, data: PRMDataset, sigmas: Optional[Sequence[float]] = None, *, seed: int = 0) -> Dict[str, float]:
+    def evaluate(
+        self, data: PRMDataset, sigmas: Optional[Sequence[float]] = None, *, seed: int = 0
+    ) -> Dict[str, float]:
         """Held-out metrics at fixed noise: per sigma the MSE in standard units and the Spearman
         correlation of PRM scores with the outcome rewards, and their means over sigmas.
 
@@ -603,8 +680,9 @@ class PRMTrainer:
 
     # -- offline training ------------------------------------------------------------------------
 
-    def fit(self, train: PRMDataset, held_out: Optional[PRMDataset] = None, *, progress: bool = True,
-            resume: bool = False) -> List[Dict[str, float]]:
+    def fit(
+        self, train: PRMDataset, held_out: Optional[PRMDataset] = None, *, progress: bool = True, resume: bool = False
+    ) -> List[Dict[str, float]]:
         """Train for ``config.steps`` optimiser steps on ``train``; evaluate on ``held_out``.
 
         Sets the model's reward scale from ``train`` if it has none yet. With ``output_dir`` set,
@@ -618,8 +696,9 @@ class PRMTrainer:
         cfg = self.config
         from diffusers.optimization import get_scheduler
 
-        scheduler = get_scheduler(cfg.lr_schedule, self.optimizer, num_warmup_steps=cfg.warmup_steps,
-                                  num_training_steps=cfg.steps)
+        scheduler = get_scheduler(
+            cfg.lr_schedule, self.optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.steps
+        )
         if resume:
             if self.output_dir is None:
                 raise ValueError("resume=True needs the trainer's output_dir")
@@ -643,13 +722,20 @@ class PRMTrainer:
             if self.step % 20 == 0:
                 bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
             if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
-                record = {"step": self.step, "train_loss": float(np.mean(losses)), "lr": scheduler.get_last_lr()[0],
-                          "seconds": time.perf_counter() - start_time, "cpu_seconds": time.process_time() - cpu_start}
+                record = {
+                    "step": self.step,
+                    "train_loss": float(np.mean(losses)),
+                    "lr": scheduler.get_last_lr()[0],
+                    "seconds": time.perf_counter() - start_time,
+                    "cpu_seconds": time.process_time() - cpu_start,
+                }
                 losses = []
                 if held_out is not None:
                     record.update({f"held_out/{k}": v for k, v in self.evaluate(held_out).items()})
-                    bar.write(f"step {self.step}: train loss {record['train_loss']:.4f}, held-out mse "
-                              f"{record['held_out/mse']:.4f}, spearman {record['held_out/spearman']:.3f}")
+                    bar.write(
+                        f"step {self.step}: train loss {record['train_loss']:.4f}, held-out mse "
+                        f"{record['held_out/mse']:.4f}, spearman {record['held_out/spearman']:.3f}"
+                    )
                 history.append(record)
                 if self.output_dir is not None:
                     with open(self.output_dir / "metrics.jsonl", "a") as f:
@@ -661,9 +747,14 @@ class PRMTrainer:
 
     # -- online refresh --------------------------------------------------------------------------
 
-    def update(self, x0: torch.Tensor, prompt_embeds: torch.Tensor, rewards: torch.Tensor,
-               prompt_mask: Optional[torch.Tensor] = None,
-               parts: Optional[Dict[str, torch.Tensor]] = None) -> Dict[str, float]:
+    def update(
+        self,
+        x0: torch.Tensor,
+        prompt_embeds: torch.Tensor,
+        rewards: torch.Tensor,
+        prompt_mask: Optional[torch.Tensor] = None,
+        parts: Optional[Dict[str, torch.Tensor]] = None,
+    ) -> Dict[str, float]:
         """Online refresh with fresh rollouts: add them to the replay buffer, take
         ``config.online_steps`` optimiser steps on batches drawn from it.
 
@@ -681,18 +772,23 @@ class PRMTrainer:
         "prm/buffer_size": ..}``. The model is left in eval mode with no ``.grad``.
         """
         pooled = pool_prompt_embeds(prompt_embeds, prompt_mask)
-        fresh = PRMDataset(x0=x0.detach().float().cpu(), prompt_embeds=pooled.detach().cpu(),
-                           rewards=rewards.detach().float().cpu(),
-                           parts={k: v.detach().float().cpu() for k, v in (parts or {}).items()})
+        fresh = PRMDataset(
+            x0=x0.detach().float().cpu(),
+            prompt_embeds=pooled.detach().cpu(),
+            rewards=rewards.detach().float().cpu(),
+            parts={k: v.detach().float().cpu() for k, v in (parts or {}).items()},
+        )
         if fresh.prompt_embeds.shape[1] != self.model.config.text_dim:
-            raise ValueError(f"prompt_embeds has dim {fresh.prompt_embeds.shape[1]}, the PRM expects "
-                             f"{self.model.config.text_dim}")
+            raise ValueError(
+                f"prompt_embeds has dim {fresh.prompt_embeds.shape[1]}, the PRM expects {self.model.config.text_dim}"
+            )
         self._fit_reward_stats(fresh)
         stats: Dict[str, float] = {}
         if len(fresh) >= 2:
             with torch.no_grad():
                 sigma = self.config.sigma_min + (self.config.sigma_max - self.config.sigma_min) * torch.rand(
-                    len(fresh), generator=self.generator)
+                    len(fresh), generator=self.generator
+                )
                 x = noise_latents(fresh.x0, sigma, generator=self.generator).to(self.device)
                 pred = self.model(x, sigma.to(self.device), fresh.prompt_embeds.to(self.device))
             stats["prm/spearman_fresh"] = spearman(pred, fresh.rewards)
@@ -700,10 +796,13 @@ class PRMTrainer:
         if len(self.buffer) > self.config.buffer_size:
             self.buffer = self.buffer.subset(torch.arange(len(self.buffer) - self.config.buffer_size, len(self.buffer)))
         if self.online_optimizer is None:
-            self.online_optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.config.online_lr,
-                                                      weight_decay=self.config.weight_decay)
+            self.online_optimizer = torch.optim.AdamW(
+                self.model.parameters(), lr=self.config.online_lr, weight_decay=self.config.weight_decay
+            )
         batch = min(self.config.batch_size, max(2, len(self.buffer)))
-        losses = [self._optimizer_step(self.online_optimizer, self.buffer, batch) for _ in range(self.config.online_steps)]
+        losses = [
+            self._optimizer_step(self.online_optimizer, self.buffer, batch) for _ in range(self.config.online_steps)
+        ]
         stats["prm/loss"] = float(np.mean(losses))
         stats["prm/buffer_size"] = float(len(self.buffer))
         return stats
@@ -714,9 +813,12 @@ class PRMTrainer:
         """The newest complete ``checkpoints/step-N`` under ``output_dir``, or ``None``."""
         if self.output_dir is None or not (self.output_dir / "checkpoints").is_dir():
             return None
-        done = [p for p in (self.output_dir / "checkpoints").glob("step-*") if (p / "trainer.pt").is_file()
-                and p.name[len("step-"):].isdigit()]
-        return max(done, key=lambda p: int(p.name[len("step-"):]), default=None)
+        done = [
+            p
+            for p in (self.output_dir / "checkpoints").glob("step-*")
+            if (p / "trainer.pt").is_file() and p.name[len("step-") :].isdigit()
+        ]
+        return max(done, key=lambda p: int(p.name[len("step-") :]), default=None)
 
     def save_checkpoint(self, scheduler=None) -> Path:
         """Write ``output_dir/checkpoints/step-N`` (model + optimiser, scheduler, step, RNG) atomically."""
@@ -726,14 +828,22 @@ class PRMTrainer:
         final, tmp = root / f"step-{self.step}", root / f".step-{self.step}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         self.model.save_pretrained(tmp / "model")
-        torch.save({"step": self.step, "optimizer": self.optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                    "generator": self.generator.get_state()}, tmp / "trainer.pt")
+        torch.save(
+            {
+                "step": self.step,
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                "generator": self.generator.get_state(),
+            },
+            tmp / "trainer.pt",
+        )
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
-        kept = sorted((p for p in root.glob("step-*") if p.name[len("step-"):].isdigit()),
-                      key=lambda p: int(p.name[len("step-"):]))
-        for old in kept[:-self.config.keep_checkpoints]:
+        kept = sorted(
+            (p for p in root.glob("step-*") if p.name[len("step-") :].isdigit()),
+            key=lambda p: int(p.name[len("step-") :]),
+        )
+        for old in kept[: -self.config.keep_checkpoints]:
             shutil.rmtree(old)
         return final
 
@@ -756,9 +866,15 @@ class PRMTrainer:
 SampleFn = Callable[[List[str]], Tuple[torch.Tensor, ...]]
 
 
-def collect_rollouts(sample_fn: SampleFn, decode_fn: Callable[[torch.Tensor], torch.Tensor],
-                     reward_fn: Callable, prompts: Sequence[str], *, batch_size: int = 64,
-                     progress: bool = True) -> PRMDataset:
+def collect_rollouts(
+    sample_fn: SampleFn,
+    decode_fn: Callable[[torch.Tensor], torch.Tensor],
+    reward_fn: Callable,
+    prompts: Sequence[str],
+    *,
+    batch_size: int = 64,
+    progress: bool = True,
+) -> PRMDataset:
     """Label rollouts of a model with outcome rewards: the PRM's on-policy training data.
 
     For each chunk of ``batch_size`` prompts: ``sample_fn(prompts) -> (x0, prompt_embeds)`` or
@@ -777,7 +893,7 @@ def collect_rollouts(sample_fn: SampleFn, decode_fn: Callable[[torch.Tensor], to
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     chunks = []
     for start in tqdm(range(0, len(prompts), batch_size), desc="rollouts", disable=not progress):
-        batch = prompts[start:start + batch_size]
+        batch = prompts[start : start + batch_size]
         with torch.no_grad():
             out = sample_fn(batch)
             if not isinstance(out, tuple) or len(out) not in (2, 3):
@@ -790,8 +906,15 @@ def collect_rollouts(sample_fn: SampleFn, decode_fn: Callable[[torch.Tensor], to
             parts = {k: v.float().cpu() for k, v in rewards.parts.items()}
             rewards = rewards.total
         rewards = check_reward_values("reward_fn", rewards, len(batch), batch)
-        chunks.append(PRMDataset(x0=x0.detach().float().cpu(), prompt_embeds=pooled.detach().cpu(),
-                                 rewards=rewards.cpu(), prompts=batch, parts=parts))
+        chunks.append(
+            PRMDataset(
+                x0=x0.detach().float().cpu(),
+                prompt_embeds=pooled.detach().cpu(),
+                rewards=rewards.cpu(),
+                prompts=batch,
+                parts=parts,
+            )
+        )
     return PRMDataset.concat(chunks)
 
 
@@ -809,8 +932,9 @@ def load_toy_prm(path: Union[str, Path, None] = None, device: Union[str, torch.d
     """The PRM trained on the toy world (``euphonium/assets/toy_prm`` by default), in eval mode."""
     path = Path(path) if path is not None else TOY_PRM_DIR
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"no PRM at {path}: config.json is missing (train one with "
-                                "`python -m euphonium.rewards.prm train`)")
+        raise FileNotFoundError(
+            f"no PRM at {path}: config.json is missing (train one with `python -m euphonium.rewards.prm train`)"
+        )
     return LatentRewardModel.from_pretrained(path).to(device).eval()
 
 
@@ -844,8 +968,14 @@ def toy_sample_fn(transformer, text_encoder, config=None, seed: int = 0) -> Samp
     return sample
 
 
-def collect_toy_rollouts(num_samples: int, *, seed: int = 0, base_model: Union[str, Path, None] = None,
-                         batch_size: int = 64, progress: bool = True) -> PRMDataset:
+def collect_toy_rollouts(
+    num_samples: int,
+    *,
+    seed: int = 0,
+    base_model: Union[str, Path, None] = None,
+    batch_size: int = 64,
+    progress: bool = True,
+) -> PRMDataset:
     """``num_samples`` on-policy toy rollouts (prompts drawn with ``seed``) labelled with the toy rewards.
 
     The target is the toy ``combined`` reward; each term is kept in ``parts``.
@@ -855,12 +985,19 @@ def collect_toy_rollouts(num_samples: int, *, seed: int = 0, base_model: Union[s
 
     transformer, text_encoder = load_toy_model(base_model)
     prompts = sample_prompts(num_samples, seed)
-    return collect_rollouts(toy_sample_fn(transformer, text_encoder, seed=seed), latents_to_video, toy_reward_set(),
-                            prompts, batch_size=batch_size, progress=progress)
+    return collect_rollouts(
+        toy_sample_fn(transformer, text_encoder, seed=seed),
+        latents_to_video,
+        toy_reward_set(),
+        prompts,
+        batch_size=batch_size,
+        progress=progress,
+    )
 
 
-def relabel_toy_prompts(data: PRMDataset, copies: int, *, seed: int = 0,
-                        base_model: Union[str, Path, None] = None) -> PRMDataset:
+def relabel_toy_prompts(
+    data: PRMDataset, copies: int, *, seed: int = 0, base_model: Union[str, Path, None] = None
+) -> PRMDataset:
     """``copies`` relabelled copies of every toy clip in ``data`` (:func:`relabel_prompts`), prompts
     drawn uniformly with ``seed``, embedded by the toy text encoder, scored with the toy rewards."""
     from euphonium.models.toy import latents_to_video, load_toy_model, sample_prompts
@@ -869,15 +1006,25 @@ def relabel_toy_prompts(data: PRMDataset, copies: int, *, seed: int = 0,
     if isinstance(copies, bool) or not isinstance(copies, int) or copies < 1:
         raise ValueError(f"copies must be a positive integer, got {copies!r}")
     _, text_encoder = load_toy_model(base_model)
-    return PRMDataset.concat([
-        relabel_prompts(data, sample_prompts(len(data), seed + k), text_encoder.encode, latents_to_video, toy_reward_set())
-        for k in range(copies)
-    ])
+    return PRMDataset.concat(
+        [
+            relabel_prompts(
+                data, sample_prompts(len(data), seed + k), text_encoder.encode, latents_to_video, toy_reward_set()
+            )
+            for k in range(copies)
+        ]
+    )
 
 
-def relabel_prompts(data: PRMDataset, prompts: Sequence[str], encode_fn: Callable[[List[str]], torch.Tensor],
-                    decode_fn: Callable[[torch.Tensor], torch.Tensor], reward_fn: Callable, *,
-                    batch_size: int = 256) -> PRMDataset:
+def relabel_prompts(
+    data: PRMDataset,
+    prompts: Sequence[str],
+    encode_fn: Callable[[List[str]], torch.Tensor],
+    decode_fn: Callable[[torch.Tensor], torch.Tensor],
+    reward_fn: Callable,
+    *,
+    batch_size: int = 256,
+) -> PRMDataset:
     """The clips of ``data`` paired with other prompts and scored again (prompt-relabelling augmentation).
 
     Sample ``i`` keeps ``x0[i]`` and gets ``prompts[i]``, ``encode_fn(prompts) -> [b, L, D] or [b, D]``
@@ -894,8 +1041,8 @@ def relabel_prompts(data: PRMDataset, prompts: Sequence[str], encode_fn: Callabl
         raise ValueError(f"prompts must have one entry per sample ({len(data)}), got {len(prompts)}")
     chunks = []
     for start in range(0, len(data), batch_size):
-        batch = prompts[start:start + batch_size]
-        x0 = data.x0[start:start + batch_size]
+        batch = prompts[start : start + batch_size]
+        x0 = data.x0[start : start + batch_size]
         with torch.no_grad():
             pooled = pool_prompt_embeds(encode_fn(batch)).cpu()
             rewards = reward_fn(decode_fn(x0), batch)
@@ -907,12 +1054,20 @@ def relabel_prompts(data: PRMDataset, prompts: Sequence[str], encode_fn: Callabl
         chunks.append(PRMDataset(x0=x0, prompt_embeds=pooled, rewards=rewards.cpu(), prompts=batch, parts=parts))
     return PRMDataset.concat(chunks)
 
+
 SIGMA_BUCKETS: Tuple[Tuple[float, float], ...] = ((0.0, 0.1), (0.1, 0.25), (0.25, 0.5), (0.5, 0.75), (0.75, 1.0))
 
 
 @torch.no_grad()
-def correlation_by_sigma(prm: Callable, data: PRMDataset, buckets: Sequence[Tuple[float, float]] = SIGMA_BUCKETS,
-                         *, draws: int = 2, seed: int = 0, batch_size: int = 256) -> List[Dict[str, float]]:
+def correlation_by_sigma(
+    prm: Callable,
+    data: PRMDataset,
+    buckets: Sequence[Tuple[float, float]] = SIGMA_BUCKETS,
+    *,
+    draws: int = 2,
+    seed: int = 0,
+    batch_size: int = 256,
+) -> List[Dict[str, float]]:
     """Spearman (and Pearson) correlation between ``prm(x_sigma, sigma, prompt)`` and the outcome reward.
 
     Per bucket ``[lo, hi]``: every sample of ``data`` is noised ``draws`` times at
@@ -926,21 +1081,37 @@ def correlation_by_sigma(prm: Callable, data: PRMDataset, buckets: Sequence[Tupl
         preds, targets = [], []
         for _ in range(draws):
             for start in range(0, len(data), batch_size):
-                x0 = data.x0[start:start + batch_size]
+                x0 = data.x0[start : start + batch_size]
                 sigma = lo + (hi - lo) * torch.rand(x0.shape[0], generator=gen)
                 x = noise_latents(x0, sigma, torch.randn(x0.shape, generator=gen))
-                preds.append(prm(x.to(device), sigma.to(device), data.prompt_embeds[start:start + batch_size].to(device)).float().cpu())
-                targets.append(data.rewards[start:start + batch_size])
+                preds.append(
+                    prm(x.to(device), sigma.to(device), data.prompt_embeds[start : start + batch_size].to(device))
+                    .float()
+                    .cpu()
+                )
+                targets.append(data.rewards[start : start + batch_size])
         p, t = torch.cat(preds), torch.cat(targets)
         pearson = float(torch.corrcoef(torch.stack([p.double(), t.double()]))[0, 1])
-        rows.append({"sigma_lo": lo, "sigma_hi": hi, "n": int(p.numel()), "spearman": spearman(p, t), "pearson": pearson})
+        rows.append(
+            {"sigma_lo": lo, "sigma_hi": hi, "n": int(p.numel()), "spearman": spearman(p, t), "pearson": pearson}
+        )
     return rows
 
 
 @torch.no_grad()
-def guided_step_effect(prm: Callable, transformer, text_encoder, prompts: Sequence[str], *,
-                       lambdas: Sequence[float] = (0.01, 1.0, 100.0, 1000.0), steps: Optional[Sequence[int]] = None,
-                       config=None, seed: int = 0, batch_size: int = 64, progress: bool = True) -> List[Dict[str, float]]:
+def guided_step_effect(
+    prm: Callable,
+    transformer,
+    text_encoder,
+    prompts: Sequence[str],
+    *,
+    lambdas: Sequence[float] = (0.01, 1.0, 100.0, 1000.0),
+    steps: Optional[Sequence[int]] = None,
+    config=None,
+    seed: int = 0,
+    batch_size: int = 64,
+    progress: bool = True,
+) -> List[Dict[str, float]]:
     """Does one PRM-guided SDE step raise the true final reward, against the same step unguided?
 
     For each batch of prompts the toy base model samples with ``config`` (default
@@ -967,13 +1138,13 @@ def guided_step_effect(prm: Callable, transformer, text_encoder, prompts: Sequen
     steps = list(steps) if steps is not None else config.replace(guidance=True).guidance_steps()
     if not steps or not all(0 <= k < config.num_steps for k in steps):
         raise ValueError(f"steps must be step indices in [0, {config.num_steps}), got {steps}")
-    lambdas = [float(l) for l in lambdas]
+    lambdas = [float(lam) for lam in lambdas]
     sigmas = shifted_sigmas(config.num_steps, config.shift).tolist()
     sde = dict(schedule=config.schedule, noise_level=config.noise_level)
     velocity = DiffusersFlowModel(transformer)
     reward_fn = toy_reward_set()
     gen = torch.Generator().manual_seed(seed)
-    deltas: Dict[Tuple[int, float], List[torch.Tensor]] = {(k, l): [] for k in steps for l in lambdas}
+    deltas: Dict[Tuple[int, float], List[torch.Tensor]] = {(k, lam): [] for k in steps for lam in lambdas}
     grad_norms: Dict[int, List[torch.Tensor]] = {k: [] for k in steps}
     prompts = list(prompts)
 
@@ -987,7 +1158,7 @@ def guided_step_effect(prm: Callable, transformer, text_encoder, prompts: Sequen
 
     chunks = range(0, len(prompts), batch_size)
     for start in tqdm(chunks, desc="guided steps", disable=not progress):
-        batch = prompts[start:start + batch_size]
+        batch = prompts[start : start + batch_size]
         b = len(batch)
         embeds = text_encoder.encode(batch)
         cond = Conditioning(prompt_embeds=embeds)
@@ -1001,8 +1172,16 @@ def guided_step_effect(prm: Callable, transformer, text_encoder, prompts: Sequen
                 _, g = ops.reward_grad(prm, x, torch.full((b,), sigma), embeds)
                 grad_norms[i].append(g.flatten(1).norm(dim=1))
                 branches = [unguided] + [
-                    ops.sde_step(x, v, sigma, sigma_next, noise=eps, reward_grad=g,
-                                 guidance_scale=guidance_coefficient(sigma, sigma_next, form="lambda", lam=lam), **sde).x_next
+                    ops.sde_step(
+                        x,
+                        v,
+                        sigma,
+                        sigma_next,
+                        noise=eps,
+                        reward_grad=g,
+                        guidance_scale=guidance_coefficient(sigma, sigma_next, form="lambda", lam=lam),
+                        **sde,
+                    ).x_next
                     for lam in lambdas
                 ]
                 final = finish(torch.cat(branches), embeds.repeat(len(branches), 1, 1), i + 1)
@@ -1019,13 +1198,20 @@ def guided_step_effect(prm: Callable, transformer, text_encoder, prompts: Sequen
             norms = torch.cat([t for s in ks for t in grad_norms[s]]).double()
             coefs = [guidance_coefficient(sigmas[s], sigmas[s + 1], form="lambda", lam=lam) for s in ks]
             numel = world.CHANNELS * world.NUM_FRAMES * world.HEIGHT * world.WIDTH
-            rows.append({
-                "step": k, "sigma": sigmas[k] if k >= 0 else float("nan"), "lambda": lam, "n": int(d.numel()),
-                "improved": float((d > 0).double().mean()), "worse": float((d < 0).double().mean()),
-                "mean_delta": float(d.mean()), "stderr_delta": float(d.std() / math.sqrt(d.numel())) if d.numel() > 1 else 0.0,
-                "mean_grad_norm": float(norms.mean()),
-                "mean_shift_rms": float(np.mean(coefs)) * float(norms.mean()) / math.sqrt(numel),
-            })
+            rows.append(
+                {
+                    "step": k,
+                    "sigma": sigmas[k] if k >= 0 else float("nan"),
+                    "lambda": lam,
+                    "n": int(d.numel()),
+                    "improved": float((d > 0).double().mean()),
+                    "worse": float((d < 0).double().mean()),
+                    "mean_delta": float(d.mean()),
+                    "stderr_delta": float(d.std() / math.sqrt(d.numel())) if d.numel() > 1 else 0.0,
+                    "mean_grad_norm": float(norms.mean()),
+                    "mean_shift_rms": float(np.mean(coefs)) * float(norms.mean()) / math.sqrt(numel),
+                }
+            )
     return rows
 
 
@@ -1052,8 +1238,10 @@ def _training_data(args) -> PRMDataset:
 def _cmd_collect(args) -> None:
     data = collect_toy_rollouts(args.num_samples, seed=args.seed, base_model=args.base_model)
     data.save(args.out)
-    print(f"wrote {len(data)} rollouts to {args.out} (reward mean {float(data.rewards.mean()):.4f}, "
-          f"std {float(data.rewards.std()):.4f})")
+    print(
+        f"wrote {len(data)} rollouts to {args.out} (reward mean {float(data.rewards.mean()):.4f}, "
+        f"std {float(data.rewards.std()):.4f})"
+    )
 
 
 def _cmd_train(args) -> None:
@@ -1061,19 +1249,34 @@ def _cmd_train(args) -> None:
     data = _training_data(args)
     train, held_out = data.split(args.held_out_fraction, seed=args.seed)
     if args.relabel:
-        train = PRMDataset.concat([train, relabel_toy_prompts(train, args.relabel, seed=args.seed + 1,
-                                                              base_model=args.base_model)])
+        train = PRMDataset.concat(
+            [train, relabel_toy_prompts(train, args.relabel, seed=args.seed + 1, base_model=args.base_model)]
+        )
     torch.manual_seed(args.seed)  # the PRM's initialisation
     if args.init:
         model = LatentRewardModel.from_pretrained(args.init)
     else:
-        model = LatentRewardModel(in_channels=data.x0.shape[1], text_dim=data.prompt_embeds.shape[1],
-                                  channels=_ints(args.channels), blocks=_ints(args.blocks), patch_size=_ints(args.patch_size),
-                                  aux_rewards=tuple(a for a in args.aux_rewards.split(",") if a))
+        model = LatentRewardModel(
+            in_channels=data.x0.shape[1],
+            text_dim=data.prompt_embeds.shape[1],
+            channels=_ints(args.channels),
+            blocks=_ints(args.blocks),
+            patch_size=_ints(args.patch_size),
+            aux_rewards=tuple(a for a in args.aux_rewards.split(",") if a),
+        )
     config = PRMTrainConfig(
-        steps=args.steps, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
-        warmup_steps=args.warmup_steps, loss=args.loss, sigma_min=args.sigma_min, sigma_max=args.sigma_max,
-        eval_every=args.eval_every, checkpoint_every=args.checkpoint_every, seed=args.seed, aux_weight=args.aux_weight,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        warmup_steps=args.warmup_steps,
+        loss=args.loss,
+        sigma_min=args.sigma_min,
+        sigma_max=args.sigma_max,
+        eval_every=args.eval_every,
+        checkpoint_every=args.checkpoint_every,
+        seed=args.seed,
+        aux_weight=args.aux_weight,
     )
     trainer = PRMTrainer(model, config, output_dir=args.output_dir)
     history = trainer.fit(train, held_out, resume=args.resume)
@@ -1081,11 +1284,14 @@ def _cmd_train(args) -> None:
     summary = {
         "command": "python -m euphonium.rewards.prm " + shlex.join(args.argv),
         # CPU seconds alongside wall seconds: on a shared machine the wall time mostly measures the load.
-        "wall_seconds": time.perf_counter() - start, "cpu_seconds": time.process_time() - cpu_start,
+        "wall_seconds": time.perf_counter() - start,
+        "cpu_seconds": time.process_time() - cpu_start,
         "torch_threads": torch.get_num_threads(),
-        "train_samples": len(train), "held_out_samples": len(held_out),
+        "train_samples": len(train),
+        "held_out_samples": len(held_out),
         "parameters": sum(p.numel() for p in model.parameters()),
-        "reward_mean": float(model.reward_mean), "reward_std": float(model.reward_std),
+        "reward_mean": float(model.reward_mean),
+        "reward_std": float(model.reward_std),
         "final": history[-1] if history else {},
     }
     (Path(args.output_dir) / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -1093,21 +1299,37 @@ def _cmd_train(args) -> None:
 
 
 def _markdown_report(report: Dict) -> str:
-    lines = ["# Toy PRM quality report", "",
-             f"PRM: `{report['prm']}`; held-out data: {report['held_out']}; machine: {report['machine']}.", "",
-             "## Spearman correlation of the PRM with the true outcome reward, per noise level", "",
-             "| sigma | n | Spearman | Pearson |", "|---|---|---|---|"]
+    lines = [
+        "# Toy PRM quality report",
+        "",
+        f"PRM: `{report['prm']}`; held-out data: {report['held_out']}; machine: {report['machine']}.",
+        "",
+        "## Spearman correlation of the PRM with the true outcome reward, per noise level",
+        "",
+        "| sigma | n | Spearman | Pearson |",
+        "|---|---|---|---|",
+    ]
     for row in report["correlation"]:
-        lines.append(f"| [{row['sigma_lo']:g}, {row['sigma_hi']:g}] | {row['n']} | {row['spearman']:.3f} | {row['pearson']:.3f} |")
-    lines += ["", "## One guided SDE step vs the same step unguided (same noise, then the same ODE steps)", "",
-              f"Sampler: `{report['sampler']}`; guidance_scale = lambda * delta; {report['guided_prompts']} prompts.", "",
-              "| step | sigma | lambda | improved | worse | mean reward change (± s.e.) | mean shift RMS |",
-              "|---|---|---|---|---|---|---|"]
+        lines.append(
+            f"| [{row['sigma_lo']:g}, {row['sigma_hi']:g}] | {row['n']} | {row['spearman']:.3f} | "
+            f"{row['pearson']:.3f} |"
+        )
+    lines += [
+        "",
+        "## One guided SDE step vs the same step unguided (same noise, then the same ODE steps)",
+        "",
+        f"Sampler: `{report['sampler']}`; guidance_scale = lambda * delta; {report['guided_prompts']} prompts.",
+        "",
+        "| step | sigma | lambda | improved | worse | mean reward change (± s.e.) | mean shift RMS |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for row in report["guided_step"]:
         step = "all" if row["step"] < 0 else str(row["step"])
         sigma = "" if row["step"] < 0 else f"{row['sigma']:.3f}"
-        lines.append(f"| {step} | {sigma} | {row['lambda']:g} | {row['improved']:.3f} | {row['worse']:.3f} | "
-                     f"{row['mean_delta']:+.2e} ± {row['stderr_delta']:.1e} | {row['mean_shift_rms']:.2e} |")
+        lines.append(
+            f"| {step} | {sigma} | {row['lambda']:g} | {row['improved']:.3f} | {row['worse']:.3f} | "
+            f"{row['mean_delta']:+.2e} ± {row['stderr_delta']:.1e} | {row['mean_shift_rms']:.2e} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -1158,15 +1380,22 @@ def _cmd_report(args) -> None:
     correlation = correlation_by_sigma(prm, data, draws=args.draws, seed=args.seed)
     transformer, text_encoder = load_toy_model(args.base_model)
     config = toy_sampler_config()
-    guided = guided_step_effect(prm, transformer, text_encoder, sample_prompts(args.guided_prompts, args.seed + 1),
-                                lambdas=_floats(args.lambdas), config=config, seed=args.seed + 1)
+    guided = guided_step_effect(
+        prm,
+        transformer,
+        text_encoder,
+        sample_prompts(args.guided_prompts, args.seed + 1),
+        lambdas=_floats(args.lambdas),
+        config=config,
+        seed=args.seed + 1,
+    )
     report = {
         "command": "python -m euphonium.rewards.prm " + shlex.join(args.argv),
         "prm": str(args.prm) if args.prm else "euphonium/assets/toy_prm (committed)",
         "held_out": held_out,
         "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} torch threads",
         "sampler": f"{TOY_SAMPLER} preset, guidance off: {config.schedule} noise_level={config.noise_level}, "
-                   f"{config.num_steps} steps, shift={config.shift}",
+        f"{config.num_steps} steps, shift={config.shift}",
         "guided_prompts": args.guided_prompts,
         "correlation": correlation,
         "guided_step": guided,
@@ -1184,8 +1413,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     """``python -m euphonium.rewards.prm {collect,train,report}`` (``--help`` on each)."""
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m euphonium.rewards.prm",
-                                     description="Train and evaluate latent process reward models (toy world).")
+    parser = argparse.ArgumentParser(
+        prog="python -m euphonium.rewards.prm",
+        description="Train and evaluate latent process reward models (toy world).",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("collect", help="save on-policy toy rollouts labelled with the exact toy rewards")
@@ -1197,14 +1428,20 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     collect = p
 
     p = sub.add_parser("train", help="train a LatentRewardModel on saved data and/or fresh toy rollouts")
-    p.add_argument("--output-dir", required=True, help="the trained PRM (save_pretrained), metrics.jsonl, training.json")
+    p.add_argument(
+        "--output-dir", required=True, help="the trained PRM (save_pretrained), metrics.jsonl, training.json"
+    )
     p.add_argument("--data", nargs="*", help="saved PRMDataset files (collect / PRMDataset.save)")
     p.add_argument("--rollouts", type=int, default=0, help="also collect this many toy base-model rollouts")
     p.add_argument("--base-model", default=None, help="toy base model folder (default: the committed one)")
     p.add_argument("--save-data", default=None, help="save the training data (all of it, before the split) here")
     p.add_argument("--held-out-fraction", type=float, default=0.1)
-    p.add_argument("--relabel", type=int, default=0,
-                   help="add this many prompt-relabelled copies of each training clip (toy rewards; training split only)")
+    p.add_argument(
+        "--relabel",
+        type=int,
+        default=0,
+        help="add this many prompt-relabelled copies of each training clip (toy rewards; training split only)",
+    )
     p.add_argument("--init", default=None, help="start from this PRM folder instead of a fresh model")
     p.add_argument("--channels", default="32,64", help="channels per stage")
     p.add_argument("--blocks", default="2,2", help="residual blocks per stage")
@@ -1228,15 +1465,21 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument("--seed", type=int, default=1000, help="seed of the held-out rollouts (training used others)")
     p.add_argument("--draws", type=int, default=2, help="noise draws per sample and sigma bucket")
     p.add_argument("--guided-prompts", type=int, default=512)
-    p.add_argument("--lambdas", default="0.01,1,100,1000,10000", help="guidance lambdas (guidance_scale = lambda * delta)")
+    p.add_argument(
+        "--lambdas", default="0.01,1,100,1000,10000", help="guidance lambdas (guidance_scale = lambda * delta)"
+    )
     p.add_argument("--base-model", default=None, help="toy base model folder (default: the committed one)")
     p.set_defaults(fn=_cmd_report)
     report = p
 
     argv = list(sys.argv[1:] if argv is None else argv)
     for p in (collect, train, report):
-        p.add_argument("--threads", type=int, default=0,
-                       help="torch CPU threads (0: torch's default; 1 is often fastest on a busy machine)")
+        p.add_argument(
+            "--threads",
+            type=int,
+            default=0,
+            help="torch CPU threads (0: torch's default; 1 is often fastest on a busy machine)",
+        )
     args = parser.parse_args(argv)
     args.argv = argv
     if args.threads:

@@ -43,8 +43,8 @@ from typing import Dict, Mapping, Optional, Sequence
 
 import torch
 
+from euphonium._checks import check_float_tensor
 from euphonium.models.toy import world
-from euphonium.ops._checks import check_float_tensor
 
 INK_LOW = 0.2
 INK_HIGH = 0.8
@@ -169,8 +169,9 @@ def _gather(probs: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return probs.gather(-1, index.view(-1, 1, 1).expand(-1, probs.shape[1], 1)).squeeze(-1)
 
 
-def toy_rewards(videos: torch.Tensor, prompts: Sequence[str],
-                weights: Optional[Mapping[str, float]] = None) -> Dict[str, torch.Tensor]:
+def toy_rewards(
+    videos: torch.Tensor, prompts: Sequence[str], weights: Optional[Mapping[str, float]] = None
+) -> Dict[str, torch.Tensor]:
     """All toy reward terms for ``videos [B, F, 3, H, W]`` in [0, 1] and ``B`` toy prompts.
 
     Returns ``{"color", "shape", "size", "direction", "smoothness", "combined"}``, each ``[B]`` float32
@@ -188,9 +189,9 @@ def toy_rewards(videos: torch.Tensor, prompts: Sequence[str],
     presence = torch.minimum(mass / area, area / mass)  # [B, F]
 
     color_logits = -((stats["color"].unsqueeze(-2) - _COLOR_RGB.to(videos.device)) ** 2).sum(-1)
-    color_probs = torch.softmax(color_logits / (2 * COLOR_TEMPERATURE ** 2), dim=-1)
-    shape_logits = -(stats["kappa"].unsqueeze(-1) - tgt["kappa_ref"].unsqueeze(1)) ** 2
-    shape_probs = torch.softmax(shape_logits / (2 * SHAPE_TEMPERATURE ** 2), dim=-1)
+    color_probs = torch.softmax(color_logits / (2 * COLOR_TEMPERATURE**2), dim=-1)
+    shape_logits = -((stats["kappa"].unsqueeze(-1) - tgt["kappa_ref"].unsqueeze(1)) ** 2)
+    shape_probs = torch.softmax(shape_logits / (2 * SHAPE_TEMPERATURE**2), dim=-1)
 
     vel, residual = _velocity(stats["centroid"])
     u = _DIRECTION_VECS.to(videos.device)[tgt["direction"]]
@@ -203,11 +204,11 @@ def toy_rewards(videos: torch.Tensor, prompts: Sequence[str],
     terms = {
         "color": (presence * _gather(color_probs, tgt["color"])).mean(dim=1),
         "shape": (presence * _gather(shape_probs, tgt["shape"])).mean(dim=1),
-        "size": torch.exp(-log_ratio ** 2 / (2 * SIZE_LOG_STD ** 2)).mean(dim=1),
+        "size": torch.exp(-(log_ratio**2) / (2 * SIZE_LOG_STD**2)).mean(dim=1),
         "direction": mean_presence * torch.sigmoid((along - across - world.SPEED / 2) / DIRECTION_SCALE),
         "smoothness": mean_presence
-        * torch.exp(-residual / (2 * TRAJECTORY_STD ** 2))
-        * torch.exp(-log_mass.var(dim=1, unbiased=False) / (2 * AREA_LOG_STD ** 2)),
+        * torch.exp(-residual / (2 * TRAJECTORY_STD**2))
+        * torch.exp(-log_mass.var(dim=1, unbiased=False) / (2 * AREA_LOG_STD**2)),
     }
     total = sum(weights.values())
     terms["combined"] = sum(w * terms[k] for k, w in weights.items()) / total
@@ -260,8 +261,10 @@ def classify(videos: torch.Tensor) -> Dict[str, list]:
         # Joint nearest (size, shape) by log-area and kappa, each scaled by its reward width.
         size, shape = min(
             ((s, sh) for s in _SIZE_NAMES for sh in world.SHAPES),
-            key=lambda ss: ((lm - math.log(ref[ss[0]][ss[1]]["area"])) / SIZE_LOG_STD) ** 2
-            + ((k - ref[ss[0]][ss[1]]["kappa"]) / SHAPE_TEMPERATURE) ** 2,
+            key=lambda ss: (
+                ((lm - math.log(ref[ss[0]][ss[1]]["area"])) / SIZE_LOG_STD) ** 2
+                + ((k - ref[ss[0]][ss[1]]["kappa"]) / SHAPE_TEMPERATURE) ** 2
+            ),
         )
         best = int(along[i].argmax())
         out["color"].append(_COLOR_NAMES[colors[i]])
@@ -306,8 +309,13 @@ class ToyOraclePRM(torch.nn.Module):
         weights: the ``combined`` weights (:func:`toy_rewards`), e.g. the trainer's reward weights.
     """
 
-    def __init__(self, transformer: torch.nn.Module, text_encoder: torch.nn.Module,
-                 prompts: Optional[Sequence[str]] = None, weights: Optional[Mapping[str, float]] = None):
+    def __init__(
+        self,
+        transformer: torch.nn.Module,
+        text_encoder: torch.nn.Module,
+        prompts: Optional[Sequence[str]] = None,
+        weights: Optional[Mapping[str, float]] = None,
+    ):
         super().__init__()
         self.transformer = transformer.requires_grad_(False).eval()
         self.prompts = list(prompts) if prompts is not None else world.all_prompts()
@@ -322,15 +330,18 @@ class ToyOraclePRM(torch.nn.Module):
         check_float_tensor("prompt_embeds", prompt_embeds, min_dim=2)
         flat = prompt_embeds.detach().flatten(1).float()
         if flat.shape[1] != self.keys.shape[1]:
-            raise ValueError(f"prompt_embeds must flatten to {self.keys.shape[1]} values per sample (the "
-                             f"text encoder's [L, D]), got shape {tuple(prompt_embeds.shape)}")
+            raise ValueError(
+                f"prompt_embeds must flatten to {self.keys.shape[1]} values per sample (the "
+                f"text encoder's [L, D]), got shape {tuple(prompt_embeds.shape)}"
+            )
         dist = torch.cdist(flat, self.keys.to(flat.device))
         best, index = dist.min(dim=1)
         scale = self.keys.norm(dim=1).max()
         bad = (best > 1e-3 * scale).nonzero().flatten()
         if bad.numel():
-            raise ValueError(f"prompt_embeds[{int(bad[0])}] is the embedding of none of the oracle's "
-                             f"{len(self.prompts)} prompts")
+            raise ValueError(
+                f"prompt_embeds[{int(bad[0])}] is the embedding of none of the oracle's {len(self.prompts)} prompts"
+            )
         return [self.prompts[i] for i in index.tolist()]
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, prompt_embeds: torch.Tensor) -> torch.Tensor:

@@ -16,8 +16,12 @@ def main(argv=None) -> int:
     parser.add_argument("--config", help="YAML config (see configs/); default: the toy world")
     parser.add_argument("--max-steps", type=int, help="override max_steps")
     parser.add_argument("--output-dir", default="runs/toy", help="where metrics, checkpoints and samples go")
-    parser.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --output-dir")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. lr=1e-4 model.path=/data/wan")
+    parser.add_argument(
+        "--resume", action="store_true", help="continue from the newest complete checkpoint in --output-dir"
+    )
+    parser.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="config overrides, e.g. lr=1e-4 model.path=/data/wan"
+    )
     args = parser.parse_args(argv)
     overrides = list(args.overrides) + ([f"max_steps={args.max_steps}"] if args.max_steps is not None else [])
     try:

@@ -38,9 +38,18 @@ def latest_checkpoint(output_dir: Path) -> Optional[Path]:
     return dirs[-1] if dirs else None
 
 
-def save_checkpoint(output_dir: Path, step: int, *, trainable: Dict[str, torch.Tensor], optimizer, scheduler,
-                    ema: Optional[Dict[str, torch.Tensor]], config: Dict[str, Any], extra: Dict[str, Any],
-                    keep: int) -> Path:
+def save_checkpoint(
+    output_dir: Path,
+    step: int,
+    *,
+    trainable: Dict[str, torch.Tensor],
+    optimizer,
+    scheduler,
+    ema: Optional[Dict[str, torch.Tensor]],
+    config: Dict[str, Any],
+    extra: Dict[str, Any],
+    keep: int,
+) -> Path:
     """Write checkpoint ``step`` atomically and keep only the newest ``keep`` complete ones."""
     root = Path(output_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)

@@ -111,10 +111,21 @@ class TrainConfig:
     # The toy "combined" adherence reward; the parts are logged. Trained separately, a part whose
     # group variance is mostly noise (e.g. direction for this base model) would dominate its
     # normalised advantage.
-    rewards: Dict[str, Dict[str, Any]] = field(default_factory=lambda: {
-        "toy": {"weights": {"color": 1.0, "shape": 1.0, "size": 1.0, "direction": 1.0, "smoothness": 0.0}}})
-    reward_weights: Optional[Dict[str, float]] = field(default_factory=lambda: {
-        "combined": 1.0, "color": 0.0, "shape": 0.0, "size": 0.0, "direction": 0.0, "smoothness": 0.0})
+    rewards: Dict[str, Dict[str, Any]] = field(
+        default_factory=lambda: {
+            "toy": {"weights": {"color": 1.0, "shape": 1.0, "size": 1.0, "direction": 1.0, "smoothness": 0.0}}
+        }
+    )
+    reward_weights: Optional[Dict[str, float]] = field(
+        default_factory=lambda: {
+            "combined": 1.0,
+            "color": 0.0,
+            "shape": 0.0,
+            "size": 0.0,
+            "direction": 0.0,
+            "smoothness": 0.0,
+        }
+    )
     combine: str = "separate"
     process_weight: float = 1.0
     prm_path: Optional[str] = None
@@ -143,16 +154,29 @@ class TrainConfig:
         if self.model.kind == "wan" and not self.model.path:
             raise ConfigError("model.path is required for model.kind=wan (a local diffusers Wan2.1 folder)")
         if self.group_size < 2:
-            raise ConfigError(f"group_size must be >= 2 (advantages are relative within a group), got {self.group_size}")
-        for key in ("prompts_per_step", "inner_epochs", "micro_batches", "max_steps", "checkpoint_every",
-                    "keep_checkpoints", "max_bad_steps", "num_eval_samples", "eval_prompts"):
+            raise ConfigError(
+                f"group_size must be >= 2 (advantages are relative within a group), got {self.group_size}"
+            )
+        for key in (
+            "prompts_per_step",
+            "inner_epochs",
+            "micro_batches",
+            "max_steps",
+            "checkpoint_every",
+            "keep_checkpoints",
+            "max_bad_steps",
+            "num_eval_samples",
+            "eval_prompts",
+        ):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}")
         if not 0 < self.timestep_fraction <= 1:
             raise ConfigError(f"timestep_fraction must be in (0, 1], got {self.timestep_fraction}")
         if (self.prompts_per_step * self.group_size) % self.micro_batches:
-            raise ConfigError(f"micro_batches ({self.micro_batches}) must divide prompts_per_step * group_size "
-                              f"({self.prompts_per_step * self.group_size})")
+            raise ConfigError(
+                f"micro_batches ({self.micro_batches}) must divide prompts_per_step * group_size "
+                f"({self.prompts_per_step * self.group_size})"
+            )
         for key in ("lr", "clip_range", "max_grad_norm", "adv_eps"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"{key} must be > 0, got {getattr(self, key)}")
@@ -201,8 +225,10 @@ def _check_type(key: str, value: Any, annotation: Any) -> Any:
             return [_check_type(f"{key}[{i}]", v, args[0]) if args else v for i, v in enumerate(value)]
     elif origin in (dict, Dict):
         if isinstance(value, dict):
-            return {k: (_check_type(f"{key}.{k}", v, args[1]) if args and args[1] is not Any else v)
-                    for k, v in value.items()}
+            return {
+                k: (_check_type(f"{key}.{k}", v, args[1]) if args and args[1] is not Any else v)
+                for k, v in value.items()
+            }
     elif annotation is Any:
         return value
     name = getattr(annotation, "__name__", str(annotation))
@@ -255,13 +281,15 @@ def _set_path(obj: Any, path: List[str], value: Any) -> None:
         if name not in fields:
             raise ConfigError(f"unknown config key {full!r}; valid keys: {sorted(fields)}")
         current = getattr(obj, name)
-        rest = path[depth + 1:]
+        rest = path[depth + 1 :]
         if dataclasses.is_dataclass(current) and rest:
             obj = current
             continue
         if rest:
             if not isinstance(current, dict):
-                raise ConfigError(f"{full} is a {type(current).__name__}, not a mapping: {'.'.join(path)} has no meaning")
+                raise ConfigError(
+                    f"{full} is a {type(current).__name__}, not a mapping: {'.'.join(path)} has no meaning"
+                )
             updated = copy.deepcopy(current)
             target = updated
             for key in rest[:-1]:

@@ -100,13 +100,13 @@ def save_video_grid(videos: torch.Tensor, prompts: Sequence[str], path: Path, sc
     for t in range(f):
         canvas = torch.full((c, h, b * (w + pad) - pad), 255, dtype=torch.uint8)
         for i in range(b):
-            canvas[:, :, i * (w + pad): i * (w + pad) + w] = v[i, t]
+            canvas[:, :, i * (w + pad) : i * (w + pad) + w] = v[i, t]
         frames.append(canvas.permute(1, 2, 0).numpy())
     imageio.mimsave(path.with_suffix(".gif"), frames, duration=1000 / fps, loop=0)
     rows = torch.full((c, b * (h + pad) - pad, f * (w + pad) - pad), 255, dtype=torch.uint8)
     for i in range(b):
         for t in range(f):
-            rows[:, i * (h + pad): i * (h + pad) + h, t * (w + pad): t * (w + pad) + w] = v[i, t]
+            rows[:, i * (h + pad) : i * (h + pad) + h, t * (w + pad) : t * (w + pad) + w] = v[i, t]
     imageio.imwrite(path.with_suffix(".png"), rows.permute(1, 2, 0).numpy())
     path.with_suffix(".txt").write_text("\n".join(prompts) + "\n")
     return path.with_suffix(".gif")

@@ -19,8 +19,12 @@ from euphonium.models.diffusers import Conditioning
 from euphonium.train.config import GUIDED_ALGORITHMS, ConfigError, TrainConfig
 
 # The file each component folder must hold (what from_pretrained reads first).
-_SUBFOLDERS = {"transformer": "config.json", "vae": "config.json", "text_encoder": "config.json",
-               "tokenizer": "tokenizer_config.json"}
+_SUBFOLDERS = {
+    "transformer": "config.json",
+    "vae": "config.json",
+    "text_encoder": "config.json",
+    "tokenizer": "tokenizer_config.json",
+}
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -31,9 +35,14 @@ def check_wan_folder(path: str) -> Path:
         raise ConfigError(f"model.path {path}: no such directory")
     missing = [f"{sub}/{name}" for sub, name in _SUBFOLDERS.items() if not (root / sub / name).is_file()]
     if missing:
-        hint = (" (this looks like one component's folder: give the pipeline folder above it)"
-                if (root / "config.json").is_file() else "")
-        raise ConfigError(f"model.path {path} is not a diffusers Wan pipeline folder: missing {', '.join(missing)}{hint}")
+        hint = (
+            " (this looks like one component's folder: give the pipeline folder above it)"
+            if (root / "config.json").is_file()
+            else ""
+        )
+        raise ConfigError(
+            f"model.path {path} is not a diffusers Wan pipeline folder: missing {', '.join(missing)}{hint}"
+        )
     return root
 
 
@@ -78,22 +87,29 @@ def check_wan_config(config: TrainConfig) -> Dict[str, Any]:
     z_dim = _config_value(AutoencoderKLWan, vae, "z_dim")
     in_channels = _config_value(WanTransformer3DModel, transformer, "in_channels")
     if in_channels != z_dim:
-        raise ConfigError(f"model.path {root}: the transformer takes {in_channels} input channels but the VAE's latents "
-                          f"have {z_dim} (image-to-video transformers are not supported)")
+        raise ConfigError(
+            f"model.path {root}: the transformer takes {in_channels} input channels but the VAE's latents "
+            f"have {z_dim} (image-to-video transformers are not supported)"
+        )
     t_scale = _config_value(AutoencoderKLWan, vae, "scale_factor_temporal")
     s_scale = _config_value(AutoencoderKLWan, vae, "scale_factor_spatial")
     patch = _config_value(WanTransformer3DModel, transformer, "patch_size")
     if model.num_frames < 1 or (model.num_frames - 1) % t_scale:
-        raise ConfigError(f"model.num_frames must be 1 + a multiple of {t_scale} (the VAE's temporal stride), "
-                          f"got {model.num_frames}")
+        raise ConfigError(
+            f"model.num_frames must be 1 + a multiple of {t_scale} (the VAE's temporal stride), got {model.num_frames}"
+        )
     for key, size in (("height", model.height), ("width", model.width)):
         if size <= 0 or size % (s_scale * patch[1]):
-            raise ConfigError(f"model.{key} must be a positive multiple of {s_scale * patch[1]} "
-                              f"(VAE stride {s_scale} x patch {patch[1]}), got {size}")
+            raise ConfigError(
+                f"model.{key} must be a positive multiple of {s_scale * patch[1]} "
+                f"(VAE stride {s_scale} x patch {patch[1]}), got {size}"
+            )
 
     if config.algorithm in GUIDED_ALGORITHMS:
         if not config.prm_path:
-            raise ConfigError(f"algorithm={config.algorithm} with model.kind=wan needs prm_path (a LatentRewardModel folder)")
+            raise ConfigError(
+                f"algorithm={config.algorithm} with model.kind=wan needs prm_path (a LatentRewardModel folder)"
+            )
         prm_dir = Path(config.prm_path)
         if not (prm_dir / "config.json").is_file():
             raise ConfigError(f"prm_path {config.prm_path} is not a saved LatentRewardModel folder (no config.json)")
@@ -101,10 +117,17 @@ def check_wan_config(config: TrainConfig) -> Dict[str, Any]:
         text_dim = json.loads((root / "text_encoder" / "config.json").read_text()).get("d_model")
         for key, want in (("in_channels", z_dim), ("text_dim", text_dim)):
             if prm.get(key) != want:
-                raise ConfigError(f"prm_path {config.prm_path} has {key}={prm.get(key)} but the model needs {want} "
-                                  "(VAE latent channels / text encoder d_model): a PRM trained for another model?")
+                raise ConfigError(
+                    f"prm_path {config.prm_path} has {key}={prm.get(key)} but the model needs {want} "
+                    "(VAE latent channels / text encoder d_model): a PRM trained for another model?"
+                )
     latent_shape = (z_dim, (model.num_frames - 1) // t_scale + 1, model.height // s_scale, model.width // s_scale)
-    return {"root": root, "scale_factor_temporal": t_scale, "scale_factor_spatial": s_scale, "latent_shape": latent_shape}
+    return {
+        "root": root,
+        "scale_factor_temporal": t_scale,
+        "scale_factor_spatial": s_scale,
+        "latent_shape": latent_shape,
+    }
 
 
 class WanTextEncoder:
@@ -124,8 +147,15 @@ class WanTextEncoder:
     def __call__(self, prompts: List[str]) -> torch.Tensor:
         new = sorted({p for p in prompts if p not in self.cache})
         if new:
-            tokens = self.tokenizer(new, padding="max_length", max_length=self.length, truncation=True,
-                                    add_special_tokens=True, return_attention_mask=True, return_tensors="pt")
+            tokens = self.tokenizer(
+                new,
+                padding="max_length",
+                max_length=self.length,
+                truncation=True,
+                add_special_tokens=True,
+                return_attention_mask=True,
+                return_tensors="pt",
+            )
             mask = tokens.attention_mask.to(self.device)
             hidden = self.model(tokens.input_ids.to(self.device), mask).last_hidden_state
             hidden = hidden * mask[..., None].to(hidden.dtype)

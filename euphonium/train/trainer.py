@@ -118,19 +118,26 @@ def build_policy(config: TrainConfig, device: torch.device) -> Policy:
         from euphonium.models.toy.world import CHANNELS, HEIGHT, NUM_FRAMES, WIDTH
         from euphonium.rewards.prm import load_toy_prm
 
-        transformer, text_encoder = load_toy_model(config.model.path, device=device,
-                                                   dtype=_DTYPES[config.model.dtype])
+        transformer, text_encoder = load_toy_model(config.model.path, device=device, dtype=_DTYPES[config.model.dtype])
         text_encoder.requires_grad_(False)
 
         @torch.no_grad()
         def encode(prompts):
             embeds = text_encoder.encode(list(prompts))
-            return Conditioning(embeds, negative_prompt_embeds=text_encoder.encode([""] * len(prompts))
-                                if config.model.cfg_scale > 1 else None)
+            return Conditioning(
+                embeds,
+                negative_prompt_embeds=text_encoder.encode([""] * len(prompts)) if config.model.cfg_scale > 1 else None,
+            )
 
         prm = load_toy_prm(config.prm_path, device=device) if config.algorithm in GUIDED_ALGORITHMS else None
-        return Policy(transformer, encode, lambda x: latents_to_video(x.float()), (CHANNELS, NUM_FRAMES, HEIGHT, WIDTH),
-                      training_prompts(config), prm)
+        return Policy(
+            transformer,
+            encode,
+            lambda x: latents_to_video(x.float()),
+            (CHANNELS, NUM_FRAMES, HEIGHT, WIDTH),
+            training_prompts(config),
+            prm,
+        )
     from euphonium.train.real_model import build_wan_policy
 
     return build_wan_policy(config, device)
@@ -149,14 +156,18 @@ class Trainer:
         self.is_main = self.rank == 0
         batch = config.prompts_per_step * config.group_size
         if batch % self.world:
-            raise ConfigError(f"prompts_per_step * group_size ({batch}) must be divisible by the number of ranks ({self.world})")
+            raise ConfigError(
+                f"prompts_per_step * group_size ({batch}) must be divisible by the number of ranks ({self.world})"
+            )
         self.local_batch = batch // self.world
         if config.eval_every and config.eval_prompts < self.world:
             raise ConfigError(f"eval_prompts ({config.eval_prompts}) must be >= the number of ranks ({self.world})")
 
         overrides = dict(config.sampler)
         if config.algorithm not in GUIDED_ALGORITHMS and overrides.get("guidance"):
-            raise ConfigError(f"sampler.guidance is the euphonium algorithms'; algorithm={config.algorithm} samples without it")
+            raise ConfigError(
+                f"sampler.guidance is the euphonium algorithms'; algorithm={config.algorithm} samples without it"
+            )
         try:
             self.sampler = preset(config.algorithm, **overrides)
         except (TypeError, ValueError) as err:
@@ -170,7 +181,9 @@ class Trainer:
         self.policy = build_policy(config, self.device)
         if self.sampler.guidance and self.policy.prm is None:
             raise ConfigError(f"algorithm={config.algorithm} needs a process reward model: set prm_path")
-        order = torch.randperm(len(self.policy.prompts), generator=torch.Generator().manual_seed(_seed_for(config.seed, 4)))
+        order = torch.randperm(
+            len(self.policy.prompts), generator=torch.Generator().manual_seed(_seed_for(config.seed, 4))
+        )
         shuffled = [self.policy.prompts[i] for i in order.tolist()]
         self.eval_set = (shuffled * -(-config.eval_prompts // len(shuffled)))[: config.eval_prompts]
         self._eval_noise = None
@@ -188,8 +201,10 @@ class Trainer:
     def _check_output_dir(self, resume: bool) -> None:
         previous = (self.output_dir / "metrics.jsonl").exists() or (self.output_dir / "checkpoints").exists()
         if previous and not resume:
-            raise ConfigError(f"output dir {self.output_dir} holds another run (metrics.jsonl or checkpoints/); "
-                              "pass --resume to continue it or choose another --output-dir")
+            raise ConfigError(
+                f"output dir {self.output_dir} holds another run (metrics.jsonl or checkpoints/); "
+                "pass --resume to continue it or choose another --output-dir"
+            )
 
     def _setup_training(self) -> None:
         config = self.config
@@ -205,10 +220,14 @@ class Trainer:
             # (the same on every rank) without disturbing the caller's RNG state.
             with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
                 torch.manual_seed(_seed_for(config.seed, 3))
-                transformer.add_adapter(LoraConfig(r=config.model.lora_rank,
-                                                   lora_alpha=config.model.lora_alpha or config.model.lora_rank,
-                                                   target_modules=list(config.model.lora_targets),
-                                                   init_lora_weights="gaussian"))
+                transformer.add_adapter(
+                    LoraConfig(
+                        r=config.model.lora_rank,
+                        lora_alpha=config.model.lora_alpha or config.model.lora_rank,
+                        target_modules=list(config.model.lora_targets),
+                        init_lora_weights="gaussian",
+                    )
+                )
             # LoRA weights train in fp32 whatever the frozen base's dtype.
             for p in transformer.parameters():
                 if p.requires_grad:
@@ -220,8 +239,9 @@ class Trainer:
         if not self.trainable_names:
             raise ConfigError("nothing to train: the model has no trainable parameters")
 
-        self.rollout_model = DiffusersFlowModel(transformer, cfg_scale=config.model.cfg_scale,
-                                                attention_backend=config.model.attention_backend)
+        self.rollout_model = DiffusersFlowModel(
+            transformer, cfg_scale=config.model.cfg_scale, attention_backend=config.model.attention_backend
+        )
         wrapped = transformer
         if self.world > 1:
             if config.parallel == "fsdp":
@@ -233,7 +253,9 @@ class Trainer:
             else:
                 from torch.nn.parallel import DistributedDataParallel
 
-                wrapped = DistributedDataParallel(transformer, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+                wrapped = DistributedDataParallel(
+                    transformer, device_ids=[self.device.index] if self.device.type == "cuda" else None
+                )
         self.wrapped = wrapped
         # Training forwards go through the DDP wrapper (gradient all-reduce); the adapter is shared.
         self.train_model = copy.copy(self.rollout_model)
@@ -241,13 +263,18 @@ class Trainer:
 
         params = [p for p in transformer.parameters() if p.requires_grad]
         self.params = params
-        self.optimizer = torch.optim.AdamW(params, lr=config.lr, betas=tuple(config.adam_betas), eps=config.adam_eps,
-                                           weight_decay=config.weight_decay)
+        self.optimizer = torch.optim.AdamW(
+            params, lr=config.lr, betas=tuple(config.adam_betas), eps=config.adam_eps, weight_decay=config.weight_decay
+        )
         warmup = config.lr_warmup_steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0)
-        self.ema = ({n: p.detach().float().clone() for n, p in transformer.named_parameters() if p.requires_grad}
-                    if config.ema_decay else None)
+            self.optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0
+        )
+        self.ema = (
+            {n: p.detach().float().clone() for n, p in transformer.named_parameters() if p.requires_grad}
+            if config.ema_decay
+            else None
+        )
         self.prm_trainer = None
         if config.prm_refresh_every and self.policy.prm is not None:
             from euphonium.rewards.prm import PRMTrainConfig, PRMTrainer
@@ -272,7 +299,9 @@ class Trainer:
         named = dict(self.policy.transformer.named_parameters())
         missing = set(self.trainable_names) - set(loaded["trainable"])
         if missing:
-            raise ConfigError(f"checkpoint {path} lacks trainable weights {sorted(missing)[:5]}: a different model or LoRA setting?")
+            raise ConfigError(
+                f"checkpoint {path} lacks trainable weights {sorted(missing)[:5]}: a different model or LoRA setting?"
+            )
 
         def place(value, like):
             if hasattr(like, "full_tensor"):
@@ -294,8 +323,12 @@ class Trainer:
             saved = json.loads((path / "config.json").read_text())
             changed = sorted(k for k, v in self.config.to_dict().items() if k != "max_steps" and saved.get(k) != v)
             if changed:
-                warnings.warn(f"resuming {path} with settings that differ from the checkpoint's config.json: "
-                              f"{', '.join(changed)} (pass the run's --config and overrides to continue it unchanged)")
+                warnings.warn(
+                    f"resuming {path} with settings that differ from the checkpoint's config.json: "
+                    f"{', '.join(changed)} (pass the run's --config and overrides to continue it "
+                    "unchanged)",
+                    stacklevel=2,
+                )
 
     # ------------------------------------------------------------------------------------------
     # One step
@@ -315,9 +348,16 @@ class Trainer:
     def _rollout(self, prompts: List[str]) -> tuple:
         cond = self.policy.encode(prompts)
         group = self.config.group_size if self.local_batch % self.config.group_size == 0 else 1
-        traj = rollout(self.rollout_model, cond, self.sampler, shape=(len(prompts), *self.policy.latent_shape),
-                       prm=self.policy.prm if self.sampler.guidance else None, group_size=group,
-                       seed=_seed_for(self.config.seed, self.step, 1, self.rank), device=self.device)
+        traj = rollout(
+            self.rollout_model,
+            cond,
+            self.sampler,
+            shape=(len(prompts), *self.policy.latent_shape),
+            prm=self.policy.prm if self.sampler.guidance else None,
+            group_size=group,
+            seed=_seed_for(self.config.seed, self.step, 1, self.rank),
+            device=self.device,
+        )
         return traj, cond
 
     def _advantages(self, parts: Dict[str, torch.Tensor], traj: Trajectory, group_ids: torch.Tensor) -> tuple:
@@ -332,8 +372,15 @@ class Trainer:
                 process[:, guided] = ops.gather_group_advantages(traj.process_reward[:, guided], **kwargs)
         return outcome, process
 
-    def _step_loss(self, traj: Trajectory, cond: Conditioning, rows: torch.Tensor, cols: torch.Tensor,
-                   outcome: Dict[str, torch.Tensor], process: Optional[torch.Tensor]) -> tuple:
+    def _step_loss(
+        self,
+        traj: Trajectory,
+        cond: Conditioning,
+        rows: torch.Tensor,
+        cols: torch.Tensor,
+        outcome: Dict[str, torch.Tensor],
+        process: Optional[torch.Tensor],
+    ) -> tuple:
         """Loss of samples ``rows`` at their recorded SDE steps ``cols`` (one per sample)."""
         config = self.config
         x = traj.latents[rows, cols]
@@ -358,10 +405,18 @@ class Trainer:
         log_prob, kl = out if v_ref is not None else (out, None)
         old = traj.log_prob[rows, cols]
         loss, stats = ops.dual_reward_loss(
-            log_prob[:, None], old[:, None], {k: a[rows] for k, a in outcome.items()},
-            None if process is None else process[rows, cols][:, None], outcome_weights=self.outcome_weights,
-            process_weight=config.process_weight, combine=config.combine, clip_range=config.clip_range,
-            adv_clip=config.adv_clip, kl=None if kl is None else kl[:, None], kl_coef=config.kl_coef)
+            log_prob[:, None],
+            old[:, None],
+            {k: a[rows] for k, a in outcome.items()},
+            None if process is None else process[rows, cols][:, None],
+            outcome_weights=self.outcome_weights,
+            process_weight=config.process_weight,
+            combine=config.combine,
+            clip_range=config.clip_range,
+            adv_clip=config.adv_clip,
+            kl=None if kl is None else kl[:, None],
+            kl_coef=config.kl_coef,
+        )
         if config.distill_coef > 0 and shift is not None and bool(guided.any()):
             loss = loss + config.distill_coef * self._distill_loss(x, v, shift, guided, sigma, sigma_next, sde)
         return loss, stats
@@ -406,7 +461,11 @@ class Trainer:
             for j in range(n_train):
                 for c, rows in enumerate(chunks):
                     last = j == n_train - 1 and c == len(chunks) - 1
-                    sync = contextlib.nullcontext() if last or not hasattr(self.wrapped, "no_sync") else self.wrapped.no_sync()
+                    sync = (
+                        contextlib.nullcontext()
+                        if last or not hasattr(self.wrapped, "no_sync")
+                        else self.wrapped.no_sync()
+                    )
                     with sync:
                         loss, stats = self._step_loss(traj, cond, rows, cols[rows, j], outcome, process)
                         (loss / total).backward()
@@ -423,12 +482,17 @@ class Trainer:
             else:
                 self.optimizer.zero_grad(set_to_none=True)
                 self.bad_steps += 1
-                warnings.warn(f"step {self.step}: non-finite loss ({sums['loss']}) or gradient norm ({grad_norm}); "
-                              f"update skipped ({self.bad_steps} in a row, abort at {config.max_bad_steps})")
+                warnings.warn(
+                    f"step {self.step}: non-finite loss ({sums['loss']}) or gradient norm ({grad_norm}); "
+                    f"update skipped ({self.bad_steps} in a row, abort at {config.max_bad_steps})",
+                    stacklevel=2,
+                )
                 if self.bad_steps >= config.max_bad_steps:
                     last = ckpt.latest_checkpoint(self.output_dir)
-                    raise RuntimeError(f"{self.bad_steps} non-finite updates in a row at step {self.step}; stopping. "
-                                       f"Last good checkpoint: {last or 'none yet'}")
+                    raise RuntimeError(
+                        f"{self.bad_steps} non-finite updates in a row at step {self.step}; stopping. "
+                        f"Last good checkpoint: {last or 'none yet'}"
+                    )
             if epoch == 0:
                 # Statistics of the global batch: means over ranks and the largest deviation on any rank.
                 sums, max_dev = self._mean_over_ranks(sums), self._max_over_ranks(max_dev)
@@ -438,7 +502,9 @@ class Trainer:
                         f"step {self.step}: the first inner update is not on-policy: max |ratio - 1| = {max_dev:.3g} > "
                         f"{config.on_policy_tolerance} (on_policy_tolerance). Usual causes: a training batch composed "
                         "differently from the rollout batch (batch-size-dependent kernels) or low precision (bf16 "
-                        "velocities); check model.dtype and micro_batches.")
+                        "velocities); check model.dtype and micro_batches.",
+                        stacklevel=2,
+                    )
         self.scheduler.step()
         return logs
 
@@ -470,8 +536,14 @@ class Trainer:
                 means["process_reward_mean"] = float(traj.process_reward[:, guided].mean())
         means = self._mean_over_ranks(means)
         self.step += 1
-        return {"step": self.step, **means, **logs, "lr": self.scheduler.get_last_lr()[0],
-                "world_size": self.world, "seconds": time.perf_counter() - start}
+        return {
+            "step": self.step,
+            **means,
+            **logs,
+            "lr": self.scheduler.get_last_lr()[0],
+            "world_size": self.world,
+            "seconds": time.perf_counter() - start,
+        }
 
     def _reward_columns(self, parts: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         """Per-sample ``reward_mean`` (the trained outcome rewards' weighted mean) and ``reward/<part>``."""
@@ -487,7 +559,9 @@ class Trainer:
         if self.world == 1:
             return values
         keys = sorted(values)
-        t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=self.device if self.device.type == "cuda" else "cpu")
+        t = torch.tensor(
+            [values[k] for k in keys], dtype=torch.float64, device=self.device if self.device.type == "cuda" else "cpu"
+        )
         dist.all_reduce(t)
         return dict(zip(keys, t.tolist()))
 
@@ -551,8 +625,10 @@ class Trainer:
         config = self.config
         prompts = training_prompts(config)
         try:
-            self.rewards = RewardSet({name: build_reward(name, **kwargs) for name, kwargs in config.rewards.items()},
-                                     weights=config.reward_weights)
+            self.rewards = RewardSet(
+                {name: build_reward(name, **kwargs) for name, kwargs in config.rewards.items()},
+                weights=config.reward_weights,
+            )
             with torch.no_grad():
                 parts = self.rewards(torch.zeros(1, *video_shape(config), device=self.device), prompts[:1]).parts
         except (TypeError, ValueError) as err:
@@ -568,13 +644,24 @@ class Trainer:
         optimizer = self._checkpoint_optimizer()
         if isinstance(optimizer, _FullOptimizerState):
             optimizer.gather()
-        ema = None if self.ema is None else {k: v.full_tensor() if hasattr(v, "full_tensor") else v
-                                             for k, v in self.ema.items()}
+        ema = (
+            None
+            if self.ema is None
+            else {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in self.ema.items()}
+        )
         if not self.is_main:
             return None
-        return ckpt.save_checkpoint(self.output_dir, self.step, trainable=state, optimizer=optimizer,
-                                    scheduler=self.scheduler, ema=ema, config=self.config.to_dict(),
-                                    extra={"world_size": self.world}, keep=self.config.keep_checkpoints)
+        return ckpt.save_checkpoint(
+            self.output_dir,
+            self.step,
+            trainable=state,
+            optimizer=optimizer,
+            scheduler=self.scheduler,
+            ema=ema,
+            config=self.config.to_dict(),
+            extra={"world_size": self.world},
+            keep=self.config.keep_checkpoints,
+        )
 
     @torch.no_grad()
     def save_samples(self, path: Path) -> Optional[Path]:
@@ -597,18 +684,19 @@ class Trainer:
         """
         n = len(self.eval_set)
         if self._eval_noise is None:
-            self._eval_noise = torch.randn((n, *self.policy.latent_shape),
-                                           generator=torch.Generator().manual_seed(_seed_for(self.config.seed, 5)))
+            self._eval_noise = torch.randn(
+                (n, *self.policy.latent_shape), generator=torch.Generator().manual_seed(_seed_for(self.config.seed, 5))
+            )
         mine = list(range(self.rank, n, self.world))
         share = -(-n // self.world)
         index = mine + mine[-1:] * (share - len(mine))
         counted = torch.tensor([1.0] * len(mine) + [0.0] * (share - len(mine)))
         sums: Dict[str, float] = {}
         for start in range(0, share, self.local_batch):
-            rows = index[start:start + self.local_batch]
+            rows = index[start : start + self.local_batch]
             prompts = [self.eval_set[i] for i in rows]
             videos = self._sample_ode(prompts, noise=self._eval_noise[rows])
-            weight = counted[start:start + len(rows)].to(videos.device)
+            weight = counted[start : start + len(rows)].to(videos.device)
             for key, value in self._reward_columns(self.rewards(videos, prompts).parts).items():
                 sums[key] = sums.get(key, 0.0) + float((value * weight).sum())
         sums = self._sum_over_ranks(sums)
@@ -622,8 +710,14 @@ class Trainer:
     def _sample_ode(self, prompts: List[str], **noise) -> torch.Tensor:
         """Videos of ``prompts`` from the deterministic ODE sampler with the EMA weights, if any;
         ``noise``: :func:`rollout`'s ``noise=`` (initial latents) or ``shape=`` and ``seed=``."""
-        sampler = self.sampler.replace(schedule="ode", guidance=False, same_initial_noise=False, sde_window=None,
-                                       sde_window_size=None, sde_window_range=None)
+        sampler = self.sampler.replace(
+            schedule="ode",
+            guidance=False,
+            same_initial_noise=False,
+            sde_window=None,
+            sde_window_size=None,
+            sde_window_range=None,
+        )
         with self._ema_weights():
             traj = rollout(self.rollout_model, self.policy.encode(prompts), sampler, device=self.device, **noise)
             videos = self.policy.decode(traj.x0)
@@ -665,8 +759,9 @@ class _FullOptimizerState:
     def gather(self) -> None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-        self.full = get_optimizer_state_dict(self.model, self.optimizer,
-                                             options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        self.full = get_optimizer_state_dict(
+            self.model, self.optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
 
     def state_dict(self) -> Dict:
         return self.full

@@ -25,8 +25,12 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("pretrain", help="flow-matching pretraining on the renderer's clips")
-    p.add_argument("--output", type=Path, default=ASSET_DIR,
-                   help=f"where to save transformer/, text_encoder/ and pretrain.json (default {ASSET_DIR})")
+    p.add_argument(
+        "--output",
+        type=Path,
+        default=ASSET_DIR,
+        help=f"where to save transformer/, text_encoder/ and pretrain.json (default {ASSET_DIR})",
+    )
     p.add_argument("--steps", type=_positive_int, default=defaults.steps)
     p.add_argument("--batch-size", type=_positive_int, default=defaults.batch_size)
     p.add_argument("--lr", type=float, default=defaults.lr)
@@ -38,12 +42,21 @@ def main(argv=None) -> int:
     p.add_argument("--shift", type=float, default=defaults.shift, help="timestep shift of the training sigmas")
     p.add_argument("--seed", type=int, default=defaults.seed)
     p.add_argument("--threads", type=_positive_int, default=defaults.threads)
-    p.add_argument("--eval-every", type=int, default=defaults.eval_every,
-                   help="sample and score every N steps (0: never)")
-    p.add_argument("--transformer-config", type=json.loads, default={},
-                   help='JSON overrides of TOY_TRANSFORMER_CONFIG, e.g. \'{"num_layers": 1}\'')
-    p.add_argument("--text-encoder-config", type=json.loads, default={},
-                   help='JSON overrides of TOY_TEXT_ENCODER_CONFIG, e.g. \'{"dim": 16}\'')
+    p.add_argument(
+        "--eval-every", type=int, default=defaults.eval_every, help="sample and score every N steps (0: never)"
+    )
+    p.add_argument(
+        "--transformer-config",
+        type=json.loads,
+        default={},
+        help="JSON overrides of TOY_TRANSFORMER_CONFIG, e.g. '{\"num_layers\": 1}'",
+    )
+    p.add_argument(
+        "--text-encoder-config",
+        type=json.loads,
+        default={},
+        help="JSON overrides of TOY_TEXT_ENCODER_CONFIG, e.g. '{\"dim\": 16}'",
+    )
 
     r = sub.add_parser("report", help="sample the model, print reward statistics, write pictures and JSON")
     r.add_argument("--model", type=Path, default=None, help="model directory (default: the committed weights)")
@@ -59,14 +72,26 @@ def main(argv=None) -> int:
         from euphonium.models.toy.pretrain import pretrain
 
         config = PretrainConfig(
-            steps=args.steps, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
-            warmup_steps=args.warmup_steps, ema_decay=args.ema_decay, logit_mean=args.logit_mean, logit_std=args.logit_std,
-            shift=args.shift, seed=args.seed, threads=args.threads, eval_every=args.eval_every,
-            transformer_config=args.transformer_config, text_encoder_config=args.text_encoder_config,
+            steps=args.steps,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            weight_decay=args.weight_decay,
+            warmup_steps=args.warmup_steps,
+            ema_decay=args.ema_decay,
+            logit_mean=args.logit_mean,
+            logit_std=args.logit_std,
+            shift=args.shift,
+            seed=args.seed,
+            threads=args.threads,
+            eval_every=args.eval_every,
+            transformer_config=args.transformer_config,
+            text_encoder_config=args.text_encoder_config,
         )
         record = pretrain(config, output=args.output)
-        print(f"saved to {args.output}: loss {record['first_loss']:.4f} -> {record['final_loss']:.4f} "
-              f"in {record['wall_seconds']:.0f} s")
+        print(
+            f"saved to {args.output}: loss {record['first_loss']:.4f} -> {record['final_loss']:.4f} "
+            f"in {record['wall_seconds']:.0f} s"
+        )
     else:
         from euphonium.models.toy.report import format_report, run_report
 

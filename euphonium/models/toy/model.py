@@ -62,7 +62,9 @@ class ToyTextEncoder(ModelMixin, ConfigMixin):
     def __init__(self, dim: int = 32, max_length: int = MAX_PROMPT_TOKENS):
         super().__init__()
         if max_length < MAX_PROMPT_TOKENS:
-            raise ValueError(f"max_length must be at least {MAX_PROMPT_TOKENS} (the longest toy prompt), got {max_length}")
+            raise ValueError(
+                f"max_length must be at least {MAX_PROMPT_TOKENS} (the longest toy prompt), got {max_length}"
+            )
         self.token_embedding = nn.Embedding(len(VOCABULARY), dim, padding_idx=0)
         self.position_embedding = nn.Parameter(torch.zeros(max_length, dim))
         self.norm = nn.LayerNorm(dim)
@@ -96,8 +98,9 @@ class ToyTextEncoder(ModelMixin, ConfigMixin):
         return h.sum(dim=1) / (ids != 0).sum(dim=1, keepdim=True).to(h.dtype)
 
 
-def build_toy_model(transformer_config: Optional[dict] = None, text_encoder_config: Optional[dict] = None,
-                    seed: int = 0) -> Tuple[WanTransformer3DModel, ToyTextEncoder]:
+def build_toy_model(
+    transformer_config: Optional[dict] = None, text_encoder_config: Optional[dict] = None, seed: int = 0
+) -> Tuple[WanTransformer3DModel, ToyTextEncoder]:
     """Freshly initialised ``(transformer, text_encoder)`` (float32, CPU), deterministic from ``seed``.
 
     ``transformer_config`` / ``text_encoder_config`` override entries of :data:`TOY_TRANSFORMER_CONFIG`
@@ -119,8 +122,9 @@ def build_toy_model(transformer_config: Optional[dict] = None, text_encoder_conf
     return transformer, text_encoder
 
 
-def load_toy_model(path: Union[str, Path, None] = None, device: Union[str, torch.device] = "cpu",
-                   dtype: torch.dtype = torch.float32) -> Tuple[WanTransformer3DModel, ToyTextEncoder]:
+def load_toy_model(
+    path: Union[str, Path, None] = None, device: Union[str, torch.device] = "cpu", dtype: torch.dtype = torch.float32
+) -> Tuple[WanTransformer3DModel, ToyTextEncoder]:
     """The pretrained toy ``(transformer, text_encoder)`` in eval mode on ``device`` in ``dtype``.
 
     ``path`` is a directory with ``transformer/`` and ``text_encoder/`` subfolders
@@ -135,8 +139,7 @@ def load_toy_model(path: Union[str, Path, None] = None, device: Union[str, torch
     return transformer.to(device).eval(), text_encoder.to(device).eval()
 
 
-def save_toy_model(transformer: WanTransformer3DModel, text_encoder: ToyTextEncoder,
-                   path: Union[str, Path]) -> Path:
+def save_toy_model(transformer: WanTransformer3DModel, text_encoder: ToyTextEncoder, path: Union[str, Path]) -> Path:
     """Write both modules under ``path`` (``transformer/``, ``text_encoder/``; safetensors + config.json)."""
     root = Path(path)
     transformer.save_pretrained(root / "transformer")
@@ -144,8 +147,12 @@ def save_toy_model(transformer: WanTransformer3DModel, text_encoder: ToyTextEnco
     return root
 
 
-def predict_velocity(transformer: WanTransformer3DModel, x: torch.Tensor, sigma: Union[float, torch.Tensor],
-                     encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+def predict_velocity(
+    transformer: WanTransformer3DModel,
+    x: torch.Tensor,
+    sigma: Union[float, torch.Tensor],
+    encoder_hidden_states: torch.Tensor,
+) -> torch.Tensor:
     """``v_theta(x, sigma)`` for latents ``x [B, 3, F, H, W]``; ``sigma`` a float or ``[B]`` tensor in [0, 1].
 
     Calls the transformer with ``timestep = 1000 * sigma`` (Wan's convention) and returns ``[B, 3, F, H, W]``
@@ -161,8 +168,14 @@ def predict_velocity(transformer: WanTransformer3DModel, x: torch.Tensor, sigma:
 
 
 @torch.no_grad()
-def sample_ode(transformer: WanTransformer3DModel, text_encoder: ToyTextEncoder, prompts: Sequence[str],
-               steps: int = 20, shift: float = 3.0, generator: world.Generator = None) -> torch.Tensor:
+def sample_ode(
+    transformer: WanTransformer3DModel,
+    text_encoder: ToyTextEncoder,
+    prompts: Sequence[str],
+    steps: int = 20,
+    shift: float = 3.0,
+    generator: world.Generator = None,
+) -> torch.Tensor:
     """Deterministic Euler ODE sampling: ``x <- x + (sigma_next - sigma) v_theta(x, sigma)`` from
     ``x_1 ~ N(0, I)`` over :func:`euphonium.sde.shifted_sigmas` ``(steps, shift)`` (the base model was
     trained with the same shift, 3). Returns latents ``[B, 3, F, H, W]`` float32.
@@ -184,4 +197,3 @@ def sample_ode(transformer: WanTransformer3DModel, text_encoder: ToyTextEncoder,
 def count_parameters(module: nn.Module) -> int:
     """Number of parameters of ``module``."""
     return sum(p.numel() for p in module.parameters())
-

@@ -83,8 +83,9 @@ def sample_sigmas(n: int, config: PretrainConfig, generator: torch.Generator) ->
     return config.shift * s / (1 + (config.shift - 1) * s)
 
 
-def evaluate(transformer, text_encoder, steps: int = 20, shift: float = 3.0, repeats: int = 1,
-             seed: int = 1234) -> Dict[str, float]:
+def evaluate(
+    transformer, text_encoder, steps: int = 20, shift: float = 3.0, repeats: int = 1, seed: int = 1234
+) -> Dict[str, float]:
     """Mean toy rewards and attribute accuracies of ODE samples for every prompt (``repeats`` each)."""
     from euphonium.rewards.toy import attribute_accuracy, toy_rewards
 
@@ -152,14 +153,19 @@ def pretrain(config: PretrainConfig, output: Optional[Path] = None, progress: bo
         bar.set_postfix(loss=f"{losses[-1]:.4f}", grad=f"{float(grad_norm):.2f}")
         done = step + 1
         if config.eval_every and (done % config.eval_every == 0 or done == config.steps):
-            evals.append({"step": done, "seconds": time.perf_counter() - start,
-                          **evaluate(ema_transformer, ema_text_encoder, config.eval_sample_steps, config.shift)})
+            evals.append(
+                {
+                    "step": done,
+                    "seconds": time.perf_counter() - start,
+                    **evaluate(ema_transformer, ema_text_encoder, config.eval_sample_steps, config.shift),
+                }
+            )
             bar.write(f"step {done}: " + ", ".join(f"{k} {v:.3f}" for k, v in evals[-1].items() if "/" in k))
     wall, cpu = time.perf_counter() - start, time.process_time() - start_cpu
     tail = max(1, config.steps // 10)
     record = {
         "config": dataclasses.asdict(config),
-        "loss_every_10_steps": [sum(losses[i:i + 10]) / len(losses[i:i + 10]) for i in range(0, len(losses), 10)],
+        "loss_every_10_steps": [sum(losses[i : i + 10]) / len(losses[i : i + 10]) for i in range(0, len(losses), 10)],
         "first_loss": losses[0],
         "final_loss": sum(losses[-tail:]) / tail,
         "evaluations": evals,

@@ -49,12 +49,17 @@ def forward_timing(transformer, text_encoder, batch: int = 16, repeats: int = 20
             predict_velocity(transformer, x, sigma, context)
             if i >= 3:  # the first calls allocate and warm caches
                 times.append((time.perf_counter() - start) * 1000)
-    return {"batch": batch, "median_ms": statistics.median(times), "min_ms": min(times),
-            "threads": torch.get_num_threads()}
+    return {
+        "batch": batch,
+        "median_ms": statistics.median(times),
+        "min_ms": min(times),
+        "threads": torch.get_num_threads(),
+    }
 
 
-def attribute_table(rewards: Dict[str, torch.Tensor], accuracy: Dict[str, torch.Tensor],
-                    prompts: Sequence[str]) -> Dict[str, Dict[str, Dict[str, float]]]:
+def attribute_table(
+    rewards: Dict[str, torch.Tensor], accuracy: Dict[str, torch.Tensor], prompts: Sequence[str]
+) -> Dict[str, Dict[str, Dict[str, float]]]:
     """``{attribute: {value: {"n", "reward/<term>", "accuracy/<attribute>", "accuracy/all"}}}`` means."""
     attrs = [world.parse_prompt(p) for p in prompts]
     table: Dict[str, Dict[str, Dict[str, float]]] = {}
@@ -83,8 +88,12 @@ def save_grid_png(real: torch.Tensor, fake: torch.Tensor, prompts: Sequence[str]
     import matplotlib.pyplot as plt
 
     rows, frames = len(prompts), real.shape[1]
-    fig, axes = plt.subplots(rows, 2 * frames + 1, figsize=(2 * frames * 0.55 + 0.5, rows * 0.72),
-                             gridspec_kw={"width_ratios": [1] * frames + [0.3] + [1] * frames})
+    fig, axes = plt.subplots(
+        rows,
+        2 * frames + 1,
+        figsize=(2 * frames * 0.55 + 0.5, rows * 0.72),
+        gridspec_kw={"width_ratios": [1] * frames + [0.3] + [1] * frames},
+    )
     for r in range(rows):
         for c in range(2 * frames + 1):
             ax = axes[r, c]
@@ -94,8 +103,9 @@ def save_grid_png(real: torch.Tensor, fake: torch.Tensor, prompts: Sequence[str]
                 continue
             clip, f = (real, c) if c < frames else (fake, c - frames - 1)
             ax.imshow(clip[r, f].permute(1, 2, 0).clamp(0, 1).numpy(), interpolation="nearest")
-        axes[r, 0].set_ylabel(prompts[r].replace(" moving", "\nmoving"), rotation=0, ha="right", va="center",
-                              fontsize=6)
+        axes[r, 0].set_ylabel(
+            prompts[r].replace(" moving", "\nmoving"), rotation=0, ha="right", va="center", fontsize=6
+        )
     axes[0, frames // 2].set_title("renderer", fontsize=8)
     axes[0, frames + 1 + frames // 2].set_title("base model (ODE)", fontsize=8)
     fig.subplots_adjust(left=0.16, right=0.99, top=0.93, bottom=0.01, wspace=0.05, hspace=0.08)
@@ -113,13 +123,20 @@ def save_grid_gif(real: torch.Tensor, fake: torch.Tensor, path: Path, scale: int
     canvas = np.full((frames, 2 * h + 3 * pad, cols * (w + pad) + pad, 3), 255, dtype=np.uint8)
     for c in range(cols):
         x = pad + c * (w + pad)
-        canvas[:, pad:pad + h, x:x + w] = tiles_real[c]
-        canvas[:, 2 * pad + h:2 * pad + 2 * h, x:x + w] = tiles_fake[c]
+        canvas[:, pad : pad + h, x : x + w] = tiles_real[c]
+        canvas[:, 2 * pad + h : 2 * pad + 2 * h, x : x + w] = tiles_fake[c]
     imageio.mimsave(path, list(canvas), duration=1000 / fps, loop=0)
 
 
-def run_report(model: Optional[Path] = None, out: Path = Path("docs/toy"), repeats: int = 4, steps: int = 20,
-               shift: float = 3.0, seed: int = 0, threads: Optional[int] = 2) -> Dict[str, object]:
+def run_report(
+    model: Optional[Path] = None,
+    out: Path = Path("docs/toy"),
+    repeats: int = 4,
+    steps: int = 20,
+    shift: float = 3.0,
+    seed: int = 0,
+    threads: Optional[int] = 2,
+) -> Dict[str, object]:
     """Sample, score and draw the toy model at ``model`` (``None``: the committed weights); write to ``out``.
 
     Returns the report dictionary that is also written to ``out/report.json``.
@@ -145,8 +162,7 @@ def run_report(model: Optional[Path] = None, out: Path = Path("docs/toy"), repea
         "machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}",
         "parameters": {"transformer": count_parameters(transformer), "text_encoder": count_parameters(text_encoder)},
         "forward_timing": timing,
-        "sampling": {"steps": steps, "shift": shift, "seed": seed, "clips": len(prompts),
-                     "seconds": sample_seconds},
+        "sampling": {"steps": steps, "shift": shift, "seed": seed, "clips": len(prompts), "seconds": sample_seconds},
         "weights": DEFAULT_WEIGHTS,
         "rewards": {k: {"mean": float(v.mean()), "std": float(v.std())} for k, v in rewards.items()},
         "accuracy": {k: float(v.mean()) for k, v in accuracy.items()},
@@ -171,8 +187,8 @@ def format_report(report: Dict[str, object]) -> str:
         f"({report['forward_timing']['threads']} threads)",
         f"sampling: {report['sampling']['clips']} clips, {report['sampling']['steps']} Euler steps, "
         f"shift {report['sampling']['shift']}: {report['sampling']['seconds']:.1f} s",
-        "rewards (mean +- std): " + ", ".join(
-            f"{k} {v['mean']:.3f}+-{v['std']:.3f}" for k, v in report["rewards"].items()),
+        "rewards (mean +- std): "
+        + ", ".join(f"{k} {v['mean']:.3f}+-{v['std']:.3f}" for k, v in report["rewards"].items()),
         "renderer's own clips:  " + ", ".join(f"{k} {v:.3f}" for k, v in report["renderer_rewards"].items()),
         "attribute accuracy: " + ", ".join(f"{k} {v:.3f}" for k, v in report["accuracy"].items()),
         "",
@@ -180,7 +196,9 @@ def format_report(report: Dict[str, object]) -> str:
     ]
     for key, rows in report["per_attribute"].items():
         for value, row in rows.items():
-            lines.append(f"{key:<10} {value:<8} {row['n']:>4} "
-                         + " ".join(f"{row['reward/' + t]:6.3f}" for t in terms)
-                         + f" {row['accuracy/' + key]:5.2f} {row['accuracy/all']:4.2f}")
+            lines.append(
+                f"{key:<10} {value:<8} {row['n']:>4} "
+                + " ".join(f"{row['reward/' + t]:6.3f}" for t in terms)
+                + f" {row['accuracy/' + key]:5.2f} {row['accuracy/all']:4.2f}"
+            )
     return "\n".join(lines)

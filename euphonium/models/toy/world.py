@@ -28,7 +28,7 @@ from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 
-from euphonium.ops._checks import check_float_tensor
+from euphonium._checks import check_float_tensor
 
 NUM_FRAMES = 8
 HEIGHT = 16

@@ -1,4 +1,4 @@
-"""Input validation shared by the ops: every error names the argument and what was expected."""
+"""Input validation shared by the package: every error names the argument and what was expected."""
 
 from __future__ import annotations
 
@@ -16,9 +16,13 @@ def check_float_tensor(name: str, t, *, min_dim: int = 1) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name} must be a floating-point tensor (float32, bfloat16, float16 or float64), got {t.dtype}")
+        raise TypeError(
+            f"{name} must be a floating-point tensor (float32, bfloat16, float16 or float64), got {t.dtype}"
+        )
     if t.dim() < min_dim:
-        raise ValueError(f"{name} must have at least {min_dim} dimensions with the batch first, got shape {tuple(t.shape)}")
+        raise ValueError(
+            f"{name} must have at least {min_dim} dimensions with the batch first, got shape {tuple(t.shape)}"
+        )
     if t.dim() >= 1 and t.shape[0] == 0:
         raise ValueError(f"{name} has an empty batch dimension (shape {tuple(t.shape)})")
     return t
@@ -52,7 +56,10 @@ def per_sample(name: str, value: Scalar, batch: int, device: torch.device, *, dt
         if value.dim() == 0:
             value = value.reshape(1).expand(batch)
         elif value.dim() != 1 or value.shape[0] != batch:
-            raise ValueError(f"{name} must be a float or a tensor of shape [{batch}] (one per sample), got shape {tuple(value.shape)}")
+            raise ValueError(
+                f"{name} must be a float or a tensor of shape [{batch}] (one per sample), got shape "
+                f"{tuple(value.shape)}"
+            )
         if value.device != device:
             raise ValueError(f"{name} is on {value.device} but the latents are on {device}")
         return value.to(dtype).contiguous()
