@@ -49,7 +49,14 @@ setup(
         "pillow>=10",
     ],
     extras_require={
-        "dev": ["ruff>=0.6", "pytest>=8", "pytest-benchmark>=4", "pytest-xdist>=3.5", "hypothesis>=6.100", "scipy>=1.11"],
+        "dev": [
+            "ruff>=0.6",
+            "pytest>=8",
+            "pytest-benchmark>=4",
+            "pytest-xdist>=3.5",
+            "hypothesis>=6.100",
+            "scipy>=1.11",
+        ],
         "gpu": ["flash-attn>=2.6", "xformers>=0.0.28"],
     },
 )

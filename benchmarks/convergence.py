@@ -4,7 +4,7 @@
 defaults: ``configs/toy.yaml``) with ``algorithm=euphonium``, ``flow_grpo``, ``dance_grpo``,
 ``euphonium_fast`` and ``flow_grpo_fast`` for the same number of steps on the same prompt draws (a
 run's prompts depend only on its seed), the same group size and rollouts per step, with 3 seeds each.
-Each method samples with its own sampler preset (``euphonium.sde.preset``: Flow-GRPO's ``a = 0.7`` SDE
+Each method samples with its own sampler preset (``euphonium.sampler.preset``: Flow-GRPO's ``a = 0.7`` SDE
 over 20 steps with the last one deterministic; DanceGRPO's ``eta = 0.3`` over 16 steps with shared
 group noise; Euphonium's ``eta = 0.25``, shift 5, PRM guidance on steps 12-15 with ``c = 0.01 delta``
 and log-probs under the unguided mean; Flow-GRPO-Fast's ``cps`` ``a = 0.8`` on a random 3-step window
@@ -22,7 +22,7 @@ method's steps and shift, EMA weights) before training and every ``--eval-every`
 ``guidance_lambda = 0``), a guidance scale large enough to move the toy rollouts (``lambda = 1000``:
 see the PRM report), and at that scale process advantages off, log-probs under the guided mean, and
 the exact toy reward of the base model's one-step estimate as an oracle PRM
-(:class:`euphonium.rewards.toy.ToyOraclePRM`) in place of the learned one.
+(:class:`euphonium.toy.rewards.ToyOraclePRM`) in place of the learned one.
 
 The threshold is fixed before any run: the median over the reference method's seeds (DanceGRPO;
 for the ablations the Euphonium default) of its final smoothed reward, smoothing being the trailing
@@ -89,8 +89,8 @@ def train_one(job: Dict[str, Any]) -> Dict[str, Any]:
     with tempfile.TemporaryDirectory() as out:
         trainer = Trainer(config, out)
         if job["oracle"]:
-            from euphonium.models.toy import load_toy_model
-            from euphonium.rewards.toy import ToyOraclePRM
+            from euphonium.toy import load_toy_model
+            from euphonium.toy.rewards import ToyOraclePRM
 
             weights = {k: v for k, v in config.rewards["toy"]["weights"].items() if v > 0}
             trainer.policy.prm = ToyOraclePRM(*load_toy_model(), prompts=trainer.policy.prompts, weights=weights)

@@ -1,7 +1,7 @@
 """Where one Euphonium GRPO training step spends its time: model forward/backward, euphonium ops, PRM
 gradient, rewards, optimizer.
 
-One step, as DESIGN.md section 3 lays it out: a guided rollout (``euphonium.sde.rollout`` with the
+One step, as DESIGN.md section 3 lays it out: a guided rollout (``euphonium.sampler.rollout`` with the
 ``euphonium`` sampler preset: the policy's velocity at every step, the PRM gradient at the guided
 steps, ``ops.sde_step``), decoding and outcome rewards, ``ops.dual_reward_advantages``, then for each
 trained step a forward of the policy with gradients, ``Trajectory.recompute_log_prob``
@@ -9,7 +9,7 @@ trained step a forward of the policy with gradients, ``Trajectory.recompute_log_
 
 Models:
 
-- ``--model toy`` (default): the toy task's ``WanTransformer3DModel`` (``euphonium.models.toy``,
+- ``--model toy`` (default): the toy task's ``WanTransformer3DModel`` (``euphonium.toy``,
   randomly initialised: weights do not change the time), its prompt encoder, a ``LatentRewardModel``
   PRM and the exact toy pixel rewards.
 - ``--model wan``: a randomly initialised model of Wan2.1-T2V-1.3B's shape (30 layers, 12 heads x 128,
@@ -51,7 +51,7 @@ import torch  # noqa: E402
 from benchmarks.common import RESULTS_DIR, ROOT, describe_device, synchronize  # noqa: E402
 from euphonium import ops  # noqa: E402
 from euphonium.rewards.prm import LatentRewardModel  # noqa: E402
-from euphonium.sde import preset, rollout  # noqa: E402
+from euphonium.sampler import preset, rollout  # noqa: E402
 
 CATEGORIES = (
     "model forward (rollout)",
@@ -163,9 +163,9 @@ class Setup:
         )
 
     def _toy(self, args):
-        from euphonium.models.toy import world
-        from euphonium.models.toy.model import build_toy_model, predict_velocity
-        from euphonium.rewards.toy import toy_rewards
+        from euphonium.toy import world
+        from euphonium.toy.model import build_toy_model, predict_velocity
+        from euphonium.toy.rewards import toy_rewards
 
         transformer, text_encoder = build_toy_model()
         self.transformer = transformer.to(self.device).train()

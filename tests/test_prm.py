@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from euphonium import ops
+from euphonium.prm import main
 from euphonium.rewards import RewardOutput
 from euphonium.rewards.prm import (
     LatentRewardModel,
@@ -15,14 +16,13 @@ from euphonium.rewards.prm import (
     PRMTrainer,
     collect_rollouts,
     correlation_by_sigma,
-    guided_step_effect,
-    main,
     noise_latents,
     pool_prompt_embeds,
     prm_loss,
     relabel_prompts,
     spearman,
 )
+from euphonium.toy.prm import guided_step_effect
 
 
 @pytest.fixture(autouse=True)
@@ -389,7 +389,7 @@ def test_cli_train_on_saved_data(tmp_path):
     )
     summary = json.loads((out / "training.json").read_text())
     assert summary["train_samples"] == 32 and summary["held_out_samples"] == 8
-    assert summary["command"].startswith("python -m euphonium.rewards.prm train --data")
+    assert summary["command"].startswith("python -m euphonium.prm train --data")
     model = LatentRewardModel.from_pretrained(out)
     assert model.config.text_dim == TINY["text_dim"] and not (out / "checkpoints").exists()
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
@@ -418,7 +418,7 @@ def test_relabel_prompts_scores_clips_against_new_prompts():
 
 
 def test_guided_step_effect_on_a_tiny_toy_model():
-    from euphonium.models.toy import build_toy_model, sample_prompts
+    from euphonium.toy import build_toy_model, sample_prompts
 
     transformer, text_encoder = build_toy_model(seed=int(torch.randint(0, 1000, ())))
     prm = LatentRewardModel(**{**TINY, "text_dim": text_encoder.config.dim}).eval()
@@ -452,9 +452,8 @@ def test_guided_step_effect_on_a_tiny_toy_model():
 
 
 def test_shipped_toy_prm_ranks_rollouts_and_prompt_agreement():
-    from euphonium.models.toy import load_toy_model, render, sample_prompts, video_to_latents
-    from euphonium.rewards import load_toy_prm, toy_reward_set
-    from euphonium.rewards.prm import collect_toy_rollouts
+    from euphonium.toy import load_toy_model, load_toy_prm, render, sample_prompts, toy_reward_set, video_to_latents
+    from euphonium.toy.prm import collect_toy_rollouts
 
     prm = load_toy_prm()
     assert prm.config.text_dim == load_toy_model()[1].config.dim and bool(prm.reward_stats_fitted)

@@ -19,7 +19,6 @@ from euphonium.rewards import (
     check_videos,
     jpeg_size_kb,
     register_reward,
-    toy_reward_set,
 )
 
 
@@ -285,8 +284,8 @@ def test_clip_score_needs_a_local_model(tmp_path):
 
 
 def test_toy_reward_set_total_is_combined():
-    from euphonium.models.toy import render, sample_prompts
-    from euphonium.rewards.toy import TERMS, toy_rewards
+    from euphonium.toy import render, sample_prompts
+    from euphonium.toy.rewards import TERMS, toy_reward_set, toy_rewards
 
     p = sample_prompts(4, int(torch.randint(0, 2**31, ())))
     clips = render(p, int(torch.randint(0, 2**31, ())))
@@ -302,9 +301,9 @@ def test_toy_reward_set_total_is_combined():
 
 def test_toy_oracle_prm_is_the_exact_reward_of_the_one_step_estimate():
     from euphonium import ops
-    from euphonium.models.toy import load_toy_model, predict_velocity, render, sample_prompts, video_to_latents
-    from euphonium.models.toy.world import latents_to_video
-    from euphonium.rewards.toy import ToyOraclePRM, toy_rewards
+    from euphonium.toy import load_toy_model, predict_velocity, render, sample_prompts, video_to_latents
+    from euphonium.toy.rewards import ToyOraclePRM, toy_rewards
+    from euphonium.toy.world import latents_to_video
 
     transformer, text_encoder = load_toy_model()
     weights = {"color": 1.0, "shape": 1.0, "size": 1.0, "direction": 1.0}

@@ -1,4 +1,4 @@
-"""The sampler (euphonium.sde) and the diffusers adapter (euphonium.models.diffusers).
+"""The sampler (euphonium.sampler) and the diffusers adapter (euphonium.models.diffusers).
 
 Reference loops are written here from the papers' equations (Flow-GRPO eq. for the SDE step with
 ``sigma_t = a sqrt(t / (1 - t))``; DanceGRPO's score-based drift with constant ``eta``), on the same
@@ -16,7 +16,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
 
 from euphonium import ops
 from euphonium.models.diffusers import Conditioning, DiffusersFlowModel, select_attention_backend
-from euphonium.sde import (
+from euphonium.sampler import (
     SamplerConfig,
     Trajectory,
     guidance_coefficient,
@@ -416,9 +416,9 @@ def test_trajectory_select(wan, cond):
 
 
 def test_toy_model_with_latent_prm():
-    from euphonium.models.toy import world
-    from euphonium.models.toy.model import build_toy_model
     from euphonium.rewards.prm import LatentRewardModel
+    from euphonium.toy import world
+    from euphonium.toy.model import build_toy_model
 
     transformer, text_encoder = build_toy_model(seed=int(torch.randint(0, 2**31, ())))
     prm = LatentRewardModel(

@@ -5,10 +5,10 @@ import json
 import pytest
 import torch
 
-from euphonium.models import toy
-from euphonium.models.toy import world
-from euphonium.models.toy.__main__ import main as toy_cli
-from euphonium.rewards.toy import (
+from euphonium import toy
+from euphonium.toy import world
+from euphonium.toy.__main__ import main as toy_cli
+from euphonium.toy.rewards import (
     DEFAULT_WEIGHTS,
     attribute_accuracy,
     classify,

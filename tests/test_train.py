@@ -7,9 +7,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from euphonium.models.toy import build_toy_model, save_toy_model
 from euphonium.rewards.prm import LatentRewardModel
-from euphonium.sde import preset
+from euphonium.sampler import preset
+from euphonium.toy import build_toy_model, save_toy_model
 from euphonium.train import ConfigError, Trainer, load_config
 from euphonium.train import trainer as trainer_module
 from euphonium.train.__main__ import main

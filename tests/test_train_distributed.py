@@ -15,8 +15,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from euphonium.models.toy import build_toy_model, load_toy_model, save_toy_model
 from euphonium.rewards.prm import LatentRewardModel
+from euphonium.toy import build_toy_model, load_toy_model, save_toy_model
 
 pytestmark = pytest.mark.distributed
 

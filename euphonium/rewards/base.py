@@ -14,6 +14,7 @@ first bad sample; a reward that raises is never turned into a number.
 from __future__ import annotations
 
 import abc
+import importlib
 import math
 from typing import Callable, Dict, Mapping, NamedTuple, Optional, Sequence, Union
 
@@ -205,16 +206,24 @@ class RewardSet:
         return f"RewardSet(rewards={list(self.rewards)}, weights={self.weights})"
 
 
-_REGISTRY: Dict[str, Callable[..., RewardFn]] = {}
+# A factory, or "module:attribute" naming one: a reward defined above this layer (the toy world's) is
+# registered by name and imported only when it is built, so rewards/ never imports the layers above it.
+_REGISTRY: Dict[str, Union[Callable[..., RewardFn], str]] = {}
 
 
-def register_reward(name: str, factory: Callable[..., RewardFn]) -> None:
-    """Make ``build_reward(name, **kwargs)`` call ``factory(**kwargs)``; re-registering a name is an error."""
+def register_reward(name: str, factory: Union[Callable[..., RewardFn], str]) -> None:
+    """Make ``build_reward(name, **kwargs)`` call ``factory(**kwargs)``; re-registering a name is an error.
+
+    ``factory`` is a callable or a ``"package.module:attribute"`` string, imported at the first build.
+    """
     if not isinstance(name, str) or not name:
         raise TypeError(f"name must be a non-empty string, got {name!r}")
-    if not callable(factory):
-        raise TypeError(f"factory must be callable, got {type(factory).__name__}")
-    if name in _REGISTRY and _REGISTRY[name] is not factory:
+    if isinstance(factory, str):
+        if factory.count(":") != 1 or not all(factory.split(":")):
+            raise ValueError(f"factory must be a callable or 'module:attribute', got {factory!r}")
+    elif not callable(factory):
+        raise TypeError(f"factory must be callable or 'module:attribute', got {type(factory).__name__}")
+    if name in _REGISTRY and _REGISTRY[name] is not factory and _REGISTRY[name] != factory:
         raise ValueError(f"a reward named {name!r} is already registered")
     _REGISTRY[name] = factory
 
@@ -228,4 +237,8 @@ def build_reward(name: str, **kwargs) -> RewardFn:
     """The registered reward ``name`` built with ``kwargs`` (e.g. ``build_reward("clip_score", path=...)``)."""
     if name not in _REGISTRY:
         raise ValueError(f"unknown reward {name!r}; known rewards are {available_rewards()}")
-    return _REGISTRY[name](**kwargs)
+    factory = _REGISTRY[name]
+    if isinstance(factory, str):
+        module, attribute = factory.split(":")
+        factory = getattr(importlib.import_module(module), attribute)
+    return factory(**kwargs)

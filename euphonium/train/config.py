@@ -61,8 +61,8 @@ class TrainConfig:
     algorithm: ``euphonium`` (PRM-guided rollouts, dual-reward GRPO, the published sampler) or
         ``euphonium_fast`` (the same on Flow-GRPO-Fast's exploration window: the toy default), or a
         baseline, ``flow_grpo``, ``flow_grpo_fast`` or ``dance_grpo`` (the same trainer with the
-        baseline's sampler preset and no guidance). Each is a :func:`euphonium.sde.preset` of that name.
-    sampler: overrides of the algorithm's :func:`euphonium.sde.preset` (any ``SamplerConfig`` field).
+        baseline's sampler preset and no guidance). Each is a :func:`euphonium.sampler.preset` of that name.
+    sampler: overrides of the algorithm's :func:`euphonium.sampler.preset` (any ``SamplerConfig`` field).
     prompts: training prompts (``toy``: None = the toy world's prompt set).
     prompts_per_step, group_size: each step samples ``prompts_per_step`` prompts and ``group_size``
         rollouts of each (advantages are normalised within a prompt's group, across ranks).

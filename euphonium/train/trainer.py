@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from euphonium import ops
 from euphonium.models.diffusers import Conditioning, DiffusersFlowModel
 from euphonium.rewards import RewardSet, build_reward
-from euphonium.sde import Trajectory, preset, rollout
+from euphonium.sampler import Trajectory, preset, rollout
 from euphonium.train import checkpoint as ckpt
 from euphonium.train.config import GUIDED_ALGORITHMS, ConfigError, TrainConfig
 from euphonium.train.logging import MetricsLogger, plot_reward_curve, save_video_grid
@@ -89,8 +89,8 @@ def training_prompts(config: TrainConfig) -> List[str]:
     """
     if config.model.kind != "toy":
         return list(config.prompts or [])
-    from euphonium.models.toy import all_prompts
-    from euphonium.models.toy.world import parse_prompt
+    from euphonium.toy import all_prompts
+    from euphonium.toy.world import parse_prompt
 
     if config.prompts is None:
         return all_prompts()
@@ -105,7 +105,7 @@ def training_prompts(config: TrainConfig) -> List[str]:
 def video_shape(config: TrainConfig) -> tuple:
     """``(F, C, H, W)`` of one decoded video, known from the config alone (no weights needed)."""
     if config.model.kind == "toy":
-        from euphonium.models.toy.world import CHANNELS, HEIGHT, NUM_FRAMES, WIDTH
+        from euphonium.toy.world import CHANNELS, HEIGHT, NUM_FRAMES, WIDTH
 
         return (NUM_FRAMES, CHANNELS, HEIGHT, WIDTH)
     return (config.model.num_frames, 3, config.model.height, config.model.width)
@@ -114,9 +114,8 @@ def video_shape(config: TrainConfig) -> tuple:
 def build_policy(config: TrainConfig, device: torch.device) -> Policy:
     """Load the model family named by ``config.model.kind`` (toy world or a local Wan2.1 folder)."""
     if config.model.kind == "toy":
-        from euphonium.models.toy import latents_to_video, load_toy_model
-        from euphonium.models.toy.world import CHANNELS, HEIGHT, NUM_FRAMES, WIDTH
-        from euphonium.rewards.prm import load_toy_prm
+        from euphonium.toy import latents_to_video, load_toy_model, load_toy_prm
+        from euphonium.toy.world import CHANNELS, HEIGHT, NUM_FRAMES, WIDTH
 
         transformer, text_encoder = load_toy_model(config.model.path, device=device, dtype=_DTYPES[config.model.dtype])
         text_encoder.requires_grad_(False)

@@ -1,8 +1,8 @@
 """Report on a toy base model: forward timing, reward statistics per prompt attribute, sample pictures.
 
-Samples every prompt of :func:`~euphonium.models.toy.world.all_prompts` ``repeats`` times with the
-deterministic Euler ODE (:func:`~euphonium.models.toy.model.sample_ode`), scores the clips with
-:func:`euphonium.rewards.toy.toy_rewards` and :func:`~euphonium.rewards.toy.attribute_accuracy`, and
+Samples every prompt of :func:`~euphonium.toy.world.all_prompts` ``repeats`` times with the
+deterministic Euler ODE (:func:`~euphonium.toy.model.sample_ode`), scores the clips with
+:func:`euphonium.toy.rewards.toy_rewards` and :func:`~euphonium.toy.rewards.attribute_accuracy`, and
 writes ``report.json``, ``samples.png`` (renderer vs model, frame by frame) and ``samples.gif``.
 """
 
@@ -19,9 +19,9 @@ import imageio.v2 as imageio
 import numpy as np
 import torch
 
-from euphonium.models.toy import world
-from euphonium.models.toy.model import count_parameters, load_toy_model, predict_velocity, sample_ode
-from euphonium.rewards.toy import DEFAULT_WEIGHTS, attribute_accuracy, toy_rewards
+from euphonium.toy import world
+from euphonium.toy.model import count_parameters, load_toy_model, predict_velocity, sample_ode
+from euphonium.toy.rewards import DEFAULT_WEIGHTS, attribute_accuracy, toy_rewards
 
 GRID_PROMPTS = (
     "a small red square moving left",

@@ -2,7 +2,7 @@
 
 Flow-matching convention (DESIGN.md section 2): ``x_sigma = (1 - sigma) x0 + sigma eps``, the network
 predicts the velocity ``v = eps - x0`` and is called with Wan's timestep ``t = 1000 sigma``. Latents
-are pixels (``[B, 3, F, H, W]`` in [-1, 1], see :mod:`euphonium.models.toy.world`).
+are pixels (``[B, 3, F, H, W]`` in [-1, 1], see :mod:`euphonium.toy.world`).
 
 Both modules are diffusers ``ModelMixin``/``ConfigMixin`` models, so ``save_pretrained`` /
 ``from_pretrained`` give the usual ``config.json`` + ``diffusion_pytorch_model.safetensors`` pair;
@@ -20,10 +20,10 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
-from euphonium.models.toy import world
-from euphonium.sde import shifted_sigmas
+from euphonium.sampler import shifted_sigmas
+from euphonium.toy import world
 
-ASSET_DIR = Path(__file__).resolve().parents[2] / "assets" / "toy"
+ASSET_DIR = Path(__file__).resolve().parents[1] / "assets" / "toy"
 
 VOCABULARY: Tuple[str, ...] = ("<pad>", "a", "moving", *world.SIZES, *world.COLORS, *world.SHAPES, *world.DIRECTIONS)
 MAX_PROMPT_TOKENS = 6
@@ -55,7 +55,7 @@ class ToyTextEncoder(ModelMixin, ConfigMixin):
 
     ``h[b, l] = LayerNorm(E[token_bl] + P[l]) * (token_bl != pad)`` for ``l < max_length``: pad slots
     are exactly zero, as Wan zero-pads its T5 states. Deterministic (no dropout). Prompts must follow
-    the toy grammar (:func:`euphonium.models.toy.world.parse_prompt`).
+    the toy grammar (:func:`euphonium.toy.world.parse_prompt`).
     """
 
     @register_to_config
@@ -177,7 +177,7 @@ def sample_ode(
     generator: world.Generator = None,
 ) -> torch.Tensor:
     """Deterministic Euler ODE sampling: ``x <- x + (sigma_next - sigma) v_theta(x, sigma)`` from
-    ``x_1 ~ N(0, I)`` over :func:`euphonium.sde.shifted_sigmas` ``(steps, shift)`` (the base model was
+    ``x_1 ~ N(0, I)`` over :func:`euphonium.sampler.shifted_sigmas` ``(steps, shift)`` (the base model was
     trained with the same shift, 3). Returns latents ``[B, 3, F, H, W]`` float32.
 
     ``generator`` (``torch.Generator`` or int seed) draws the initial noise on the CPU.

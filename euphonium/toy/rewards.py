@@ -1,4 +1,4 @@
-"""Exact outcome rewards for the toy video world (:mod:`euphonium.models.toy`).
+"""Exact outcome rewards for the toy video world (:mod:`euphonium.toy`) and its oracle PRM.
 
 Every term is a closed-form function of the pixels, differentiable almost everywhere in the video
 (the kinks are the ink clamp, ``min`` in the presence factor and ``|.|`` in the direction margin),
@@ -44,7 +44,9 @@ from typing import Dict, Mapping, Optional, Sequence
 import torch
 
 from euphonium._checks import check_float_tensor
-from euphonium.models.toy import world
+from euphonium.rewards.base import RewardSet
+from euphonium.toy import world
+from euphonium.toy.model import predict_velocity
 
 INK_LOW = 0.2
 INK_HIGH = 0.8
@@ -345,9 +347,27 @@ class ToyOraclePRM(torch.nn.Module):
         return [self.prompts[i] for i in index.tolist()]
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, prompt_embeds: torch.Tensor) -> torch.Tensor:
-        from euphonium.models.toy.model import predict_velocity
 
         prompts = self.prompts_of(prompt_embeds)
         v = predict_velocity(self.transformer, x, sigma, prompt_embeds.to(x.dtype))
         x0 = x - sigma.to(x.dtype).view(-1, *([1] * (x.dim() - 1))) * v
         return toy_rewards(world.latents_to_video(x0), prompts, self.weights)["combined"]
+
+
+def toy_reward_fn(weights: Optional[Mapping[str, float]] = None):
+    """``build_reward("toy", weights=...)``: :func:`toy_rewards` as a reward function of ``(videos, prompts)``."""
+
+    def toy(videos, prompts):
+        return toy_rewards(videos, prompts, weights=weights)
+
+    return toy
+
+
+def toy_reward_set(weights: Optional[Mapping[str, float]] = None) -> RewardSet:
+    """The toy world's exact rewards as a :class:`~euphonium.rewards.RewardSet`.
+
+    ``total`` is the toy ``combined`` reward, ``sum_k w_k r_k / sum_k w_k`` with ``weights`` over
+    ``color``, ``shape``, ``size``, ``direction``, ``smoothness`` (default: the toy defaults); every
+    term is also returned in ``parts`` (weight 0 in the set, so it is logged, not counted twice).
+    """
+    return RewardSet({"toy": toy_reward_fn(weights)}, weights={"combined": 1.0, **{t: 0.0 for t in TERMS}})

@@ -1,6 +1,6 @@
 """Flow-matching pretraining of the toy base model on clips from the renderer.
 
-Each step draws ``batch_size`` prompts uniformly from :func:`~euphonium.models.toy.world.all_prompts`,
+Each step draws ``batch_size`` prompts uniformly from :func:`~euphonium.toy.world.all_prompts`,
 renders them (``x0``), draws ``eps ~ N(0, I)`` and a noise level per clip, and regresses the velocity::
 
     sigma = shift * s / (1 + (shift - 1) * s),  s = sigmoid(n),  n ~ N(logit_mean, logit_std^2)
@@ -28,14 +28,15 @@ from typing import Dict, List, Optional
 import torch
 from tqdm.auto import tqdm
 
-from euphonium.models.toy import world
-from euphonium.models.toy.model import (
+from euphonium.toy import world
+from euphonium.toy.model import (
     build_toy_model,
     count_parameters,
     predict_velocity,
     sample_ode,
     save_toy_model,
 )
+from euphonium.toy.rewards import attribute_accuracy, toy_rewards
 
 
 @dataclasses.dataclass
@@ -87,7 +88,6 @@ def evaluate(
     transformer, text_encoder, steps: int = 20, shift: float = 3.0, repeats: int = 1, seed: int = 1234
 ) -> Dict[str, float]:
     """Mean toy rewards and attribute accuracies of ODE samples for every prompt (``repeats`` each)."""
-    from euphonium.rewards.toy import attribute_accuracy, toy_rewards
 
     prompts = world.all_prompts() * repeats
     was_training = transformer.training, text_encoder.training

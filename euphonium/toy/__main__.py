@@ -1,4 +1,4 @@
-"""``python -m euphonium.models.toy pretrain|report``: train the toy base model, or report on it."""
+"""``python -m euphonium.toy pretrain|report``: train the toy base model, or report on it."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from euphonium.models.toy.model import ASSET_DIR
+from euphonium.toy.model import ASSET_DIR
 
 
 def _positive_int(text: str) -> int:
@@ -18,10 +18,10 @@ def _positive_int(text: str) -> int:
 
 
 def main(argv=None) -> int:
-    from euphonium.models.toy.pretrain import PretrainConfig
+    from euphonium.toy.pretrain import PretrainConfig
 
     defaults = PretrainConfig()
-    parser = argparse.ArgumentParser(prog="python -m euphonium.models.toy", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m euphonium.toy", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("pretrain", help="flow-matching pretraining on the renderer's clips")
@@ -69,7 +69,7 @@ def main(argv=None) -> int:
 
     args = parser.parse_args(argv)
     if args.command == "pretrain":
-        from euphonium.models.toy.pretrain import pretrain
+        from euphonium.toy.pretrain import pretrain
 
         config = PretrainConfig(
             steps=args.steps,
@@ -93,7 +93,7 @@ def main(argv=None) -> int:
             f"in {record['wall_seconds']:.0f} s"
         )
     else:
-        from euphonium.models.toy.report import format_report, run_report
+        from euphonium.toy.report import format_report, run_report
 
         report = run_report(args.model, args.out, args.repeats, args.steps, args.shift, args.seed, args.threads)
         print(format_report(report))

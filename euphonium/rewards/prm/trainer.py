@@ -1,0 +1,473 @@
+"""Training a PRM: offline (:meth:`PRMTrainer.fit`: MSE or pairwise Bradley-Terry on noised latents at
+sampled sigmas, held-out evaluation, checkpoints, a progress bar) and the online refresh the RL
+trainer calls with fresh rollouts (:meth:`PRMTrainer.update`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from euphonium.rewards.prm.data import PRMDataset, noise_latents, spearman
+from euphonium.rewards.prm.model import LatentRewardModel, pool_prompt_embeds
+
+# --------------------------------------------------------------------------------------------------
+# Training
+
+LOSSES = ("mse", "bradley_terry")
+LR_SCHEDULES = ("constant", "constant_with_warmup", "cosine", "linear")
+
+
+@dataclass
+class PRMTrainConfig:
+    """Settings of :class:`PRMTrainer` (validated; errors name the field).
+
+    Each training example is ``(x_sigma, sigma, prompt)`` with ``sigma ~ U[sigma_min, sigma_max]``
+    and ``x_sigma = (1 - sigma) x0 + sigma eps`` freshly drawn every time, labelled with the outcome
+    reward of ``x0``.
+
+    Offline (:meth:`PRMTrainer.fit`):
+        steps, batch_size, lr, weight_decay, warmup_steps, lr_schedule (diffusers ``get_scheduler``
+        name), grad_clip (max global grad norm; 0 disables).
+        loss: ``mse``: ``mean((s - (r - mu) / sd)^2)`` with ``s`` the model's standard-unit score and
+            ``(mu, sd)`` the training rewards' mean and std; ``bradley_terry``: pairs ``(i, j)`` of a
+            batch at a shared sigma, ``mean(softplus(-sign(r_i - r_j) (s_i - s_j)))`` over pairs with
+            ``r_i != r_j`` (ranks only: the output's scale is then arbitrary).
+        eval_every: evaluate on the held-out set every this many steps (and at the end).
+        eval_sigmas: noise levels of the held-out evaluation (fixed noise, so numbers are comparable).
+        checkpoint_every: write ``checkpoints/step-N`` every this many steps (0: never);
+        keep_checkpoints: how many to keep.
+        seed: seeds the sigmas, the noise and the batches.
+        aux_weight: weight of the auxiliary part regression when the model has ``aux_rewards``.
+
+    Online refresh (:meth:`PRMTrainer.update`):
+        buffer_size: the replay buffer keeps the most recent this many rollouts.
+        online_steps: optimiser steps per ``update`` call, each on ``batch_size`` samples drawn from
+            the buffer; online_lr: their learning rate (constant).
+    """
+
+    steps: int = 4000
+    batch_size: int = 64
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    warmup_steps: int = 100
+    lr_schedule: str = "cosine"
+    grad_clip: float = 1.0
+    loss: str = "mse"
+    sigma_min: float = 0.0
+    sigma_max: float = 1.0
+    eval_every: int = 250
+    eval_sigmas: Tuple[float, ...] = (0.0, 0.1, 0.25, 0.5, 0.75, 0.95)
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 2
+    seed: int = 0
+    aux_weight: float = 1.0
+    buffer_size: int = 4096
+    online_steps: int = 4
+    online_lr: float = 2e-4
+
+    def __post_init__(self):
+        for name in (
+            "steps",
+            "batch_size",
+            "warmup_steps",
+            "eval_every",
+            "checkpoint_every",
+            "keep_checkpoints",
+            "seed",
+            "buffer_size",
+            "online_steps",
+        ):
+            value = getattr(self, name)
+            minimum = 0 if name in ("warmup_steps", "checkpoint_every", "seed") else 1
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise ValueError(f"PRMTrainConfig.{name} must be an integer >= {minimum}, got {value!r}")
+        if self.batch_size < 2:
+            raise ValueError(f"PRMTrainConfig.batch_size must be >= 2, got {self.batch_size}")
+        for name in ("lr", "online_lr"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ValueError(f"PRMTrainConfig.{name} must be a positive number, got {value!r}")
+        for name in ("weight_decay", "grad_clip", "aux_weight"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"PRMTrainConfig.{name} must be a number >= 0, got {value!r}")
+        if self.loss not in LOSSES:
+            raise ValueError(f"PRMTrainConfig.loss must be one of {LOSSES}, got {self.loss!r}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"PRMTrainConfig.lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
+        if not 0 <= self.sigma_min < self.sigma_max <= 1:
+            raise ValueError(
+                f"PRMTrainConfig needs 0 <= sigma_min < sigma_max <= 1, got {self.sigma_min}, {self.sigma_max}"
+            )
+        self.eval_sigmas = tuple(float(s) for s in self.eval_sigmas)
+        if not self.eval_sigmas or not all(0 <= s <= 1 for s in self.eval_sigmas):
+            raise ValueError(f"PRMTrainConfig.eval_sigmas must be non-empty values in [0, 1], got {self.eval_sigmas}")
+
+    @classmethod
+    def from_dict(cls, values: Dict) -> "PRMTrainConfig":
+        """A config from a dict (e.g. JSON); unknown keys are an error."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown PRMTrainConfig field(s) {unknown}; fields are {sorted(known)}")
+        return cls(**values)
+
+
+def _standardize(rewards: torch.Tensor, model: LatentRewardModel) -> torch.Tensor:
+    return (rewards.float() - model.reward_mean) / model.reward_std
+
+
+def prm_loss(
+    model: LatentRewardModel,
+    x0: torch.Tensor,
+    prompt_embeds: torch.Tensor,
+    rewards: torch.Tensor,
+    sigma: torch.Tensor,
+    noise: torch.Tensor,
+    loss: str = "mse",
+    aux: Optional[torch.Tensor] = None,
+    aux_weight: float = 1.0,
+) -> torch.Tensor:
+    """The PRM training loss on one batch (scalar; formulas in :class:`PRMTrainConfig`).
+
+    ``x0 [B, C, F, H, W]`` is noised to ``x_sigma`` with ``sigma [B]`` and ``noise``. For
+    ``bradley_terry`` sample ``i`` is paired with ``i + B // 2``; they should share their sigma.
+    ``aux [B, P]``: the model's ``aux_rewards`` targets; adds ``aux_weight * mean((s_aux - z_aux)^2)``
+    (``z`` standardised by the model's ``aux_mean``/``aux_std``).
+    """
+    scores = model.score_all(noise_latents(x0, sigma, noise), sigma, prompt_embeds)
+    score = scores[:, 0]
+    target = _standardize(rewards.to(score.device), model)
+    if loss == "mse":
+        out = F.mse_loss(score, target)
+    elif loss == "bradley_terry":
+        half = score.shape[0] // 2
+        diff = score[:half] - score[half : 2 * half]
+        order = torch.sign(target[:half] - target[half : 2 * half])
+        valid = order != 0
+        out = F.softplus(-order[valid] * diff[valid]).mean() if bool(valid.any()) else (score * 0).sum()
+    else:
+        raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+    if aux is not None and scores.shape[1] > 1:
+        aux_target = (aux.to(scores.device).float() - model.aux_mean) / model.aux_std
+        out = out + aux_weight * F.mse_loss(scores[:, 1:], aux_target)
+    return out
+
+
+class PRMTrainer:
+    """Trains a :class:`LatentRewardModel` offline (:meth:`fit`) and online during RL (:meth:`update`).
+
+    Args:
+        model: the PRM to train in place (its device and dtype are used).
+        config: :class:`PRMTrainConfig` (default settings if ``None``).
+        output_dir: where ``metrics.jsonl`` and checkpoints go (``None``: nothing is written).
+    """
+
+    def __init__(
+        self,
+        model: LatentRewardModel,
+        config: Optional[PRMTrainConfig] = None,
+        output_dir: Union[str, Path, None] = None,
+    ):
+        if not isinstance(model, LatentRewardModel):
+            raise TypeError(f"model must be a LatentRewardModel, got {type(model).__name__}")
+        self.model = model
+        self.config = config if config is not None else PRMTrainConfig()
+        if not isinstance(self.config, PRMTrainConfig):
+            raise TypeError(f"config must be a PRMTrainConfig, got {type(self.config).__name__}")
+        self.output_dir = Path(output_dir) if output_dir is not None else None
+        self.device = model.stem.weight.device
+        self.step = 0
+        self.generator = torch.Generator().manual_seed(self.config.seed)
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=self.config.lr, weight_decay=self.config.weight_decay)
+        self.online_optimizer: Optional[torch.optim.Optimizer] = None
+        self.buffer: Optional[PRMDataset] = None
+
+    # -- shared pieces ---------------------------------------------------------------------------
+
+    def _aux_targets(self, data: PRMDataset) -> Optional[torch.Tensor]:
+        """``[N, P]`` targets of the model's ``aux_rewards`` from ``data.parts``, or None if any is missing."""
+        names = self.model.config.aux_rewards
+        if not names or not all(n in data.parts for n in names):
+            return None
+        return torch.stack([data.parts[n].float() for n in names], dim=1)
+
+    def _fit_reward_stats(self, data: PRMDataset) -> None:
+        if bool(self.model.reward_stats_fitted):
+            return
+
+        def stats(values: torch.Tensor) -> Tuple[float, float]:
+            std = float(values.float().std()) if values.numel() > 1 else 0.0
+            return float(values.float().mean()), std if std > 1e-8 else 1.0
+
+        mean, std = stats(data.rewards)
+        aux = self._aux_targets(data)
+        if self.model.config.aux_rewards and aux is None:
+            raise ValueError(
+                f"the PRM predicts aux_rewards {list(self.model.config.aux_rewards)} but the data has "
+                f"parts {sorted(data.parts)}"
+            )
+        aux_stats = [stats(aux[:, j]) for j in range(aux.shape[1])] if aux is not None else []
+        self.model.set_reward_stats(mean, std, [m for m, _ in aux_stats], [s for _, s in aux_stats])
+
+    def _draw_batch(self, data: PRMDataset, batch_size: int):
+        cfg = self.config
+        index = torch.randint(len(data), (batch_size,), generator=self.generator)
+        u = torch.rand(batch_size if cfg.loss == "mse" else (batch_size + 1) // 2, generator=self.generator)
+        sigma = cfg.sigma_min + (cfg.sigma_max - cfg.sigma_min) * u
+        if cfg.loss == "bradley_terry":  # pairs (i, i + B/2) share their sigma
+            sigma = torch.cat([sigma, sigma])[:batch_size]
+        noise = torch.randn((batch_size, *data.x0.shape[1:]), generator=self.generator)
+        to = dict(device=self.device)
+        aux = self._aux_targets(data)
+        return dict(
+            x0=data.x0[index].to(**to),
+            prompt_embeds=data.prompt_embeds[index].to(**to),
+            rewards=data.rewards[index].to(**to),
+            sigma=sigma.to(**to),
+            noise=noise.to(**to),
+            aux=aux[index].to(**to) if aux is not None else None,
+        )
+
+    def _optimizer_step(self, optimizer: torch.optim.Optimizer, data: PRMDataset, batch_size: int) -> float:
+        self.model.train()
+        loss = prm_loss(
+            self.model, **self._draw_batch(data, batch_size), loss=self.config.loss, aux_weight=self.config.aux_weight
+        )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.config.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+        optimizer.step()
+        # Leave no .grad behind: the same module is differentiated inside rollouts (ops.reward_grad).
+        optimizer.zero_grad(set_to_none=True)
+        self.model.eval()
+        return loss.item()
+
+    # -- evaluation ------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def predict(self, data: PRMDataset, sigma: float, *, seed: int = 0, batch_size: int = 256) -> torch.Tensor:
+        """PRM rewards ``[N]`` (float32, CPU) of ``data`` noised to ``sigma`` with noise fixed by ``seed``."""
+        gen = torch.Generator().manual_seed(seed)
+        out = []
+        for start in range(0, len(data), batch_size):
+            x0 = data.x0[start : start + batch_size]
+            noise = torch.randn(x0.shape, generator=gen)
+            s = torch.full((x0.shape[0],), float(sigma), device=self.device)
+            x = noise_latents(x0.to(self.device), s, noise.to(self.device))
+            out.append(self.model(x, s, data.prompt_embeds[start : start + batch_size].to(self.device)).float().cpu())
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def evaluate(
+        self, data: PRMDataset, sigmas: Optional[Sequence[float]] = None, *, seed: int = 0
+    ) -> Dict[str, float]:
+        """Held-out metrics at fixed noise: per sigma the MSE in standard units and the Spearman
+        correlation of PRM scores with the outcome rewards, and their means over sigmas.
+
+        Returns ``{"mse": .., "spearman": .., "mse@<sigma>": .., "spearman@<sigma>": ..}``.
+        """
+        sigmas = self.config.eval_sigmas if sigmas is None else tuple(sigmas)
+        out: Dict[str, float] = {}
+        target = _standardize(data.rewards.to(self.device), self.model).cpu()
+        for i, sigma in enumerate(sigmas):
+            pred = self.predict(data, sigma, seed=seed + i)
+            score = _standardize(pred.to(self.device), self.model).cpu()
+            out[f"mse@{sigma:g}"] = float(F.mse_loss(score, target))
+            out[f"spearman@{sigma:g}"] = spearman(pred, data.rewards)
+        out["mse"] = float(np.mean([out[f"mse@{s:g}"] for s in sigmas]))
+        out["spearman"] = float(np.nanmean([out[f"spearman@{s:g}"] for s in sigmas]))
+        return out
+
+    # -- offline training ------------------------------------------------------------------------
+
+    def fit(
+        self, train: PRMDataset, held_out: Optional[PRMDataset] = None, *, progress: bool = True, resume: bool = False
+    ) -> List[Dict[str, float]]:
+        """Train for ``config.steps`` optimiser steps on ``train``; evaluate on ``held_out``.
+
+        Sets the model's reward scale from ``train`` if it has none yet. With ``output_dir`` set,
+        appends one JSON line per evaluation to ``metrics.jsonl`` and writes checkpoints;
+        ``resume=True`` continues from the newest checkpoint there. Returns the evaluation records
+        (``step``, ``train_loss`` = mean loss since the last record, held-out metrics, wall ``seconds``
+        and process ``cpu_seconds`` since the start).
+        """
+        if not isinstance(train, PRMDataset):
+            raise TypeError(f"train must be a PRMDataset, got {type(train).__name__}")
+        cfg = self.config
+        from diffusers.optimization import get_scheduler
+
+        scheduler = get_scheduler(
+            cfg.lr_schedule, self.optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.steps
+        )
+        if resume:
+            if self.output_dir is None:
+                raise ValueError("resume=True needs the trainer's output_dir")
+            latest = self.latest_checkpoint()
+            if latest is None:
+                raise FileNotFoundError(f"resume=True but {self.output_dir / 'checkpoints'} holds no checkpoint")
+            self.load_checkpoint(latest, scheduler)
+        self._fit_reward_stats(train)
+        if self.output_dir is not None:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            (self.output_dir / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+        history: List[Dict[str, float]] = []
+        losses: List[float] = []
+        start_time, cpu_start = time.perf_counter(), time.process_time()
+        bar = tqdm(total=cfg.steps, initial=self.step, desc="prm", disable=not progress)
+        while self.step < cfg.steps:
+            losses.append(self._optimizer_step(self.optimizer, train, cfg.batch_size))
+            scheduler.step()
+            self.step += 1
+            bar.update(1)
+            if self.step % 20 == 0:
+                bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
+            if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
+                record = {
+                    "step": self.step,
+                    "train_loss": float(np.mean(losses)),
+                    "lr": scheduler.get_last_lr()[0],
+                    "seconds": time.perf_counter() - start_time,
+                    "cpu_seconds": time.process_time() - cpu_start,
+                }
+                losses = []
+                if held_out is not None:
+                    record.update({f"held_out/{k}": v for k, v in self.evaluate(held_out).items()})
+                    bar.write(
+                        f"step {self.step}: train loss {record['train_loss']:.4f}, held-out mse "
+                        f"{record['held_out/mse']:.4f}, spearman {record['held_out/spearman']:.3f}"
+                    )
+                history.append(record)
+                if self.output_dir is not None:
+                    with open(self.output_dir / "metrics.jsonl", "a") as f:
+                        f.write(json.dumps(record) + "\n")
+            if cfg.checkpoint_every and self.output_dir is not None and self.step % cfg.checkpoint_every == 0:
+                self.save_checkpoint(scheduler)
+        bar.close()
+        return history
+
+    # -- online refresh --------------------------------------------------------------------------
+
+    def update(
+        self,
+        x0: torch.Tensor,
+        prompt_embeds: torch.Tensor,
+        rewards: torch.Tensor,
+        prompt_mask: Optional[torch.Tensor] = None,
+        parts: Optional[Dict[str, torch.Tensor]] = None,
+    ) -> Dict[str, float]:
+        """Online refresh with fresh rollouts: add them to the replay buffer, take
+        ``config.online_steps`` optimiser steps on batches drawn from it.
+
+        Args:
+            x0: final latents of the rollouts ``[B, C, F, H, W]`` (any float dtype; stored detached).
+            prompt_embeds: what the PRM is conditioned on at guidance time, ``[B, L, D]`` (pooled
+                here, masked by ``prompt_mask [B, L]`` if given) or ``[B, D]``.
+            rewards: ``[B]`` outcome rewards of the decoded ``x0``.
+            parts: the named outcome rewards ``{name: [B]}`` (e.g. ``RewardOutput.parts``); needed to
+                keep training a PRM's ``aux_rewards`` heads (without them only the total is trained
+                while such samples are in the buffer).
+
+        Returns ``{"prm/loss": mean training loss, "prm/spearman_fresh": Spearman of the PRM's scores
+        on the fresh batch (at training sigmas, before this update) with its rewards,
+        "prm/buffer_size": ..}``. The model is left in eval mode with no ``.grad``.
+        """
+        pooled = pool_prompt_embeds(prompt_embeds, prompt_mask)
+        fresh = PRMDataset(
+            x0=x0.detach().float().cpu(),
+            prompt_embeds=pooled.detach().cpu(),
+            rewards=rewards.detach().float().cpu(),
+            parts={k: v.detach().float().cpu() for k, v in (parts or {}).items()},
+        )
+        if fresh.prompt_embeds.shape[1] != self.model.config.text_dim:
+            raise ValueError(
+                f"prompt_embeds has dim {fresh.prompt_embeds.shape[1]}, the PRM expects {self.model.config.text_dim}"
+            )
+        self._fit_reward_stats(fresh)
+        stats: Dict[str, float] = {}
+        if len(fresh) >= 2:
+            with torch.no_grad():
+                sigma = self.config.sigma_min + (self.config.sigma_max - self.config.sigma_min) * torch.rand(
+                    len(fresh), generator=self.generator
+                )
+                x = noise_latents(fresh.x0, sigma, generator=self.generator).to(self.device)
+                pred = self.model(x, sigma.to(self.device), fresh.prompt_embeds.to(self.device))
+            stats["prm/spearman_fresh"] = spearman(pred, fresh.rewards)
+        self.buffer = fresh if self.buffer is None else PRMDataset.concat([self.buffer, fresh])
+        if len(self.buffer) > self.config.buffer_size:
+            self.buffer = self.buffer.subset(torch.arange(len(self.buffer) - self.config.buffer_size, len(self.buffer)))
+        if self.online_optimizer is None:
+            self.online_optimizer = torch.optim.AdamW(
+                self.model.parameters(), lr=self.config.online_lr, weight_decay=self.config.weight_decay
+            )
+        batch = min(self.config.batch_size, max(2, len(self.buffer)))
+        losses = [
+            self._optimizer_step(self.online_optimizer, self.buffer, batch) for _ in range(self.config.online_steps)
+        ]
+        stats["prm/loss"] = float(np.mean(losses))
+        stats["prm/buffer_size"] = float(len(self.buffer))
+        return stats
+
+    # -- checkpoints -----------------------------------------------------------------------------
+
+    def latest_checkpoint(self) -> Optional[Path]:
+        """The newest complete ``checkpoints/step-N`` under ``output_dir``, or ``None``."""
+        if self.output_dir is None or not (self.output_dir / "checkpoints").is_dir():
+            return None
+        done = [
+            p
+            for p in (self.output_dir / "checkpoints").glob("step-*")
+            if (p / "trainer.pt").is_file() and p.name[len("step-") :].isdigit()
+        ]
+        return max(done, key=lambda p: int(p.name[len("step-") :]), default=None)
+
+    def save_checkpoint(self, scheduler=None) -> Path:
+        """Write ``output_dir/checkpoints/step-N`` (model + optimiser, scheduler, step, RNG) atomically."""
+        if self.output_dir is None:
+            raise ValueError("save_checkpoint needs the trainer's output_dir")
+        root = self.output_dir / "checkpoints"
+        final, tmp = root / f"step-{self.step}", root / f".step-{self.step}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        self.model.save_pretrained(tmp / "model")
+        torch.save(
+            {
+                "step": self.step,
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                "generator": self.generator.get_state(),
+            },
+            tmp / "trainer.pt",
+        )
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        kept = sorted(
+            (p for p in root.glob("step-*") if p.name[len("step-") :].isdigit()),
+            key=lambda p: int(p.name[len("step-") :]),
+        )
+        for old in kept[: -self.config.keep_checkpoints]:
+            shutil.rmtree(old)
+        return final
+
+    def load_checkpoint(self, path: Union[str, Path], scheduler=None) -> None:
+        """Restore model weights, optimiser, scheduler, step and RNG from a checkpoint directory."""
+        path = Path(path)
+        state = torch.load(path / "trainer.pt", map_location="cpu", weights_only=True)
+        loaded = LatentRewardModel.from_pretrained(path / "model")
+        self.model.load_state_dict(loaded.state_dict())
+        self.optimizer.load_state_dict(state["optimizer"])
+        if scheduler is not None and state["scheduler"] is not None:
+            scheduler.load_state_dict(state["scheduler"])
+        self.generator.set_state(state["generator"])
+        self.step = int(state["step"])
