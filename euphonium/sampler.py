@@ -504,9 +504,19 @@ class Trajectory:
         sigma, sigma_next, kwargs = self.step_args(j)
         x_next = self.latents[:, j + 1]
         if self.logprob_mean == "guided" and bool(self.guided[j]):
-            g = int(self.guided[:j].sum())
-            x_next = x_next.float() - self.guidance_shift[:, g]
+            rows = torch.arange(x_next.shape[0], device=x_next.device)
+            x_next = x_next.float() - self.shift_at(rows, torch.full_like(rows, j))
         return ops.sde_log_prob(self.latents[:, j], v, x_next, sigma, sigma_next, v_ref=v_ref, **kwargs)
+
+    def shift_at(self, rows: torch.Tensor, cols: torch.Tensor) -> Optional[torch.Tensor]:
+        """The guidance shift ``c * g`` of sample ``rows[i]`` at recorded step ``cols[i]``: ``[n, ...]``
+        float32, zero where that step was not guided; None when no step was guided."""
+        if self.guidance_shift is None:
+            return None
+        # Column of each recorded step among the guided ones (guidance_shift holds only those).
+        g_index = (torch.cumsum(self.guided.long(), 0) - 1).clamp_min(0)[cols]
+        guided = self.guided[cols].view(-1, *([1] * (self.guidance_shift.dim() - 2)))
+        return self.guidance_shift[rows, g_index] * guided
 
     def select(self, index: Union[torch.Tensor, Sequence[int], slice]) -> "Trajectory":
         """The trajectory of a subset of the samples (``index`` into the batch dimension)."""

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from euphonium.rewards.prm import LatentRewardModel
 from euphonium.train import ConfigError, load_config
 from euphonium.train.__main__ import main
-from euphonium.train.real_model import build_wan_policy, check_wan_config
+from euphonium.train.policy import build_wan_policy, check_wan_config
 
 REQUIRED = (
     "step",

@@ -24,6 +24,8 @@ import torch
 logger = logging.getLogger(__name__)
 
 NUM_TRAIN_TIMESTEPS = 1000
+# Model weights dtypes a config may name.
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def _attention_backend_names() -> tuple:

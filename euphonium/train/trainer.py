@@ -16,15 +16,12 @@ import contextlib
 import copy
 import json
 import math
-import os
 import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Dict, List, Optional
 
 import torch
-import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from euphonium import ops
@@ -33,113 +30,19 @@ from euphonium.rewards import RewardSet, build_reward
 from euphonium.sampler import Trajectory, preset, rollout
 from euphonium.train import checkpoint as ckpt
 from euphonium.train.config import GUIDED_ALGORITHMS, ConfigError, TrainConfig
-from euphonium.train.logging import MetricsLogger, plot_reward_curve, save_video_grid
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@dataclass
-class Policy:
-    """What the trainer needs from a model family (toy world or a diffusers Wan pipeline).
-
-    transformer: the diffusers flow transformer being trained.
-    encode: ``prompts -> Conditioning`` (cached text embeddings; negative embeddings for CFG).
-    decode: ``latents [B, ...] -> videos [B, F, C, H, W]`` in [0, 1].
-    latent_shape: latent shape of one sample (without the batch dimension).
-    prompts: the training prompts.
-    prm: the process reward model ``prm(x_sigma, sigma, prompt_embeds) -> [B]`` or None.
-    """
-
-    transformer: torch.nn.Module
-    encode: Callable[[List[str]], Conditioning]
-    decode: Callable[[torch.Tensor], torch.Tensor]
-    latent_shape: tuple
-    prompts: List[str]
-    prm: Optional[torch.nn.Module]
-
-
-def _distributed() -> tuple:
-    """``(rank, world_size, device)``; initialises the process group under ``torchrun``."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    if torch.cuda.is_available():
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local)
-        return rank, world, torch.device("cuda", local)
-    return rank, world, torch.device("cpu")
-
-
-def _seed_for(*parts: int) -> int:
-    """A 62-bit seed from integers (run seed, step, rank, ...), the same on every machine."""
-    gen = torch.Generator().manual_seed(0x5EED)
-    value = 0
-    for part in parts:
-        gen.manual_seed((value * 1_000_003 + int(part) + 1) & ((1 << 62) - 1))
-        value = int(torch.randint(0, 2**62, (1,), generator=gen))
-    return value
-
-
-def training_prompts(config: TrainConfig) -> List[str]:
-    """The prompts of a run: ``config.prompts``, or for the toy world (when None) its whole prompt set.
-
-    Toy prompts must follow the toy grammar; a prompt outside it is a :class:`ConfigError`.
-    """
-    if config.model.kind != "toy":
-        return list(config.prompts or [])
-    from euphonium.toy import all_prompts
-    from euphonium.toy.world import parse_prompt
-
-    if config.prompts is None:
-        return all_prompts()
-    for prompt in config.prompts:
-        try:
-            parse_prompt(prompt)
-        except ValueError as err:
-            raise ConfigError(f"prompts: {err}") from None
-    return list(config.prompts)
-
-
-def video_shape(config: TrainConfig) -> tuple:
-    """``(F, C, H, W)`` of one decoded video, known from the config alone (no weights needed)."""
-    if config.model.kind == "toy":
-        from euphonium.toy.world import CHANNELS, HEIGHT, NUM_FRAMES, WIDTH
-
-        return (NUM_FRAMES, CHANNELS, HEIGHT, WIDTH)
-    return (config.model.num_frames, 3, config.model.height, config.model.width)
-
-
-def build_policy(config: TrainConfig, device: torch.device) -> Policy:
-    """Load the model family named by ``config.model.kind`` (toy world or a local Wan2.1 folder)."""
-    if config.model.kind == "toy":
-        from euphonium.toy import latents_to_video, load_toy_model, load_toy_prm
-        from euphonium.toy.world import CHANNELS, HEIGHT, NUM_FRAMES, WIDTH
-
-        transformer, text_encoder = load_toy_model(config.model.path, device=device, dtype=_DTYPES[config.model.dtype])
-        text_encoder.requires_grad_(False)
-
-        @torch.no_grad()
-        def encode(prompts):
-            embeds = text_encoder.encode(list(prompts))
-            return Conditioning(
-                embeds,
-                negative_prompt_embeds=text_encoder.encode([""] * len(prompts)) if config.model.cfg_scale > 1 else None,
-            )
-
-        prm = load_toy_prm(config.prm_path, device=device) if config.algorithm in GUIDED_ALGORITHMS else None
-        return Policy(
-            transformer,
-            encode,
-            lambda x: latents_to_video(x.float()),
-            (CHANNELS, NUM_FRAMES, HEIGHT, WIDTH),
-            training_prompts(config),
-            prm,
-        )
-    from euphonium.train.real_model import build_wan_policy
-
-    return build_wan_policy(config, device)
+from euphonium.train.distributed import (
+    FullOptimizerState,
+    RankReducer,
+    full_tensor,
+    init_distributed,
+    place_like,
+    wrap_for_training,
+)
+from euphonium.train.ema import EMA
+from euphonium.train.evaluation import Evaluator
+from euphonium.train.logging import MetricsLogger, plot_reward_curve
+from euphonium.train.policy import build_policy, check_wan_config, training_prompts, video_shape
+from euphonium.train.rng import RandomStreams
 
 
 class Trainer:
@@ -149,7 +52,7 @@ class Trainer:
         self.config = config.validate()
         self.output_dir = Path(output_dir)
         self._check_output_dir(resume)
-        self.rank, self.world, self.device = _distributed()
+        self.rank, self.world, self.device = init_distributed()
         if config.device != "auto":
             self.device = torch.device(config.device)
         self.is_main = self.rank == 0
@@ -159,6 +62,8 @@ class Trainer:
                 f"prompts_per_step * group_size ({batch}) must be divisible by the number of ranks ({self.world})"
             )
         self.local_batch = batch // self.world
+        self.reducer = RankReducer(self.world, self.device)
+        self.rng = RandomStreams(config.seed)
         if config.eval_every and config.eval_prompts < self.world:
             raise ConfigError(f"eval_prompts ({config.eval_prompts}) must be >= the number of ranks ({self.world})")
 
@@ -173,20 +78,29 @@ class Trainer:
             raise ConfigError(f"sampler: {err}") from None
 
         if config.model.kind == "wan":
-            from euphonium.train.real_model import check_wan_config
-
             check_wan_config(config)  # a bad model folder fails here, before rewards or weights load
         self._part_names = self._build_rewards()
         self.policy = build_policy(config, self.device)
         if self.sampler.guidance and self.policy.prm is None:
             raise ConfigError(f"algorithm={config.algorithm} needs a process reward model: set prm_path")
-        order = torch.randperm(
-            len(self.policy.prompts), generator=torch.Generator().manual_seed(_seed_for(config.seed, 4))
-        )
+        order = torch.randperm(len(self.policy.prompts), generator=self.rng.generator("eval_prompts"))
         shuffled = [self.policy.prompts[i] for i in order.tolist()]
-        self.eval_set = (shuffled * -(-config.eval_prompts // len(shuffled)))[: config.eval_prompts]
-        self._eval_noise = None
+        eval_set = (shuffled * -(-config.eval_prompts // len(shuffled)))[: config.eval_prompts]
         self._setup_training()
+        self.evaluator = Evaluator(
+            self.policy,
+            self.rollout_model,
+            self.sampler,
+            self.rewards,
+            self._reward_columns,
+            eval_set,
+            self.rng.generator("eval_noise"),
+            ema=self.ema,
+            device=self.device,
+            rank=self.rank,
+            world=self.world,
+            batch=self.local_batch,
+        )
         self.step = 0
         self.bad_steps = 0
         if resume and ckpt.latest_checkpoint(self.output_dir) is not None:
@@ -218,7 +132,7 @@ class Trainer:
             # peft draws the adapter's initial weights from the global RNG: seed it from the run's seed
             # (the same on every rank) without disturbing the caller's RNG state.
             with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-                torch.manual_seed(_seed_for(config.seed, 3))
+                torch.manual_seed(self.rng.seed("lora_init"))
                 transformer.add_adapter(
                     LoraConfig(
                         r=config.model.lora_rank,
@@ -241,24 +155,10 @@ class Trainer:
         self.rollout_model = DiffusersFlowModel(
             transformer, cfg_scale=config.model.cfg_scale, attention_backend=config.model.attention_backend
         )
-        wrapped = transformer
-        if self.world > 1:
-            if config.parallel == "fsdp":
-                from torch.distributed.fsdp import fully_shard
-
-                for block in getattr(transformer, "blocks", []):
-                    fully_shard(block)
-                wrapped = fully_shard(transformer)
-            else:
-                from torch.nn.parallel import DistributedDataParallel
-
-                wrapped = DistributedDataParallel(
-                    transformer, device_ids=[self.device.index] if self.device.type == "cuda" else None
-                )
-        self.wrapped = wrapped
-        # Training forwards go through the DDP wrapper (gradient all-reduce); the adapter is shared.
+        self.wrapped = wrap_for_training(transformer, config.parallel, self.world, self.device)
+        # Training forwards go through the DDP/FSDP wrapper (gradient all-reduce); the adapter is shared.
         self.train_model = copy.copy(self.rollout_model)
-        self.train_model.transformer = wrapped
+        self.train_model.transformer = self.wrapped
 
         params = [p for p in transformer.parameters() if p.requires_grad]
         self.params = params
@@ -269,11 +169,7 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0
         )
-        self.ema = (
-            {n: p.detach().float().clone() for n, p in transformer.named_parameters() if p.requires_grad}
-            if config.ema_decay
-            else None
-        )
+        self.ema = EMA(self.trainable_names, params, config.ema_decay) if config.ema_decay else None
         self.prm_trainer = None
         if config.prm_refresh_every and self.policy.prm is not None:
             from euphonium.rewards.prm import PRMTrainConfig, PRMTrainer
@@ -282,16 +178,12 @@ class Trainer:
 
     def _trainable_state(self) -> Dict[str, torch.Tensor]:
         named = dict(self.policy.transformer.named_parameters())
-        out = {}
-        for name in self.trainable_names:
-            t = named[name].detach()
-            out[name] = t.full_tensor() if hasattr(t, "full_tensor") else t
-        return out
+        return {name: full_tensor(named[name].detach()) for name in self.trainable_names}
 
     def _checkpoint_optimizer(self):
         """The optimizer as checkpoints see it: itself, or under FSDP its full (unsharded) states."""
         sharded = any(hasattr(p, "full_tensor") for p in self.params)
-        return _FullOptimizerState(self.policy.transformer, self.optimizer) if sharded else self.optimizer
+        return FullOptimizerState(self.policy.transformer, self.optimizer) if sharded else self.optimizer
 
     def _resume(self, path: Path) -> None:
         loaded = ckpt.load_checkpoint(path, optimizer=self._checkpoint_optimizer(), scheduler=self.scheduler)
@@ -301,21 +193,13 @@ class Trainer:
             raise ConfigError(
                 f"checkpoint {path} lacks trainable weights {sorted(missing)[:5]}: a different model or LoRA setting?"
             )
-
-        def place(value, like):
-            if hasattr(like, "full_tensor"):
-                from torch.distributed.tensor import distribute_tensor
-
-                return distribute_tensor(value.to(like.dtype), like.device_mesh, like.placements)
-            return value.to(device=like.device, dtype=like.dtype)
-
         with torch.no_grad():
             for name, value in loaded["trainable"].items():
-                named[name].copy_(place(value, named[name]))
+                named[name].copy_(place_like(value, named[name]))
         if self.ema is not None:
             # A checkpoint without EMA (it was off) starts the average at the resumed weights, not the base's.
             source = loaded["ema"] if loaded["ema"] is not None else loaded["trainable"]
-            self.ema = {k: place(source[k], self.ema[k]) for k in self.ema}
+            self.ema.shadow = {k: place_like(source[k], v) for k, v in self.ema.shadow.items()}
         self.step = int(loaded["state"]["step"])
         if self.is_main:
             print(f"resumed from {path} at step {self.step}")
@@ -336,7 +220,7 @@ class Trainer:
     def _sample_prompts(self) -> tuple:
         """This rank's prompts and global group ids for this step (all ranks draw the same batch)."""
         config = self.config
-        gen = torch.Generator().manual_seed(_seed_for(config.seed, self.step, 0))
+        gen = self.rng.generator("prompts", step=self.step)
         chosen = torch.randint(len(self.policy.prompts), (config.prompts_per_step,), generator=gen).tolist()
         start = self.rank * self.local_batch
         global_ids = torch.arange(start, start + self.local_batch) // config.group_size
@@ -354,7 +238,7 @@ class Trainer:
             shape=(len(prompts), *self.policy.latent_shape),
             prm=self.policy.prm if self.sampler.guidance else None,
             group_size=group,
-            seed=_seed_for(self.config.seed, self.step, 1, self.rank),
+            seed=self.rng.seed("rollout", step=self.step, rank=self.rank),
             device=self.device,
         )
         return traj, cond
@@ -387,12 +271,9 @@ class Trainer:
         steps = traj.sde_steps[cols]
         sigma, sigma_next = traj.sigmas[steps], traj.sigmas[steps + 1]
         guided = traj.guided[cols]
-        shift = None
-        if traj.guidance_shift is not None:
-            g_index = (torch.cumsum(traj.guided.long(), 0) - 1).clamp_min(0)[cols]
-            shift = traj.guidance_shift[rows, g_index] * guided.view(-1, *([1] * (x.dim() - 1)))
-            if traj.logprob_mean == "guided":
-                x_next = x_next.float() - shift
+        shift = traj.shift_at(rows, cols)
+        if shift is not None and traj.logprob_mean == "guided":
+            x_next = x_next.float() - shift
         sub_cond = cond.select(rows)
         v = self.train_model(x, sigma, sub_cond)
         v_ref = None
@@ -425,8 +306,11 @@ class Trainer:
             model = copy.copy(self.rollout_model)
             model.transformer = self.reference
             return model(x, sigma, cond)
-        with _adapters_disabled(self.policy.transformer):
+        self.policy.transformer.disable_adapters()
+        try:
             return self.rollout_model(x, sigma, cond)
+        finally:
+            self.policy.transformer.enable_adapters()
 
     @staticmethod
     def _distill_loss(x, v, shift, guided, sigma, sigma_next, sde):
@@ -447,7 +331,7 @@ class Trainer:
         config = self.config
         batch, k = traj.log_prob.shape
         n_train = max(1, round(k * config.timestep_fraction))
-        gen = torch.Generator().manual_seed(_seed_for(config.seed, self.step, 2, self.rank))
+        gen = self.rng.generator("minibatches", step=self.step, rank=self.rank)
         logs: Dict[str, float] = {}
         for epoch in range(config.inner_epochs):
             cols = torch.stack([torch.randperm(k, generator=gen)[:n_train] for _ in range(batch)]).to(self.device)
@@ -476,7 +360,8 @@ class Trainer:
             finite = math.isfinite(grad_norm) and math.isfinite(sums["loss"])
             if finite:
                 self.optimizer.step()
-                self._update_ema()
+                if self.ema is not None:
+                    self.ema.update()
                 self.bad_steps = 0
             else:
                 self.optimizer.zero_grad(set_to_none=True)
@@ -494,7 +379,7 @@ class Trainer:
                     )
             if epoch == 0:
                 # Statistics of the global batch: means over ranks and the largest deviation on any rank.
-                sums, max_dev = self._mean_over_ranks(sums), self._max_over_ranks(max_dev)
+                sums, max_dev = self.reducer.mean(sums), self.reducer.max(max_dev)
                 logs.update({"ratio_max_dev": max_dev, **sums, "grad_norm": grad_norm, "skipped": float(not finite)})
                 if max_dev > config.on_policy_tolerance and self.is_main:
                     warnings.warn(
@@ -506,14 +391,6 @@ class Trainer:
                     )
         self.scheduler.step()
         return logs
-
-    def _update_ema(self) -> None:
-        if self.ema is None:
-            return
-        decay = self.config.ema_decay
-        with torch.no_grad():
-            for name, param in zip(self.trainable_names, self.params):
-                self.ema[name].lerp_(param.detach().float(), 1 - decay)
 
     def train_step(self) -> Dict[str, float]:
         """One GRPO step; returns the metrics written to ``metrics.jsonl``."""
@@ -533,7 +410,7 @@ class Trainer:
             guided = traj.guided.nonzero().flatten()
             if guided.numel():
                 means["process_reward_mean"] = float(traj.process_reward[:, guided].mean())
-        means = self._mean_over_ranks(means)
+        means = self.reducer.mean(means)
         self.step += 1
         return {
             "step": self.step,
@@ -550,26 +427,6 @@ class Trainer:
         columns = {"reward_mean": sum(w * parts[n] for n, w in self.outcome_weights.items()) / weight_sum}
         columns.update({f"reward/{name}": v for name, v in parts.items()})
         return columns
-
-    def _mean_over_ranks(self, values: Dict[str, float]) -> Dict[str, float]:
-        return {k: v / self.world for k, v in self._sum_over_ranks(values).items()}
-
-    def _sum_over_ranks(self, values: Dict[str, float]) -> Dict[str, float]:
-        if self.world == 1:
-            return values
-        keys = sorted(values)
-        t = torch.tensor(
-            [values[k] for k in keys], dtype=torch.float64, device=self.device if self.device.type == "cuda" else "cpu"
-        )
-        dist.all_reduce(t)
-        return dict(zip(keys, t.tolist()))
-
-    def _max_over_ranks(self, value: float) -> float:
-        if self.world == 1:
-            return value
-        t = torch.tensor([value], dtype=torch.float64, device=self.device if self.device.type == "cuda" else "cpu")
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return float(t)
 
     # ------------------------------------------------------------------------------------------
     # The run
@@ -641,13 +498,9 @@ class Trainer:
         """Checkpoint the current step (rank 0 writes; every rank takes part in gathering FSDP shards)."""
         state = self._trainable_state()
         optimizer = self._checkpoint_optimizer()
-        if isinstance(optimizer, _FullOptimizerState):
+        if isinstance(optimizer, FullOptimizerState):
             optimizer.gather()
-        ema = (
-            None
-            if self.ema is None
-            else {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in self.ema.items()}
-        )
+        ema = None if self.ema is None else {k: full_tensor(v) for k, v in self.ema.shadow.items()}
         if not self.is_main:
             return None
         return ckpt.save_checkpoint(
@@ -662,119 +515,16 @@ class Trainer:
             keep=self.config.keep_checkpoints,
         )
 
-    @torch.no_grad()
     def save_samples(self, path: Path) -> Optional[Path]:
-        """Sample ``num_eval_samples`` prompts with the trained (EMA, if any) weights; write GIF and PNG grids.
-
-        Every rank samples (FSDP forwards all-gather the weights, so rank 0 cannot run them alone); rank 0 writes.
-        """
+        """ODE samples of the first ``num_eval_samples`` prompts with the trained (EMA, if any) weights."""
         prompts = self.policy.prompts[: self.config.num_eval_samples]
-        videos = self._sample_ode(prompts, shape=(len(prompts), *self.policy.latent_shape), seed=self.config.seed)
-        return save_video_grid(videos, prompts, path) if self.is_main else None
+        return self.evaluator.save_samples(prompts, path, seed=self.config.seed)
 
-    @torch.no_grad()
     def evaluate(self) -> Dict[str, float]:
-        """Mean rewards of the fixed evaluation set (``eval_prompts`` clips, the same noise every time).
-
-        The set's prompts and initial noise do not depend on the number of ranks: rank ``r`` samples
-        clips ``r, r + world, ...`` in batches of at most the training batch per rank. Every rank runs
-        the same number of batches (FSDP forwards are collectives): a shorter share is padded with
-        repeats of its last clip, which are not counted. The means are over the whole set.
-        """
-        n = len(self.eval_set)
-        if self._eval_noise is None:
-            self._eval_noise = torch.randn(
-                (n, *self.policy.latent_shape), generator=torch.Generator().manual_seed(_seed_for(self.config.seed, 5))
-            )
-        mine = list(range(self.rank, n, self.world))
-        share = -(-n // self.world)
-        index = mine + mine[-1:] * (share - len(mine))
-        counted = torch.tensor([1.0] * len(mine) + [0.0] * (share - len(mine)))
-        sums: Dict[str, float] = {}
-        for start in range(0, share, self.local_batch):
-            rows = index[start : start + self.local_batch]
-            prompts = [self.eval_set[i] for i in rows]
-            videos = self._sample_ode(prompts, noise=self._eval_noise[rows])
-            weight = counted[start : start + len(rows)].to(videos.device)
-            for key, value in self._reward_columns(self.rewards(videos, prompts).parts).items():
-                sums[key] = sums.get(key, 0.0) + float((value * weight).sum())
-        sums = self._sum_over_ranks(sums)
-        return {key: value / n for key, value in sums.items()}
+        """Mean rewards of the fixed evaluation set (:meth:`Evaluator.evaluate`)."""
+        return self.evaluator.evaluate()
 
     def _log_eval(self) -> str:
         metrics = self.evaluate()
         self.logger.log({"step": self.step, **metrics}, name="eval")
         return f"{metrics['reward_mean']:.3f}"
-
-    def _sample_ode(self, prompts: List[str], **noise) -> torch.Tensor:
-        """Videos of ``prompts`` from the deterministic ODE sampler with the EMA weights, if any;
-        ``noise``: :func:`rollout`'s ``noise=`` (initial latents) or ``shape=`` and ``seed=``."""
-        sampler = self.sampler.replace(
-            schedule="ode",
-            guidance=False,
-            same_initial_noise=False,
-            sde_window=None,
-            sde_window_size=None,
-            sde_window_range=None,
-        )
-        with self._ema_weights():
-            traj = rollout(self.rollout_model, self.policy.encode(prompts), sampler, device=self.device, **noise)
-            videos = self.policy.decode(traj.x0)
-        if hasattr(self.policy.transformer, "reshard"):
-            # FSDP2 keeps the root's parameters unsharded after a forward with no backward to follow;
-            # a checkpoint's optimizer-state gather needs the sharded ones registered again.
-            self.policy.transformer.reshard()
-        return videos
-
-    @contextlib.contextmanager
-    def _ema_weights(self):
-        if self.ema is None:
-            yield
-            return
-        backup = [p.detach().clone() for p in self.params]
-        with torch.no_grad():
-            for name, p in zip(self.trainable_names, self.params):
-                p.copy_(self.ema[name].to(p.dtype))
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for p, b in zip(self.params, backup):
-                    p.copy_(b)
-
-
-class _FullOptimizerState:
-    """An optimizer over FSDP2-sharded parameters as a checkpoint sees it: full states keyed by parameter name.
-
-    Its own ``state_dict()`` holds this rank's shards only, so rank 0 alone cannot save it:
-    :meth:`gather` (a collective, every rank) collects the full states with
-    ``torch.distributed.checkpoint.state_dict.get_optimizer_state_dict``, and :meth:`load_state_dict`
-    (every rank) shards a full state back with ``set_optimizer_state_dict``.
-    """
-
-    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
-        self.model, self.optimizer, self.full = model, optimizer, None
-
-    def gather(self) -> None:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-        self.full = get_optimizer_state_dict(
-            self.model, self.optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
-        )
-
-    def state_dict(self) -> Dict:
-        return self.full
-
-    def load_state_dict(self, state: Dict) -> None:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-        set_optimizer_state_dict(self.model, self.optimizer, state, options=StateDictOptions(full_state_dict=True))
-
-
-@contextlib.contextmanager
-def _adapters_disabled(transformer):
-    transformer.disable_adapters()
-    try:
-        yield
-    finally:
-        transformer.enable_adapters()

@@ -1,22 +1,113 @@
-"""A real diffusers Wan2.1 text-to-video pipeline folder as a trainer :class:`Policy`.
+"""What the trainer trains, per model family: a :class:`Policy` built from a config.
 
-The folder is what ``WanPipeline.save_pretrained`` writes (e.g. ``Wan2.1-T2V-1.3B-Diffusers``):
-``transformer/`` (trained), ``vae/`` (``AutoencoderKLWan``), ``text_encoder/`` (UMT5) and
-``tokenizer/`` (frozen). Prompt embeddings are computed once per prompt and cached; latents are
-decoded as ``WanPipeline`` does (un-normalised with the VAE's ``latents_mean``/``latents_std``).
+- ``model.kind=toy``: the committed toy video world (:mod:`euphonium.toy`).
+- ``model.kind=wan``: a local diffusers Wan2.1 text-to-video pipeline folder (what
+  ``WanPipeline.save_pretrained`` writes, e.g. ``Wan2.1-T2V-1.3B-Diffusers``): ``transformer/``
+  (trained), ``vae/`` (``AutoencoderKLWan``), ``text_encoder/`` (UMT5) and ``tokenizer/`` (frozen).
+  Prompt embeddings are computed once per prompt and cached; latents are decoded as ``WanPipeline``
+  does (un-normalised with the VAE's ``latents_mean``/``latents_std``).
+
+Everything that can be checked from the config alone (folders, sizes, prompts, the PRM's shapes) is
+checked before any weights load.
 """
 
 from __future__ import annotations
 
 import inspect
 import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
-from euphonium.models.diffusers import Conditioning
+from euphonium.models.diffusers import DTYPES, Conditioning
+from euphonium.models.wan import WanTextEncoder
+from euphonium.rewards.prm import LatentRewardModel
+from euphonium.toy import (
+    CHANNELS,
+    HEIGHT,
+    NUM_FRAMES,
+    WIDTH,
+    all_prompts,
+    latents_to_video,
+    load_toy_model,
+    load_toy_prm,
+)
+from euphonium.toy.world import parse_prompt
 from euphonium.train.config import GUIDED_ALGORITHMS, ConfigError, TrainConfig
+
+
+@dataclass
+class Policy:
+    """What the trainer needs from a model family (toy world or a diffusers Wan pipeline).
+
+    transformer: the diffusers flow transformer being trained.
+    encode: ``prompts -> Conditioning`` (cached text embeddings; negative embeddings for CFG).
+    decode: ``latents [B, ...] -> videos [B, F, C, H, W]`` in [0, 1].
+    latent_shape: latent shape of one sample (without the batch dimension).
+    prompts: the training prompts.
+    prm: the process reward model ``prm(x_sigma, sigma, prompt_embeds) -> [B]`` or None.
+    """
+
+    transformer: torch.nn.Module
+    encode: Callable[[List[str]], Conditioning]
+    decode: Callable[[torch.Tensor], torch.Tensor]
+    latent_shape: tuple
+    prompts: List[str]
+    prm: Optional[torch.nn.Module]
+
+
+def training_prompts(config: TrainConfig) -> List[str]:
+    """The prompts of a run: ``config.prompts``, or for the toy world (when None) its whole prompt set.
+
+    Toy prompts must follow the toy grammar; a prompt outside it is a :class:`ConfigError`.
+    """
+    if config.model.kind != "toy":
+        return list(config.prompts or [])
+
+    if config.prompts is None:
+        return all_prompts()
+    for prompt in config.prompts:
+        try:
+            parse_prompt(prompt)
+        except ValueError as err:
+            raise ConfigError(f"prompts: {err}") from None
+    return list(config.prompts)
+
+
+def video_shape(config: TrainConfig) -> tuple:
+    """``(F, C, H, W)`` of one decoded video, known from the config alone (no weights needed)."""
+    if config.model.kind == "toy":
+        return (NUM_FRAMES, CHANNELS, HEIGHT, WIDTH)
+    return (config.model.num_frames, 3, config.model.height, config.model.width)
+
+
+def build_policy(config: TrainConfig, device: torch.device) -> Policy:
+    """Load the model family named by ``config.model.kind`` (toy world or a local Wan2.1 folder)."""
+    if config.model.kind == "toy":
+        transformer, text_encoder = load_toy_model(config.model.path, device=device, dtype=DTYPES[config.model.dtype])
+        text_encoder.requires_grad_(False)
+
+        @torch.no_grad()
+        def encode(prompts):
+            embeds = text_encoder.encode(list(prompts))
+            return Conditioning(
+                embeds,
+                negative_prompt_embeds=text_encoder.encode([""] * len(prompts)) if config.model.cfg_scale > 1 else None,
+            )
+
+        prm = load_toy_prm(config.prm_path, device=device) if config.algorithm in GUIDED_ALGORITHMS else None
+        return Policy(
+            transformer,
+            encode,
+            lambda x: latents_to_video(x.float()),
+            (CHANNELS, NUM_FRAMES, HEIGHT, WIDTH),
+            training_prompts(config),
+            prm,
+        )
+    return build_wan_policy(config, device)
+
 
 # The file each component folder must hold (what from_pretrained reads first).
 _SUBFOLDERS = {
@@ -25,7 +116,6 @@ _SUBFOLDERS = {
     "text_encoder": "config.json",
     "tokenizer": "tokenizer_config.json",
 }
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def check_wan_folder(path: str) -> Path:
@@ -130,50 +220,13 @@ def check_wan_config(config: TrainConfig) -> Dict[str, Any]:
     }
 
 
-class WanTextEncoder:
-    """UMT5 prompt embeddings as ``WanPipeline`` computes them (zero past each prompt's tokens), cached."""
-
-    def __init__(self, root: Path, device: torch.device, dtype: torch.dtype, max_sequence_length: int):
-        from transformers import AutoTokenizer, UMT5EncoderModel
-
-        self.tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer")
-        self.model = UMT5EncoderModel.from_pretrained(root / "text_encoder", torch_dtype=dtype).to(device).eval()
-        self.model.requires_grad_(False)
-        self.device = device
-        self.length = max_sequence_length
-        self.cache: Dict[str, torch.Tensor] = {}
-
-    @torch.no_grad()
-    def __call__(self, prompts: List[str]) -> torch.Tensor:
-        new = sorted({p for p in prompts if p not in self.cache})
-        if new:
-            tokens = self.tokenizer(
-                new,
-                padding="max_length",
-                max_length=self.length,
-                truncation=True,
-                add_special_tokens=True,
-                return_attention_mask=True,
-                return_tensors="pt",
-            )
-            mask = tokens.attention_mask.to(self.device)
-            hidden = self.model(tokens.input_ids.to(self.device), mask).last_hidden_state
-            hidden = hidden * mask[..., None].to(hidden.dtype)
-            for prompt, h in zip(new, hidden):
-                self.cache[prompt] = h
-        return torch.stack([self.cache[p] for p in prompts])
-
-
 def build_wan_policy(config: TrainConfig, device: torch.device):
-    """The :class:`~euphonium.train.trainer.Policy` of a local Wan2.1 pipeline folder."""
+    """The :class:`Policy` of a local Wan2.1 pipeline folder."""
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
-
-    from euphonium.rewards.prm import LatentRewardModel
-    from euphonium.train.trainer import Policy
 
     checked = check_wan_config(config)
     root = checked["root"]
-    dtype = _DTYPES[config.model.dtype]
+    dtype = DTYPES[config.model.dtype]
     transformer = WanTransformer3DModel.from_pretrained(root / "transformer", torch_dtype=dtype).to(device)
     vae = AutoencoderKLWan.from_pretrained(root / "vae", torch_dtype=torch.float32).to(device).eval()
     vae.requires_grad_(False)
