@@ -9,6 +9,9 @@
 #   bash benchmarks/device_run.sh ops      # reward_grad, advantages, grpo_loss
 #   bash benchmarks/device_run.sh train    # train_step (toy and Wan-shaped) and the kernel report
 #
+# Which scripts make up a part comes from benchmarks/registry.py (`python -m benchmarks.registry
+# --scripts --part ops`), the one list of benchmarks that run_all.py and the README table read too.
+#
 # Nobody has timed these on a GPU yet (torch.compile compiles each shape once): a part that runs
 # long can be narrowed, e.g. `bash benchmarks/device_run.sh targets --only sde_step`.
 # `train` needs diffusers: download its wheel here (`pip download diffusers --no-deps -d .wheels`,
@@ -25,6 +28,18 @@ PY=${PYTHON:-python3}
 part=${1:-targets}
 shift || true
 status=0
+case "$part" in
+  targets | ops | train) ;;
+  *)
+    echo "usage: bash benchmarks/device_run.sh targets|ops|train [run_all.py arguments]" >&2
+    exit 2
+    ;;
+esac
+# The part's scripts (names without .py), from the registry.
+only=$($PY -m benchmarks.registry --scripts --part "$part") && [ -n "$only" ] || {
+  echo "python -m benchmarks.registry gave no scripts for part $part" >&2
+  exit 2
+}
 if [ ! -e euphonium/kernels ]; then
   ln -s ../kernels euphonium/kernels
   trap 'rm -f euphonium/kernels' EXIT
@@ -39,19 +54,15 @@ case "$part" in
   targets)
     $PY -m pytest -m gpu -q -p no:cacheprovider tests/test_sde_ops.py tests/test_grpo_loss.py tests/test_reward_grad.py \
       2>&1 | tee "$OUT/pytest_gpu.log" || status=1
-    $PY benchmarks/run_all.py --only sde_step sde_log_prob "$@" 2>&1 | tee "$OUT/bench_targets.log" || status=1
+    $PY benchmarks/run_all.py --only $only "$@" 2>&1 | tee "$OUT/bench_targets.log" || status=1
     ;;
   ops)
-    $PY benchmarks/run_all.py --only reward_grad advantages grpo_loss "$@" 2>&1 | tee "$OUT/bench_ops.log" || status=1
+    $PY benchmarks/run_all.py --only $only "$@" 2>&1 | tee "$OUT/bench_ops.log" || status=1
     ;;
   train)
     wheels=(.wheels/*.whl)
     if [ ${#wheels[@]} -gt 0 ]; then $PY -m pip install -q --no-deps --no-index "${wheels[@]}" || status=1; fi
-    $PY benchmarks/run_all.py --only train_step kernel_report "$@" 2>&1 | tee "$OUT/bench_train.log" || status=1
-    ;;
-  *)
-    echo "usage: bash benchmarks/device_run.sh targets|ops|train [run_all.py arguments]" >&2
-    exit 2
+    $PY benchmarks/run_all.py --only $only "$@" 2>&1 | tee "$OUT/bench_train.log" || status=1
     ;;
 esac
 

@@ -5,12 +5,14 @@ next): the op benchmarks, the training-step breakdown, the kernel report, then
 ``make_readme_table.py``, which prints the Markdown, writes ``benchmarks/results/benchmarks.md`` and replaces
 the README's generated results block.
 
-On a CPU: ``sde_step``, ``sde_log_prob``, ``reward_grad``, ``advantages``, ``grpo_loss`` at their CPU
-default sizes and ``train_step`` on the toy model (about 10 minutes on a 2-core machine the first time,
-when inductor compiles every graph; less once its cache is warm). On CUDA also the drawn-noise and
-guided variants of ``sde_step``, the KL variants of ``sde_log_prob`` and ``grpo_loss``, and
-``train_step`` on the Wan2.1-1.3B-shaped model. Extra arguments (``--threads 1``, ``--quick``,
-``--device cpu``) go to every op benchmark (``--threads``/``--device`` to ``train_step`` too).
+What runs comes from ``benchmarks/registry.py`` (``python -m benchmarks.registry --table``). On a
+CPU: ``sde_step``, ``sde_log_prob``, ``reward_grad``, ``advantages``, ``grpo_loss`` at their CPU default
+sizes and ``train_step`` on the toy model (about 10 minutes on a 2-core
+machine the first time, when inductor compiles every graph; less once its cache is warm). On CUDA
+also the drawn-noise and guided variants of ``sde_step``, the KL variants of ``sde_log_prob`` and
+``grpo_loss`` (after every op's base run), and ``train_step`` on the Wan2.1-1.3B-shaped model. Extra
+arguments (``--threads 1``, ``--quick``, ``--device cpu``) go to every op benchmark
+(``--threads``/``--device`` to ``train_step`` too).
 
 A lent GPU runs one command for at most 10 minutes: run the plan in parts with ``--only``, e.g.
 ``--only sde_step sde_log_prob``, then ``--only reward_grad advantages grpo_loss``, then
@@ -29,21 +31,16 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))  # `python benchmarks/run_all.py` from anywhere
+
+from benchmarks import registry  # noqa: E402
 
 
 def plan(device: str, quick: bool):
-    ops = [["sde_step.py"], ["sde_log_prob.py"], ["reward_grad.py"], ["advantages.py"], ["grpo_loss.py"]]
-    train = [["train_step.py", "--model", "toy"]]
-    if device == "cuda" and not quick:
-        ops += [
-            ["sde_step.py", "--noise", "drawn"],
-            ["sde_step.py", "--guided"],
-            ["sde_log_prob.py", "--kl"],
-            ["grpo_loss.py", "--kl"],
-        ]
-        train += [["train_step.py", "--model", "wan", "--steps", "1"]]
-    if quick:
-        train = [["train_step.py", "--model", "toy", "--steps", "1", "--num-steps", "4", "--guided-steps", "1"]]
+    """``(ops, train)``: the op benchmarks' and the training step's commands (``registry.plan``)."""
+    ops, train = [], []
+    for bench, cmd in registry.plan(device, quick, kernel_report=False):
+        (ops if bench.kind == "op" else train).append(cmd)
     return ops, train
 
 
@@ -57,8 +54,9 @@ def main(argv=None):
         "--only",
         nargs="+",
         metavar="SCRIPT",
-        help="run only these scripts (names without .py: sde_step sde_log_prob reward_grad advantages "
-        "grpo_loss train_step kernel_report)",
+        help="run only these scripts (names without .py: "
+        + " ".join(registry.scripts(registry.REGISTRY))
+        + "; `python -m benchmarks.registry --table` lists what each runs)",
     )
     args = parser.parse_args(argv)
     common = ["--device", args.device] + (["--threads", str(args.threads)] if args.threads else [])
@@ -66,7 +64,7 @@ def main(argv=None):
     commands = [cmd + common + (["--quick"] if args.quick else []) for cmd in ops]
     commands += [cmd + common for cmd in train]
     if not args.skip_kernel_report:
-        commands.append(["kernel_report.py"])
+        commands += [b.command() for b in registry.entries("report")]
     if args.only:
         known = {cmd[0][:-3] for cmd in commands}
         unknown = sorted(set(args.only) - known)

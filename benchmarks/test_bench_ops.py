@@ -13,27 +13,24 @@ times the same work the benchmark scripts time (the provider's first call, which
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 
-from benchmarks import advantages, grpo_loss, reward_grad, sde_log_prob, sde_step
+from benchmarks import registry
 from benchmarks.common import PROVIDERS, compare, resolve_args
 
-OPS = {
-    "sde_step": sde_step,
-    "sde_log_prob": sde_log_prob,
-    "reward_grad": reward_grad,
-    "group_advantages": advantages,
-    "grpo_loss": grpo_loss,
-}
+# The op benchmarks' base variants, from the registry: name -> (module, its arguments).
+OPS = {b.name: (importlib.import_module(f"benchmarks.{b.script}"), b.args) for b in registry.ops() if b.pytest}
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @pytest.fixture(scope="module", params=list(OPS))
 def case(request):
     """The op's small case on this device (its inputs stay alive for every provider's test)."""
-    module = OPS[request.param]
-    args = module.parse_args(["--quick", "--device", DEVICE])
+    module, extra = OPS[request.param]
+    args = module.parse_args([*extra, "--quick", "--device", DEVICE])
     device, shapes, dtypes, _ = resolve_args(args, module.SIZES)
     return request.param, next(module.cases(shapes[:1], dtypes[:1], device, args))
 

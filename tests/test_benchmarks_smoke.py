@@ -4,20 +4,24 @@ compile provider uses dynamo's ``eager`` backend to skip inductor's C++ compile,
 on one thread (restored afterwards), which avoids OpenMP stalls on a shared CI machine."""
 
 import csv
+import importlib
 import json
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root holds benchmarks/
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the repository root holds benchmarks/
 
-from benchmarks import advantages, grpo_loss, make_readme_table, reward_grad, sde_log_prob, sde_step, train_step  # noqa: E402
+from benchmarks import make_readme_table, registry, run_all, train_step  # noqa: E402
 from benchmarks.common import PROVIDERS, Case, TimingOptions, compare, describe_device, run_case, saved_for_backward  # noqa: E402
 
-OPS = [sde_step, sde_log_prob, reward_grad, advantages, grpo_loss]
-DIFFERENTIABLE = {sde_log_prob, grpo_loss}
+# Every op benchmark of a CPU --quick run, from the registry.
+OPS = [b for b in registry.ops() if "cpu" in b.devices and b.quick]
+DIFFERENTIABLE = {"sde_log_prob", "grpo_loss"}
 
 
 @pytest.fixture(scope="module")
@@ -32,17 +36,19 @@ def results(tmp_path_factory, one_thread):
     """Run every op benchmark once (quick, CPU) into one results directory."""
     root = tmp_path_factory.mktemp("results")
     payloads = {}
-    for module in OPS:
-        payloads[module] = module.main(
-            ["--device", "cpu", "--quick", "--compile-backend", "eager", "--out", str(root), *one_thread]
+    for bench in OPS:
+        module = importlib.import_module(f"benchmarks.{bench.script}")
+        payloads[bench.name] = module.main(
+            [*bench.args, "--device", "cpu", "--quick", "--compile-backend", "eager", "--out", str(root), *one_thread]
         )
     return root, payloads
 
 
-@pytest.mark.parametrize("module", OPS, ids=lambda m: m.__name__.rsplit(".", 1)[-1])
-def test_op_benchmark_writes_checked_results(module, results):
+@pytest.mark.parametrize("bench", OPS, ids=lambda b: b.name)
+def test_op_benchmark_writes_checked_results(bench, results):
     root, payloads = results
-    payload = payloads[module]
+    payload = payloads[bench.name]
+    assert payload["bench"] == bench.name, "the registry's name is the results file's"
     assert payload["cases"], "no case ran"
     for case in payload["cases"]:
         assert set(case["providers"]) == set(PROVIDERS)
@@ -51,7 +57,7 @@ def test_op_benchmark_writes_checked_results(module, results):
             assert r["median_ms"] > 0 and r["q20_ms"] <= r["median_ms"] <= r["q80_ms"]
             assert r["gbps"] > 0 and r["copy_fraction"] > 0
             assert r["speedup_vs_eager"] == pytest.approx(case["providers"]["eager"]["median_ms"] / r["median_ms"])
-            if module in DIFFERENTIABLE:
+            if bench.name in DIFFERENTIABLE or case["params"].get("mode") == "train":
                 # Every provider saves something for its backward (at least its inputs).
                 assert r["saved_bytes"] > 0 and 0 <= r["saved_new_bytes"] <= r["saved_bytes"]
             else:
@@ -64,11 +70,74 @@ def test_op_benchmark_writes_checked_results(module, results):
     assert stem.with_suffix(".png").stat().st_size > 0
 
 
+def test_registry_lists_every_benchmark_script_once():
+    names = [b.name for b in registry.REGISTRY]
+    assert len(names) == len(set(names))
+    on_disk = {p.stem for p in (ROOT / "benchmarks").glob("*.py")}
+    for b in registry.REGISTRY:
+        assert b.script in on_disk, f"{b.name}: no benchmarks/{b.script}.py"
+        assert b.part in registry.PARTS and b.kind in registry.KINDS
+    # A script built on the harness (it defines cases) that the registry does not name would be
+    # left out of run_all, the README table, the pytest-benchmark suite and the device run.
+    harness = {p.stem for p in (ROOT / "benchmarks").glob("*.py") if "\ndef cases(" in p.read_text()}
+    assert harness and harness == set(registry.scripts(registry.ops()))
+    # Every entry runs in some part of device_run.sh; the parts together are the registry.
+    by_part = [b for part in registry.PARTS for b in registry.entries(part=part)]
+    assert sorted(by_part, key=lambda b: names.index(b.name)) == list(registry.REGISTRY)
+
+
+def test_registry_command_line_and_its_readers():
+    out = subprocess.run(
+        [sys.executable, "-m", "benchmarks.registry", "--scripts", "--part", "ops"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    assert out == registry.scripts(registry.entries(part="ops")) and "reward_grad" in out
+    names = subprocess.run(
+        [sys.executable, "-m", "benchmarks.registry", "--names"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert names == [b.name for b in registry.REGISTRY]
+    # run_all's plan is the registry's: on a CPU every op benchmark marked for it, then the toy step.
+    ops, train = run_all.plan("cpu", quick=False)
+    assert ops == [b.command() for b in registry.ops() if "cpu" in b.devices]
+    assert train == [["train_step.py", "--model", "toy"]]
+    cuda_ops, cuda_train = run_all.plan("cuda", quick=False)
+    assert cuda_ops[: len(ops)] == ops, "each op's base run comes before the CUDA-only variants"
+    assert ["sde_step.py", "--noise", "drawn"] in cuda_ops and len(cuda_train) == 2
+    assert run_all.plan("cuda", quick=True) == (ops, [registry.get("train_step_toy").command(quick=True)])
+    with pytest.raises(SystemExit, match="unknown scripts"):
+        run_all.main(["--only", "no_such_benchmark"])
+    assert make_readme_table.BENCH_ORDER == tuple(b.name for b in registry.ops())
+    # device_run.sh takes its parts from the registry and rejects an unknown part before doing anything.
+    script = (ROOT / "benchmarks" / "device_run.sh").read_text()
+    assert "benchmarks.registry --scripts --part" in script and "--only $only" in script
+    bad = subprocess.run(["bash", str(ROOT / "benchmarks" / "device_run.sh"), "no_such_part"], capture_output=True)
+    assert bad.returncode == 2 and b"usage" in bad.stderr
+
+
+def test_benchmark_scripts_run_as_files_from_anywhere(tmp_path):
+    for script in ("sde_step.py", "run_all.py"):
+        done = subprocess.run(
+            [sys.executable, str(ROOT / "benchmarks" / script), "--help"], cwd=tmp_path, capture_output=True, text=True
+        )
+        assert done.returncode == 0 and "usage" in done.stdout, done.stderr
+
+
 def test_readme_table_lists_every_case(results, tmp_path):
     root, payloads = results
     text = make_readme_table.build(root)
     rows = [line for line in text.splitlines() if line.startswith("| `")]
     assert len(rows) == sum(len(p["cases"]) for p in payloads.values())
+    # Rows in registry order, each titled as the registry says.
+    expected = [
+        registry.get(name).title
+        for name in make_readme_table.BENCH_ORDER
+        if name in payloads
+        for _ in payloads[name]["cases"]
+    ]
+    assert [row.split(" | ")[0][2:] for row in rows] == expected
     assert "AMD" in text or "Intel" in text or describe_device(torch.device("cpu"))["name"] in text
     assert "`euphonium` = the ops' PyTorch paths (the CPU default)" in text
     # The README's block between the markers is replaced, the text around it kept.
