@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from euphonium import ops
 from euphonium._checks import check_positive
+from euphonium.presets import SAMPLER_PRESETS
 
 SCHEDULES = ("flow_grpo", "dance_grpo", "cps", "ode")
 GUIDANCE_FORMS = ("lambda", "kl")
@@ -340,31 +341,9 @@ class SamplerConfig:
         return dataclasses.replace(self, **changes)
 
 
-# Published defaults. Each entry: (fields, source). Windows that depend on num_steps are filled in by
+# The published defaults (euphonium/presets.py). Windows that depend on num_steps are filled in by
 # ``preset`` after the caller's overrides.
-_PRESETS = {
-    "flow_grpo": dict(num_steps=20, shift=3.0, schedule="flow_grpo", noise_level=0.7),
-    "flow_grpo_fast": dict(num_steps=10, shift=3.0, schedule="cps", noise_level=0.8, sde_window_size=3),
-    "dance_grpo": dict(num_steps=16, shift=3.0, schedule="dance_grpo", noise_level=0.3, same_initial_noise=True),
-    "euphonium": dict(
-        num_steps=16,
-        shift=5.0,
-        schedule="dance_grpo",
-        noise_level=0.25,
-        same_initial_noise=True,
-        guidance=True,
-        guidance_start=12,
-        guidance_end=None,
-        guidance_interval=1,
-        guidance_form="lambda",
-        guidance_lambda=0.01,
-        grad_normalize=False,
-        logprob_mean="unguided",
-    ),
-}
-# Euphonium's guidance settings on Flow-GRPO-Fast's sampler, guiding every SDE step (the window's).
-_PRESETS["euphonium_fast"] = {**_PRESETS["euphonium"], **_PRESETS["flow_grpo_fast"], "guidance_start": 0}
-PRESETS = tuple(_PRESETS)
+PRESETS = tuple(SAMPLER_PRESETS)
 
 
 def preset(name: str, **overrides: Any) -> SamplerConfig:
@@ -393,13 +372,13 @@ def preset(name: str, **overrides: Any) -> SamplerConfig:
       unguided-mean log-probs) on every SDE step, i.e. inside the window. Sharing the initial noise makes
       a group differ only by the window's noise, which GRPO credits to the window's steps.
     """
-    if name not in _PRESETS:
+    if name not in SAMPLER_PRESETS:
         raise ValueError(f"preset name must be one of {PRESETS}, got {name!r}")
     fields = {f.name for f in dataclasses.fields(SamplerConfig)}
     unknown = sorted(set(overrides) - fields)
     if unknown:
         raise TypeError(f"unknown SamplerConfig field(s) {unknown}; fields are {sorted(fields)}")
-    settings = {**_PRESETS[name], **overrides}
+    settings = {**SAMPLER_PRESETS[name], **overrides}
     n = settings["num_steps"]
     if (
         name == "flow_grpo"
@@ -410,7 +389,7 @@ def preset(name: str, **overrides: Any) -> SamplerConfig:
     ):
         settings["sde_window"] = (0, n - 1)
     if (
-        _PRESETS[name].get("sde_window_size")
+        SAMPLER_PRESETS[name].get("sde_window_size")
         and "sde_window_range" not in overrides
         and "sde_window" not in overrides
         and isinstance(n, int)

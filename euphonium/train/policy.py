@@ -23,6 +23,7 @@ import torch
 
 from euphonium.models.diffusers import DTYPES, Conditioning
 from euphonium.models.wan import WanTextEncoder
+from euphonium.presets import GUIDED_ALGORITHMS
 from euphonium.rewards.prm import LatentRewardModel
 from euphonium.toy import (
     CHANNELS,
@@ -35,7 +36,7 @@ from euphonium.toy import (
     load_toy_prm,
 )
 from euphonium.toy.world import parse_prompt
-from euphonium.train.config import GUIDED_ALGORITHMS, ConfigError, TrainConfig
+from euphonium.train.config import ConfigError, TrainConfig
 
 
 @dataclass

@@ -26,10 +26,11 @@ from tqdm.auto import tqdm
 
 from euphonium import ops
 from euphonium.models.diffusers import Conditioning, DiffusersFlowModel
+from euphonium.presets import GUIDED_ALGORITHMS
 from euphonium.rewards import RewardSet, build_reward
 from euphonium.sampler import Trajectory, preset, rollout
 from euphonium.train import checkpoint as ckpt
-from euphonium.train.config import GUIDED_ALGORITHMS, ConfigError, TrainConfig
+from euphonium.train.config import ConfigError, TrainConfig
 from euphonium.train.distributed import (
     FullOptimizerState,
     RankReducer,
