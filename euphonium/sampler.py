@@ -517,6 +517,18 @@ class Trajectory:
 # ----------------------------------------------------------------------------------------------------
 
 
+@torch.no_grad()
+def ode_steps(velocity_fn: VelocityFn, cond: Any, x: torch.Tensor, sigmas: Sequence[float], *, start: int = 0):
+    """Deterministic Euler steps ``start .. N - 1`` over the schedule ``sigmas`` (``N + 1`` floats):
+    ``x <- x - (sigma - sigma_next) v(x, sigma)`` through ``ops.sde_step(schedule="ode")``, as
+    :func:`rollout` takes its ODE steps. Returns the final latent in ``x``'s dtype."""
+    batch = x.shape[0]
+    for i in range(start, len(sigmas) - 1):
+        v = velocity_fn(x, torch.full((batch,), sigmas[i], dtype=torch.float32, device=x.device), cond)
+        x = ops.sde_step(x, v, sigmas[i], sigmas[i + 1], schedule="ode", noise_level=0.0).x_next
+    return x
+
+
 def _make_generator(seed: Union[int, torch.Generator, None], device: torch.device) -> torch.Generator:
     if isinstance(seed, torch.Generator):
         return seed

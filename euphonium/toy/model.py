@@ -20,7 +20,8 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
-from euphonium.sampler import shifted_sigmas
+from euphonium.models.diffusers import Conditioning, DiffusersFlowModel
+from euphonium.sampler import ode_steps, shifted_sigmas
 from euphonium.toy import world
 
 ASSET_DIR = Path(__file__).resolve().parents[1] / "assets" / "toy"
@@ -186,12 +187,8 @@ def sample_ode(
     gen = world._make_generator(generator)
     x = torch.randn(len(prompts), world.CHANNELS, world.NUM_FRAMES, world.HEIGHT, world.WIDTH, generator=gen)
     x = x.to(param.device)
-    context = text_encoder.encode(prompts).to(param.dtype)
-    sigmas = shifted_sigmas(steps, shift).tolist()
-    for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
-        v = predict_velocity(transformer, x.to(param.dtype), sigma, context).float()
-        x = x + (sigma_next - sigma) * v
-    return x
+    cond = Conditioning(prompt_embeds=text_encoder.encode(prompts).to(param.dtype))
+    return ode_steps(DiffusersFlowModel(transformer), cond, x, shifted_sigmas(steps, shift).tolist())
 
 
 def count_parameters(module: nn.Module) -> int:

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from euphonium import ops
 from euphonium.models.diffusers import Conditioning, DiffusersFlowModel
 from euphonium.rewards.prm import LatentRewardModel, PRMDataset, SampleFn, collect_rollouts, relabel_prompts
-from euphonium.sampler import guidance_coefficient, preset, rollout, shifted_sigmas
+from euphonium.sampler import guidance_coefficient, ode_steps, preset, rollout, shifted_sigmas
 from euphonium.toy import world
 from euphonium.toy.model import load_toy_model
 from euphonium.toy.rewards import toy_reward_set
@@ -158,11 +158,7 @@ def guided_step_effect(
 
     def finish(x, embeds, first):
         # Deterministic Euler steps first .. N-1; after the last step x itself is final.
-        cond = Conditioning(prompt_embeds=embeds)
-        for i in range(first, config.num_steps):
-            v = velocity(x, torch.full((x.shape[0],), sigmas[i]), cond)
-            x = ops.sde_step(x, v, sigmas[i], sigmas[i + 1], schedule="ode", noise_level=0.0).x_next
-        return x
+        return ode_steps(velocity, Conditioning(prompt_embeds=embeds), x, sigmas, start=first)
 
     chunks = range(0, len(prompts), batch_size)
     for start in tqdm(chunks, desc="guided steps", disable=not progress):
