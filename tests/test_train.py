@@ -58,7 +58,7 @@ def tiny_overrides(assets, **extra):
 def test_defaults_are_the_toy_euphonium_fast_run():
     config = load_config()
     assert config.algorithm == "euphonium_fast" and config.model.kind == "toy" and config.group_size >= 2
-    assert load_config(str(Path(__file__).parents[1] / "configs" / "toy.yaml")).to_dict() == config.to_dict()
+    assert load_config(str(Path(__file__).parents[1] / "euphonium/configs/toy.yaml")).to_dict() == config.to_dict()
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""``python -m euphonium.train [--config FILE.yaml] [--max-steps N] [--output-dir DIR] [--resume] [key=value ...]``
+"""``python -m euphonium.train [--config FILE.yaml|NAME] [--max-steps N] [--output-dir DIR] [--resume] [key=value ...]``
 
 With no arguments: the toy video world with the Euphonium algorithm on whatever device is there.
 """
@@ -8,12 +8,15 @@ from __future__ import annotations
 import argparse
 import sys
 
-from euphonium.train.config import ConfigError, load_config
+from euphonium.train.config import ConfigError, available_configs, load_config
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m euphonium.train", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", help="YAML config (see configs/); default: the toy world")
+    parser.add_argument(
+        "--config",
+        help=f"a YAML file or a packaged config by name ({', '.join(available_configs())}); default: the toy world",
+    )
     parser.add_argument("--max-steps", type=int, help="override max_steps")
     parser.add_argument("--output-dir", default="runs/toy", help="where metrics, checkpoints and samples go")
     parser.add_argument(

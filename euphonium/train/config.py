@@ -302,17 +302,45 @@ def _set_path(obj: Any, path: List[str], value: Any) -> None:
         return
 
 
-def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = None) -> TrainConfig:
-    """The defaults, updated by the YAML file at ``path`` and then by ``key=value`` ``overrides`` in order.
+# The configs shipped with the package: ``--config NAME`` finds them from any working directory.
+PACKAGED_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
-    The file replaces the values it names (a mapping such as ``reward_weights`` as a whole); an
-    override replaces what its key names, so ``reward_weights.direction=2`` updates one weight.
+
+def available_configs() -> List[str]:
+    """The names of the configs shipped in ``euphonium/configs`` (``--config NAME``), sorted."""
+    return sorted(p.stem for p in PACKAGED_CONFIGS.glob("*.yaml"))
+
+
+def resolve_config(path: str) -> Path:
+    """The YAML file ``--config path`` means: an existing file, else a packaged config by bare name.
+
+    ``toy`` and ``toy.yaml`` both name ``euphonium/configs/toy.yaml``, from any working directory; a
+    file at the given path wins over a packaged config of the same name. Anything else is a
+    :class:`ConfigError` that lists the packaged names.
+    """
+    given = Path(path)
+    if given.is_file():
+        return given
+    if path and given.name == path:  # a bare name, no directory part
+        packaged = PACKAGED_CONFIGS / (path if path.endswith(".yaml") else path + ".yaml")
+        if packaged.is_file():
+            return packaged
+    raise ConfigError(
+        f"--config {path}: no such file and no packaged config of that name "
+        f"(packaged: {', '.join(available_configs())})"
+    )
+
+
+def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = None) -> TrainConfig:
+    """The defaults, updated by the YAML config ``path`` and then by ``key=value`` ``overrides`` in order.
+
+    ``path`` is a file or the name of a packaged config (see :func:`resolve_config`). The file replaces
+    the values it names (a mapping such as ``reward_weights`` as a whole); an override replaces what
+    its key names, so ``reward_weights.direction=2`` updates one weight.
     """
     config = TrainConfig()
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"--config {path}: no such file")
+        p = resolve_config(path)
         try:
             loaded = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as err:
