@@ -6,7 +6,7 @@
 # package_dir does for an install):
 #
 #   bash benchmarks/device_run.sh targets  # pytest -m gpu, then sde_step and sde_log_prob (the targets)
-#   bash benchmarks/device_run.sh ops      # reward_grad, advantages, grpo_loss
+#   bash benchmarks/device_run.sh ops      # reward_grad, advantages, grpo_loss, compat
 #   bash benchmarks/device_run.sh train    # train_step (toy and Wan-shaped) and the kernel report
 #
 # Which scripts make up a part comes from benchmarks/registry.py (`python -m benchmarks.registry

@@ -126,6 +126,24 @@ REGISTRY: Tuple[Bench, ...] = (
         quick=False,
     ),
     Bench(
+        "compat_flow_grpo",
+        "compat",
+        "`compat.flow_grpo` step",
+        "euphonium.compat.flow_grpo.sde_step_with_logprob against Flow-GRPO's step as published "
+        "(rollout, and training forward + backward)",
+        args=("--peer", "flow_grpo"),
+        pytest=True,
+    ),
+    Bench(
+        "compat_dance_grpo",
+        "compat",
+        "`compat.dance_grpo` step",
+        "euphonium.compat.dance_grpo.flux_step against DanceGRPO's (and upstream Euphonium's guided) step "
+        "as published (rollout, and training forward + backward)",
+        args=("--peer", "dance_grpo"),
+        pytest=True,
+    ),
+    Bench(
         "train_step_toy",
         "train_step",
         "training step (toy)",

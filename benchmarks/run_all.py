@@ -6,8 +6,8 @@ next): the op benchmarks, the training-step breakdown, the kernel report, then
 the README's generated results block.
 
 What runs comes from ``benchmarks/registry.py`` (``python -m benchmarks.registry --table``). On a
-CPU: ``sde_step``, ``sde_log_prob``, ``reward_grad``, ``advantages``, ``grpo_loss`` at their CPU default
-sizes and ``train_step`` on the toy model (about 10 minutes on a 2-core
+CPU: ``sde_step``, ``sde_log_prob``, ``reward_grad``, ``advantages``, ``grpo_loss``, the two ``compat``
+benchmarks at their CPU default sizes and ``train_step`` on the toy model (about 10 minutes on a 2-core
 machine the first time, when inductor compiles every graph; less once its cache is warm). On CUDA
 also the drawn-noise and guided variants of ``sde_step``, the KL variants of ``sde_log_prob`` and
 ``grpo_loss`` (after every op's base run), and ``train_step`` on the Wan2.1-1.3B-shaped model. Extra
@@ -15,7 +15,7 @@ arguments (``--threads 1``, ``--quick``, ``--device cpu``) go to every op benchm
 (``--threads``/``--device`` to ``train_step`` too).
 
 A lent GPU runs one command for at most 10 minutes: run the plan in parts with ``--only``, e.g.
-``--only sde_step sde_log_prob``, then ``--only reward_grad advantages grpo_loss``, then
+``--only sde_step sde_log_prob``, then ``--only reward_grad advantages grpo_loss compat``, then
 ``--only train_step kernel_report`` (``make_readme_table.py`` runs at the end of every part);
 ``benchmarks/device_run.sh`` runs such parts (and ``pytest -m gpu``) and packs the results.
 """
