@@ -33,7 +33,7 @@ from euphonium._checks import check_positive
 from euphonium.presets import SAMPLER_PRESETS
 
 SCHEDULES = ("flow_grpo", "dance_grpo", "cps", "ode")
-GUIDANCE_FORMS = ("lambda", "kl")
+GUIDANCE_FORMS = ("lambda", "kl", "rho")
 LOGPROB_MEANS = ("unguided", "guided")
 STEP_NOISE = ("auto", "kernel", "generator")
 
@@ -123,6 +123,33 @@ def guidance_coefficient(
     return s * s / (2.0 * float(beta)) * delta
 
 
+def noise_std(
+    sigma: float, sigma_next: float, *, schedule: str, noise_level: float, sigma_max: Optional[float] = None
+) -> float:
+    """The noise std of one step, host side: ``s * sqrt(delta)`` (``flow_grpo``, ``dance_grpo``),
+    ``sigma_next * sin(a * pi / 2)`` (``cps``), 0 (``ode``); ``ops.sde_step`` computes the same in its kernel."""
+    if schedule == "cps":
+        return float(sigma_next) * math.sin(float(noise_level) * math.pi / 2)
+    s = diffusion_coefficient(sigma, schedule=schedule, noise_level=noise_level, sigma_max=sigma_max)
+    return s * math.sqrt(float(sigma) - float(sigma_next))
+
+
+def per_sample_norm(g: torch.Tensor) -> torch.Tensor:
+    """``||g_b||_2`` per sample, ``[B]`` float32, without overflow or underflow: ``m * ||g / m||`` with
+    ``m = max |g_b|`` (0 for an all-zero sample)."""
+    flat = g.detach().flatten(1).float()
+    m = flat.abs().amax(dim=1)
+    safe = torch.where(m > 0, m, torch.ones_like(m))
+    return torch.where(m > 0, safe * (flat / safe[:, None]).square().sum(dim=1).sqrt(), torch.zeros_like(m))
+
+
+def rho_coefficient(grad_norm: torch.Tensor, rho: float, std: float) -> torch.Tensor:
+    """``c_b = rho * std / ||g_b||`` (``[B]`` float32): each guided shift ``c_b g_b`` has L2 norm ``rho * std``,
+    a per-step KL of ``rho^2 / 2`` nats between the guided and unguided Gaussians; 0 where ``g_b = 0``."""
+    positive = grad_norm > 0
+    return torch.where(positive, (rho * std) / torch.where(positive, grad_norm, 1.0), 0.0).float()
+
+
 # ----------------------------------------------------------------------------------------------------
 # Configuration
 # ----------------------------------------------------------------------------------------------------
@@ -174,8 +201,11 @@ class SamplerConfig:
             a PRM at :func:`rollout`. Guided steps are ``range(guidance_start, guidance_end,
             guidance_interval)`` (``guidance_end=None``: to the last step) intersected with the SDE
             steps: a deterministic step has no log-prob to credit the guidance to.
-        guidance_form: ``lambda`` (``c = guidance_lambda * delta``) or ``kl``
-            (``c = s^2 / (2 * guidance_beta) * delta``); see :func:`guidance_coefficient`.
+        guidance_form: ``lambda`` (``c = guidance_lambda * delta``), ``kl``
+            (``c = s^2 / (2 * guidance_beta) * delta``; see :func:`guidance_coefficient`) or ``rho``
+            (``c_b = guidance_rho * std / ||g_b||`` per sample, :func:`rho_coefficient`: a shift of
+            norm ``rho`` noise stds, whatever the PRM's gradient scale).
+        guidance_rho: ``rho`` of the ``rho`` form.
         grad_normalize: give each sample's PRM gradient unit L2 norm first.
         grad_max_norm: clip each sample's PRM gradient to this L2 norm first.
         logprob_mean: record log-probs under the ``unguided`` policy mean (default: GRPO then distils
@@ -206,6 +236,7 @@ class SamplerConfig:
     guidance_form: str = "lambda"
     guidance_lambda: float = 0.01
     guidance_beta: Optional[float] = None
+    guidance_rho: float = 0.5
     grad_normalize: bool = False
     grad_max_norm: Optional[float] = None
     logprob_mean: str = "unguided"
@@ -274,6 +305,7 @@ class SamplerConfig:
         check_positive("SamplerConfig.guidance_lambda", self.guidance_lambda, allow_zero=True)
         if self.guidance_beta is not None:
             check_positive("SamplerConfig.guidance_beta", self.guidance_beta)
+        check_positive("SamplerConfig.guidance_rho", self.guidance_rho, allow_zero=True)
         if self.grad_max_norm is not None:
             check_positive("SamplerConfig.grad_max_norm", self.grad_max_norm)
         if self.guidance:
@@ -418,6 +450,10 @@ class Trajectory:
         guidance_shift: ``[B, G, ...]`` float32 ``c * g`` added to the mean of the ``G`` guided steps
             (in the order of ``guided``), or None when no step was guided: what the guided-mean
             log-prob and an explicit distillation loss need.
+        guidance_grad_norm: ``[B, G]`` float32 ``||g||`` of the gradient each guided step used (after
+            ``grad_normalize``/``grad_max_norm``), or None.
+        guidance_rho: ``[B, G]`` float32 effective ``rho = c ||g|| / std`` of each guided step (the shift
+            in noise stds, whatever the guidance form), or None.
         sde_steps: ``[K]`` int64, the step index (``0 .. N - 1``) of each recorded column.
         is_sde: ``[N]`` bool, which of the ``N`` steps were SDE steps (the others were ODE steps).
         sigmas: ``[N + 1]`` float32 schedule.
@@ -432,6 +468,8 @@ class Trajectory:
     process_reward: torch.Tensor
     guided: torch.Tensor
     guidance_shift: Optional[torch.Tensor]
+    guidance_grad_norm: Optional[torch.Tensor]
+    guidance_rho: Optional[torch.Tensor]
     sde_steps: torch.Tensor
     is_sde: torch.Tensor
     sigmas: torch.Tensor
@@ -507,6 +545,8 @@ class Trajectory:
             log_prob=self.log_prob[index],
             process_reward=self.process_reward[index],
             guidance_shift=None if self.guidance_shift is None else self.guidance_shift[index],
+            guidance_grad_norm=None if self.guidance_grad_norm is None else self.guidance_grad_norm[index],
+            guidance_rho=None if self.guidance_rho is None else self.guidance_rho[index],
             x0=self.x0[index],
             final_latent=self.final_latent[index],
         )
@@ -682,6 +722,8 @@ def rollout(
     process_reward = torch.zeros((batch, num_sde), dtype=torch.float32, device=device)
     guided = torch.zeros(num_sde, dtype=torch.bool, device=device)
     shifts: List[torch.Tensor] = []
+    grad_norms: List[torch.Tensor] = []
+    rhos: List[torch.Tensor] = []
 
     x0 = x
     for i in tqdm(range(n), desc="rollout", disable=not progress, leave=False):
@@ -707,17 +749,26 @@ def rollout(
             reward, reward_grad = ops.reward_grad(
                 prm, x, sigma_b, prm_cond, normalize=config.grad_normalize, max_norm=config.grad_max_norm
             )
-            c = guidance_coefficient(
-                sigma,
-                sigma_next,
-                form=config.guidance_form,
-                lam=config.guidance_lambda,
-                beta=config.guidance_beta,
-                **sde_kwargs,
-            )
+            grad_norm = per_sample_norm(reward_grad)
+            std = noise_std(sigma, sigma_next, **sde_kwargs)
+            if config.guidance_form == "rho":
+                c = rho_coefficient(grad_norm, config.guidance_rho, std)
+                shift = c.view(-1, *([1] * (x.dim() - 1))) * reward_grad.float()
+            else:
+                c = guidance_coefficient(
+                    sigma,
+                    sigma_next,
+                    form=config.guidance_form,
+                    lam=config.guidance_lambda,
+                    beta=config.guidance_beta,
+                    **sde_kwargs,
+                )
+                shift = c * reward_grad.float()
             process_reward[:, j] = reward.float()
             guided[j] = True
-            shifts.append(c * reward_grad.float())
+            shifts.append(shift)
+            grad_norms.append(grad_norm)
+            rhos.append(c * grad_norm / std)  # std > 0: cps never records its zero-noise last step
         if noise_source == "generator":
             step_noise = _randn(x.shape, generator, device)
         else:
@@ -744,6 +795,8 @@ def rollout(
         process_reward=process_reward,
         guided=guided,
         guidance_shift=torch.stack(shifts, dim=1) if shifts else None,
+        guidance_grad_norm=torch.stack(grad_norms, dim=1) if shifts else None,
+        guidance_rho=torch.stack(rhos, dim=1) if shifts else None,
         sde_steps=torch.arange(start, end, dtype=torch.long, device=device),
         is_sde=is_sde,
         sigmas=sigmas,
@@ -766,6 +819,10 @@ __all__ = [
     "Trajectory",
     "diffusion_coefficient",
     "guidance_coefficient",
+    "noise_std",
+    "ode_steps",
+    "per_sample_norm",
+    "rho_coefficient",
     "preset",
     "rollout",
     "shifted_sigmas",

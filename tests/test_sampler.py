@@ -20,7 +20,10 @@ from euphonium.sampler import (
     SamplerConfig,
     Trajectory,
     guidance_coefficient,
+    noise_std,
+    per_sample_norm,
     preset,
+    rho_coefficient,
     rollout,
     shifted_sigmas,
 )
@@ -266,6 +269,58 @@ def test_guidance_gradient_options(wan, cond):
         c = 0.01 * float(traj.sigmas[j] - traj.sigmas[j + 1])
         norms = traj.guidance_shift[:, g].flatten(1).norm(dim=1) / c
         torch.testing.assert_close(norms, torch.full((SHAPE[0],), 0.5), rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("schedule", ["dance_grpo", "flow_grpo", "cps"])
+def test_rho_guidance_shift_is_rho_noise_stds(wan, cond, schedule):
+    target = torch.randn(SHAPE)
+    prm = QuadraticPRM(target)
+    # cps has no noise at its last step (sigma_next = 0): its window ends before it.
+    window = (0, 5) if schedule == "cps" else None
+    config = preset(
+        "euphonium",
+        num_steps=6,
+        guidance_start=2,
+        guidance_form="rho",
+        guidance_rho=0.7,
+        schedule=schedule,
+        noise_level=0.5,
+        sde_window=window,
+    )
+    traj = rollout(DiffusersFlowModel(wan), cond, config, shape=SHAPE, prm=prm, group_size=2, seed=5)
+    guided_steps = traj.sde_steps[traj.guided].tolist()
+    assert guided_steps == ([2, 3, 4] if schedule == "cps" else [2, 3, 4, 5])
+    for g, i in enumerate(guided_steps):
+        sigma, sigma_next = float(traj.sigmas[i]), float(traj.sigmas[i + 1])
+        std = noise_std(sigma, sigma_next, schedule=schedule, noise_level=0.5, sigma_max=traj.sigma_max)
+        norms = traj.guidance_shift[:, g].double().flatten(1).norm(dim=1)
+        torch.testing.assert_close(traj.guidance_grad_norm[:, g], prm.grad(traj.x[:, g + 2]).flatten(1).norm(dim=1))
+        assert std > 0
+        torch.testing.assert_close(norms, torch.full_like(norms, 0.7 * std), rtol=1e-5, atol=0)
+        torch.testing.assert_close(traj.guidance_rho[:, g], torch.full((SHAPE[0],), 0.7), rtol=1e-5, atol=0)
+
+
+def test_rho_coefficient_zero_gradient_and_extreme_norms():
+    g = torch.zeros(3, 2, 5)
+    g[1] = 1e-30  # tiny but nonzero: its norm must not underflow to 0 (sum of squares would)
+    g[2] = 1e30  # huge: its norm must not overflow to inf
+    norms = per_sample_norm(g)
+    torch.testing.assert_close(norms, torch.tensor([0.0, 1e-30 * math.sqrt(10), 1e30 * math.sqrt(10)]))
+    c = rho_coefficient(norms, 0.5, 0.2)
+    shift = c[:, None, None] * g
+    assert float(c[0]) == 0.0 and not bool(shift[0].any())  # a zero gradient gives no shift
+    torch.testing.assert_close(per_sample_norm(shift)[1:], torch.full((2,), 0.1), rtol=1e-5, atol=0)
+
+
+def test_effective_rho_is_logged_for_the_lambda_form(wan, cond):
+    prm = QuadraticPRM(torch.randn(SHAPE))
+    config = preset("euphonium", num_steps=4, guidance_start=2)
+    traj = rollout(DiffusersFlowModel(wan), cond, config, shape=SHAPE, prm=prm, group_size=2, seed=3)
+    for g, i in enumerate((2, 3)):
+        sigma, sigma_next = float(traj.sigmas[i]), float(traj.sigmas[i + 1])
+        std = config.noise_level * math.sqrt(sigma - sigma_next)
+        want = 0.01 * (sigma - sigma_next) * traj.guidance_grad_norm[:, g] / std
+        torch.testing.assert_close(traj.guidance_rho[:, g], want, rtol=1e-5, atol=0)
 
 
 # ----------------------------------------------------------------------------------------------------
