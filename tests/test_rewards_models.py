@@ -517,3 +517,223 @@ def test_image_reward_layout_errors(image_reward_dir, tmp_path):
     torch.save(state, tmp_path / "ImageReward.pt")
     with pytest.raises(ValueError, match=r"missing keys.*crossattention\.self\.key\.weight"):
         ImageReward(tmp_path, tokenizer_path=path)
+
+
+# --- VideoAlign: Qwen2-VL with the reward head, checkpoint in the official PEFT layout ---------------
+
+QWEN_SPECIALS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|video_pad|>",
+    "<|image_pad|>",
+    "<|VQ_reward|>",
+    "<|MQ_reward|>",
+    "<|TA_reward|>",
+]
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% for c in message['content'] %}{% if c['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+LORA_R, LORA_ALPHA = 4, 8
+INFERENCE = {"VQ_mean": 0.5, "VQ_std": 2.0, "MQ_mean": -0.25, "MQ_std": 0.5, "TA_mean": 1.0, "TA_std": 4.0}
+
+
+def qwen_config(vocab_size):
+    from transformers import Qwen2VLConfig
+
+    ids = {t: QWEN_SPECIALS.index(t) + 1 for t in QWEN_SPECIALS}  # + 1: [UNK] is id 0
+    return Qwen2VLConfig(
+        text_config=dict(
+            vocab_size=vocab_size,
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=4096,
+            rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]},
+            tie_word_embeddings=True,
+        ),
+        vision_config=dict(
+            depth=2, embed_dim=32, hidden_size=32, num_heads=4, mlp_ratio=2, patch_size=4, spatial_merge_size=2
+        ),
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=True,
+    )
+
+
+def official_key(key):
+    if key.startswith("model.visual."):
+        key = key[len("model.") :]
+    elif key.startswith("model.language_model."):
+        key = "model." + key[len("model.language_model.") :]
+    return "base_model.model." + key
+
+
+@pytest.fixture(scope="module")
+def videoalign_dir(tmp_path_factory):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, Qwen2VLForConditionalGeneration
+
+    root, base = tmp_path_factory.mktemp("videoreward"), tmp_path_factory.mktemp("qwen2_vl_base")
+    vocab = {t: i for i, t in enumerate(["[UNK]"] + QWEN_SPECIALS + WORDS + ["Visual", "Quality", "END", "video"])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="[UNK]", pad_token="<|endoftext|>", additional_special_tokens=QWEN_SPECIALS
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(root / "tokenizer")
+    qwen_config(vocab_size=len(vocab) - 3).save_pretrained(base)  # the base vocabulary lacks the reward tokens
+
+    torch.manual_seed(0)
+    model = Qwen2VLForConditionalGeneration(qwen_config(len(vocab))).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.1)
+    head = torch.randn(1, 32)
+    state = {}
+    scale = LORA_ALPHA / LORA_R
+    for key, value in model.state_dict().items():
+        if key == "lm_head.weight":
+            continue
+        name = official_key(key)
+        linear = "language_model" in key and key.endswith("proj.weight")
+        if linear:  # a LoRA layer: W = base + alpha / r * B @ A
+            a = torch.randn(LORA_R, value.shape[1]) * 0.1
+            b = torch.randn(value.shape[0], LORA_R) * 0.1
+            prefix = name[: -len(".weight")]
+            state[f"{prefix}.base_layer.weight"] = value - scale * b @ a
+            state[f"{prefix}.lora_A.default.weight"] = a
+            state[f"{prefix}.lora_B.default.weight"] = b
+        elif "language_model" in key and key.endswith("proj.bias"):
+            state[name[: -len(".bias")] + ".base_layer.bias"] = value
+        else:
+            state[name] = value
+    state["base_model.model.lm_head.weight"] = model.state_dict()["lm_head.weight"]
+    state["base_model.model.rm_head.weight"] = head
+    (root / "checkpoint-12").mkdir()
+    torch.save(state, root / "checkpoint-12" / "model.pth")
+    (root / "checkpoint-3").mkdir()  # an older step: must not be the one loaded
+    torch.save({**state, "base_model.model.rm_head.weight": torch.zeros(1, 32)}, root / "checkpoint-3" / "model.pth")
+    config = {
+        "data_config": {
+            "max_frame_pixels": 9000,
+            "num_frames": None,
+            "fps": 2.0,
+            "eval_dim": ["VQ", "MQ", "TA"],
+            "prompt_template_type": "detailed_special",
+            "sample_type": "uniform",
+        },
+        "model_config": {
+            "model_name_or_path": str(base),
+            "output_dim": 1,
+            "use_special_tokens": True,
+            "reward_token": "special",
+        },
+        "peft_lora_config": {"lora_enable": True, "lora_r": LORA_R, "lora_alpha": LORA_ALPHA, "use_rslora": False},
+        "inference_config": INFERENCE,
+    }
+    (root / "model_config.json").write_text(json.dumps(config))
+    return root, base, model, head, tokenizer
+
+
+def videoalign_reference(model, head, tokenizer, clip, prompt, video_fps=16.0):
+    """The official pipeline written out: uniform frames, smart-resized, normalised, processor patch layout."""
+    from euphonium.rewards.videoalign import DETAILED_PROMPT_WITH_SPECIAL_TOKEN
+
+    n = max(4, round(clip.shape[0] / video_fps * 2.0 / 2) * 2)
+    idx = torch.linspace(0, clip.shape[0] - 1, min(n, clip.shape[0])).round().long()
+    h, w = clip.shape[-2:]
+    beta = math.sqrt(128 * 8 * 8 / (h * w))
+    size = (math.ceil(h * beta / 8) * 8, math.ceil(w * beta / 8) * 8)  # min_pixels = 128 * (patch * merge)^2
+    frames = F.interpolate(clip[idx], size=size, mode="bicubic", align_corners=False)
+    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
+    std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
+    frames = ((frames - mean) / std)[None]  # transformers' Qwen2VLVideoProcessor.patchify, batch of one
+    gt, gh, gw = frames.shape[1] // 2, size[0] // 4, size[1] // 4
+    patches = frames.view(1, gt, 2, 3, gh // 2, 2, 4, gw // 2, 2, 4).permute(0, 1, 4, 7, 5, 8, 3, 2, 6, 9)
+    pixels = patches.reshape(gt * gh * gw, 3 * 2 * 4 * 4)
+    text = DETAILED_PROMPT_WITH_SPECIAL_TOKEN.format(text_prompt=prompt)
+    chat = f"<|im_start|>user\n<|vision_start|>{'<|video_pad|>' * (gt * gh * gw // 4)}<|vision_end|>{text}"
+    chat += "<|im_end|>\n<|im_start|>assistant\n"
+    ids = tokenizer(chat, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        hidden = model.model(
+            input_ids=ids,
+            pixel_values_videos=pixels,
+            video_grid_thw=torch.tensor([[gt, gh, gw]]),
+            mm_token_type_ids=(ids == tokenizer.convert_tokens_to_ids("<|video_pad|>")).long() * 2,
+        ).last_hidden_state[0]
+    out = {}
+    for name, token in zip(("VQ", "MQ", "TA"), ("<|VQ_reward|>", "<|MQ_reward|>", "<|TA_reward|>")):
+        raw = hidden[ids[0] == tokenizer.convert_tokens_to_ids(token)] @ head.T
+        out[name] = float((raw - INFERENCE[f"{name}_mean"]) / INFERENCE[f"{name}_std"])
+    return out
+
+
+def test_videoalign_heads_match_the_official_pipeline(videoalign_dir):
+    from euphonium.rewards import RewardSet
+    from euphonium.rewards.videoalign import VideoAlign
+
+    root, base, model, head, tokenizer = videoalign_dir
+    reward = build_reward("videoalign", path=root, batch_size=2)
+    assert isinstance(reward, VideoAlign)
+    v = torch.rand(2, 6, 3, 24, 32)
+    p = ["a red square moving left", "a photo of a green circle moving right"]  # different lengths: padding
+    parts = reward(v, p)
+    assert set(parts) == {"videoalign_vq", "videoalign_mq", "videoalign_ta"}
+    for b in range(2):
+        ref = videoalign_reference(model, head, tokenizer, v[b], p[b])
+        for name in ("VQ", "MQ", "TA"):
+            assert parts[f"videoalign_{name.lower()}"][b].item() == pytest.approx(ref[name], rel=1e-4, abs=1e-4)
+
+    one_by_one = VideoAlign(root, heads="overall", batch_size=1)(v, p)
+    torch.testing.assert_close(one_by_one, sum(parts.values()), rtol=1e-4, atol=1e-4)
+    raw = VideoAlign(root, heads=["vq"], normalize=False)(v, p)["videoalign_vq"]
+    torch.testing.assert_close(raw, parts["videoalign_vq"] * INFERENCE["VQ_std"] + INFERENCE["VQ_mean"])
+    out = RewardSet({"videoalign": reward}, weights={"videoalign_vq": 1.0, "videoalign_mq": 0.5, "videoalign_ta": 0})(
+        v, p
+    )
+    torch.testing.assert_close(out.total, parts["videoalign_vq"] + 0.5 * parts["videoalign_mq"])
+
+
+def test_videoalign_frame_sampling_and_layout_errors(videoalign_dir, tmp_path):
+    from euphonium.rewards.videoalign import VideoAlign, sample_frames, smart_resize
+
+    root, base, *_ = videoalign_dir
+    # 81 frames at 16 fps sampled at 2 fps: 10.1 -> 10 frames (even), evenly spaced, ends included.
+    assert sample_frames(81, 16.0, 2.0, None) == [0, 9, 18, 27, 36, 44, 53, 62, 71, 80]
+    assert sample_frames(81, 16.0, 2.0, 5) == [0, 27, 53, 80]  # num_frames=5 rounds (half to even) to 4
+    assert sample_frames(6, 16.0, 2.0, None) == [0, 2, 3, 5]  # at least 4
+    assert sample_frames(3, 16.0, 2.0, None) == [0, 2]  # max_frames floors 3 frames to an even 2
+    assert smart_resize(480, 832, 28, 128 * 28 * 28, 448 * 448) == (336, 588)
+    with pytest.raises(ValueError, match="heads must name some of"):
+        VideoAlign(root, heads=["quality"])
+    with pytest.raises(ValueError, match=r"model_config\.json.* is missing"):
+        VideoAlign(tmp_path)
+    (tmp_path / "model_config.json").write_text((root / "model_config.json").read_text())
+    with pytest.raises(ValueError, match=r"path: no tokenizer"):
+        VideoAlign(tmp_path)
+    import shutil
+
+    shutil.copytree(root / "tokenizer", tmp_path / "tokenizer")
+    with pytest.raises(ValueError, match=r"no checkpoint-\*/model\.pth"):
+        VideoAlign(tmp_path)
+    state = torch.load(root / "checkpoint-12" / "model.pth", weights_only=True)
+    del state["base_model.model.rm_head.weight"]
+    (tmp_path / "checkpoint-1").mkdir()
+    torch.save(state, tmp_path / "checkpoint-1" / "model.pth")
+    with pytest.raises(ValueError, match=r"model\.pth.*no rm_head\.weight"):
+        VideoAlign(tmp_path)
+    with pytest.raises(ValueError, match=r"base_path must be a local folder"):
+        VideoAlign(root, base_path=tmp_path / "nowhere")
