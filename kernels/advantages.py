@@ -5,12 +5,16 @@ ops, no sync), so every group is a contiguous run of positions in ``order``. The
 program per (sorted position, block of reward columns); the program at the first position of a
 group reduces that group's rows (gathered through ``order``) and writes its advantages back to the
 original rows; programs at other positions get an empty row range and do nothing. Group sizes in
-GRPO are small (8-32), so the three passes over a group's rows (sum/min/max, centred squares,
-write) hit L1/L2; the launch needs neither the number of groups nor their sizes on the host.
+GRPO are small (8-32), so the four passes over a group's rows (min/max, scaled sum, scaled centred
+squares, write) hit L1/L2; the launch needs neither the number of groups nor their sizes on the host.
 
 With ``GLOBAL_STD`` each group program also reduces its column block over the whole batch: the
 same values in every program, in the same order (deterministic, no atomics), at O(groups * B)
 reads, which is negligible for RL batch sizes (a few thousand samples).
+
+Sums and squares are taken in power-of-two units of the pool's largest ``|r|`` and ``|d|`` (the
+form in ``euphonium.ops.advantages``): exact rescalings, so nothing overflows or underflows for
+finite fp32 rewards and ordinary rewards give the bits of the plain formula.
 """
 
 from __future__ import annotations
@@ -42,6 +46,21 @@ def _load_rows(r_ptr, order_ptr, start, end, o_b, o_k, m_k, K, GATHER: tl.conste
     return tl.load(r_ptr + p_r, mask=m, other=0.0).to(tl.float32), p_r, m
 
 
+# Scales are powers of two clamped to [2^-100, 2^100] (see ``euphonium.ops.advantages``): both
+# the scale and its inverse are normal fp32 numbers, so multiplying by them is exact.
+_SCALE_MIN = tl.constexpr(2.0**-100)
+_SCALE_MAX = tl.constexpr(2.0**100)
+
+
+@triton.jit
+def _pow2_scale(x):
+    """``(p, 1 / p)``: the power of two at or below ``x`` clamped to ``[2^-100, 2^100]`` (exact bits)."""
+    x = tl.minimum(tl.maximum(x, _SCALE_MIN), _SCALE_MAX)
+    bits = x.to(tl.int32, bitcast=True) & 0x7F800000
+    # The exponent field of 1 / 2^(E - 127) is 254 - E.
+    return bits.to(tl.float32, bitcast=True), ((254 << 23) - bits).to(tl.float32, bitcast=True)
+
+
 @triton.jit
 def _group_advantages_kernel(
     r_ptr,
@@ -66,50 +85,75 @@ def _group_advantages_kernel(
     seg_end = tl.load(seg_end_ptr + i_s)
     n = tl.maximum(seg_end - i_s, 1).to(tl.float32)
 
-    # Pass 1: sum, min and max of the group (fp32 accumulators, reduced once at the end).
-    b_sum = tl.zeros([BLOCK_B, BLOCK_K], dtype=tl.float32)
+    # Pass 1: min and max of the group (fp32 accumulators, reduced once at the end).
     b_min = tl.full([BLOCK_B, BLOCK_K], float("inf"), dtype=tl.float32)
     b_max = tl.full([BLOCK_B, BLOCK_K], float("-inf"), dtype=tl.float32)
     for start in range(i_s, seg_end, BLOCK_B):
         b_r, _, m = _load_rows(r_ptr, order_ptr, start, seg_end, o_b, o_k, m_k, K, True)
-        b_sum += b_r
         b_min = tl.minimum(b_min, tl.where(m, b_r, float("inf")))
         b_max = tl.maximum(b_max, tl.where(m, b_r, float("-inf")))
-    mean = tl.sum(b_sum, axis=0) / n
-    equal = tl.min(b_min, axis=0) == tl.max(b_max, axis=0)
+    lo = tl.min(b_min, axis=0)
+    hi = tl.max(b_max, axis=0)
 
     if GLOBAL_STD:
-        # Only group programs reduce the batch: the others get an empty range.
+        # Only group programs reduce the batch: the others get an empty range. One scale for the
+        # column, so that the group means and the global std are in the same units.
         n_rows = tl.where(seg_end > i_s, B, 0)
+        b_gmin = tl.full([BLOCK_B, BLOCK_K], float("inf"), dtype=tl.float32)
+        b_gmax = tl.full([BLOCK_B, BLOCK_K], float("-inf"), dtype=tl.float32)
+        for start in range(0, n_rows, BLOCK_B):
+            b_r, _, m = _load_rows(r_ptr, order_ptr, start, n_rows, o_b, o_k, m_k, K, False)
+            b_gmin = tl.minimum(b_gmin, tl.where(m, b_r, float("inf")))
+            b_gmax = tl.maximum(b_gmax, tl.where(m, b_r, float("-inf")))
+        g_lo = tl.min(b_gmin, axis=0)
+        g_hi = tl.max(b_gmax, axis=0)
+        scale, inv = _pow2_scale(tl.maximum(tl.abs(g_lo), tl.abs(g_hi)))
         b_gsum = tl.zeros([BLOCK_B, BLOCK_K], dtype=tl.float32)
         for start in range(0, n_rows, BLOCK_B):
             b_r, _, _ = _load_rows(r_ptr, order_ptr, start, n_rows, o_b, o_k, m_k, K, False)
-            b_gsum += b_r
+            b_gsum += b_r * inv[None, :]
         g_mean = tl.sum(b_gsum, axis=0) / B
+        d_scale, d_inv = _pow2_scale(tl.maximum(g_hi * inv - g_mean, g_mean - g_lo * inv))
         b_gsq = tl.zeros([BLOCK_B, BLOCK_K], dtype=tl.float32)
         for start in range(0, n_rows, BLOCK_B):
             b_r, _, m = _load_rows(r_ptr, order_ptr, start, n_rows, o_b, o_k, m_k, K, False)
-            b_gsq += tl.where(m, (b_r - g_mean[None, :]) * (b_r - g_mean[None, :]), 0.0)
+            b_d = (b_r * inv[None, :] - g_mean[None, :]) * d_inv[None, :]
+            b_gsq += tl.where(m, b_d * b_d, 0.0)
         if UNBIASED:
             var = tl.sum(b_gsq, axis=0) / tl.maximum(B - 1, 1).to(tl.float32)
         else:
             var = tl.sum(b_gsq, axis=0) / B
     else:
-        # Pass 2: centred sum of squares (two-pass variance: no cancellation for large rewards).
+        scale, inv = _pow2_scale(tl.maximum(tl.abs(lo), tl.abs(hi)))
+
+    # Pass 2: the group mean of u = r / scale.
+    b_sum = tl.zeros([BLOCK_B, BLOCK_K], dtype=tl.float32)
+    for start in range(i_s, seg_end, BLOCK_B):
+        b_r, _, _ = _load_rows(r_ptr, order_ptr, start, seg_end, o_b, o_k, m_k, K, True)
+        b_sum += b_r * inv[None, :]
+    mean = tl.sum(b_sum, axis=0) / n
+    # All equal in the scaled units (exactly the raw values' equality unless they underflow).
+    equal = hi * inv == lo * inv
+
+    if not GLOBAL_STD:
+        # Pass 3: centred sum of squares, the deviations scaled by max |d| first (two-pass variance:
+        # no cancellation for large rewards, no overflow or underflow in the squares).
+        d_scale, d_inv = _pow2_scale(tl.maximum(hi * inv - mean, mean - lo * inv))
         b_sq = tl.zeros([BLOCK_B, BLOCK_K], dtype=tl.float32)
         for start in range(i_s, seg_end, BLOCK_B):
             b_r, _, m = _load_rows(r_ptr, order_ptr, start, seg_end, o_b, o_k, m_k, K, True)
-            b_sq += tl.where(m, (b_r - mean[None, :]) * (b_r - mean[None, :]), 0.0)
+            b_d = (b_r * inv[None, :] - mean[None, :]) * d_inv[None, :]
+            b_sq += tl.where(m, b_d * b_d, 0.0)
         if UNBIASED:
             var = tl.sum(b_sq, axis=0) / tl.maximum(n - 1.0, 1.0)
         else:
             var = tl.sum(b_sq, axis=0) / n
-    inv = 1.0 / (tl.sqrt(var) + eps)
+    inv_std = 1.0 / (d_scale * tl.sqrt(var) + eps * inv)
 
-    # Pass 3: write the advantages back to the samples' original rows.
+    # Pass 4: write the advantages back to the samples' original rows.
     for start in range(i_s, seg_end, BLOCK_B):
         b_r, p_r, m = _load_rows(r_ptr, order_ptr, start, seg_end, o_b, o_k, m_k, K, True)
-        b_a = tl.where(equal[None, :], 0.0, (b_r - mean[None, :]) * inv[None, :])
+        b_a = tl.where(equal[None, :], 0.0, (b_r * inv[None, :] - mean[None, :]) * inv_std[None, :])
         if CLIP:
             b_a = tl.minimum(tl.maximum(b_a, -clip), clip)
         tl.store(out_ptr + p_r, b_a.to(out_ptr.dtype.element_ty), mask=m)

@@ -124,6 +124,66 @@ def test_no_columns(backend):
     assert adv.shape == contiguous.shape == (6, 0) and adv.dtype == contiguous.dtype == torch.float32
 
 
+def _extreme_rewards(magnitude, batch=24, cols=2):
+    """Finite fp32 rewards of one magnitude: sums (and at 3e38 differences) overflow, squares
+    underflow (1e-22) or the values are subnormal (1e-40); a column of all-equal groups too."""
+    if magnitude == 3e38:
+        r = (torch.rand(batch, cols) * 2 - 1) * 3e38  # +-3e38: r - mean overflows as well
+    else:
+        r = (torch.rand(batch, cols) + 0.5) * magnitude
+    r[:, -1] = magnitude  # every group all-equal in the last column
+    return r
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("magnitude", [1e20, 3e38, 1e-22, 1e-40])
+@pytest.mark.parametrize("layout", ["contiguous", "unequal"])
+def test_huge_and_tiny_rewards(backend, magnitude, layout, nan_poison):
+    rewards = _extreme_rewards(magnitude)
+    group, ids = _layout(layout, rewards.shape[0])
+    for options in [dict(eps=0.0), dict(eps=1e-8), dict(eps=0.0, global_std=True, unbiased=False)]:
+        with ops.use_backend(backend):
+            adv = ops.group_advantages(rewards, **group, **options)
+        expected = advantages_np(rewards.numpy(), ids, **options)
+        assert np.isfinite(expected).all() and torch.isfinite(adv).all(), options
+        # Relative to the largest advantage: 1e-32-sized ones (1e-40 rewards over eps) too. Elements
+        # near their group's mean carry the fp32 rounding of the mean (~1e-7 of the spread).
+        scale = np.abs(expected).max()
+        np.testing.assert_allclose(adv.numpy(), expected, rtol=1e-5, atol=1e-6 * scale, err_msg=str(options))
+        assert (adv[:, -1] == 0).all()
+
+
+def test_huge_rewards_the_issue_examples():
+    # [1e20, 2e20] gave [0, 0] and [3e38, 2e38] NaN on every backend (the squares overflowed).
+    for backend in BACKENDS:
+        with ops.use_backend(backend):
+            a = ops.group_advantages(torch.tensor([1e20, 2e20, 3e38, 2e38]), group_size=2)
+        np.testing.assert_allclose(a.numpy(), [-(0.5**0.5), 0.5**0.5, 0.5**0.5, -(0.5**0.5)], rtol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_finite_rewards_raise_on_every_backend(backend):
+    for bad in (torch.nan, torch.inf, -torch.inf):
+        rewards = torch.randn(8, 2)
+        rewards[5, 1] = bad
+        with (
+            ops.use_backend(backend),
+            pytest.raises(ValueError, match=r"rewards has non-finite values \(first at sample 5\)"),
+        ):
+            ops.group_advantages(rewards, group_ids=torch.arange(8) % 3)
+
+
+def test_plain_rewards_keep_the_bits_of_the_plain_formula():
+    # Power-of-two rescaling is exact: where nothing overflows the scaled form is the plain one.
+    from euphonium.ops.advantages import group_advantages_contiguous
+
+    rewards = torch.randn(32, 3) * 5 + 2
+    r = rewards.reshape(8, 4, 3)
+    centred = r - r.mean(1, keepdim=True)
+    plain = centred / (centred.square().sum(1, keepdim=True).div(3).sqrt() + 1e-8)
+    assert torch.equal(group_advantages_contiguous(rewards, 4), plain.reshape(32, 3))
+
+
 def test_backends_agree_bitwise_on_layouts(nan_poison):
     # The same groups through contiguous and shuffled layouts give the same advantages per sample.
     rewards = torch.randn(16, 3)

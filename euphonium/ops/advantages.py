@@ -8,6 +8,18 @@ For a group ``G`` of samples (one prompt) and each reward column ``k``::
 ``global_std=True`` (Flow-GRPO's option) of the whole column over the batch (the mean stays per
 group). A group whose rewards in a column are all equal (a single member included) gives exactly
 zero advantage there, never NaN. ``clip`` clamps the result to ``[-clip, clip]``.
+
+Every path (reference, PyTorch, Triton) evaluates the same overflow- and underflow-free form: with
+``s`` the power of two at or below the pool's largest ``|r|`` (the group, or the column with
+``global_std``) and ``u = r / s``, ``d = u - mean_group(u)``, ``t`` the power of two at or below
+``max |d|`` of the pool::
+
+    std_u = t * sqrt(sum_pool((d / t)^2) / (n - 1 or n)),   A = d / (std_u + eps / s)
+
+(both scales clamped to ``[2^-100, 2^100]``, ``[2^-1000, 2^1000]`` in float64). Scaling by powers
+of two is exact, so for rewards whose sums and squares stay in range this gives the same bits as
+the plain formula, and for any finite rewards (``[1e20, 2e20]``, ``[3e38, -3e38]``, ``1e-40``) it
+neither overflows nor underflows.
 """
 
 from __future__ import annotations
@@ -139,6 +151,17 @@ def segment_layout(
     return order.to(torch.int32), seg_end.to(torch.int32)
 
 
+def pow2_scale(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(p, 1 / p)``: the power of two at or below ``x >= 0``, ``x`` clamped to ``[2^-100, 2^100]``
+    (``[2^-1000, 2^1000]`` in float64). Multiplying by either is exact (no rounding) for values
+    within the dtype's normal range; ``x / p`` lies in ``[1, 2)`` when ``x`` is within the clamp."""
+    bound = 2.0 ** (1000 if x.dtype == torch.float64 else 100)
+    x = x.clamp(1 / bound, bound)
+    mantissa, _ = torch.frexp(x)  # x = mantissa * 2^e, mantissa in [0.5, 1): x / (2 mantissa) = 2^(e-1) exactly
+    p = x / (mantissa * 2)
+    return p, 1 / p
+
+
 def group_advantages_contiguous(
     rewards: torch.Tensor,
     group_size: int,
@@ -152,22 +175,35 @@ def group_advantages_contiguous(
 
     The groups are a ``[B / group_size, group_size, K]`` view of the rewards, so every statistic is
     one reduction over the group dimension: no group ids, sort or scatter. Same arithmetic as the
-    reference (float32, or float64 for float64 rewards; two-pass variance; all-equal groups exactly 0).
+    reference (float32, or float64 for float64 rewards; the scaled two-pass form of the module docstring;
+    all-equal groups exactly 0).
     """
     dtype = torch.promote_types(rewards.dtype, torch.float32)
     batch = rewards.shape[0]
     r = rewards.reshape(batch // group_size, group_size, -1).to(dtype)
-    centred = r - r.mean(1, keepdim=True)
+    lo, hi = torch.aminmax(r, dim=1, keepdim=True)
     if global_std:
         flat = r.reshape(batch, -1)
+        g_lo, g_hi = torch.aminmax(flat, dim=0, keepdim=True)
+        _, inv = pow2_scale(torch.maximum(g_lo.abs(), g_hi.abs()))
+        u = flat * inv
+        g_mean = u.mean(0, keepdim=True)
+        d_scale, d_inv = pow2_scale(torch.maximum(g_hi * inv - g_mean, g_mean - g_lo * inv))
         denom = batch - 1 if unbiased and batch > 1 else batch
-        std = ((flat - flat.mean(0, keepdim=True)).square().sum(0) / denom).sqrt()
+        std = d_scale * (((u - g_mean) * d_inv).square().sum(0) / denom).sqrt()
+        inv = inv.unsqueeze(0)
     else:
-        std = (centred.square().sum(1, keepdim=True) / (max(group_size - 1, 1) if unbiased else group_size)).sqrt()
-    adv = centred / (std + eps)
-    lo, hi = torch.aminmax(r, dim=1, keepdim=True)
+        _, inv = pow2_scale(torch.maximum(lo.abs(), hi.abs()))
+    u = r * inv
+    mean = u.mean(1, keepdim=True)
+    centred = u - mean
+    if not global_std:
+        d_scale, d_inv = pow2_scale(torch.maximum(hi * inv - mean, mean - lo * inv))
+        denom = max(group_size - 1, 1) if unbiased else group_size
+        std = d_scale * ((centred * d_inv).square().sum(1, keepdim=True) / denom).sqrt()
+    adv = centred / (std + eps * inv)
     # Rounding in the mean would turn an all-equal group into +-ulp / eps: force the exact zero.
-    adv = adv.masked_fill_(hi == lo, 0.0)
+    adv = adv.masked_fill_(hi * inv == lo * inv, 0.0)
     if clip is not None:
         adv = adv.clamp_(-clip, clip)
     return adv.reshape(rewards.shape)
@@ -184,7 +220,7 @@ def group_advantages_ref(
 ) -> torch.Tensor:
     """Eager reference of :func:`group_advantages` (the spec); ``group_ids`` is an integer ``[B]``.
 
-    Computes in float32 (float64 for float64 rewards) with a two-pass variance.
+    Computes in float32 (float64 for float64 rewards) with the scaled two-pass form of the module docstring.
     """
     dtype = torch.promote_types(rewards.dtype, torch.float32)
     batch = rewards.shape[0]
@@ -193,23 +229,34 @@ def group_advantages_ref(
     n_groups, n_cols = counts.numel(), r.shape[1]
     n = counts.to(dtype).unsqueeze(1)
 
-    mean = torch.zeros(n_groups, n_cols, dtype=dtype, device=r.device).index_add_(0, inverse, r) / n
-    centred = r - mean[inverse]
-    if global_std:
-        denom = batch - 1 if unbiased and batch > 1 else batch
-        std = ((r - r.mean(0, keepdim=True)).square().sum(0, keepdim=True) / denom).sqrt()
-    else:
-        sq = torch.zeros(n_groups, n_cols, dtype=dtype, device=r.device).index_add_(0, inverse, centred.square())
-        std = (sq / ((n - 1).clamp(min=1) if unbiased else n)).sqrt()[inverse]
-    adv = centred / (std + eps)
-
     index = inverse.unsqueeze(1).expand(-1, n_cols)
     hi = torch.full((n_groups, n_cols), -torch.inf, dtype=dtype, device=r.device)
     lo = torch.full((n_groups, n_cols), torch.inf, dtype=dtype, device=r.device)
     hi = hi.scatter_reduce(0, index, r, reduce="amax")
     lo = lo.scatter_reduce(0, index, r, reduce="amin")
+    if global_std:
+        # One scale for the column: the group means and the global std in the same units.
+        g_lo, g_hi = r.amin(0, keepdim=True), r.amax(0, keepdim=True)
+        _, inv = pow2_scale(torch.maximum(g_lo.abs(), g_hi.abs()))
+        u = r * inv
+        g_mean = u.mean(0, keepdim=True)
+        d_scale, d_inv = pow2_scale(torch.maximum(g_hi * inv - g_mean, g_mean - g_lo * inv))
+        denom = batch - 1 if unbiased and batch > 1 else batch
+        std = d_scale * (((u - g_mean) * d_inv).square().sum(0, keepdim=True) / denom).sqrt()
+        inv = inv.expand(n_groups, n_cols)
+    else:
+        _, inv = pow2_scale(torch.maximum(lo.abs(), hi.abs()))
+        u = r * inv[inverse]
+    mean = torch.zeros(n_groups, n_cols, dtype=dtype, device=r.device).index_add_(0, inverse, u) / n
+    centred = u - mean[inverse]
+    if not global_std:
+        d_scale, d_inv = pow2_scale(torch.maximum(hi * inv - mean, mean - lo * inv))
+        sq = torch.zeros(n_groups, n_cols, dtype=dtype, device=r.device)
+        sq = sq.index_add_(0, inverse, (centred * d_inv[inverse]).square())
+        std = (d_scale * (sq / ((n - 1).clamp(min=1) if unbiased else n)).sqrt())[inverse]
+    adv = centred / (std + eps * inv[inverse])
     # Rounding in the mean would turn an all-equal group into +-ulp / eps: force the exact zero.
-    adv = torch.where((hi == lo)[inverse], torch.zeros_like(adv), adv)
+    adv = torch.where((hi * inv == lo * inv)[inverse], torch.zeros_like(adv), adv)
     if clip is not None:
         adv = adv.clamp(-clip, clip)
     return adv.reshape(rewards.shape)
