@@ -2,11 +2,16 @@
 
 Guidance batches are small (B of 1-16 per GPU) with large samples (video latents, 10^5-10^6
 elements), so one program per sample would leave most of the GPU idle. The work is split over a
-``(sample, chunk)`` grid in two launches: ``_sum_sq_kernel`` writes each chunk's fp32 sum of
-squares to ``partial[b, chunk]``; ``_scale_kernel`` sums its sample's row of partials in a fixed
-order (every program of a sample gets the same bits: deterministic, no atomics), forms the scale
-and writes ``g * scale`` for its chunk in the input dtype. A chunk is ``iters`` blocks, sized so
-that a sample has at most ``MAX_CHUNKS`` partials.
+``(sample, chunk)`` grid in two launches: ``_sum_sq_kernel`` writes each chunk's power-of-two
+scale ``p_c`` (at or below its ``max |g|``) and fp32 sum of ``(g / p_c)^2`` to ``partial[b, :, chunk]``;
+``_scale_kernel`` combines its sample's partials in a fixed order (every program of a sample gets
+the same bits: deterministic, no atomics) as ``||g|| = P sqrt(sum_c (p_c / P)^2 s_c)``, ``P = max_c p_c``,
+and writes ``(g / P) * k`` for its chunk in the input dtype, ``k`` the scale in units of ``P``. A
+chunk is ``iters`` blocks, sized so that a sample has at most ``MAX_CHUNKS`` partials.
+
+The powers of two (clamped to ``[2^-100, 2^100]``) make every rescaling exact: a gradient whose
+squares stay in fp32's range gives the bits of the plain ``g / ||g||``, and tiny (``1e-22``,
+subnormal) or huge gradients neither underflow nor overflow.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from euphonium.kernels.advantages import _pow2_scale
 from euphonium.kernels.aot import AOTSpec
 
 MIN_BLOCK = 128
@@ -36,12 +42,22 @@ def _sum_sq_kernel(g_ptr, partial_ptr, N, n_chunks, iters, BLOCK: tl.constexpr):
     i_b = tl.program_id(0)
     i_c = tl.program_id(1)
     p_g = g_ptr + i_b.to(tl.int64) * N
-    b_acc = tl.zeros([BLOCK], dtype=tl.float32)
+    # Pass 1: the chunk's max |g| (NaN-free: the op checks the gradient is finite first).
+    b_max = tl.zeros([BLOCK], dtype=tl.float32)
     for it in range(0, iters):
         o_n = _chunk_offsets(i_c, it, iters, BLOCK)
         b_g = tl.load(p_g + o_n, mask=o_n < N, other=0.0).to(tl.float32)
+        b_max = tl.maximum(b_max, tl.abs(b_g))
+    scale, inv = _pow2_scale(tl.max(b_max, axis=0))
+    # Pass 2 (the chunk again, from cache): the sum of squares in units of the scale.
+    b_acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for it in range(0, iters):
+        o_n = _chunk_offsets(i_c, it, iters, BLOCK)
+        b_g = tl.load(p_g + o_n, mask=o_n < N, other=0.0).to(tl.float32) * inv
         b_acc += b_g * b_g
-    tl.store(partial_ptr + i_b * n_chunks + i_c, tl.sum(b_acc, axis=0))
+    p_out = partial_ptr + i_b * 2 * n_chunks + i_c
+    tl.store(p_out, scale)
+    tl.store(p_out + n_chunks, tl.sum(b_acc, axis=0))
 
 
 @triton.jit
@@ -61,20 +77,28 @@ def _scale_kernel(
     i_b = tl.program_id(0)
     i_c = tl.program_id(1)
     o_r = tl.arange(0, REDUCE_BLOCK)
-    norm = tl.sqrt(tl.sum(tl.load(partial_ptr + i_b * n_chunks + o_r, mask=o_r < n_chunks, other=0.0), axis=0))
-    scale = tl.full([], 1.0, dtype=tl.float32)
+    p_part = partial_ptr + i_b * 2 * n_chunks + o_r
+    b_scale = tl.load(p_part, mask=o_r < n_chunks, other=0.0)
+    b_sum = tl.load(p_part + n_chunks, mask=o_r < n_chunks, other=0.0)
+    scale, inv = _pow2_scale(tl.max(b_scale, axis=0))
+    b_rel = b_scale * inv  # p_c / P: exact; below 2^-75 the chunk's share rounds to 0, as it should
+    norm = tl.sqrt(tl.sum(b_rel * b_rel * b_sum, axis=0))  # ||g|| / P
+    # The output is (g / P) * k: k = P leaves g as it is.
+    k = scale
     if NORMALIZE:
         # A zero gradient stays zero (no direction to normalise).
-        scale = tl.where(norm > 0.0, 1.0 / tl.maximum(norm, 1e-30), 0.0)
-        norm = norm * scale
-    if CLIP:
-        scale = scale * tl.minimum(1.0, max_norm / tl.maximum(norm, 1e-30))
+        k = tl.where(norm > 0.0, 1.0 / tl.maximum(norm, 1e-30), 0.0)
+        if CLIP:
+            k = k * tl.minimum(1.0, max_norm / tl.maximum(norm * k, 1e-30))
+    elif CLIP:
+        # min(1, c / ||g||) in units of P: min(P, c / (||g|| / P)); a zero gradient keeps k = P.
+        k = tl.minimum(scale, max_norm / norm)
     offset = i_b.to(tl.int64) * N
     for it in range(0, iters):
         o_n = _chunk_offsets(i_c, it, iters, BLOCK)
         m = o_n < N
         b_g = tl.load(g_ptr + offset + o_n, mask=m, other=0.0).to(tl.float32)
-        tl.store(out_ptr + offset + o_n, (b_g * scale).to(out_ptr.dtype.element_ty), mask=m)
+        tl.store(out_ptr + offset + o_n, ((b_g * inv) * k).to(out_ptr.dtype.element_ty), mask=m)
 
 
 def scale_by_norm(
@@ -82,10 +106,11 @@ def scale_by_norm(
 ) -> torch.Tensor:
     """``grad [B, ...]`` with each sample scaled to unit norm and/or clipped to ``max_norm``.
 
-    ``n_b = ||g_b||_2`` (fp32); ``normalize`` gives ``g_b / n_b`` (0 stays 0), then ``max_norm``
-    multiplies by ``min(1, max_norm / ||.||)``. Returns a new tensor of the dtype of ``grad``, or
-    ``grad`` itself with ``inplace`` (every program reads its chunk before writing it, and the norms
-    are complete before the second launch reads them, so writing over the input is safe).
+    ``n_b = ||g_b||_2`` (fp32, in power-of-two units of ``max |g_b|``); ``normalize`` gives
+    ``g_b / n_b`` (0 stays 0), then ``max_norm`` multiplies by ``min(1, max_norm / ||.||)``. Returns
+    a new tensor of the dtype of ``grad``, or ``grad`` itself with ``inplace`` (every program reads
+    its chunk before writing it, and the norms are complete before the second launch reads them, so
+    writing over the input is safe).
     """
     if inplace and not grad.is_contiguous():
         raise ValueError("scale_by_norm(inplace=True) needs a contiguous grad")
@@ -98,7 +123,7 @@ def scale_by_norm(
     block = min(max(triton.next_power_of_2(n), MIN_BLOCK), MAX_BLOCK)
     iters = triton.cdiv(n, block * MAX_CHUNKS)
     n_chunks = triton.cdiv(n, block * iters)
-    partial = torch.empty((batch, n_chunks), dtype=torch.float32, device=grad.device)
+    partial = torch.empty((batch, 2, n_chunks), dtype=torch.float32, device=grad.device)
     grid = (batch, n_chunks)
     _sum_sq_kernel[grid](grad, partial, n, n_chunks, iters, BLOCK=block, num_warps=NUM_WARPS)
     _scale_kernel[grid](

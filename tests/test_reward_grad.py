@@ -216,6 +216,48 @@ def test_torch_path_matches_reference(dtype):
         assert torch.equal(out[2], torch.zeros_like(out[2]))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("magnitude", [1e-22, 1e-40, 1e20, 1e36])
+@pytest.mark.parametrize("normalize,max_norm", [(True, None), (False, 0.5), (True, 0.5)])
+def test_tiny_and_huge_gradients(backend, magnitude, normalize, max_norm, nan_poison, monkeypatch):
+    # Sums of squares in fp32 underflow (a norm of 1e-22 came back wrong) or overflow (1e20 x 385
+    # elements, 1e36): the norm is taken in units of max |g|. Small Triton blocks, several chunks
+    # per sample of different maxima.
+    from euphonium.kernels import reward_grad as kernels
+    from euphonium.ops.reward_grad import scale_by_norm
+
+    for name, value in (("MIN_BLOCK", 16), ("MAX_BLOCK", 16), ("MAX_CHUNKS", 4)):
+        monkeypatch.setattr(kernels, name, value)
+    grad = torch.randn(4, 5, 7, 11) * magnitude
+    grad[1] = 0  # an all-zero gradient stays zero
+    grad[2] *= torch.logspace(-3, 0, 11)  # chunks of very different scales
+    grad[3] = 0
+    grad[3, 2, 3, 4] = -magnitude  # one element: its norm is |g|
+    # Clipping after normalising is to a unit-scale norm, clipping alone to the gradient's scale.
+    clip = max_norm if normalize or max_norm is None else max_norm * magnitude * 10
+    with ops.use_backend(backend):
+        out = scale_by_norm(grad, normalize=normalize, max_norm=clip)
+    expected = scale_np(grad.numpy(), normalize, clip)
+    assert torch.isfinite(out).all() and (out[1] == 0).all()
+    # Subnormal results (clipping 1e-40 gradients) are exact to the subnormal spacing only.
+    np.testing.assert_allclose(out.double().numpy(), expected, rtol=1e-5, atol=3e-45)
+    if normalize:
+        norms = out.double().flatten(1).norm(dim=1)
+        target = 1.0 if clip is None else min(1.0, clip)
+        torch.testing.assert_close(norms[[0, 2, 3]], torch.full((3,), target, dtype=torch.float64), rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_reward_grad_of_a_tiny_linear_prm_has_unit_norm(backend):
+    # The example end to end: a PRM whose gradient has norm ~1e-22.
+    w = torch.randn(3, 8, 8) * 1e-24
+    x = torch.randn(2, 3, 8, 8)
+    with ops.use_backend(backend):
+        _, grad = ops.reward_grad(lambda x: (x * w).flatten(1).sum(1), x, normalize=True)
+    expected = (w.double() / w.double().norm()).expand(2, -1, -1, -1)
+    torch.testing.assert_close(grad.double(), expected, rtol=1e-5, atol=1e-9)
+
+
 def test_bad_prm_output():
     prm, x, sigma, emb = _setup()
     cases = [

@@ -8,6 +8,7 @@ import torch
 
 from euphonium._checks import check_finite, check_float_tensor, check_positive
 from euphonium.ops._backend import resolve
+from euphonium.ops.advantages import pow2_scale
 
 
 def reward_grad(
@@ -29,7 +30,9 @@ def reward_grad(
     ``torch.autograd.Function`` whose outputs are non-differentiable, so a rollout never carries a
     graph out of it.
 
-    Options, per sample ``b`` (``n_b = ||g_b||_2`` over all non-batch elements, in fp32):
+    Options, per sample ``b`` (``n_b = ||g_b||_2`` over all non-batch elements, in fp32, computed as
+    ``m_b sqrt(sum((g_b / m_b)^2))`` with ``m_b`` the power of two at or below ``max |g_b|``, so that
+    neither tiny gradients (``1e-22``, subnormal) underflow nor huge ones overflow):
     ``normalize=True`` gives ``g_b / n_b`` (a zero gradient stays zero); ``max_norm=c`` then
     scales by ``min(1, c / ||g_b||)``. On CUDA these are two Triton launches over (sample, chunk)
     blocks (per-chunk sums of squares, then a fixed-order norm and the scaling), deterministic and
@@ -130,10 +133,16 @@ class _RewardGrad(torch.autograd.Function):
 
 
 def scale_by_norm_ref(grad: torch.Tensor, *, normalize: bool = False, max_norm: Optional[float] = None) -> torch.Tensor:
-    """Eager reference of the per-sample normalisation and norm clipping of :func:`reward_grad`."""
+    """Eager reference of the per-sample normalisation and norm clipping of :func:`reward_grad`.
+
+    Norms in power-of-two units of each sample's ``max |g|`` (exact rescalings):
+    ``u = g / m``, ``||g|| = m ||u||``, the result ``u * k`` with ``k`` the scale in those units."""
     g = grad.to(torch.promote_types(grad.dtype, torch.float32))
-    scale = _scales(g.reshape(g.shape[0], -1).norm(dim=1), normalize, max_norm)
-    return (g * scale.reshape(-1, *([1] * (g.dim() - 1)))).to(grad.dtype)
+    flat = g.reshape(g.shape[0], -1)
+    unit, inv = pow2_scale(flat.abs().amax(1) if flat.shape[1] else flat.new_zeros(flat.shape[0]))
+    u = flat * inv[:, None]
+    k = _scales(u.norm(dim=1), normalize, max_norm, unit=unit)
+    return (u * k[:, None]).reshape(g.shape).to(grad.dtype)
 
 
 def _check_inplace(grad: torch.Tensor, inplace: bool) -> None:
@@ -144,14 +153,22 @@ def _check_inplace(grad: torch.Tensor, inplace: bool) -> None:
         )
 
 
-def _scales(norm: torch.Tensor, normalize: bool, max_norm: Optional[float]) -> torch.Tensor:
-    """Per-sample factors from per-sample norms: ``1 / norm`` (0 for a zero gradient) and/or the clip."""
-    scale = torch.ones_like(norm)
+def _scales(
+    norm: torch.Tensor, normalize: bool, max_norm: Optional[float], *, unit: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """Per-sample factors from per-sample norms, in units of ``unit`` (per sample; 1 when None):
+    ``norm`` is ``||g|| / unit`` and the result ``k`` scales ``g / unit``, so ``k = unit`` leaves ``g``
+    as it is. ``1 / norm`` (0 for a zero gradient) and/or the clip ``min(1, max_norm / ||g||)``."""
+    if unit is None:
+        unit = torch.ones_like(norm)
+    scale = unit
     if normalize:
         scale = torch.where(norm > 0, 1 / norm, torch.zeros_like(norm))
-        norm = norm * scale
-    if max_norm is not None:
-        scale = scale * (max_norm / norm).clamp(max=1.0)
+        if max_norm is not None:
+            scale = scale * (max_norm / (norm * scale)).clamp(max=1.0)
+    elif max_norm is not None:
+        # min(1, c / ||g||) in units: min(unit, c / (||g|| / unit)); a zero gradient keeps ``unit``.
+        scale = torch.minimum(unit, max_norm / norm)
     return scale
 
 
@@ -167,15 +184,28 @@ def scale_by_norm_torch(
     rounding once (a ``[B, 1]`` fp32 operand sends a bf16 tensor through TensorIterator's casting
     path there, about three times slower; on CUDA that path is the fast one, and a 0-d CUDA scale
     would be rounded to bf16 first).
-    ``inplace``: write into ``grad`` (contiguous) instead of a new tensor.
+    ``inplace``: write into ``grad`` (contiguous) instead of a new tensor. Samples whose plain norm
+    is below 2^-40 or above 2^60 (where fp32 squares may underflow or their sum overflow) take the
+    reference's scaled form.
     """
     from euphonium.ops._sde_torch import compute_dtype
 
     _check_inplace(grad, inplace)
     dtype = compute_dtype(grad)
     flat = grad.reshape(grad.shape[0], -1)
-    scale = _scales(torch.linalg.vector_norm(flat, dim=1, dtype=dtype), normalize, max_norm)
     out = flat if inplace else torch.empty_like(flat)
+    norm = torch.linalg.vector_norm(flat, dim=1, dtype=dtype)
+    # Squares that may have underflowed (a norm below 2^-40, zero included) or a sum that may have
+    # overflowed: the reference's form in units of max |g| instead (a scaled fp32 copy), with the
+    # product taken in two exact-scale steps. Elsewhere the plain norm is the same to rounding.
+    tiny, huge = (2.0**-40, 2.0**60) if dtype == torch.float32 else (2.0**-400, 2.0**400)
+    if not bool(((norm >= tiny) & (norm <= huge)).all()):
+        unit, inv = pow2_scale(flat.abs().amax(1).to(dtype) if flat.shape[1] else norm)
+        u = flat * inv.to(dtype)[:, None]
+        k = _scales(torch.linalg.vector_norm(u, dim=1), normalize, max_norm, unit=unit)
+        out.copy_(u.mul_(k[:, None]))
+        return out.view(grad.shape)
+    scale = _scales(norm, normalize, max_norm)
     if grad.dtype == dtype or grad.device.type != "cpu":
         torch.mul(flat, scale[:, None], out=out)
     else:
