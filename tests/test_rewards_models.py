@@ -737,3 +737,17 @@ def test_videoalign_frame_sampling_and_layout_errors(videoalign_dir, tmp_path):
         VideoAlign(tmp_path)
     with pytest.raises(ValueError, match=r"base_path must be a local folder"):
         VideoAlign(root, base_path=tmp_path / "nowhere")
+
+
+def test_package_import_registers_every_model_reward_without_transformers():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from euphonium.rewards import available_rewards; "
+        "print(sorted(available_rewards())); print('transformers' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
+    names = set(eval(out[0]))
+    assert {"pickscore", "hpsv2", "image_reward", "aesthetic", "videoalign", "vlm_judge"} <= names
+    assert out[1] == "False"  # transformers loads when a model reward is built, not on import

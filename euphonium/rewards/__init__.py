@@ -10,6 +10,8 @@ The process reward model (:mod:`euphonium.rewards.prm`) scores noisy latents,
 ``prm(x_sigma, sigma, prompt_embeds) -> [B]``; its gradient guides the sampler.
 """
 
+# The model and judge rewards register in build_reward on import (transformers loads in their constructors).
+from euphonium.rewards import aesthetic, hpsv2, image_reward, pickscore, videoalign, vlm_judge  # noqa: F401
 from euphonium.rewards.base import (
     CallableReward,
     Reward,
