@@ -88,6 +88,13 @@ def _mean(x, v, a_x, k):
 
 
 @triton.jit
+def _guided_mean(b_mean, g_ptr, c_ptr, i_b, o_x, m_x):
+    """``mean + c * g`` as one FMA: the step's guided mean and the guided log-prob's (forward and backward)."""
+    b_g = tl.load(g_ptr + o_x, mask=m_x, other=0.0).to(tl.float32)
+    return tl.fma(tl.load(c_ptr + i_b), b_g, b_mean)
+
+
+@triton.jit
 def _pairwise_sum(t):
     """Sum of a power-of-two block by a fixed binary tree over element indices.
 
@@ -165,8 +172,7 @@ def _sde_step_kernel(
     b_mean = _mean(b_x, b_v, a_x, k)
     b_mean_g = b_mean
     if HAS_GUIDANCE:
-        b_g = tl.load(g_ptr + o_x, mask=m_x, other=0.0).to(tl.float32)
-        b_mean_g = tl.fma(tl.load(c_ptr + i_b), b_g, b_mean)
+        b_mean_g = _guided_mean(b_mean, g_ptr, c_ptr, i_b, o_x, m_x)
     if SCHEDULE == _ODE:
         tl.store(x_next_ptr + o_x, b_mean_g.to(x_next_ptr.dtype.element_ty), mask=m_x)
     else:
@@ -191,6 +197,8 @@ def _sde_log_prob_fwd_kernel(
     v_ptr,
     x_next_ptr,
     v_ref_ptr,
+    g_ptr,
+    c_ptr,
     sigma_ptr,
     sigma_next_ptr,
     partial_ptr,
@@ -201,9 +209,11 @@ def _sde_log_prob_fwd_kernel(
     sigma_max,
     SCHEDULE: tl.constexpr,
     HAS_REF: tl.constexpr,
+    HAS_GUIDANCE: tl.constexpr,
     BLOCK: tl.constexpr,
     INT64: tl.constexpr,
 ):
+    # HAS_GUIDANCE: the density around the guided mean ``mean + c g`` (the step's GUIDED_LOGPROB).
     pid = tl.program_id(0)
     i_b, o_x, m_x = _block_offsets(pid, N, n_blocks, BLOCK, INT64)
     a_x, k, var = _coefficients(tl.load(sigma_ptr + i_b), tl.load(sigma_next_ptr + i_b), scale, sigma_max, SCHEDULE)
@@ -211,7 +221,10 @@ def _sde_log_prob_fwd_kernel(
     b_x = tl.load(x_ptr + o_x, mask=m_x, other=0.0).to(tl.float32)
     b_v = tl.load(v_ptr + o_x, mask=m_x, other=0.0).to(tl.float32)
     b_x_next = tl.load(x_next_ptr + o_x, mask=m_x, other=0.0).to(tl.float32)
-    tl.store(partial_ptr + pid, _residual_sq(b_x_next, _mean(b_x, b_v, a_x, k), m_x))
+    b_m = _mean(b_x, b_v, a_x, k)
+    if HAS_GUIDANCE:
+        b_m = _guided_mean(b_m, g_ptr, c_ptr, i_b, o_x, m_x)
+    tl.store(partial_ptr + pid, _residual_sq(b_x_next, b_m, m_x))
     if HAS_REF:
         b_v_ref = tl.load(v_ref_ptr + o_x, mask=m_x, other=0.0).to(tl.float32)
         tl.store(partial_kl_ptr + pid, _residual_sq(b_v, b_v_ref, m_x))
@@ -225,6 +238,8 @@ def _sde_log_prob_bwd_kernel(
     v_ptr,
     x_next_ptr,
     v_ref_ptr,
+    g_ptr,
+    c_ptr,
     sigma_ptr,
     sigma_next_ptr,
     grad_v_ptr,
@@ -234,10 +249,12 @@ def _sde_log_prob_bwd_kernel(
     sigma_max,
     SCHEDULE: tl.constexpr,
     HAS_REF: tl.constexpr,
+    HAS_GUIDANCE: tl.constexpr,
     BLOCK: tl.constexpr,
     INT64: tl.constexpr,
 ):
-    # d log_prob / d v = k (x_next - mean) / (var N);  d kl / d v = k^2 (v - v_ref) / (var N).
+    # d log_prob / d v = k (x_next - m) / (var N);  d kl / d v = k^2 (v - v_ref) / (var N), with
+    # m = mean or (HAS_GUIDANCE) mean + c g: c g does not depend on v.
     pid = tl.program_id(0)
     i_b, o_x, m_x = _block_offsets(pid, N, n_blocks, BLOCK, INT64)
     a_x, k, var = _coefficients(tl.load(sigma_ptr + i_b), tl.load(sigma_next_ptr + i_b), scale, sigma_max, SCHEDULE)
@@ -247,7 +264,10 @@ def _sde_log_prob_bwd_kernel(
     b_x = tl.load(x_ptr + o_x, mask=m_x, other=0.0).to(tl.float32)
     b_v = tl.load(v_ptr + o_x, mask=m_x, other=0.0).to(tl.float32)
     b_x_next = tl.load(x_next_ptr + o_x, mask=m_x, other=0.0).to(tl.float32)
-    b_grad = (tl.load(grad_lp_ptr + i_b) * k * inv) * (b_x_next - _mean(b_x, b_v, a_x, k))
+    b_m = _mean(b_x, b_v, a_x, k)
+    if HAS_GUIDANCE:
+        b_m = _guided_mean(b_m, g_ptr, c_ptr, i_b, o_x, m_x)
+    b_grad = (tl.load(grad_lp_ptr + i_b) * k * inv) * (b_x_next - b_m)
     if HAS_REF:
         b_v_ref = tl.load(v_ref_ptr + o_x, mask=m_x, other=0.0).to(tl.float32)
         b_grad = tl.fma(tl.load(grad_kl_ptr + i_b) * k * k * inv, b_v - b_v_ref, b_grad)
@@ -424,11 +444,18 @@ def sde_log_prob_forward(
     schedule: str,
     scale: float,
     sigma_max: Optional[float],
+    reward_grad: Optional[torch.Tensor] = None,
+    guidance_scale: Optional[torch.Tensor] = None,
 ):
-    """Launch the fused log-prob; returns ``(log_prob, kl or None)``, both ``[B]`` float32."""
+    """Launch the fused log-prob; returns ``(log_prob, kl or None)``, both ``[B]`` float32.
+
+    With ``reward_grad`` (and ``guidance_scale``, ``[B]`` float32) the density is around ``mean + c g``,
+    the same bits as ``sde_step_forward(..., guided_logprob=True)``.
+    """
     batch, n, block, n_blocks, int64 = _layout(x)
     schedule_id = SCHEDULE_IDS[schedule]
     has_ref = v_ref is not None
+    has_guidance = reward_grad is not None
     partial = _alloc((batch, n_blocks), torch.float32, x.device)
     partial_kl = _alloc((batch, n_blocks), torch.float32, x.device) if has_ref else None
     _sde_log_prob_fwd_kernel[(batch * n_blocks,)](
@@ -436,6 +463,8 @@ def sde_log_prob_forward(
         v.contiguous(),
         x_next.contiguous(),
         v_ref.contiguous() if has_ref else x,
+        reward_grad.contiguous() if has_guidance else x,
+        guidance_scale if has_guidance else sigma,
         sigma,
         sigma_next,
         partial,
@@ -446,6 +475,7 @@ def sde_log_prob_forward(
         _sigma_max_arg(sigma_max),
         SCHEDULE=schedule_id,
         HAS_REF=has_ref,
+        HAS_GUIDANCE=has_guidance,
         BLOCK=block,
         INT64=int64,
         num_warps=NUM_WARPS,
@@ -467,13 +497,17 @@ def sde_log_prob_backward(
     schedule: str,
     scale: float,
     sigma_max: Optional[float],
+    reward_grad: Optional[torch.Tensor] = None,
+    guidance_scale: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Launch the fused backward; returns ``grad_v`` in the dtype of ``v``.
 
-    ``grad_log_prob``/``grad_kl``: upstream ``[B]`` gradients (None counts as zero).
+    ``grad_log_prob``/``grad_kl``: upstream ``[B]`` gradients (None counts as zero); ``reward_grad``
+    and ``guidance_scale`` as in ``sde_log_prob_forward`` (constants: no gradient flows to them).
     """
     batch, n, block, n_blocks, int64 = _layout(x)
     has_ref = v_ref is not None and grad_kl is not None
+    has_guidance = reward_grad is not None
     if grad_log_prob is None:
         grad_lp = torch.zeros(batch, dtype=torch.float32, device=x.device)
     else:
@@ -486,6 +520,8 @@ def sde_log_prob_backward(
         v.contiguous(),
         x_next.contiguous(),
         v_ref.contiguous() if has_ref else x,
+        reward_grad.contiguous() if has_guidance else x,
+        guidance_scale if has_guidance else sigma,
         sigma,
         sigma_next,
         grad_v,
@@ -495,6 +531,7 @@ def sde_log_prob_backward(
         _sigma_max_arg(sigma_max),
         SCHEDULE=SCHEDULE_IDS[schedule],
         HAS_REF=has_ref,
+        HAS_GUIDANCE=has_guidance,
         BLOCK=block,
         INT64=int64,
         num_warps=NUM_WARPS,
@@ -512,10 +549,11 @@ def sde_log_prob_backward(
 def _aot_specs():
     specs = []
     for tag, ty in (("fp32", "*fp32"), ("bf16", "*bf16")):
-        for noise in (False, True):
+        # The step with given noise or in-kernel Philox, and the guided-mean log-prob (Philox) variant.
+        for noise, guided_lp in ((False, False), (True, False), (False, True)):
             specs.append(
                 AOTSpec(
-                    name=f"sde_step_{'noise_' if noise else ''}{tag}",
+                    name=f"sde_step_{'noise_' if noise else ''}{'guided_lp_' if guided_lp else ''}{tag}",
                     options=LAUNCH_OPTIONS,
                     kernel=_sde_step_kernel,
                     signature={
@@ -540,7 +578,7 @@ def _aot_specs():
                         "SCHEDULE": SCHEDULE_IDS["flow_grpo"],
                         "HAS_GUIDANCE": True,
                         "HAS_NOISE": noise,
-                        "GUIDED_LOGPROB": False,
+                        "GUIDED_LOGPROB": guided_lp,
                         "BLOCK": MAX_BLOCK,
                         "INT64": False,
                     },
@@ -548,55 +586,75 @@ def _aot_specs():
                     num_warps=NUM_WARPS,
                 )
             )
-        specs.append(
-            AOTSpec(
-                name=f"sde_log_prob_fwd_{tag}",
-                options=LAUNCH_OPTIONS,
-                kernel=_sde_log_prob_fwd_kernel,
-                signature={
-                    "x_ptr": ty,
-                    "v_ptr": ty,
-                    "x_next_ptr": ty,
-                    "v_ref_ptr": ty,
-                    "sigma_ptr": "*fp32",
-                    "sigma_next_ptr": "*fp32",
-                    "partial_ptr": "*fp32",
-                    "partial_kl_ptr": "*fp32",
-                    "N": "i32",
-                    "n_blocks": "i32",
-                    "scale": "fp32",
-                    "sigma_max": "fp32",
-                },
-                constexprs={"SCHEDULE": SCHEDULE_IDS["flow_grpo"], "HAS_REF": True, "BLOCK": MAX_BLOCK, "INT64": False},
-                aligned=("x_ptr", "v_ptr", "x_next_ptr", "v_ref_ptr", "N"),
-                num_warps=NUM_WARPS,
+        # The log-prob around the unguided mean, and (guided_) around mean + c g: what a rollout with
+        # logprob_mean="guided" is trained with.
+        for guided in (False, True):
+            variant = f"{'guided_' if guided else ''}{tag}"
+            specs.append(
+                AOTSpec(
+                    name=f"sde_log_prob_fwd_{variant}",
+                    options=LAUNCH_OPTIONS,
+                    kernel=_sde_log_prob_fwd_kernel,
+                    signature={
+                        "x_ptr": ty,
+                        "v_ptr": ty,
+                        "x_next_ptr": ty,
+                        "v_ref_ptr": ty,
+                        "g_ptr": ty,
+                        "c_ptr": "*fp32",
+                        "sigma_ptr": "*fp32",
+                        "sigma_next_ptr": "*fp32",
+                        "partial_ptr": "*fp32",
+                        "partial_kl_ptr": "*fp32",
+                        "N": "i32",
+                        "n_blocks": "i32",
+                        "scale": "fp32",
+                        "sigma_max": "fp32",
+                    },
+                    constexprs={
+                        "SCHEDULE": SCHEDULE_IDS["flow_grpo"],
+                        "HAS_REF": True,
+                        "HAS_GUIDANCE": guided,
+                        "BLOCK": MAX_BLOCK,
+                        "INT64": False,
+                    },
+                    aligned=("x_ptr", "v_ptr", "x_next_ptr", "v_ref_ptr", "g_ptr", "N"),
+                    num_warps=NUM_WARPS,
+                )
             )
-        )
-        specs.append(
-            AOTSpec(
-                name=f"sde_log_prob_bwd_{tag}",
-                options=LAUNCH_OPTIONS,
-                kernel=_sde_log_prob_bwd_kernel,
-                signature={
-                    "grad_lp_ptr": "*fp32",
-                    "grad_kl_ptr": "*fp32",
-                    "x_ptr": ty,
-                    "v_ptr": ty,
-                    "x_next_ptr": ty,
-                    "v_ref_ptr": ty,
-                    "sigma_ptr": "*fp32",
-                    "sigma_next_ptr": "*fp32",
-                    "grad_v_ptr": ty,
-                    "N": "i32",
-                    "n_blocks": "i32",
-                    "scale": "fp32",
-                    "sigma_max": "fp32",
-                },
-                constexprs={"SCHEDULE": SCHEDULE_IDS["flow_grpo"], "HAS_REF": True, "BLOCK": MAX_BLOCK, "INT64": False},
-                aligned=("x_ptr", "v_ptr", "x_next_ptr", "v_ref_ptr", "grad_v_ptr", "N"),
-                num_warps=NUM_WARPS,
+            specs.append(
+                AOTSpec(
+                    name=f"sde_log_prob_bwd_{variant}",
+                    options=LAUNCH_OPTIONS,
+                    kernel=_sde_log_prob_bwd_kernel,
+                    signature={
+                        "grad_lp_ptr": "*fp32",
+                        "grad_kl_ptr": "*fp32",
+                        "x_ptr": ty,
+                        "v_ptr": ty,
+                        "x_next_ptr": ty,
+                        "v_ref_ptr": ty,
+                        "g_ptr": ty,
+                        "c_ptr": "*fp32",
+                        "sigma_ptr": "*fp32",
+                        "sigma_next_ptr": "*fp32",
+                        "grad_v_ptr": ty,
+                        "N": "i32",
+                        "n_blocks": "i32",
+                        "scale": "fp32",
+                        "sigma_max": "fp32",
+                    },
+                    constexprs={
+                        "SCHEDULE": SCHEDULE_IDS["flow_grpo"],
+                        "HAS_REF": True,
+                        "HAS_GUIDANCE": guided,
+                        "BLOCK": MAX_BLOCK,
+                        "INT64": False,
+                    },
+                    aligned=("x_ptr", "v_ptr", "x_next_ptr", "v_ref_ptr", "g_ptr", "grad_v_ptr", "N"),
+                    num_warps=NUM_WARPS,
+                )
             )
-        )
     specs.append(
         AOTSpec(
             name="sde_finalize",

@@ -138,6 +138,24 @@ def run_step(case, schedule, backend, *, logprob_mean="unguided", noise=True, se
         )
 
 
+def log_prob_for(case, x_next, schedule, backend, *, guided, v=None, v_ref=None):
+    """``ops.sde_log_prob`` of a stored transition; ``guided``: around the case's ``mean + c g``."""
+    with ops.use_backend(backend):
+        return ops.sde_log_prob(
+            case["x"],
+            case["v"] if v is None else v,
+            x_next,
+            case["sigma"],
+            case["sigma_next"],
+            schedule=schedule,
+            noise_level=case["a"],
+            sigma_max=SIGMA_MAX,
+            v_ref=v_ref,
+            reward_grad=case["g"] if guided else None,
+            guidance_scale=case["c"] if guided else 0.0,
+        )
+
+
 def spec_for(case, schedule, dtype=torch.float64):
     batch = case["x"].shape[0]
     cast = lambda t: None if t is None else t.detach().cpu().to(dtype)  # noqa: E731
@@ -204,36 +222,21 @@ def test_step_matches_spec(backend, schedule, shape, dtype):
 
 
 def check_log_prob_against_spec(shape, dtype, schedule, backend, device):
-    for per_sample in (False, True):
-        case = make_case(shape, dtype, schedule, per_sample, False, device)
+    # guided: the density around mean + c g (float and [B] scales); the KL does not see the shift.
+    for per_sample, guided in ((False, False), (True, False), (False, True), (True, True)):
+        case = make_case(shape, dtype, schedule, per_sample, guided, device)
         ref = spec_for(case, schedule)
         x_next = ref["x_next"].to(device=device, dtype=dtype)  # a stored transition
         v_ref = (case["v"].float() + 0.3 * torch.randn(shape, device=device)).to(dtype)
-        with ops.use_backend(backend):
-            lp, kl = ops.sde_log_prob(
-                case["x"],
-                case["v"],
-                x_next,
-                case["sigma"],
-                case["sigma_next"],
-                schedule=schedule,
-                noise_level=case["a"],
-                sigma_max=SIGMA_MAX,
-                v_ref=v_ref,
-            )
-            lp_only = ops.sde_log_prob(
-                case["x"],
-                case["v"],
-                x_next,
-                case["sigma"],
-                case["sigma_next"],
-                schedule=schedule,
-                noise_level=case["a"],
-                sigma_max=SIGMA_MAX,
-            )
+        lp, kl = log_prob_for(case, x_next, schedule, backend, guided=guided, v_ref=v_ref)
+        lp_only = log_prob_for(case, x_next, schedule, backend, guided=guided)
         assert torch.equal(lp, lp_only)
+        if guided:
+            _, kl_unguided = log_prob_for(case, x_next, schedule, backend, guided=False, v_ref=v_ref)
+            assert torch.equal(kl, kl_unguided)
         assert lp.dtype == kl.dtype == torch.float32 and lp.shape == kl.shape == (shape[0],)
-        lp_ref = spec_log_prob(x_next.cpu().double(), ref["mean"], ref["std"])
+        m_key = "mean_g" if guided else "mean"
+        lp_ref = spec_log_prob(x_next.cpu().double(), ref[m_key], ref["std"])
         ref_v = spec_for({**case, "v": v_ref}, schedule)
         std = ref["std"].flatten(1)[:, 0]
         kl_ref = ((ref["mean"] - ref_v["mean"]) ** 2).flatten(1).mean(1) / (2 * torch.where(std > 0, std, 1) ** 2)
@@ -244,7 +247,7 @@ def check_log_prob_against_spec(shape, dtype, schedule, backend, device):
         else:
             eager = spec_for(case, schedule, dtype=dtype)
             eager_v = spec_for({**case, "v": v_ref}, schedule, dtype=dtype)
-            lp_eager = spec_log_prob(x_next.cpu(), eager["mean"], eager["std"])
+            lp_eager = spec_log_prob(x_next.cpu(), eager[m_key], eager["std"])
             eager_std = eager["std"].flatten(1)[:, 0]
             kl_eager = ((eager["mean"] - eager_v["mean"]) ** 2).flatten(1).mean(1) / (
                 2 * torch.where(eager_std > 0, eager_std, 1) ** 2
@@ -445,28 +448,33 @@ def test_reproduces_dance_grpo_step(backend):
 
 
 def check_same_bits(backend, device):
+    """The training log-prob of a rollout's step is its log-prob, bit for bit, under either mean:
+    ``logprob_mean="guided"`` with the step's ``reward_grad``/``guidance_scale`` passed to
+    ``sde_log_prob``; float and [B] scales, given and in-kernel noise, awkward shapes and dtypes."""
     cases = [
-        ((3, 5, 7), torch.float32, "flow_grpo"),
-        ((2, 4, 3, 5, 7), torch.bfloat16, "cps"),
-        ((2, 3000), torch.bfloat16, "dance_grpo"),
+        ((3, 5, 7), torch.float32, "flow_grpo", True),
+        ((3, 5, 7), torch.float32, "flow_grpo", False),
+        ((2, 4, 3, 5, 7), torch.bfloat16, "cps", True),
+        ((2, 3000), torch.bfloat16, "dance_grpo", True),
+        ((2, 3000), torch.float32, "cps", False),
+        ((3, 1), torch.bfloat16, "dance_grpo", False),
+        ((1, 2, 37, 41), torch.float32, "dance_grpo", True),
     ]
-    for shape, dtype, schedule in cases:
-        case = make_case(shape, dtype, schedule, True, True, device)
+    for shape, dtype, schedule, per_sample in cases:
+        case = make_case(shape, dtype, schedule, per_sample, True, device)
         for noise in (True, False):
-            out = run_step(case, schedule, backend, noise=noise)
-            with ops.use_backend(backend):
-                lp = ops.sde_log_prob(
-                    case["x"],
-                    case["v"],
-                    out.x_next,
-                    case["sigma"],
-                    case["sigma_next"],
-                    schedule=schedule,
-                    noise_level=case["a"],
-                    sigma_max=SIGMA_MAX,
+            for logprob_mean in ("unguided", "guided"):
+                guided = logprob_mean == "guided"
+                out = run_step(
+                    case, schedule, backend, noise=noise, seed=None if noise else 11, logprob_mean=logprob_mean
                 )
-            assert torch.equal(lp, out.log_prob), (shape, dtype, schedule, noise)
-            assert torch.exp(lp - out.log_prob).eq(1).all()
+                lp = log_prob_for(case, out.x_next, schedule, backend, guided=guided)
+                where = (shape, dtype, schedule, per_sample, noise, logprob_mean)
+                assert torch.equal(lp, out.log_prob), where
+                assert torch.exp(lp - out.log_prob).eq(1).all()
+                # The other mean gives another density (so the check above can fail).
+                other = log_prob_for(case, out.x_next, schedule, backend, guided=not guided)
+                assert not torch.equal(other, out.log_prob), where
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -474,81 +482,181 @@ def test_step_and_log_prob_same_bits(backend):
     check_same_bits(backend, "cpu")
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_guided_log_prob_same_bits_on_awkward_layouts(backend, monkeypatch):
+    # Non-contiguous x and reward_grad (of different layouts), a float64 [B] scale, Philox noise; on
+    # the fused paths also several blocks per sample, the 64-bit index variant and small blocks.
+    from euphonium.kernels import sde as kernels
+    from euphonium.ops import _sde_torch
+
+    x = torch.randn(2, 37, 3, 41).transpose(1, 3)
+    v = torch.randn(2, 41, 3, 37)
+    g = torch.randn(2, 3, 37, 41).permute(0, 3, 1, 2)
+    c = torch.tensor([0.15, 0.04], dtype=torch.float64)
+    sigma = torch.tensor([0.9, 0.7])
+    kw = dict(schedule="flow_grpo", noise_level=0.7, sigma_max=SIGMA_MAX)
+
+    def step_and_log_prob():
+        out = ops.sde_step(x, v, sigma, 0.5, reward_grad=g, guidance_scale=c, seed=9, logprob_mean="guided", **kw)
+        return out, ops.sde_log_prob(x, v, out.x_next, sigma, 0.5, reward_grad=g, guidance_scale=c, **kw)
+
+    patches = {
+        "reference": [{}],
+        "torch": [{}, {(_sde_torch, "BLOCK_ELEMENTS"): 1000, (_sde_torch, "SUM_WIDTH"): 64}],
+        "triton": [{}, {(kernels, "INDEX32_LIMIT"): 16}, {(kernels, "MAX_BLOCK"): 128, (kernels, "REDUCE_BLOCK"): 8}],
+    }[backend]
+    with ops.use_backend(backend):
+        for patch in patches:
+            with monkeypatch.context() as m:
+                for (module, name), value in patch.items():
+                    m.setattr(module, name, value)
+                out, lp = step_and_log_prob()
+            assert torch.equal(lp, out.log_prob), patch
+            unguided = ops.sde_log_prob(x, v, out.x_next, sigma, 0.5, **kw)
+            assert not torch.equal(unguided, lp)
+    ref = spec_step(
+        x.double(),
+        v.double(),
+        sigma.double(),
+        torch.full((2,), 0.5, dtype=torch.float64),
+        schedule="flow_grpo",
+        a=0.7,
+        g=g.double(),
+        c=c.float().double(),
+    )
+    torch.testing.assert_close(
+        lp.double(), spec_log_prob(out.x_next.double(), ref["mean_g"], ref["std"]), atol=2e-4, rtol=2e-5
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_guided_log_prob_of_a_mixed_batch(backend, dtype):
+    # A training batch gathers samples from different steps of different rollouts: guided steps
+    # (each with its own scale) and unguided ones, given a zero scale and any finite reward_grad.
+    # Each sample's log-prob is the bits its own step recorded.
+    shape = (3, 4, 50)
+    x, v, g = (torch.randn(shape).to(dtype) for _ in range(3))
+    sigma = torch.tensor([0.9, 0.6, 0.8])
+    sigma_next = torch.tensor([0.8, 0.3, 0.75])
+    scales = [0.2, 0.0, 0.07]  # sample 1 was not guided
+    kw = dict(schedule="flow_grpo", noise_level=0.7, sigma_max=SIGMA_MAX, logprob_mean="guided")
+    recorded, x_next = [], []
+    with ops.use_backend(backend):
+        for i, c in enumerate(scales):
+            guidance = dict(reward_grad=g[i : i + 1], guidance_scale=c) if c else {}
+            out = ops.sde_step(
+                x[i : i + 1], v[i : i + 1], float(sigma[i]), float(sigma_next[i]), seed=i, **guidance, **kw
+            )
+            recorded.append(out.log_prob)
+            x_next.append(out.x_next)
+        kw.pop("logprob_mean")
+        lp = ops.sde_log_prob(
+            x, v, torch.cat(x_next), sigma, sigma_next, reward_grad=g, guidance_scale=torch.tensor(scales), **kw
+        )
+    assert torch.equal(lp, torch.cat(recorded))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rho_guidance_shifts_the_mean_by_rho_std(backend, dtype):
+    # The rho guidance form: with a unit-norm g per sample (as ops.reward_grad(normalize=True)
+    # returns) and guidance_scale = rho * std, the guided step moves each sample by exactly rho * std
+    # in L2 norm (same noise: x_next(guided) - x_next(unguided) = c g); a zero g moves it by 0.
+    shape = (4, 3, 5, 7)
+    batch = shape[0]
+    x, v = (0.1 * torch.randn(shape)).to(dtype), (0.1 * torch.randn(shape)).to(dtype)
+    eps = torch.randn(shape).to(dtype)
+    g64 = torch.randn(shape, dtype=torch.float64)
+    g64[2] = 0.0  # a sample without a reward gradient
+    norms = g64.flatten(1).norm(dim=1)
+    g64 = g64 / torch.where(norms > 0, norms, 1).reshape(-1, 1, 1, 1)
+    g = g64.to(dtype)
+    sigma = torch.tensor([1.0, 0.8, 0.5, 0.3])
+    sigma_next = torch.tensor([SIGMA_MAX, 0.7, 0.45, 0.1])
+    rho = 2.0
+    bits = {torch.float32: 23, torch.bfloat16: 7}[dtype]
+
+    def ulp(t, mantissa_bits):  # spacing of the floats around |t| (of the normal range)
+        _, exponent = torch.frexp(t.double().abs().clamp_min(2.0**-100))
+        return torch.pow(2.0, (exponent - 1 - mantissa_bits).double())
+
+    for schedule in STOCHASTIC:
+        std = spec_step(
+            torch.zeros(batch, 1, dtype=torch.float64),
+            torch.zeros(batch, 1, dtype=torch.float64),
+            sigma.double(),
+            sigma_next.double(),
+            schedule=schedule,
+            a=0.6,
+        )["std"].reshape(-1)
+        c = (rho * std).float()
+        kw = dict(schedule=schedule, noise_level=0.6, sigma_max=SIGMA_MAX, noise=eps)
+        with ops.use_backend(backend):
+            guided = ops.sde_step(x, v, sigma, sigma_next, reward_grad=g, guidance_scale=c, **kw)
+            plain = ops.sde_step(x, v, sigma, sigma_next, **kw)
+            zero = ops.sde_step(x, v, sigma, sigma_next, reward_grad=torch.zeros_like(g), guidance_scale=c, **kw)
+        diff = guided.x_next.double() - plain.x_next.double()
+        shift = diff.flatten(1).norm(dim=1)
+        expected = rho * std * (norms > 0)
+        # |shift - c| <= || error of the difference || + c || g - g64 ||: each x_next rounded once to its
+        # dtype, a few fp32 roundings of the step's terms (magnitudes of x, v, eps, x_next) before that.
+        terms = x.double().abs() + v.double().abs() + eps.double().abs() + guided.x_next.double().abs()
+        per_element = (ulp(guided.x_next, bits) + ulp(plain.x_next, bits)) / 2 + 8 * ulp(terms, 23)
+        tol = per_element.flatten(1).norm(dim=1) + c.double() * (g.double() - g64).flatten(1).norm(dim=1)
+        assert ((shift - expected).abs() <= tol).all(), (schedule, shift, expected, tol)
+        assert (tol[norms > 0] < 0.1 * expected[norms > 0]).all(), tol  # the check has teeth
+        assert shift[2] == 0 and torch.equal(zero.x_next, plain.x_next)
+
+
 # ----------------------------------------------------------------------------------------------
 # Gradients.
 # ----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("guided", [False, True], ids=["unguided", "guided"])
 @pytest.mark.parametrize("schedule", STOCHASTIC)
 @pytest.mark.parametrize("backend", ["reference", "torch"])  # the kernels compute in fp32 only
-def test_gradcheck(backend, schedule):
+def test_gradcheck(backend, schedule, guided):
     shape = (3, 2, 5)
-    case = make_case(shape, torch.float64, schedule, True, False, "cpu")
+    case = make_case(shape, torch.float64, schedule, True, guided, "cpu")
     ref = spec_for(case, schedule)
-    x_next = ref["x_next"]
+    x_next = ref["x_next"] + 0.1 * torch.randn(shape, dtype=torch.float64)  # not exactly the guided mean's noise
     v_ref = torch.randn(shape, dtype=torch.float64)
     v = case["v"].clone().requires_grad_(True)
 
     def fn(v_):
-        with ops.use_backend(backend):
-            return ops.sde_log_prob(
-                case["x"],
-                v_,
-                x_next,
-                case["sigma"],
-                case["sigma_next"],
-                schedule=schedule,
-                noise_level=case["a"],
-                sigma_max=SIGMA_MAX,
-                v_ref=v_ref,
-            )
+        return log_prob_for(case, x_next, schedule, backend, guided=guided, v=v_, v_ref=v_ref)
 
     assert fn(v)[0].dtype == torch.float64
     assert torch.autograd.gradcheck(fn, (v,), eps=1e-6, atol=1e-7, rtol=1e-5)
-    # The documented closed form: d log_prob / d v = k (x_next - mean) / (std^2 N).
-    lp, _ = fn(v)
+    # The documented closed form: d log_prob / d v = k (x_next - m) / (std^2 N), m = mean or mean + c g.
+    lp, kl = fn(v)
     (grad,) = torch.autograd.grad(lp.sum(), v)
     k = spec_k(as64(case["sigma"], 3), as64(case["sigma_next"], 3), schedule, case["a"])
     std = ref["std"].flatten(1)[:, 0]
     n = x_next[0].numel()
-    closed = torch.where(std > 0, k / (std.clamp_min(1e-30) ** 2 * n), 0).reshape(-1, 1, 1) * (x_next - ref["mean"])
+    m = ref["mean_g"] if guided else ref["mean"]
+    closed = torch.where(std > 0, k / (std.clamp_min(1e-30) ** 2 * n), 0).reshape(-1, 1, 1) * (x_next - m)
     torch.testing.assert_close(grad, closed, atol=1e-9, rtol=1e-7)
+    torch.testing.assert_close(lp, spec_log_prob(x_next, m, ref["std"]), atol=1e-10, rtol=1e-10)
+    # The KL term is the same with or without guidance (the shift cancels in mean_theta - mean_ref).
+    _, kl_unguided = log_prob_for(case, x_next, schedule, backend, guided=False, v=v.detach(), v_ref=v_ref)
+    assert torch.equal(kl.detach(), kl_unguided)
 
 
-def check_backward_matches_reference(shape, dtype, schedule, device, backend="triton"):
-    case = make_case(shape, dtype, schedule, True, False, device)
+def check_backward_matches_reference(shape, dtype, schedule, device, backend="triton", guided=False):
+    case = make_case(shape, dtype, schedule, True, guided, device)
     x_next = spec_for(case, schedule)["x_next"].to(device=device, dtype=dtype)
     v_ref = (case["v"].float() + 0.2 * torch.randn(shape, device=device)).to(dtype)
     g_lp, g_kl = torch.randn(shape[0], device=device), torch.randn(shape[0], device=device)
     grads = {}
     for name in ("reference", backend):
         v = case["v"].clone().requires_grad_(True)
-        with ops.use_backend(name):
-            lp, kl = ops.sde_log_prob(
-                case["x"],
-                v,
-                x_next,
-                case["sigma"],
-                case["sigma_next"],
-                schedule=schedule,
-                noise_level=case["a"],
-                sigma_max=SIGMA_MAX,
-                v_ref=v_ref,
-            )
-            (grads[name],) = torch.autograd.grad((lp * g_lp).sum() + (kl * g_kl).sum(), v)
-            (grads[name + "_lp"],) = torch.autograd.grad(
-                ops.sde_log_prob(
-                    case["x"],
-                    v,
-                    x_next,
-                    case["sigma"],
-                    case["sigma_next"],
-                    schedule=schedule,
-                    noise_level=case["a"],
-                    sigma_max=SIGMA_MAX,
-                ).sum(),
-                v,
-            )
+        lp, kl = log_prob_for(case, x_next, schedule, name, guided=guided, v=v, v_ref=v_ref)
+        (grads[name],) = torch.autograd.grad((lp * g_lp).sum() + (kl * g_kl).sum(), v)
+        lp_only = log_prob_for(case, x_next, schedule, name, guided=guided, v=v)
+        (grads[name + "_lp"],) = torch.autograd.grad(lp_only.sum(), v)
         assert grads[name].dtype == dtype
     scale = grads["reference"].float().abs().max().item()
     tol = 1e-5 if dtype == torch.float32 else 1e-2
@@ -559,15 +667,17 @@ def check_backward_matches_reference(shape, dtype, schedule, device, backend="tr
     )
 
 
+@pytest.mark.parametrize("guided", [False, True], ids=["unguided", "guided"])
 @pytest.mark.parametrize("schedule", STOCHASTIC)
 @pytest.mark.parametrize("backend", FUSED)
-def test_fused_backward_matches_reference(backend, schedule):
-    check_backward_matches_reference((3, 5, 7), torch.float32, schedule, "cpu", backend)
+def test_fused_backward_matches_reference(backend, schedule, guided):
+    check_backward_matches_reference((3, 5, 7), torch.float32, schedule, "cpu", backend, guided=guided)
 
 
+@pytest.mark.parametrize("guided", [False, True], ids=["unguided", "guided"])
 @pytest.mark.parametrize("backend", FUSED)
-def test_fused_backward_bf16(backend):
-    check_backward_matches_reference((2, 3, 20), torch.bfloat16, "flow_grpo", "cpu", backend)
+def test_fused_backward_bf16(backend, guided):
+    check_backward_matches_reference((2, 3, 20), torch.bfloat16, "flow_grpo", "cpu", backend, guided=guided)
 
 
 def test_torch_path_saves_only_inputs_and_sums_independently_of_threads(monkeypatch):
@@ -622,9 +732,12 @@ def test_deterministic_sample_has_zero_log_prob_and_gradient(backend):
 def test_torch_compile_fullgraph(backend):
     x, v, v_ref = torch.randn(2, 3, 5), torch.randn(2, 3, 5), torch.randn(2, 3, 5)
 
+    g, c = torch.randn(2, 3, 5), torch.tensor([0.2, 0.05])
+
     def loss(x, v, x_next, v_ref):
         lp, kl = ops.sde_log_prob(x, v, x_next, 0.8, 0.6, v_ref=v_ref)
-        return (lp * torch.arange(1.0, 3.0)).sum() + 0.1 * kl.sum()
+        lp_guided = ops.sde_log_prob(x, v, x_next, 0.8, 0.6, reward_grad=g, guidance_scale=c)
+        return (lp * torch.arange(1.0, 3.0)).sum() + 0.1 * kl.sum() + 0.3 * lp_guided.sum()
 
     with ops.use_backend(backend):
         step = torch.compile(lambda x, v: ops.sde_step(x, v, 0.8, 0.6, seed=4), backend="aot_eager", fullgraph=True)
@@ -645,10 +758,11 @@ def test_custom_ops_pass_opcheck(backend):
     torch.library.opcheck(
         sde_ops._sde_step_op, (x, v, sigma, sigma_next, v_ref, sigma, None, 7, "cps", 0.6, None, False, backend)
     )
-    torch.library.opcheck(
-        sde_ops._sde_log_prob_op,
-        (x, v.requires_grad_(True), x_next, v_ref, sigma, sigma_next, "flow_grpo", 0.7, None, backend),
-    )
+    v.requires_grad_(True)
+    for g, c in ((None, None), (v_ref, torch.tensor([0.3, 0.0]))):
+        torch.library.opcheck(
+            sde_ops._sde_log_prob_op, (x, v, x_next, v_ref, g, c, sigma, sigma_next, "flow_grpo", 0.7, None, backend)
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -668,26 +782,22 @@ def test_fused_paths_write_every_output_element(backend, monkeypatch):
     for shape, dtype in (((3, 5, 7), torch.float32), ((2, 3, 37, 41), torch.bfloat16)):
         for schedule in SCHEDULES:
             case = make_case(shape, dtype, schedule, True, True, "cpu")
-            out = run_step(case, schedule, backend, noise=False, seed=5)
-            assert torch.isfinite(out.x_next).all() and torch.isfinite(out.x0_pred).all()
-            if schedule == "ode":
-                continue
-            assert torch.isfinite(out.log_prob).all()
-            v = case["v"].clone().requires_grad_(True)
-            with ops.use_backend(backend):
-                lp, kl = ops.sde_log_prob(
-                    case["x"],
-                    v,
-                    out.x_next,
-                    case["sigma"],
-                    case["sigma_next"],
-                    schedule=schedule,
-                    noise_level=case["a"],
-                    sigma_max=SIGMA_MAX,
-                    v_ref=torch.randn(shape).to(dtype),
-                )
-                (grad,) = torch.autograd.grad(lp.sum() + kl.sum(), v)
-            assert torch.isfinite(lp).all() and torch.isfinite(kl).all() and torch.isfinite(grad).all()
+            for logprob_mean in ("unguided", "guided"):
+                out = run_step(case, schedule, backend, noise=False, seed=5, logprob_mean=logprob_mean)
+                assert torch.isfinite(out.x_next).all() and torch.isfinite(out.x0_pred).all()
+                if schedule == "ode":
+                    break
+                assert torch.isfinite(out.log_prob).all()
+                v = case["v"].clone().requires_grad_(True)
+                v_ref = torch.randn(shape).to(dtype)
+                guided = logprob_mean == "guided"
+                with ops.use_backend(backend):
+                    lp, kl = log_prob_for(case, out.x_next, schedule, backend, guided=guided, v=v, v_ref=v_ref)
+                    (grad,) = torch.autograd.grad(lp.sum() + kl.sum(), v)
+                    lp_only = log_prob_for(case, out.x_next, schedule, backend, guided=guided, v=v)
+                    (grad_lp,) = torch.autograd.grad(lp_only.sum(), v)
+                assert torch.isfinite(lp).all() and torch.isfinite(kl).all() and torch.isfinite(grad).all()
+                assert torch.isfinite(grad_lp).all() and torch.equal(lp_only, out.log_prob)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -889,6 +999,42 @@ def _bad_calls():
         ("seed negative", lambda: step(x, v, 0.5, 0.4, seed=-1), ValueError, "seed must be in"),
         ("seed float", lambda: step(x, v, 0.5, 0.4, seed=1.5), TypeError, "seed must be an int"),
         ("ode log-prob", lambda: lp(x, v, x, 0.5, 0.4, schedule="ode"), ValueError, "schedule='ode'"),
+        (
+            "log-prob reward_grad shape",
+            lambda: lp(x, v, x, 0.5, 0.4, reward_grad=v[:, :1], guidance_scale=0.1),
+            ValueError,
+            "reward_grad must have the shape",
+        ),
+        (
+            "log-prob reward_grad grad",
+            lambda: lp(x, v, x, 0.5, 0.4, reward_grad=v.clone().requires_grad_(), guidance_scale=0.1),
+            ValueError,
+            "reward_grad requires grad",
+        ),
+        (
+            "log-prob guidance_scale grad",
+            lambda: lp(x, v, x, 0.5, 0.4, reward_grad=v, guidance_scale=torch.ones(2, requires_grad=True)),
+            ValueError,
+            "guidance_scale requires grad",
+        ),
+        (
+            "log-prob guidance without grad",
+            lambda: lp(x, v, x, 0.5, 0.4, guidance_scale=torch.ones(2)),
+            ValueError,
+            "reward_grad is None",
+        ),
+        (
+            "log-prob guidance length",
+            lambda: lp(x, v, x, 0.5, 0.4, reward_grad=v, guidance_scale=torch.ones(3)),
+            ValueError,
+            "guidance_scale must be a float or a tensor of shape",
+        ),
+        (
+            "log-prob guidance inf",
+            lambda: lp(x, v, x, 0.5, 0.4, reward_grad=v, guidance_scale=float("inf")),
+            ValueError,
+            "guidance_scale must be a finite",
+        ),
     ]
 
 
@@ -925,6 +1071,13 @@ def test_aot_compiles_every_variant_without_spills():
     from euphonium.kernels import sde as kernels
 
     names = [spec.name for spec in kernels.AOT_SPECS]
+    # The guided-mean variants: the step that records the guided log-prob, and the training
+    # log-prob forward and backward around mean + c g.
+    for tag in ("fp32", "bf16"):
+        for base in ("sde_step", "sde_step_noise", "sde_step_guided_lp", "sde_log_prob_fwd", "sde_log_prob_bwd"):
+            assert f"{base}_{tag}" in names
+        for base in ("sde_log_prob_fwd_guided", "sde_log_prob_bwd_guided"):
+            assert f"{base}_{tag}" in names
     rows = aot_compile(names, archs=(80, 90))
     assert {(r["kernel"], r["arch"]) for r in rows} == {(n, a) for n in names for a in ("sm_80", "sm_90")}
     for row in rows:
@@ -932,7 +1085,15 @@ def test_aot_compiles_every_variant_without_spills():
     # The aligned variants move their latents with 128-bit accesses only: each thread owns
     # BLOCK / (32 * num_warps) consecutive elements, i.e. this many 16-byte vectors per tensor.
     per_thread = kernels.MAX_BLOCK // (32 * kernels.NUM_WARPS)
-    streams = {"sde_step": (3, 2), "sde_step_noise": (4, 2), "sde_log_prob_fwd": (4, 0), "sde_log_prob_bwd": (4, 1)}
+    streams = {
+        "sde_step": (3, 2),
+        "sde_step_noise": (4, 2),
+        "sde_step_guided_lp": (3, 2),
+        "sde_log_prob_fwd": (4, 0),
+        "sde_log_prob_bwd": (4, 1),
+        "sde_log_prob_fwd_guided": (5, 0),  # + reward_grad
+        "sde_log_prob_bwd_guided": (5, 1),
+    }
     for row in rows:
         if row["arch"] != "sm_90" or row["kernel"] == "sde_finalize":
             continue
@@ -963,6 +1124,7 @@ def test_gpu_step_matches_spec(schedule, dtype):
 def test_gpu_log_prob_and_backward(schedule, dtype):
     check_log_prob_against_spec((4, 16, 9, 30, 52), dtype, schedule, "auto", "cuda")
     check_backward_matches_reference((4, 16, 9, 30, 52), dtype, schedule, "cuda")
+    check_backward_matches_reference((4, 16, 9, 30, 52), dtype, schedule, "cuda", guided=True)
 
 
 @pytest.mark.gpu

@@ -100,6 +100,12 @@ def _mean(x: torch.Tensor, v: torch.Tensor, a_x: torch.Tensor, k: torch.Tensor) 
     return torch.mul(v, k).addcmul_(x, a_x)
 
 
+def _guide_(m: torch.Tensor, g: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """``m + c g`` in place on a block's fresh mean: the step's guided mean, and the guided log-prob's
+    (forward and backward), so that they round identically."""
+    return m.addcmul_(g, c)
+
+
 def _row_sums_of_squares(d: torch.Tensor) -> torch.Tensor:
     """``sum_j d[r, j]^2`` per row of a fresh ``[R, L]`` block (squared in place).
 
@@ -183,7 +189,7 @@ def sde_step(
         m_g = m
         if g2 is not None:
             gb = g2[rows, cols].to(ct)
-            m_g = m.addcmul_(gb, c[rows]) if guided_logprob else torch.addcmul(m, gb, c[rows])
+            m_g = _guide_(m, gb, c[rows]) if guided_logprob else torch.addcmul(m, gb, c[rows])
         out = x_next[rows, cols]
         if not stochastic:
             out.copy_(m_g)
@@ -214,10 +220,13 @@ def sde_log_prob(
     schedule: str,
     scale: float,
     sigma_max: Optional[float],
+    reward_grad: Optional[torch.Tensor] = None,
+    guidance_scale: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """``(log_prob, kl or None)`` ``[B]`` (float32; float64 for float64 ``x``), the same bits as the step's.
 
-    ``kl = k^2 sum_j (v - v_ref)^2 / (2 var N)`` (0 where ``var == 0``).
+    With ``reward_grad`` (``guidance_scale`` ``[B]``) the density is around ``mean + c g``, as the step's
+    with ``guided_logprob``. ``kl = k^2 sum_j (v - v_ref)^2 / (2 var N)`` (0 where ``var == 0``).
     """
     batch = x.shape[0]
     n = x.numel() // batch
@@ -226,12 +235,17 @@ def sde_log_prob(
     a_col, k_col = _column(a_x), _column(k)
     x2, v2, xn2 = x.reshape(batch, n), v.reshape(batch, n), x_next.reshape(batch, n)
     r2 = v_ref.reshape(batch, n) if v_ref is not None else None
+    g2 = reward_grad.reshape(batch, n) if reward_grad is not None else None
+    c = _column(guidance_scale.to(ct)) if g2 is not None else None
     total = torch.zeros(batch, dtype=torch.float64, device=x.device)
     total_kl = torch.zeros_like(total) if r2 is not None else None
 
     for rows, cols in blocks(batch, n):
         vb = v2[rows, cols].to(ct)
-        total[rows].add_(_residual_sums(xn2[rows, cols], _mean(x2[rows, cols].to(ct), vb, a_col[rows], k_col[rows])))
+        m = _mean(x2[rows, cols].to(ct), vb, a_col[rows], k_col[rows])
+        if g2 is not None:
+            _guide_(m, g2[rows, cols].to(ct), c[rows])
+        total[rows].add_(_residual_sums(xn2[rows, cols], m))
         if r2 is not None:
             total_kl[rows].add_(_row_sums_of_squares(torch.sub(vb, r2[rows, cols])))
 
@@ -256,8 +270,11 @@ def sde_log_prob_backward(
     schedule: str,
     scale: float,
     sigma_max: Optional[float],
+    reward_grad: Optional[torch.Tensor] = None,
+    guidance_scale: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """``grad_v`` (dtype of ``v``) for upstream ``[B]`` gradients (None counts as zero)."""
+    """``grad_v`` (dtype of ``v``) for upstream ``[B]`` gradients (None counts as zero); with
+    ``reward_grad`` the residual is taken from ``mean + c g`` (a constant shift: no other change)."""
     batch = x.shape[0]
     n = x.numel() // batch
     ct = compute_dtype(x)
@@ -271,11 +288,16 @@ def sde_log_prob_backward(
     a_col, k_col = _column(a_x), _column(k)
     x2, v2, xn2 = x.reshape(batch, n), v.reshape(batch, n), x_next.reshape(batch, n)
     r2 = v_ref.reshape(batch, n) if c_kl is not None else None
+    g2 = reward_grad.reshape(batch, n) if reward_grad is not None else None
+    c = _column(guidance_scale.to(ct)) if g2 is not None else None
     grad_v = _alloc((batch, n), v.dtype, v.device)
 
     for rows, cols in blocks(batch, n):
         vb = v2[rows, cols].to(ct)
-        residual = torch.sub(xn2[rows, cols], _mean(x2[rows, cols].to(ct), vb, a_col[rows], k_col[rows]))
+        m = _mean(x2[rows, cols].to(ct), vb, a_col[rows], k_col[rows])
+        if g2 is not None:
+            _guide_(m, g2[rows, cols].to(ct), c[rows])
+        residual = torch.sub(xn2[rows, cols], m)
         if r2 is None:
             torch.mul(residual, c_lp[rows], out=grad_v[rows, cols])
         else:

@@ -106,6 +106,14 @@ def _mean_std_reference(x, v, sigma, sigma_next, schedule, noise_level, sigma_ma
     return mean, std, x0_pred
 
 
+def _guided_mean_reference(mean, reward_grad, guidance_scale):
+    """``mean + c g`` in the dtype of ``mean`` (the step's guided mean and the guided log-prob's)."""
+    if reward_grad is None:
+        return mean
+    c = _per_sample_view(guidance_scale, mean, mean.dtype)
+    return mean + c * reward_grad.to(mean.dtype)
+
+
 def _gaussian_log_prob_reference(x_next, mean, std):
     """``mean_i(-(x_next - mean)^2 / (2 std^2)) - log(std) - log(2 pi) / 2`` per sample; 0 where std == 0."""
     deterministic = std == 0
@@ -136,10 +144,7 @@ def sde_step_reference(
     Inputs are validated by ``sde_step``; here ``noise`` is a tensor like ``x`` (ignored by ``ode``).
     """
     mean, std, x0_pred = _mean_std_reference(x, v, sigma, sigma_next, schedule, noise_level, sigma_max)
-    mean_g = mean
-    if reward_grad is not None:
-        c = _per_sample_view(guidance_scale, mean, mean.dtype)
-        mean_g = mean + c * reward_grad.to(mean.dtype)
+    mean_g = _guided_mean_reference(mean, reward_grad, guidance_scale)
     if schedule == "ode":
         return SDEStepOutput(mean_g.to(x.dtype), None, x0_pred.to(x.dtype))
     x_next = (mean_g + std * noise.to(mean.dtype)).to(x.dtype)
@@ -159,14 +164,18 @@ def sde_log_prob_reference(
     noise_level: float = 0.7,
     sigma_max: Optional[float] = None,
     v_ref: Optional[torch.Tensor] = None,
+    reward_grad: Optional[torch.Tensor] = None,
+    guidance_scale: Scalar = 0.0,
 ):
     """Eager PyTorch ``sde_log_prob`` (differentiable by autograd through the eager ops).
 
-    ``kl = mean_i((mean(v) - mean(v_ref))^2) / (2 std^2)`` as peers write it (equal to
-    ``k^2 mean_i((v - v_ref)^2) / (2 std^2)``).
+    With ``reward_grad`` the density is around ``mean + c g`` (``sde_step_reference``'s guided mean,
+    the same ops). ``kl = mean_i((mean(v) - mean(v_ref))^2) / (2 std^2)`` as peers write it (equal to
+    ``k^2 mean_i((v - v_ref)^2) / (2 std^2)``; the guidance shift cancels in the difference).
     """
     mean, std, _ = _mean_std_reference(x, v, sigma, sigma_next, schedule, noise_level, sigma_max)
-    log_prob = _gaussian_log_prob_reference(x_next.to(mean.dtype), mean, std)
+    m = _guided_mean_reference(mean, reward_grad, guidance_scale)
+    log_prob = _gaussian_log_prob_reference(x_next.to(mean.dtype), m, std)
     if v_ref is None:
         return log_prob
     mean_ref, _, _ = _mean_std_reference(x, v_ref, sigma, sigma_next, schedule, noise_level, sigma_max)
@@ -265,6 +274,30 @@ def _describe(value) -> str:
     return repr(value)
 
 
+def _check_guidance(reward_grad, guidance_scale, x):
+    """``(reward_grad, guidance_scale as [B] float32)``, or ``(None, None)`` without guidance.
+
+    A float ``guidance_scale == 0`` turns guidance off (``reward_grad`` is then not read); a tensor
+    scale is always applied (a zero entry leaves that sample's mean unchanged).
+    """
+    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float, torch.Tensor)):
+        raise TypeError(f"guidance_scale must be a float or a [B] tensor, got {type(guidance_scale).__name__}")
+    if isinstance(guidance_scale, (int, float)) and not math.isfinite(guidance_scale):
+        raise ValueError(f"guidance_scale must be a finite float or a [B] tensor, got {guidance_scale!r}")
+    if reward_grad is None:
+        if isinstance(guidance_scale, torch.Tensor) or float(guidance_scale) != 0.0:
+            per_sample("guidance_scale", guidance_scale, x.shape[0], x.device)
+            raise ValueError(
+                "guidance_scale is set but reward_grad is None; pass the reward gradient to guide the step"
+            )
+        return None, None
+    check_like("reward_grad", reward_grad, "x", x)
+    scale_t = per_sample("guidance_scale", guidance_scale, x.shape[0], x.device)
+    if not isinstance(guidance_scale, torch.Tensor) and float(guidance_scale) == 0.0:
+        return None, None  # no guidance: skip reading reward_grad
+    return reward_grad, scale_t
+
+
 def _check_seed(seed, noise):
     if seed is None:
         return None
@@ -327,8 +360,8 @@ def sde_step(
             10x the cost of ``torch.randn`` on a CPU); ``seed=None`` draws a seed from torch's default generator, so
             ``torch.manual_seed`` makes a rollout reproducible. Pass ``noise`` or ``seed``, not both.
         logprob_mean: ``"unguided"`` (``m = mean``, default: GRPO then distils the guidance into the
-            policy) or ``"guided"`` (``m = mean + c * g``; ``sde_log_prob``, which has no guidance
-            term, reproduces the unguided log-prob only).
+            policy) or ``"guided"`` (``m = mean + c * g``, the density actually sampled;
+            ``sde_log_prob`` given the same ``reward_grad`` and ``guidance_scale`` returns its bits).
 
     Returns:
         ``SDEStepOutput(x_next, log_prob, x0_pred)``: ``x_next``/``x0_pred`` in the dtype of ``x``;
@@ -350,19 +383,7 @@ def sde_step(
         check_like("noise", noise, "x", x)
     seed = _check_seed(seed, noise)
     sigma_t, sigma_next_t = _check_sigmas(sigma, sigma_next, x, schedule, sigma_max)
-    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float, torch.Tensor)):
-        raise TypeError(f"guidance_scale must be a float or a [B] tensor, got {type(guidance_scale).__name__}")
-    if isinstance(guidance_scale, (int, float)) and not math.isfinite(guidance_scale):
-        raise ValueError(f"guidance_scale must be a finite float or a [B] tensor, got {guidance_scale!r}")
-    scale_t = None
-    if reward_grad is not None:
-        check_like("reward_grad", reward_grad, "x", x)
-        scale_t = per_sample("guidance_scale", guidance_scale, x.shape[0], x.device)
-        if not isinstance(guidance_scale, torch.Tensor) and float(guidance_scale) == 0.0:
-            reward_grad, scale_t = None, None  # no guidance: skip reading reward_grad
-    elif isinstance(guidance_scale, torch.Tensor) or float(guidance_scale) != 0.0:
-        per_sample("guidance_scale", guidance_scale, x.shape[0], x.device)
-        raise ValueError("guidance_scale is set but reward_grad is None; pass the reward gradient to guide the step")
+    reward_grad, scale_t = _check_guidance(reward_grad, guidance_scale, x)
 
     backend = resolve(x.device, torch_path=True)
     if backend == "reference":
@@ -477,23 +498,62 @@ def _fused_step(
     )
 
 
-def _fused_log_prob(x, v, x_next, v_ref, sigma, sigma_next, schedule, scale, sigma_max, backend):
+def _fused_log_prob(
+    x, v, x_next, v_ref, reward_grad, guidance_scale, sigma, sigma_next, schedule, scale, sigma_max, backend
+):
     if backend == "torch":
-        return _sde_torch.sde_log_prob(x, v, x_next, v_ref, sigma, sigma_next, schedule, scale, sigma_max)
+        return _sde_torch.sde_log_prob(
+            x, v, x_next, v_ref, sigma, sigma_next, schedule, scale, sigma_max, reward_grad, guidance_scale
+        )
     from euphonium.kernels import sde as kernels
 
     return kernels.sde_log_prob_forward(
-        x, v, x_next, sigma, sigma_next, v_ref=v_ref, schedule=schedule, scale=scale, sigma_max=sigma_max
+        x,
+        v,
+        x_next,
+        sigma,
+        sigma_next,
+        v_ref=v_ref,
+        schedule=schedule,
+        scale=scale,
+        sigma_max=sigma_max,
+        reward_grad=reward_grad,
+        guidance_scale=guidance_scale,
     )
 
 
 def _fused_log_prob_backward(
-    grad_log_prob, grad_kl, x, v, x_next, v_ref, sigma, sigma_next, schedule, scale, sigma_max, backend
+    grad_log_prob,
+    grad_kl,
+    x,
+    v,
+    x_next,
+    v_ref,
+    reward_grad,
+    guidance_scale,
+    sigma,
+    sigma_next,
+    schedule,
+    scale,
+    sigma_max,
+    backend,
 ):
     grad_kl = grad_kl if v_ref is not None else None
     if backend == "torch":
         return _sde_torch.sde_log_prob_backward(
-            grad_log_prob, grad_kl, x, v, x_next, v_ref, sigma, sigma_next, schedule, scale, sigma_max
+            grad_log_prob,
+            grad_kl,
+            x,
+            v,
+            x_next,
+            v_ref,
+            sigma,
+            sigma_next,
+            schedule,
+            scale,
+            sigma_max,
+            reward_grad,
+            guidance_scale,
         )
     from euphonium.kernels import sde as kernels
 
@@ -509,6 +569,8 @@ def _fused_log_prob_backward(
         schedule=schedule,
         scale=scale,
         sigma_max=sigma_max,
+        reward_grad=reward_grad,
+        guidance_scale=guidance_scale,
     )
 
 
@@ -522,9 +584,12 @@ class _SDELogProb(torch.autograd.Function):
     intermediate is saved): ``grad_v = g_lp k (x_next - mean) / (var N) + g_kl k^2 (v - v_ref) / (var N)``."""
 
     @staticmethod
-    def forward(ctx, x, v, x_next, v_ref, sigma, sigma_next, schedule, scale, sigma_max, backend):
-        log_prob, kl = _fused_log_prob(x, v, x_next, v_ref, sigma, sigma_next, schedule, scale, sigma_max, backend)
-        ctx.save_for_backward(x, v, x_next, v_ref, sigma, sigma_next)
+    def forward(
+        ctx, x, v, x_next, v_ref, reward_grad, guidance_scale, sigma, sigma_next, schedule, scale, sigma_max, backend
+    ):
+        tensors = (x, v, x_next, v_ref, reward_grad, guidance_scale, sigma, sigma_next)
+        log_prob, kl = _fused_log_prob(*tensors, schedule, scale, sigma_max, backend)
+        ctx.save_for_backward(*tensors)
         ctx.config = (schedule, scale, sigma_max, backend)
         return log_prob, kl
 
@@ -532,7 +597,7 @@ class _SDELogProb(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_log_prob, grad_kl):
         grad_v = _fused_log_prob_backward(grad_log_prob, grad_kl, *ctx.saved_tensors, *ctx.config)
-        return None, grad_v, None, None, None, None, None, None, None, None
+        return (None, grad_v) + (None,) * 10
 
 
 # The same paths as torch.library custom ops, so that torch.compile traces through the public
@@ -601,6 +666,8 @@ def _sde_log_prob_op(
     v: torch.Tensor,
     x_next: torch.Tensor,
     v_ref: Optional[torch.Tensor],
+    reward_grad: Optional[torch.Tensor],
+    guidance_scale: Optional[torch.Tensor],
     sigma: torch.Tensor,
     sigma_next: torch.Tensor,
     schedule: str,
@@ -608,12 +675,14 @@ def _sde_log_prob_op(
     sigma_max: Optional[float],
     backend: str,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    log_prob, kl = _fused_log_prob(x, v, x_next, v_ref, sigma, sigma_next, schedule, scale, sigma_max, backend)
+    log_prob, kl = _fused_log_prob(
+        x, v, x_next, v_ref, reward_grad, guidance_scale, sigma, sigma_next, schedule, scale, sigma_max, backend
+    )
     return log_prob, x.new_empty(0, dtype=log_prob.dtype) if kl is None else kl
 
 
 @_sde_log_prob_op.register_fake
-def _(x, v, x_next, v_ref, sigma, sigma_next, schedule, scale, sigma_max, backend):
+def _(x, v, x_next, v_ref, reward_grad, guidance_scale, sigma, sigma_next, schedule, scale, sigma_max, backend):
     dtype = _log_prob_dtype(x, backend)
     return x.new_empty(x.shape[0], dtype=dtype), x.new_empty(0 if v_ref is None else x.shape[0], dtype=dtype)
 
@@ -626,6 +695,8 @@ def _sde_log_prob_backward_op(
     v: torch.Tensor,
     x_next: torch.Tensor,
     v_ref: Optional[torch.Tensor],
+    reward_grad: Optional[torch.Tensor],
+    guidance_scale: Optional[torch.Tensor],
     sigma: torch.Tensor,
     sigma_next: torch.Tensor,
     schedule: str,
@@ -634,29 +705,51 @@ def _sde_log_prob_backward_op(
     backend: str,
 ) -> torch.Tensor:
     return _fused_log_prob_backward(
-        grad_log_prob, grad_kl, x, v, x_next, v_ref, sigma, sigma_next, schedule, scale, sigma_max, backend
+        grad_log_prob,
+        grad_kl,
+        x,
+        v,
+        x_next,
+        v_ref,
+        reward_grad,
+        guidance_scale,
+        sigma,
+        sigma_next,
+        schedule,
+        scale,
+        sigma_max,
+        backend,
     )
 
 
 @_sde_log_prob_backward_op.register_fake
-def _(grad_log_prob, grad_kl, x, v, x_next, v_ref, sigma, sigma_next, schedule, scale, sigma_max, backend):
+def _(grad_log_prob, grad_kl, x, v, x_next, v_ref, reward_grad, guidance_scale, *_config):
     return v.new_empty(v.shape)
 
 
 def _sde_log_prob_op_setup(ctx, inputs, output):
-    x, v, x_next, v_ref, sigma, sigma_next, schedule, scale, sigma_max, backend = inputs
-    ctx.save_for_backward(x, v, x_next, v_ref, sigma, sigma_next)
-    ctx.config = (schedule, scale, sigma_max, backend)
+    ctx.save_for_backward(*inputs[:8])  # x, v, x_next, v_ref, reward_grad, guidance_scale, sigma, sigma_next
+    ctx.config = tuple(inputs[8:])  # schedule, scale, sigma_max, backend
 
 
 def _sde_log_prob_op_backward(ctx, grad_log_prob, grad_kl):
-    x, v, x_next, v_ref, sigma, sigma_next = ctx.saved_tensors
+    x, v, x_next, v_ref, reward_grad, guidance_scale, sigma, sigma_next = ctx.saved_tensors
     if grad_log_prob is None:
         grad_log_prob = torch.zeros(x.shape[0], dtype=_log_prob_dtype(x, ctx.config[-1]), device=x.device)
     grad_v = _sde_log_prob_backward_op(
-        grad_log_prob, grad_kl if v_ref is not None else None, x, v, x_next, v_ref, sigma, sigma_next, *ctx.config
+        grad_log_prob,
+        grad_kl if v_ref is not None else None,
+        x,
+        v,
+        x_next,
+        v_ref,
+        reward_grad,
+        guidance_scale,
+        sigma,
+        sigma_next,
+        *ctx.config,
     )
-    return None, grad_v, None, None, None, None, None, None, None, None
+    return (None, grad_v) + (None,) * 10
 
 
 _sde_log_prob_op.register_autograd(_sde_log_prob_op_backward, setup_context=_sde_log_prob_op_setup)
@@ -673,19 +766,29 @@ def sde_log_prob(
     noise_level: float = 0.7,
     sigma_max: Optional[float] = None,
     v_ref: Optional[torch.Tensor] = None,
+    reward_grad: Optional[torch.Tensor] = None,
+    guidance_scale: Scalar = 0.0,
 ):
     """Log-prob of a stored transition ``x -> x_next`` under the policy's velocity ``v`` (training).
 
-    ``log_prob = mean_i(-(x_next - mean(v))^2 / (2 std^2)) - log(std) - log(2 pi) / 2`` with the
-    unguided mean of ``sde_step`` (same schedules and arguments); on the same inputs it returns the
-    same bits as ``sde_step(...).log_prob``. Differentiable in ``v`` only::
+    ``log_prob = mean_i(-(x_next - m)^2 / (2 std^2)) - log(std) - log(2 pi) / 2`` with ``m`` the
+    mean of ``sde_step`` (same schedules and arguments): the unguided ``mean(v)``, or with
+    ``reward_grad`` the guided ``mean(v) + guidance_scale * reward_grad``. On the same inputs it
+    returns the same bits as ``sde_step(...).log_prob`` with ``logprob_mean="unguided"``, and with
+    ``reward_grad``/``guidance_scale`` those of ``sde_step(..., reward_grad=g, guidance_scale=c,
+    logprob_mean="guided")``, on every backend (the first importance ratio is exactly 1).
+    Differentiable in ``v`` only (``c g`` is a constant)::
 
-        d log_prob / d v = k * (x_next - mean) / (std^2 * N)        k = d mean / d v
+        d log_prob / d v = k * (x_next - m) / (std^2 * N)        k = d mean / d v
 
     With ``v_ref`` (a reference policy's velocity, treated as a constant) also returns
-    ``kl = k^2 * mean_i((v - v_ref)^2) / (2 std^2)`` with ``d kl / d v = k^2 (v - v_ref) / (std^2 N)``.
+    ``kl = k^2 * mean_i((v - v_ref)^2) / (2 std^2)`` with ``d kl / d v = k^2 (v - v_ref) / (std^2 N)``
+    (the guidance shift cancels between the two means, so ``kl`` does not depend on it).
 
-    Args: ``x``, ``x_next``, ``v`` (and ``v_ref``) of one shape ``[B, ...]``; sigmas floats or ``[B]``.
+    Args: ``x``, ``x_next``, ``v`` (and ``v_ref``, ``reward_grad``) of one shape ``[B, ...]``; sigmas
+    and ``guidance_scale`` floats or ``[B]`` tensors, as for ``sde_step`` (a float
+    ``guidance_scale == 0`` means no guidance; a ``[B]`` scale with zeros leaves those samples'
+    means, and their log-probs' bits, unguided).
     Returns: ``log_prob`` ``[B]`` float32 (float64 from the reference and the PyTorch path for float64
     inputs, e.g. for gradcheck), or ``(log_prob, kl)`` when ``v_ref`` is given. Samples with
     ``std == 0`` (``cps`` at ``sigma_next == 0``) get 0 and a zero gradient. ``schedule="ode"`` has
@@ -699,10 +802,19 @@ def sde_log_prob(
         raise ValueError("schedule='ode' is deterministic and has no log-prob; use 'flow_grpo', 'dance_grpo' or 'cps'")
     if v_ref is not None:
         check_like("v_ref", v_ref, "v", v)
-    for name, t in (("x", x), ("x_next", x_next), ("v_ref", v_ref), ("sigma", sigma), ("sigma_next", sigma_next)):
+    for name, t in (
+        ("x", x),
+        ("x_next", x_next),
+        ("v_ref", v_ref),
+        ("reward_grad", reward_grad),
+        ("guidance_scale", guidance_scale),
+        ("sigma", sigma),
+        ("sigma_next", sigma_next),
+    ):
         if isinstance(t, torch.Tensor) and t.requires_grad:
             raise ValueError(f"sde_log_prob is differentiable in v only, but {name} requires grad; detach it")
     sigma_t, sigma_next_t = _check_sigmas(sigma, sigma_next, x, schedule, sigma_max)
+    reward_grad, scale_t = _check_guidance(reward_grad, guidance_scale, x)
 
     backend = resolve(x.device, torch_path=True)
     if backend == "reference":
@@ -716,12 +828,16 @@ def sde_log_prob(
             noise_level=noise_level,
             sigma_max=sigma_max,
             v_ref=v_ref,
+            reward_grad=reward_grad,
+            guidance_scale=scale_t if scale_t is not None else 0.0,
         )
     args = (
         x,
         v,
         x_next,
         v_ref,
+        reward_grad,
+        scale_t,
         sigma_t,
         sigma_next_t,
         schedule,
