@@ -107,6 +107,7 @@ def test_reward_and_prompt_errors_come_before_the_model_loads(tmp_path, override
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys):
+    (tmp_path / "euphonium-run.json").write_text("{}\n")  # a run's folder (the marker)
     (tmp_path / "metrics.jsonl").write_text("{}\n")
     assert main(["--output-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()

@@ -44,8 +44,8 @@ def _interpreting() -> bool:
 
 def get_backend() -> str:
     """The requested backend: the innermost ``use_backend`` or else ``EUPHONIUM_BACKEND``."""
-    name = getattr(_local, "override", None) or os.environ.get("EUPHONIUM_BACKEND", "auto")
-    name = name.strip().lower()
+    name = getattr(_local, "override", None) or os.environ.get("EUPHONIUM_BACKEND", "")
+    name = name.strip().lower() or "auto"  # set but empty means the default, as unset does
     if name not in BACKENDS:
         raise ValueError(f"EUPHONIUM_BACKEND must be one of {BACKENDS}, got {name!r}")
     return name

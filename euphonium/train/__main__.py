@@ -8,7 +8,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from euphonium.train.config import ConfigError, available_configs, load_config
+from euphonium.checkpointing import CheckpointError, WriteError
+from euphonium.train.checkpoint import RunAborted, check_output_dir
+from euphonium.train.config import ConfigError, available_configs, check_device, load_config
 
 
 def main(argv=None) -> int:
@@ -28,14 +30,20 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     overrides = list(args.overrides) + ([f"max_steps={args.max_steps}"] if args.max_steps is not None else [])
     try:
+        # The config and the folder are checked before torch and the trainer load (a fraction of a second).
         config = load_config(args.config, overrides)
+        check_output_dir(args.output_dir, args.resume, announce=False)
+        check_device(config)
         from euphonium.train.trainer import Trainer
 
         trainer = Trainer(config, args.output_dir, resume=args.resume)
-    except (ConfigError, FileNotFoundError) as err:
+        out = trainer.train()
+    except (ConfigError, FileNotFoundError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    out = trainer.train()
+    except (WriteError, RunAborted) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     if trainer.is_main:
         print(f"done: {out}/metrics.jsonl, {out}/reward_curve.png, {out}/samples.gif")
     return 0

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,8 +15,12 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import yaml
 
-ALGORITHMS = ("euphonium", "euphonium_fast", "flow_grpo", "flow_grpo_fast", "dance_grpo")
-GUIDED_ALGORITHMS = ("euphonium", "euphonium_fast")  # PRM-guided rollouts and process rewards
+from euphonium._checks import check_choice, check_float, check_int
+from euphonium.presets import SAMPLER_PRESETS
+
+ALGORITHMS = tuple(SAMPLER_PRESETS)
+# What ``device=`` may name (whether this machine has it is checked by :func:`check_device`).
+DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 
 class ConfigError(ValueError):
@@ -145,18 +150,31 @@ class TrainConfig:
     device: str = "auto"
 
     def validate(self) -> "TrainConfig":
-        """Check values that types alone don't (raises :class:`ConfigError` naming the key)."""
-        _one_of("algorithm", self.algorithm, ALGORITHMS)
-        _one_of("model.kind", self.model.kind, ("toy", "wan"))
-        _one_of("model.dtype", self.model.dtype, ("float32", "bfloat16", "float16"))
-        _one_of("combine", self.combine, ("separate", "sum"))
-        _one_of("parallel", self.parallel, ("ddp", "fsdp"))
-        if self.model.kind == "wan" and not self.model.path:
-            raise ConfigError("model.path is required for model.kind=wan (a local diffusers Wan2.1 folder)")
+        """Check values that types alone don't (raises :class:`ConfigError` naming the key).
+
+        Every float must be finite: a NaN or infinite ``lr``, ``clip_range``, ``kl_coef``... could only
+        break the run later (non-finite weights at the first update).
+        """
+        try:
+            self._validate()
+        except (TypeError, ValueError) as err:
+            raise ConfigError(str(err)) from None
+        return self
+
+    def _validate(self) -> None:
+        model = self.model
+        check_choice("algorithm", self.algorithm, ALGORITHMS)
+        check_choice("model.kind", model.kind, ("toy", "wan"))
+        check_choice("model.dtype", model.dtype, ("float32", "bfloat16", "float16"))
+        check_choice("combine", self.combine, ("separate", "sum"))
+        check_choice("parallel", self.parallel, ("ddp", "fsdp"))
+        if not DEVICE.match(self.device):
+            raise ValueError(f"device must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
+        if model.kind == "wan" and not model.path:
+            raise ValueError("model.path is required for model.kind=wan (a local diffusers Wan2.1 folder)")
+        check_int("group_size", self.group_size)
         if self.group_size < 2:
-            raise ConfigError(
-                f"group_size must be >= 2 (advantages are relative within a group), got {self.group_size}"
-            )
+            raise ValueError(f"group_size must be >= 2 (advantages are relative within a group), got {self.group_size}")
         for key in (
             "prompts_per_step",
             "inner_epochs",
@@ -168,38 +186,38 @@ class TrainConfig:
             "num_eval_samples",
             "eval_prompts",
         ):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}")
-        if not 0 < self.timestep_fraction <= 1:
-            raise ConfigError(f"timestep_fraction must be in (0, 1], got {self.timestep_fraction}")
+            check_int(key, getattr(self, key), minimum=1)
+        for key in ("lr_warmup_steps", "prm_refresh_every", "eval_every"):
+            check_int(key, getattr(self, key), minimum=0)
+        check_int("seed", self.seed, minimum=0)
+        for key in ("lora_rank",):
+            check_int(f"model.{key}", getattr(model, key), minimum=0)
+        for key in ("num_frames", "height", "width", "max_sequence_length"):
+            check_int(f"model.{key}", getattr(model, key), minimum=1)
+        check_float("model.lora_alpha", model.lora_alpha, minimum=0, min_open=True, allow_none=True)
+        check_float("model.cfg_scale", model.cfg_scale, minimum=0, min_open=True)
+        check_float("timestep_fraction", self.timestep_fraction, minimum=0, maximum=1, min_open=True)
         if (self.prompts_per_step * self.group_size) % self.micro_batches:
-            raise ConfigError(
+            raise ValueError(
                 f"micro_batches ({self.micro_batches}) must divide prompts_per_step * group_size "
                 f"({self.prompts_per_step * self.group_size})"
             )
-        for key in ("lr", "clip_range", "max_grad_norm", "adv_eps"):
-            if getattr(self, key) <= 0:
-                raise ConfigError(f"{key} must be > 0, got {getattr(self, key)}")
-        for key in ("kl_coef", "distill_coef", "process_weight", "lr_warmup_steps", "prm_refresh_every", "eval_every"):
-            if getattr(self, key) < 0:
-                raise ConfigError(f"{key} must be >= 0, got {getattr(self, key)}")
-        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
-            raise ConfigError(f"ema_decay must be in (0, 1) or null, got {self.ema_decay}")
+        for key in ("lr", "clip_range", "max_grad_norm", "adv_eps", "adv_clip", "adam_eps", "prm_refresh_lr"):
+            check_float(key, getattr(self, key), minimum=0, min_open=True)
+        for key in ("kl_coef", "distill_coef", "process_weight", "weight_decay", "on_policy_tolerance"):
+            check_float(key, getattr(self, key), minimum=0)
+        check_float("ema_decay", self.ema_decay, minimum=0, maximum=1, min_open=True, max_open=True, allow_none=True)
         if len(self.adam_betas) != 2:
-            raise ConfigError(f"adam_betas must be two numbers, got {self.adam_betas}")
+            raise ValueError(f"adam_betas must be two numbers, got {self.adam_betas}")
+        for i, beta in enumerate(self.adam_betas):
+            check_float(f"adam_betas[{i}]", beta, minimum=0, maximum=1, max_open=True)
         if not self.rewards:
-            raise ConfigError("rewards must name at least one outcome reward")
-        if self.model.lora_rank < 0:
-            raise ConfigError(f"model.lora_rank must be >= 0, got {self.model.lora_rank}")
-        return self
+            raise ValueError("rewards must name at least one outcome reward")
+        for name, weight in (self.reward_weights or {}).items():
+            check_float(f"reward_weights.{name}", weight, minimum=0)
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-def _one_of(key: str, value: Any, allowed) -> None:
-    if value not in allowed:
-        raise ConfigError(f"{key} must be one of {list(allowed)}, got {value!r}")
 
 
 def _check_type(key: str, value: Any, annotation: Any) -> Any:
@@ -259,7 +277,10 @@ def parse_override(text: str) -> Tuple[List[str], Any]:
     path = key.split(".")
     if not all(path):
         raise ConfigError(f"override {text!r} has an empty key")
-    value = yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {text!r}: the value is not valid YAML ({' '.join(str(err).split())})") from None
     # YAML 1.1 reads "1e-4" as a string; numbers written that way are floats for us.
     if isinstance(value, str):
         try:
@@ -351,6 +372,21 @@ def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = Non
     for text in overrides or []:
         _set_path(config, *parse_override(text))
     return config.validate()
+
+
+def check_device(config: TrainConfig) -> None:
+    """Raise :class:`ConfigError` when ``config.device`` names a device this machine lacks (imports torch)."""
+    import torch
+
+    device = config.device
+    if device.startswith("cuda"):
+        index = int(device.split(":")[1]) if ":" in device else 0
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device={device} but CUDA is not available here (use device=auto or cpu)")
+        if index >= torch.cuda.device_count():
+            raise ConfigError(f"device={device} but this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif device == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise ConfigError("device=mps but MPS is not available here (use device=auto or cpu)")
 
 
 def config_from_dict(values: Dict[str, Any]) -> TrainConfig:

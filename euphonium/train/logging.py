@@ -1,14 +1,52 @@
-"""Run outputs: ``metrics.jsonl`` + TensorBoard events, the reward curve, and sample grids."""
+"""Run outputs: ``metrics.jsonl`` + TensorBoard events, the reward curve, and sample grids.
+
+The JSON-lines logs are strict JSON: a non-finite value is written as ``null`` (its key listed under
+``non_finite`` in that row, and a warning). A row is appended whole or not at all (a failed write
+cuts the file back); a line torn by a kill is skipped by the readers, with a warning, and dropped by
+the resume-time rewrite, which goes through a temporary file and a rename.
+"""
 
 from __future__ import annotations
 
 import json
+import math
+import warnings
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Any, Dict, List, Sequence, Tuple
 
 import imageio.v2 as imageio
 import numpy as np
 import torch
+
+from euphonium import checkpointing as cp
+
+
+def strict_row(row: Dict[str, Any]) -> Tuple[Dict[str, Any], List[str]]:
+    """``row`` with every non-finite float replaced by None (strict JSON), and those keys."""
+    bad = [k for k, v in row.items() if isinstance(v, float) and not math.isfinite(v)]
+    if not bad:
+        return row, bad
+    return {**{k: (None if k in bad else v) for k, v in row.items()}, "non_finite": bad}, bad
+
+
+def read_rows(path: Path) -> List[Dict[str, Any]]:
+    """The rows of a JSON-lines log; a line that does not parse (torn by a kill or a full disk) is
+    skipped with a warning naming the file and the line."""
+    rows = []
+    lines = Path(path).read_text(errors="replace").splitlines()
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        if not isinstance(row, dict):
+            where = "its last line" if number == len(lines) else f"line {number}"
+            warnings.warn(f"{path}: skipping {where}, which is not a JSON object (torn by a kill?)", stacklevel=2)
+            continue
+        rows.append(row)
+    return rows
 
 
 class MetricsLogger:
@@ -28,8 +66,14 @@ class MetricsLogger:
     def log(self, metrics: Dict[str, float], name: str = "metrics") -> None:
         if not self.enabled:
             return
-        with self.path.with_name(f"{name}.jsonl").open("a") as f:
-            f.write(json.dumps(metrics) + "\n")
+        row, bad = strict_row(metrics)
+        if bad:
+            warnings.warn(
+                f"{name}.jsonl step {metrics.get('step')}: non-finite {', '.join(f'{k}={metrics[k]}' for k in bad)} "
+                "written as null",
+                stacklevel=2,
+            )
+        cp.append_line(self.path.with_name(f"{name}.jsonl"), json.dumps(row, allow_nan=False))
         prefix = "" if name == "metrics" else f"{name}/"
         for key, value in metrics.items():
             if key != "step" and isinstance(value, (int, float)):
@@ -37,11 +81,12 @@ class MetricsLogger:
         self.writer.flush()
 
     def truncate(self, name: str, after: int) -> None:
-        """Drop the rows of ``DIR/<name>.jsonl`` whose step is greater than ``after``."""
+        """Drop the rows of ``DIR/<name>.jsonl`` whose step is greater than ``after`` (and any torn
+        line), rewriting the file atomically: a kill leaves the old file or the new one."""
         path = self.path.with_name(f"{name}.jsonl")
         if self.enabled and path.exists():
-            rows = path.read_text().splitlines(keepends=True)
-            path.write_text("".join(r for r in rows if r.strip() and json.loads(r)["step"] <= after))
+            rows = [r for r in read_rows(path) if isinstance(r.get("step"), int) and r["step"] <= after]
+            cp.atomic_write(path, "".join(json.dumps(r, allow_nan=False) + "\n" for r in rows))
 
     def close(self) -> None:
         if self.writer is not None:
@@ -49,7 +94,12 @@ class MetricsLogger:
 
 
 def read_metrics(path: Path) -> List[Dict[str, float]]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    """The rows of ``metrics.jsonl`` or ``eval.jsonl`` (see :func:`read_rows`)."""
+    return read_rows(path)
+
+
+def _number(value) -> float:
+    return float("nan") if value is None else float(value)
 
 
 def plot_reward_curve(metrics_path: Path, out: Path) -> Path:
@@ -62,7 +112,7 @@ def plot_reward_curve(metrics_path: Path, out: Path) -> Path:
 
     rows = read_metrics(metrics_path)
     steps = [r["step"] for r in rows]
-    reward = np.array([r["reward_mean"] for r in rows])
+    reward = np.array([_number(r.get("reward_mean")) for r in rows])
     eval_path = Path(metrics_path).with_name("eval.jsonl")
     evals = read_metrics(eval_path) if eval_path.exists() else []
     fig, axes = plt.subplots(1, 2 if evals else 1, figsize=(11 if evals else 6, 3.5), squeeze=False)
@@ -76,7 +126,7 @@ def plot_reward_curve(metrics_path: Path, out: Path) -> Path:
     ax.legend()
     if evals:
         ax = axes[0, 1]
-        ax.plot([r["step"] for r in evals], [r["reward_mean"] for r in evals], "o-", color="black")
+        ax.plot([r["step"] for r in evals], [_number(r.get("reward_mean")) for r in evals], "o-", color="black")
         ax.set_title("fixed evaluation set (ODE, same noise each time)", fontsize=10)
     for ax in axes[0]:
         ax.set_xlabel("step")

@@ -16,6 +16,7 @@ import contextlib
 import copy
 import json
 import math
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -24,13 +25,14 @@ from typing import Dict, List, Optional
 import torch
 from tqdm.auto import tqdm
 
+from euphonium import checkpointing as cp
 from euphonium import ops
 from euphonium.models.diffusers import Conditioning, DiffusersFlowModel
 from euphonium.presets import GUIDED_ALGORITHMS
 from euphonium.rewards import RewardSet, build_reward
 from euphonium.sampler import Trajectory, preset, rollout
 from euphonium.train import checkpoint as ckpt
-from euphonium.train.config import ConfigError, TrainConfig
+from euphonium.train.config import ConfigError, TrainConfig, check_device
 from euphonium.train.distributed import (
     FullOptimizerState,
     RankReducer,
@@ -51,12 +53,23 @@ class Trainer:
 
     def __init__(self, config: TrainConfig, output_dir: str, *, resume: bool = False):
         self.config = config.validate()
+        check_device(config)
         self.output_dir = Path(output_dir)
-        self._check_output_dir(resume)
         self.rank, self.world, self.device = init_distributed()
         if config.device != "auto":
             self.device = torch.device(config.device)
         self.is_main = self.rank == 0
+        # A folder another run or the user wrote is refused; a run's own one is continued only with resume.
+        has_run = ckpt.check_output_dir(self.output_dir, resume, announce=self.is_main)
+        if self.is_main:
+            ckpt.remove_orphans(self.output_dir)  # what a kill or a full disk left half-written
+        # The checkpoint to continue is chosen (every file checked) and matched against the config
+        # before anything is built: a corrupt newest one falls back to an older one with a warning.
+        self._resume_from = ckpt.find_checkpoint(self.output_dir, warn=self.is_main) if resume and has_run else None
+        if self._resume_from is not None:
+            ckpt.check_compatible(self._resume_from[0], self._resume_from[1]["config"], config)
+        elif resume and has_run and self.is_main:
+            print(f"--resume: {self.output_dir} has no checkpoint yet; starting from step 0", file=sys.stderr)
         batch = config.prompts_per_step * config.group_size
         if batch % self.world:
             raise ConfigError(
@@ -104,21 +117,14 @@ class Trainer:
         )
         self.step = 0
         self.bad_steps = 0
-        if resume and ckpt.latest_checkpoint(self.output_dir) is not None:
-            self._resume(ckpt.latest_checkpoint(self.output_dir))
+        if self._resume_from is not None:
+            self._resume(*self._resume_from)
+            self._resume_from = (self._resume_from[0], None)  # the loaded tensors are not needed any more
         self.logger = MetricsLogger(self.output_dir, enabled=self.is_main)
 
     # ------------------------------------------------------------------------------------------
     # Setup
     # ------------------------------------------------------------------------------------------
-
-    def _check_output_dir(self, resume: bool) -> None:
-        previous = (self.output_dir / "metrics.jsonl").exists() or (self.output_dir / "checkpoints").exists()
-        if previous and not resume:
-            raise ConfigError(
-                f"output dir {self.output_dir} holds another run (metrics.jsonl or checkpoints/); "
-                "pass --resume to continue it or choose another --output-dir"
-            )
 
     def _setup_training(self) -> None:
         config = self.config
@@ -186,14 +192,22 @@ class Trainer:
         sharded = any(hasattr(p, "full_tensor") for p in self.params)
         return FullOptimizerState(self.policy.transformer, self.optimizer) if sharded else self.optimizer
 
-    def _resume(self, path: Path) -> None:
-        loaded = ckpt.load_checkpoint(path, optimizer=self._checkpoint_optimizer(), scheduler=self.scheduler)
+    def _resume(self, path: Path, loaded: Dict) -> None:
+        """Continue from checkpoint ``path`` (already read and checked by :func:`ckpt.find_checkpoint`)."""
         named = dict(self.policy.transformer.named_parameters())
         missing = set(self.trainable_names) - set(loaded["trainable"])
         if missing:
             raise ConfigError(
                 f"checkpoint {path} lacks trainable weights {sorted(missing)[:5]}: a different model or LoRA setting?"
             )
+        for name in self.trainable_names:
+            saved, param = tuple(loaded["trainable"][name].shape), tuple(full_tensor(named[name].detach()).shape)
+            if saved != param:
+                raise ConfigError(
+                    f"checkpoint {path} holds {name} of shape {list(saved)}, this model's is {list(param)}: "
+                    "a different model or LoRA setting"
+                )
+        ckpt.apply_checkpoint(loaded, optimizer=self._checkpoint_optimizer(), scheduler=self.scheduler)
         with torch.no_grad():
             for name, value in loaded["trainable"].items():
                 named[name].copy_(place_like(value, named[name]))
@@ -204,7 +218,7 @@ class Trainer:
         self.step = int(loaded["state"]["step"])
         if self.is_main:
             print(f"resumed from {path} at step {self.step}")
-            saved = json.loads((path / "config.json").read_text())
+            saved = loaded["config"]
             changed = sorted(k for k, v in self.config.to_dict().items() if k != "max_steps" and saved.get(k) != v)
             if changed:
                 warnings.warn(
@@ -361,6 +375,7 @@ class Trainer:
             finite = math.isfinite(grad_norm) and math.isfinite(sums["loss"])
             if finite:
                 self.optimizer.step()
+                self._check_weights_finite()
                 if self.ema is not None:
                     self.ema.update()
                 self.bad_steps = 0
@@ -368,14 +383,14 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 self.bad_steps += 1
                 warnings.warn(
-                    f"step {self.step}: non-finite loss ({sums['loss']}) or gradient norm ({grad_norm}); "
+                    f"step {self.step + 1}: non-finite loss ({sums['loss']}) or gradient norm ({grad_norm}); "
                     f"update skipped ({self.bad_steps} in a row, abort at {config.max_bad_steps})",
                     stacklevel=2,
                 )
                 if self.bad_steps >= config.max_bad_steps:
                     last = ckpt.latest_checkpoint(self.output_dir)
-                    raise RuntimeError(
-                        f"{self.bad_steps} non-finite updates in a row at step {self.step}; stopping. "
+                    raise ckpt.RunAborted(
+                        f"{self.bad_steps} non-finite updates in a row at step {self.step + 1}; stopping. "
                         f"Last good checkpoint: {last or 'none yet'}"
                     )
             if epoch == 0:
@@ -384,14 +399,29 @@ class Trainer:
                 logs.update({"ratio_max_dev": max_dev, **sums, "grad_norm": grad_norm, "skipped": float(not finite)})
                 if max_dev > config.on_policy_tolerance and self.is_main:
                     warnings.warn(
-                        f"step {self.step}: the first inner update is not on-policy: max |ratio - 1| = {max_dev:.3g} > "
-                        f"{config.on_policy_tolerance} (on_policy_tolerance). Usual causes: a training batch composed "
-                        "differently from the rollout batch (batch-size-dependent kernels) or low precision (bf16 "
-                        "velocities); check model.dtype and micro_batches.",
+                        f"step {self.step + 1}: the first inner update is not on-policy: max |ratio - 1| = "
+                        f"{max_dev:.3g} > {config.on_policy_tolerance} (on_policy_tolerance). Usual causes: a "
+                        "training batch composed differently from the rollout batch (batch-size-dependent kernels) "
+                        "or low precision (bf16 velocities); check model.dtype and micro_batches.",
                         stacklevel=2,
                     )
         self.scheduler.step()
         return logs
+
+    def _check_weights_finite(self) -> None:
+        """Stop the run when an update made a trained weight NaN or infinite (every rank agrees)."""
+        local = [p.to_local() if hasattr(p, "to_local") else p for p in self.params]
+        peaks = [p.detach().abs().amax().float() for p in local if p.numel()]
+        finite = bool(torch.isfinite(torch.stack(peaks)).all()) if peaks else True
+        if self.reducer.max(float(not finite)) == 0:
+            return
+        names = [n for n, p in zip(self.trainable_names, local) if p.numel() and not bool(torch.isfinite(p).all())]
+        last = ckpt.latest_checkpoint(self.output_dir)
+        raise ckpt.RunAborted(
+            f"step {self.step + 1}: the update made the weights non-finite ({', '.join(names[:3]) or 'on another rank'}"
+            f"{', ...' if len(names) > 3 else ''}; grad norm was finite: lr or the optimizer state?); stopping. "
+            f"Last good checkpoint: {last or 'none yet'}"
+        )
 
     def train_step(self) -> Dict[str, float]:
         """One GRPO step; returns the metrics written to ``metrics.jsonl``."""
@@ -445,9 +475,11 @@ class Trainer:
         """Run to ``config.max_steps``; returns the output directory."""
         config = self.config
         if self.is_main:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            (self.output_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=1))
-        if self.is_main:
+            ckpt.mark_run(self.output_dir)  # first: the folder is this run's from now on
+            cp.atomic_write(self.output_dir / "config.json", json.dumps(config.to_dict(), indent=1))
+            if self._resume_from is not None:
+                # A kill right after a checkpoint's rename left one more than keep_checkpoints.
+                cp.rotate(self.output_dir / "checkpoints", config.keep_checkpoints, newest=self.step)
             # A resumed run redoes the steps after its checkpoint (and the step-0 evaluation when there
             # was none): their earlier rows go, so each step is logged once.
             self.logger.truncate("metrics", after=self.step)
