@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from tqdm.auto import tqdm
@@ -444,12 +444,15 @@ class Trajectory:
             ``j``-th SDE step and ``latents[:, j + 1]`` the one after it (the SDE steps are contiguous,
             so ``K + 1`` latents hold all ``K`` transitions). Empty (``K = 0``) without SDE steps.
         log_prob: ``[B, K]`` float32 log-density of each recorded transition (DESIGN.md section 2).
-        process_reward: ``[B, K]`` float32 PRM reward ``r_p(x_i, sigma_i, prompt)`` at guided steps, 0
+        process_reward: ``[B, K]`` float32 PRM reward ``r_p(x_i, sigma_i, prompt)`` of each recorded step's
+            input at guided steps (and, with ``rollout(score_states=True)``, at every recorded step), 0
             elsewhere.
         guided: ``[K]`` bool, which recorded steps were guided.
-        guidance_shift: ``[B, G, ...]`` float32 ``c * g`` added to the mean of the ``G`` guided steps
-            (in the order of ``guided``), or None when no step was guided: what the guided-mean
-            log-prob and an explicit distillation loss need.
+        guidance_grad: ``[B, G, ...]`` the PRM gradient ``g`` each of the ``G`` guided steps used (in the
+            order of ``guided``, in the dtype ``ops.sde_step`` received it), or None when no step was
+            guided; with ``guidance_scale`` (``[B, G]`` float32 ``c``) what the guided-mean log-prob
+            (``ops.sde_log_prob(..., reward_grad=g, guidance_scale=c)``: the rollout's bits) and an
+            explicit distillation loss need. :attr:`guidance_shift` is ``c * g``.
         guidance_grad_norm: ``[B, G]`` float32 ``||g||`` of the gradient each guided step used (after
             ``grad_normalize``/``grad_max_norm``), or None.
         guidance_rho: ``[B, G]`` float32 effective ``rho = c ||g|| / std`` of each guided step (the shift
@@ -467,7 +470,8 @@ class Trajectory:
     log_prob: torch.Tensor
     process_reward: torch.Tensor
     guided: torch.Tensor
-    guidance_shift: Optional[torch.Tensor]
+    guidance_grad: Optional[torch.Tensor]
+    guidance_scale: Optional[torch.Tensor]
     guidance_grad_norm: Optional[torch.Tensor]
     guidance_rho: Optional[torch.Tensor]
     sde_steps: torch.Tensor
@@ -483,6 +487,21 @@ class Trajectory:
     @property
     def num_sde_steps(self) -> int:
         return int(self.sde_steps.numel())
+
+    @property
+    def guidance_shift(self) -> Optional[torch.Tensor]:
+        """``[B, G, ...]`` float32 ``c * g`` added to the mean of each guided step, or None."""
+        if self.guidance_grad is None:
+            return None
+        scale = self.guidance_scale.view(*self.guidance_scale.shape, *([1] * (self.guidance_grad.dim() - 2)))
+        return scale * self.guidance_grad.float()
+
+    @property
+    def trainable(self) -> torch.Tensor:
+        """``[K]`` bool: recorded steps whose output reaches the decoded sample. The decoded sample is the
+        last step's ``x0_pred``, a function of that step's input, so the last step's own noise and
+        guidance never reach the reward: it is never trained."""
+        return self.sde_steps < self.is_sde.numel() - 1
 
     @property
     def x(self) -> torch.Tensor:
@@ -520,20 +539,29 @@ class Trajectory:
         """
         sigma, sigma_next, kwargs = self.step_args(j)
         x_next = self.latents[:, j + 1]
-        if self.logprob_mean == "guided" and bool(self.guided[j]):
-            rows = torch.arange(x_next.shape[0], device=x_next.device)
-            x_next = x_next.float() - self.shift_at(rows, torch.full_like(rows, j))
-        return ops.sde_log_prob(self.latents[:, j], v, x_next, sigma, sigma_next, v_ref=v_ref, **kwargs)
+        rows = torch.arange(x_next.shape[0], device=x_next.device)
+        guidance = self.guidance_at(rows, torch.full_like(rows, j)) if self.logprob_mean == "guided" else {}
+        return ops.sde_log_prob(self.latents[:, j], v, x_next, sigma, sigma_next, v_ref=v_ref, **kwargs, **guidance)
+
+    def guidance_at(self, rows: torch.Tensor, cols: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """``{"reward_grad": g, "guidance_scale": c}`` of sample ``rows[i]`` at recorded step ``cols[i]``
+        (``c = 0`` where that step was not guided), the keyword arguments that give ``ops.sde_log_prob``
+        the step's guided mean; empty when no step was guided."""
+        if self.guidance_grad is None:
+            return {}
+        # Column of each recorded step among the guided ones (guidance_grad holds only those).
+        g_index = (torch.cumsum(self.guided.long(), 0) - 1).clamp_min(0)[cols]
+        scale = self.guidance_scale[rows, g_index] * self.guided[cols]
+        return {"reward_grad": self.guidance_grad[rows, g_index], "guidance_scale": scale}
 
     def shift_at(self, rows: torch.Tensor, cols: torch.Tensor) -> Optional[torch.Tensor]:
         """The guidance shift ``c * g`` of sample ``rows[i]`` at recorded step ``cols[i]``: ``[n, ...]``
         float32, zero where that step was not guided; None when no step was guided."""
-        if self.guidance_shift is None:
+        guidance = self.guidance_at(rows, cols)
+        if not guidance:
             return None
-        # Column of each recorded step among the guided ones (guidance_shift holds only those).
-        g_index = (torch.cumsum(self.guided.long(), 0) - 1).clamp_min(0)[cols]
-        guided = self.guided[cols].view(-1, *([1] * (self.guidance_shift.dim() - 2)))
-        return self.guidance_shift[rows, g_index] * guided
+        c = guidance["guidance_scale"].view(-1, *([1] * (guidance["reward_grad"].dim() - 1)))
+        return c * guidance["reward_grad"].float()
 
     def select(self, index: Union[torch.Tensor, Sequence[int], slice]) -> "Trajectory":
         """The trajectory of a subset of the samples (``index`` into the batch dimension)."""
@@ -544,7 +572,8 @@ class Trajectory:
             latents=self.latents[index],
             log_prob=self.log_prob[index],
             process_reward=self.process_reward[index],
-            guidance_shift=None if self.guidance_shift is None else self.guidance_shift[index],
+            guidance_grad=None if self.guidance_grad is None else self.guidance_grad[index],
+            guidance_scale=None if self.guidance_scale is None else self.guidance_scale[index],
             guidance_grad_norm=None if self.guidance_grad_norm is None else self.guidance_grad_norm[index],
             guidance_rho=None if self.guidance_rho is None else self.guidance_rho[index],
             x0=self.x0[index],
@@ -636,6 +665,7 @@ def rollout(
     seed: Union[int, torch.Generator, None] = None,
     dtype: Optional[torch.dtype] = None,
     device: Optional[Union[str, torch.device]] = None,
+    score_states: bool = False,
     progress: bool = False,
 ) -> Trajectory:
     """Sample ``B`` latents from pure noise in ``config.num_steps`` steps and record the trajectory.
@@ -654,8 +684,8 @@ def rollout(
         config: a :class:`SamplerConfig` (see :func:`preset`).
         shape: latent shape ``[B, ...]`` of the initial noise to draw; or
         noise: the initial latents ``[B, ...]`` themselves (``x`` at ``sigma = 1``).
-        prm: process reward model, called ``prm(x, sigma [B], prm_cond) -> [B]``; required iff
-            ``config.guidance``.
+        prm: process reward model, called ``prm(x, sigma [B], prm_cond) -> [B]``; required with
+            ``config.guidance`` or ``score_states``.
         prm_cond: the PRM's conditioning; default ``cond.prompt_embeds`` if ``cond`` has it, else ``cond``.
         group_size: prompt-group size (contiguous samples) for ``config.same_initial_noise``.
         seed: int or ``torch.Generator`` (None: a fresh random seed). The generator draws, in order:
@@ -665,6 +695,8 @@ def rollout(
             else float32). The stored latents are exactly those the log-probs were computed at.
         device: device of the latents (default: of ``noise``, else ``velocity_fn.device`` if it has
             one, else CPU).
+        score_states: also score the input of every recorded unguided step with ``prm`` (no gradient),
+            into ``process_reward``: the states a TD process advantage compares.
         progress: show a tqdm progress bar.
 
     Returns:
@@ -678,8 +710,12 @@ def rollout(
         raise ValueError(
             "prm is required: SamplerConfig.guidance is on (pass the process reward model, or guidance=False)"
         )
-    if not config.guidance and prm is not None:
-        raise ValueError("prm was given but SamplerConfig.guidance is off; set guidance=True to guide with it")
+    if score_states and prm is None:
+        raise ValueError("prm is required: score_states=True scores the recorded states with it")
+    if not config.guidance and not score_states and prm is not None:
+        raise ValueError(
+            "prm was given but SamplerConfig.guidance is off and score_states is False; set either to use it"
+        )
     if dtype is None:
         dtype = getattr(velocity_fn, "dtype", None) or torch.float32
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
@@ -721,7 +757,8 @@ def rollout(
     log_prob = torch.zeros((batch, num_sde), dtype=torch.float32, device=device)
     process_reward = torch.zeros((batch, num_sde), dtype=torch.float32, device=device)
     guided = torch.zeros(num_sde, dtype=torch.bool, device=device)
-    shifts: List[torch.Tensor] = []
+    grads: List[torch.Tensor] = []
+    scales: List[torch.Tensor] = []
     grad_norms: List[torch.Tensor] = []
     rhos: List[torch.Tensor] = []
 
@@ -744,6 +781,10 @@ def rollout(
             latents[:, 0] = x
         step_noise, step_seed = None, None
         reward_grad, c = None, 0.0
+        if score_states and i not in guided_steps:
+            with torch.no_grad():
+                sigma_b = torch.full((batch,), sigma, dtype=torch.float32, device=device)
+                process_reward[:, j] = prm(x, sigma_b, prm_cond).float()
         if i in guided_steps:
             sigma_b = torch.full((batch,), sigma, dtype=torch.float32, device=device)
             reward, reward_grad = ops.reward_grad(
@@ -753,7 +794,6 @@ def rollout(
             std = noise_std(sigma, sigma_next, **sde_kwargs)
             if config.guidance_form == "rho":
                 c = rho_coefficient(grad_norm, config.guidance_rho, std)
-                shift = c.view(-1, *([1] * (x.dim() - 1))) * reward_grad.float()
             else:
                 c = guidance_coefficient(
                     sigma,
@@ -763,10 +803,10 @@ def rollout(
                     beta=config.guidance_beta,
                     **sde_kwargs,
                 )
-                shift = c * reward_grad.float()
             process_reward[:, j] = reward.float()
             guided[j] = True
-            shifts.append(shift)
+            grads.append(reward_grad)
+            scales.append(c if isinstance(c, torch.Tensor) else torch.full((batch,), c, device=device))
             grad_norms.append(grad_norm)
             rhos.append(c * grad_norm / std)  # std > 0: cps never records its zero-noise last step
         if noise_source == "generator":
@@ -794,9 +834,10 @@ def rollout(
         log_prob=log_prob,
         process_reward=process_reward,
         guided=guided,
-        guidance_shift=torch.stack(shifts, dim=1) if shifts else None,
-        guidance_grad_norm=torch.stack(grad_norms, dim=1) if shifts else None,
-        guidance_rho=torch.stack(rhos, dim=1) if shifts else None,
+        guidance_grad=torch.stack(grads, dim=1) if grads else None,
+        guidance_scale=torch.stack(scales, dim=1).float() if grads else None,
+        guidance_grad_norm=torch.stack(grad_norms, dim=1) if grads else None,
+        guidance_rho=torch.stack(rhos, dim=1) if grads else None,
         sde_steps=torch.arange(start, end, dtype=torch.long, device=device),
         is_sde=is_sde,
         sigmas=sigmas,
