@@ -2,9 +2,13 @@
 
 Elements are the flattened ``[B]`` or ``[B, K]`` log-probs; advantages are per element or per
 row (``ADV_PER_ROW``: a ``[B]`` advantage broadcast over ``K`` steps). Each forward program writes
-its partial sums to its own row of a ``[programs, 6]`` buffer that the launcher reduces with
-torch (deterministic: no float atomics). The backward recomputes the ratio from the saved inputs
-instead of saving it.
+its partial sums (of ``x / N``: no overflow where the plain sum would) to its own row of a
+``[programs, 6]`` buffer that the launcher reduces with torch (deterministic: no float atomics).
+The backward recomputes the ratio from the saved inputs instead of saving it.
+
+NaN in any input of an element gives NaN in the loss, its gradient and every statistic it enters
+(``tl.minimum``/``tl.maximum`` with ``propagate_nan``); a ratio that overflows (log ratio above
+~88.7) follows ``euphonium.ops.grpo``'s rule.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ import triton
 import triton.language as tl
 
 from euphonium.kernels.aot import AOTSpec
+
+ALL = tl.constexpr(tl.PropagateNan.ALL)
 
 # Columns of the forward's partial buffer.
 N_PARTIALS = 6  # clipped-surrogate sum, kl sum, clipped count, approx-kl sum, sum(ratio - 1), max |ratio - 1|
@@ -32,17 +38,44 @@ def _ratio_and_advantage(
     else:
         b_a = tl.load(adv_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if CLIP_ADV:
-        b_a = tl.minimum(tl.maximum(b_a, -adv_clip), adv_clip)
+        # NaN stays NaN (the default min/max would return the bound), as in torch.clamp.
+        b_a = tl.minimum(tl.maximum(b_a, -adv_clip, propagate_nan=ALL), adv_clip, propagate_nan=ALL)
     b_log_ratio = b_lp - b_old
     return b_log_ratio, tl.exp(b_log_ratio), b_a
 
 
 @triton.jit
-def _exp_minus_1_minus_x(x):
-    # exp(x) - 1 - x cancels catastrophically near x = 0, where ratios live (|x| ~ 1e-4): a
-    # Taylor series there keeps the approx-KL and |ratio - 1| statistics accurate in fp32.
+def _clip_and_branch(b_ratio, b_a, clip_range):
+    """``clip(ratio)`` (NaN stays NaN) and where the clipped branch of the max is taken (flat): A > 0
+    above the range, A < 0 below it, and A = 0 (both branches are 0: no 0 * inf when the ratio
+    overflows). Decided by signs, not by the product A (ratio - clip), which can underflow."""
+    b_clipped = tl.minimum(
+        tl.maximum(b_ratio, 1.0 - clip_range, propagate_nan=ALL), 1.0 + clip_range, propagate_nan=ALL
+    )
+    b_flat = ((b_a > 0.0) & (b_ratio > b_clipped)) | ((b_a < 0.0) & (b_ratio < b_clipped))
+    b_flat = b_flat | ((b_a == 0.0) & (b_ratio == b_ratio))
+    return b_clipped, b_flat
+
+
+@triton.jit
+def _ratio_stats(x):
+    """``ratio - 1`` and ``exp(x) - 1 - x`` (approx KL), accurate near 0 and for large |x|.
+
+    Both cancel catastrophically near x = 0, where ratios live (|x| ~ 1e-4): a Taylor series there
+    keeps the statistics accurate in fp32. Elsewhere ``exp(x) - 1`` directly (``x + akl`` would
+    lose ``ratio - 1 = -1`` under ``akl = |x|`` for x = -1e20), and an overflowed ratio gives inf
+    (not inf - inf).
+    """
     series = x * x * (0.5 + x * (1.0 / 6.0 + x * (1.0 / 24.0 + x * (1.0 / 120.0 + x / 720.0))))
-    return tl.where(tl.abs(x) < 0.1, series, tl.exp(x) - 1.0 - x)
+    small = tl.abs(x) < 0.1
+    em1 = tl.where(small, x + series, tl.exp(x) - 1.0)
+    akl = tl.where(small, series, tl.where(em1 == float("inf"), em1, em1 - x))
+    return em1, akl
+
+
+@triton.jit
+def _max_keep_nan(a, b):
+    return tl.maximum(a, b, propagate_nan=ALL)
 
 
 @triton.jit
@@ -67,21 +100,23 @@ def _grpo_loss_fwd_kernel(
     b_log_ratio, b_ratio, b_a = _ratio_and_advantage(
         logp_ptr, old_ptr, adv_ptr, offs, mask, K, adv_clip, ADV_PER_ROW, CLIP_ADV
     )
-    b_clipped = tl.minimum(tl.maximum(b_ratio, 1.0 - clip_range), 1.0 + clip_range)
-    b_loss = tl.maximum(-b_a * b_ratio, -b_a * b_clipped)
-    b_akl = _exp_minus_1_minus_x(b_log_ratio)
-    b_dev = tl.abs(b_log_ratio + b_akl)
+    b_clipped, b_flat = _clip_and_branch(b_ratio, b_a, clip_range)
+    b_loss = tl.where(b_flat, -b_a * b_clipped, -b_a * b_ratio)
+    b_em1, b_akl = _ratio_stats(b_log_ratio)
+    b_dev = tl.abs(b_em1)
+    # Sums of x / N: a mean that cannot overflow where the sum would (+-3e38 terms).
+    inv_n = 1.0 / N.to(tl.float32)
     p_out = partial_ptr + i_p * 6
-    tl.store(p_out + 0, tl.sum(tl.where(mask, b_loss, 0.0), axis=0))
+    tl.store(p_out + 0, tl.sum(tl.where(mask, b_loss * inv_n, 0.0), axis=0))
     if HAS_KL:
         b_kl = tl.load(kl_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        tl.store(p_out + 1, tl.sum(b_kl, axis=0))
+        tl.store(p_out + 1, tl.sum(b_kl * inv_n, axis=0))
     else:
         tl.store(p_out + 1, 0.0)
     tl.store(p_out + 2, tl.sum(tl.where(mask & (b_dev > clip_range), 1.0, 0.0), axis=0))
-    tl.store(p_out + 3, tl.sum(tl.where(mask, b_akl, 0.0), axis=0))
-    tl.store(p_out + 4, tl.sum(tl.where(mask, b_log_ratio + b_akl, 0.0), axis=0))
-    tl.store(p_out + 5, tl.max(tl.where(mask, b_dev, 0.0), axis=0))
+    tl.store(p_out + 3, tl.sum(tl.where(mask, b_akl * inv_n, 0.0), axis=0))
+    tl.store(p_out + 4, tl.sum(tl.where(mask, b_em1 * inv_n, 0.0), axis=0))
+    tl.store(p_out + 5, tl.reduce(tl.where(mask, b_dev, 0.0), 0, _max_keep_nan))
 
 
 @triton.jit
@@ -108,10 +143,9 @@ def _grpo_loss_bwd_kernel(
     mask = offs < N
     g = tl.load(grad_ptr).to(tl.float32) * inv_n
     _, b_ratio, b_a = _ratio_and_advantage(logp_ptr, old_ptr, adv_ptr, offs, mask, K, adv_clip, ADV_PER_ROW, CLIP_ADV)
-    b_clipped = tl.minimum(tl.maximum(b_ratio, 1.0 - clip_range), 1.0 + clip_range)
-    # The clipped branch wins (and is flat) where A * (ratio - clip(ratio)) > 0; at ties both
-    # branches have the unclipped slope -A * ratio.
-    b_flat = b_a * (b_ratio - b_clipped) > 0.0
+    # The clipped branch wins (and is flat) where A (ratio - clip(ratio)) > 0, or A = 0; at ties both
+    # branches have the unclipped slope -A * ratio. NaN inputs give NaN.
+    _, b_flat = _clip_and_branch(b_ratio, b_a, clip_range)
     b_d = tl.where(b_flat, 0.0, -b_a * b_ratio * g)
     tl.store(dlogp_ptr + offs, b_d.to(dlogp_ptr.dtype.element_ty), mask=mask)
     if HAS_KL:
@@ -161,10 +195,13 @@ def grpo_loss_forward(
         BLOCK=block,
         num_warps=4,
     )
-    sums = partial[:, :5].sum(0) / n
+    sums = partial[:, :5].sum(0)
     policy, kl_mean = sums[0], sums[1]
     loss = policy + kl_coef * kl_mean if kl is not None else policy
-    stats = torch.stack([sums[2], sums[3], 1 + sums[4], partial[:, 5].max(), policy, kl_mean])
+    max_dev = partial[:, 5].max()
+    # A NaN ratio has no side of the clip range: the fraction is NaN then, like every ratio stat.
+    clip_frac = torch.where(max_dev.isnan(), max_dev, sums[2] / n)
+    stats = torch.stack([clip_frac, sums[3], 1 + sums[4], max_dev, policy, kl_mean])
     return loss, stats
 
 

@@ -10,30 +10,43 @@ from euphonium import ops
 BACKENDS = ["reference", "torch", "triton"]
 
 
-def grpo_np(log_prob, old_log_prob, advantages, *, clip_range, adv_clip, kl=None, kl_coef=0.0):
-    """Float64 spec: loss, stats and the analytic d loss / d log_prob and d loss / d kl."""
+def grpo_np(log_prob, old_log_prob, advantages, *, clip_range, adv_clip, kl=None, kl_coef=0.0, fp32_elements=False):
+    """Float64 spec: loss, stats and the analytic d loss / d log_prob and d loss / d kl.
+
+    ``fp32_elements``: each element as the fp32 paths evaluate it (the log ratio in fp32, a ratio,
+    ``ratio - 1`` or loss term beyond fp32's range is +-inf), the rest in float64.
+    """
     lp, old = np.float64(log_prob), np.float64(old_log_prob)
     a = np.float64(advantages)
     if adv_clip is not None:
         a = np.clip(a, -adv_clip, adv_clip)
     if a.ndim < lp.ndim:
         a = a[:, None] * np.ones_like(lp)
-    x = lp - old
-    ratio = np.exp(x)
-    clipped = np.clip(ratio, 1 - clip_range, 1 + clip_range)
-    unclipped_term, clipped_term = -a * ratio, -a * clipped
-    policy = np.maximum(unclipped_term, clipped_term).mean()
-    kl_mean = np.float64(kl).mean() if kl is not None else 0.0
-    flat = a * (ratio - clipped) > 0  # the clipped (constant) branch is the max
-    dlogp = np.where(flat, 0.0, -a * ratio) / lp.size
-    stats = {
-        "clip_frac": np.mean(np.abs(np.expm1(x)) > clip_range),
-        "approx_kl": np.mean(np.expm1(x) - x),
-        "ratio_mean": np.mean(ratio),
-        "ratio_max_dev": np.max(np.abs(np.expm1(x))),
-        "policy_loss": policy,
-        "kl": kl_mean,
-    }
+    big = np.float64(np.finfo(np.float32).max)
+
+    def fp32_range(v):
+        return np.where(np.abs(v) > big, np.sign(v) * np.inf, v) if fp32_elements else v
+
+    with np.errstate(over="ignore", invalid="ignore"):
+        x = np.float64(np.float32(log_prob) - np.float32(old_log_prob)) if fp32_elements else lp - old
+        ratio = fp32_range(np.exp(x))
+        em1 = fp32_range(np.expm1(x))
+        clipped = np.clip(ratio, 1 - clip_range, 1 + clip_range)
+        # The exact max of -A r and -A clip(r): the clipped branch where it wins, 0 for A = 0.
+        flat = ((a > 0) & (ratio > clipped)) | ((a < 0) & (ratio < clipped)) | ((a == 0) & ~np.isnan(ratio))
+        terms = fp32_range(np.where(flat, -a * clipped, -a * ratio))
+        policy = terms.mean()
+        kl_mean = np.float64(kl).mean() if kl is not None else 0.0
+        dlogp = np.where(flat, 0.0, -a * ratio) / lp.size
+        akl = np.where(em1 == np.inf, np.inf, em1 - x)
+        stats = {
+            "clip_frac": np.mean(np.abs(em1) > clip_range) if not np.isnan(x).any() else np.nan,
+            "approx_kl": np.mean(akl),
+            "ratio_mean": 1 + np.mean(em1),
+            "ratio_max_dev": np.max(np.abs(em1)),
+            "policy_loss": policy,
+            "kl": kl_mean,
+        }
     return policy + kl_coef * kl_mean, stats, dlogp, np.full(lp.shape, kl_coef / lp.size)
 
 
@@ -144,6 +157,111 @@ def test_rounding_ties_at_the_clip_bound(backend):
     assert (is_zero | is_full).all()
     if backend == "torch":
         assert torch.equal(is_zero, adv * (ratio - clipped) > 0)
+
+
+def _run(backend, log_prob, old, adv, kl=None, **opts):
+    lp = log_prob.detach().clone().requires_grad_()
+    k = kl.detach().clone().requires_grad_() if kl is not None else None
+    with ops.use_backend(backend):
+        loss, stats = ops.grpo_loss(lp, old, adv, kl=k, **opts)
+    loss.backward()
+    return loss.item(), stats, lp.grad.double().numpy(), None if k is None else k.grad.double().numpy()
+
+
+def _check_against_spec(log_prob, old, adv, kl=None, **opts):
+    """Every backend against the fp32-element float64 spec, and the backends against each other."""
+    loss_np, stats_np, dlogp_np, dkl_np = grpo_np(
+        log_prob.numpy(),
+        old.numpy(),
+        adv.numpy(),
+        kl=None if kl is None else kl.numpy(),
+        fp32_elements=True,
+        **opts,
+    )
+    results = {b: _run(b, log_prob, old, adv, kl, **opts) for b in BACKENDS}
+    for backend, (loss, stats, dlogp, dkl) in results.items():
+        msg = f"{backend}"
+        # Subnormal results (1e-40 advantages) are exact to the subnormal spacing (1.4e-45) only.
+        np.testing.assert_allclose(loss, loss_np, rtol=1e-5, atol=1e-43, err_msg=msg)
+        for name, value in stats_np.items():
+            np.testing.assert_allclose(stats[name], value, rtol=1e-4, atol=1e-43, err_msg=f"{msg} {name}")
+        scale = np.nanmax(np.abs(np.where(np.isinf(dlogp_np), 0, dlogp_np)))
+        np.testing.assert_allclose(dlogp, dlogp_np, rtol=1e-5, atol=max(1e-7 * scale, 1e-44), err_msg=f"{msg} grad")
+        assert np.array_equal(np.isnan(dlogp), np.isnan(dlogp_np)), msg
+        if kl is not None:
+            np.testing.assert_allclose(dkl, dkl_np, rtol=1e-5, err_msg=f"{msg} kl grad")
+    return results
+
+
+@pytest.mark.parametrize("where", ["log_prob", "old_log_prob", "advantages", "row_advantage", "kl"])
+@pytest.mark.parametrize("adv_clip", [5.0, None])
+def test_nan_propagates_on_every_backend(where, adv_clip, nan_poison):
+    # NaN in is NaN out: the Triton kernel used to clamp a NaN advantage to -adv_clip (loss 2.0) and
+    # drop a NaN log-prob from the max (ratio_max_dev 0). A = 0 at the poisoned element too.
+    shape = (6, 5)
+    log_prob, old, adv, kl = _inputs(shape, 0.05, adv_per_row=where == "row_advantage", with_kl=True)
+    log_prob, kl = log_prob.detach(), kl.detach()
+    tensors = {"log_prob": log_prob, "old_log_prob": old, "advantages": adv, "row_advantage": adv, "kl": kl}
+    if where != "row_advantage":
+        adv[2, 3] = 0.0 if where in ("log_prob", "old_log_prob") else adv[2, 3]
+        tensors[where][2, 3] = torch.nan
+    else:
+        adv[2] = torch.nan
+    opts = dict(clip_range=0.05, adv_clip=adv_clip, kl_coef=0.1)
+    results = _check_against_spec(log_prob, old, adv, kl, **opts)
+    for backend, (loss, stats, dlogp, _) in results.items():
+        assert np.isnan(loss), backend
+        ratio_stats = ("clip_frac", "approx_kl", "ratio_mean", "ratio_max_dev")
+        nan_stats = {
+            "log_prob": (*ratio_stats, "policy_loss"),
+            "old_log_prob": (*ratio_stats, "policy_loss"),
+            "advantages": ("policy_loss",),
+            "row_advantage": ("policy_loss",),
+            "kl": ("kl",),
+        }[where]
+        assert {k for k, v in stats.items() if np.isnan(v)} == set(nan_stats), backend
+        bad = np.zeros(shape, dtype=bool)
+        if where == "row_advantage":
+            bad[2] = True
+        elif where != "kl":
+            bad[2, 3] = True
+        assert np.array_equal(np.isnan(dlogp), bad), backend
+
+
+def test_ratio_overflow_is_the_exact_max_on_every_backend(nan_poison):
+    # Log ratios of 100 (exp overflows fp32), +inf (3e38 - -3e38 in fp32) and -1e20 (ratio 0), each
+    # with A > 0 (the clipped term, flat), A < 0 (+inf) and A = 0 (0, not 0 * inf).
+    old = torch.randn(3, 4) - 5
+    log_prob = old.clone()
+    log_prob[:, 0] = old[:, 0] + 100
+    log_prob[:, 1], old[:, 1] = 3e38, -3e38
+    log_prob[:, 2], old[:, 2] = -1e20, 0.0
+    adv = torch.tensor([[1.5, 2.0, 0.7, 0.3], [0.0, 0.0, 0.0, -0.4], [-1.0, -3.0, -2.0, 1.0]])
+    opts = dict(clip_range=0.2, adv_clip=2.0)
+    results = _check_against_spec(log_prob, old, adv, **opts)
+    for backend, (loss, stats, dlogp, _) in results.items():
+        assert loss == np.inf, backend  # A < 0 with an infinite ratio
+        assert stats["approx_kl"] == stats["ratio_mean"] == stats["ratio_max_dev"] == np.inf
+        assert (dlogp[0, :3] == 0).all() and (dlogp[1, :3] == 0).all(), backend
+        assert (dlogp[2, :2] == np.inf).all() and dlogp[2, 2] == 0, backend
+    # Only the rows without A < 0 on an overflowed ratio: a finite loss, the clipped terms.
+    results = _check_against_spec(log_prob[:2], old[:2], adv[:2], **opts)
+    for backend, (loss, stats, _, _) in results.items():
+        assert np.isfinite(loss) and np.isfinite(stats["policy_loss"]), backend
+
+
+@pytest.mark.parametrize("magnitude", [1e20, 3e38, 1e-22, 1e-40])
+def test_huge_and_tiny_values_match_float64(magnitude, nan_poison):
+    shape = (7, 9)
+    old = torch.randn(shape) * 3 - 20
+    log_prob = old + torch.randn(shape) * 0.1
+    adv = (torch.rand(shape) * 2 - 1) * magnitude  # huge advantages: the mean of +-3e38 terms
+    # Huge or tiny log-probs and log ratios in the first rows.
+    log_prob[0], old[0] = -magnitude, 0.0
+    log_prob[1] = old[1] = (torch.rand(9) * 2 - 1) * magnitude
+    log_prob[2] = old[2] + magnitude * torch.sign(torch.randn(9)) if magnitude < 1 else log_prob[2]
+    for adv_clip in (None, 3.0):
+        _check_against_spec(log_prob, old, adv, clip_range=0.05, adv_clip=adv_clip)
 
 
 def test_only_log_prob_and_kl_get_gradients():

@@ -9,10 +9,23 @@ Per element ``e`` (a sample, or a sample and a trained denoising step)::
 
 ``clip_range`` is tiny (1e-4 by default) because the log-prob of a step is a per-element mean
 over the latent, so ratios stay very close to 1.
+
+Every backend follows the same rules at the edges:
+
+- NaN in an element's log-prob, old log-prob, advantage or kl gives NaN in the loss, in that
+  element's gradient and in every statistic it enters (``clip_frac`` included): never clipped away.
+- Elements are evaluated in the compute dtype (fp32; float64 for float64 inputs on the reference
+  and PyTorch paths). A log ratio above ``log(max)`` (~88.7 in fp32) overflows the ratio to inf;
+  the loss then takes the exact max of the two branches as the math does: the clipped term
+  ``-A (1 + clip_range)`` with zero gradient where ``A > 0``, ``+inf`` (gradient ``+inf``) where
+  ``A < 0``, and 0 where ``A = 0`` (never ``0 * inf = NaN``); ``approx_kl``, ``ratio_mean`` and
+  ``ratio_max_dev`` are inf. Any value beyond the dtype's range is likewise +-inf, never NaN.
+- Means are sums of ``x / n``, so they do not overflow where the plain sum would (+-3e38 terms).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Dict, Mapping, Optional, Tuple
 
 import torch
@@ -159,30 +172,42 @@ def _ratio_and_advantage(log_prob, old_log_prob, advantages, adv_clip):
     return log_ratio, torch.exp(log_ratio), adv
 
 
+def _flat(ratio, clipped, adv):
+    """Where the clipped branch of the max is taken (constant in ``log_prob``): ``A > 0`` above the
+    clip range, ``A < 0`` below it, and ``A = 0`` (both branches 0, also for an overflowed ratio).
+    Decided by signs, not by the product ``A (ratio - clip)``, which can underflow; NaN is never flat."""
+    flat = ((adv > 0) & (ratio > clipped)) | ((adv < 0) & (ratio < clipped))
+    return flat | ((adv == 0) & (ratio == ratio))
+
+
 class _GRPOLossTorch(torch.autograd.Function):
     """The PyTorch path: the kernels' forward and backward in torch ops. Saves only the inputs; the
     backward recomputes the ratio: ``d L / d log_prob = -A ratio / n`` except where the clipped
-    branch wins (``A (ratio - clip(ratio)) > 0``, flat), ``d L / d kl = kl_coef / n``."""
+    branch wins (``_flat``), ``d L / d kl = kl_coef / n``."""
 
     @staticmethod
     def forward(ctx, log_prob, old_log_prob, advantages, kl, clip_range, adv_clip, kl_coef):
         log_ratio, ratio, adv = _ratio_and_advantage(log_prob, old_log_prob, advantages, adv_clip)
-        neg_adv = adv.neg()
-        clipped = ratio.clamp(1 - clip_range, 1 + clip_range).mul_(neg_adv)
-        policy = torch.maximum(ratio * neg_adv, clipped).mean()
-        kl_mean = kl.to(policy.dtype).mean() if kl is not None else torch.zeros_like(policy)
+        n = log_ratio.numel()
+        clipped = ratio.clamp(1 - clip_range, 1 + clip_range)
+        terms = torch.where(_flat(ratio, clipped, adv), clipped, ratio).mul_(adv.neg())
+        policy = terms.div_(n).sum()
+        kl_mean = kl.to(policy.dtype).div(n).sum() if kl is not None else torch.zeros_like(policy)
         loss = policy + kl_coef * kl_mean if kl is not None else policy
         # Per element [|ratio - 1| > clip_range, approx KL, ratio - 1], their means in one reduction. In
         # float64 expm1 is exact enough that expm1(x) - x needs no series (the reference's fp32 one):
-        # three ops where the series takes fifteen, which is most of the time of a small batch.
+        # three ops where the series takes fifteen, which is most of the time of a small batch. A ratio
+        # that overflowed the compute dtype counts as inf, as on the other paths.
         x = log_ratio.to(torch.float64)
         terms = torch.empty((3,) + x.shape, dtype=torch.float64, device=x.device)
-        ratio_minus_1 = torch.expm1(x, out=terms[2])
-        torch.sub(ratio_minus_1, x, out=terms[1])
+        ratio_minus_1 = torch.expm1(x, out=terms[2]).masked_fill_(ratio == torch.inf, torch.inf)
+        torch.sub(ratio_minus_1, x, out=terms[1]).masked_fill_(ratio_minus_1 == torch.inf, torch.inf)
         dev = ratio_minus_1.abs()
         torch.gt(dev, clip_range, out=terms[0])
         means = terms.reshape(3, -1).mean(1).to(policy.dtype)
-        stats = torch.cat([means[:2], means[2:] + 1, dev.max().to(policy.dtype)[None], policy[None], kl_mean[None]])
+        max_dev = dev.max().to(policy.dtype)
+        clip_frac = torch.where(max_dev.isnan(), max_dev, means[0])  # a NaN ratio: NaN, not "unclipped"
+        stats = torch.stack([clip_frac, means[1], means[2] + 1, max_dev, policy, kl_mean])
         ctx.save_for_backward(log_prob, old_log_prob, advantages)
         ctx.config = (clip_range, adv_clip, kl_coef, kl is not None and kl.requires_grad)
         ctx.kl_like = (kl.shape, kl.dtype) if kl is not None else None
@@ -196,7 +221,7 @@ class _GRPOLossTorch(torch.autograd.Function):
         clip_range, adv_clip, kl_coef, kl_grad = ctx.config
         _, ratio, adv = _ratio_and_advantage(log_prob, old_log_prob, advantages, adv_clip)
         g = grad_loss.to(ratio.dtype) / log_prob.numel()
-        flat = (ratio - ratio.clamp(1 - clip_range, 1 + clip_range)).mul_(adv) > 0
+        flat = _flat(ratio, ratio.clamp(1 - clip_range, 1 + clip_range), adv)
         grad_lp = ratio.mul_(adv).mul_(-g).masked_fill_(flat, 0.0).to(log_prob.dtype)
         grad_kl = None
         if kl_grad:
@@ -224,21 +249,30 @@ def grpo_loss_ref(
     if adv.dim() < lp.dim():
         adv = adv.unsqueeze(1)
     log_ratio = lp - old_log_prob.detach().to(dtype)
-    ratio = torch.exp(log_ratio)
+    n = log_ratio.numel()
+    with torch.no_grad():
+        # Where the ratio overflows to inf and A >= 0 the max is the clipped term (A > 0) or 0 (A = 0),
+        # both flat: exp is taken at 0 there, so that 0 * inf (NaN) is neither in the value nor in
+        # exp's backward. A bound one below log(max) catches every overflow; below it nothing changes.
+        overflow = (log_ratio >= math.log(torch.finfo(dtype).max) - 1) & (adv >= 0)
+    ratio = torch.exp(log_ratio.masked_fill(overflow, 0.0))
     clipped = ratio.clamp(1 - clip_range, 1 + clip_range)
-    policy = torch.maximum(-adv * ratio, -adv * clipped).mean()
-    kl_mean = kl.to(dtype).mean() if kl is not None else torch.zeros((), dtype=dtype, device=lp.device)
+    terms = torch.maximum(-adv * ratio, -adv * clipped)
+    terms = torch.where(overflow, -adv * (1 + clip_range), terms)
+    policy = (terms / n).sum()
+    kl_mean = (kl.to(dtype) / n).sum() if kl is not None else torch.zeros((), dtype=dtype, device=lp.device)
     loss = policy + kl_coef * kl_mean if kl is not None else policy
     with torch.no_grad():
-        approx_kl = exp_minus_1_minus_x(log_ratio)
-        ratio_minus_1 = log_ratio + approx_kl
+        ratio_minus_1, approx_kl = ratio_stats(log_ratio)
         dev = ratio_minus_1.abs()
+        max_dev = dev.max()
+        clip_frac = (dev > clip_range).to(dtype).mean()
         stats = torch.stack(
             [
-                (dev > clip_range).to(dtype).mean(),
-                approx_kl.mean(),
-                1 + ratio_minus_1.mean(),
-                dev.max(),
+                torch.where(max_dev.isnan(), max_dev, clip_frac),  # a NaN ratio: NaN, not "unclipped"
+                (approx_kl / n).sum(),
+                1 + (ratio_minus_1 / n).sum(),
+                max_dev,
                 policy,
                 kl_mean,
             ]
@@ -246,10 +280,13 @@ def grpo_loss_ref(
     return loss, stats
 
 
-def exp_minus_1_minus_x(x: torch.Tensor) -> torch.Tensor:
-    """``exp(x) - 1 - x`` accurate near 0 (Taylor series for ``|x| < 0.1``, where it cancels)."""
+def ratio_stats(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``exp(x) - 1`` and ``exp(x) - 1 - x`` accurate near 0 (Taylor series for ``|x| < 0.1``, where
+    both cancel) and for large ``|x|`` (``exp(x) - 1`` directly; an overflowed one stays inf)."""
     series = x * x * (0.5 + x * (1 / 6 + x * (1 / 24 + x * (1 / 120 + x / 720))))
-    return torch.where(x.abs() < 0.1, series, torch.exp(x) - 1 - x)
+    small = x.abs() < 0.1
+    em1 = torch.where(small, x + series, torch.exp(x) - 1)
+    return em1, torch.where(small, series, torch.where(em1 == torch.inf, em1, em1 - x))
 
 
 def dual_reward_advantages(
