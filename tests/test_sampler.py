@@ -381,10 +381,52 @@ def test_guided_mean_log_prob(wan, cond):
     # ... while under the unguided mean the guided sample is off-centre by c * g: less likely
     assert bool((unguided_mean.log_prob[:, 3] < guided_mean.log_prob[:, 3]).all())
     for j in range(6):
-        v = model.calls[j][2]
-        torch.testing.assert_close(
-            guided_mean.recompute_log_prob(j, v), guided_mean.log_prob[:, j], rtol=1e-5, atol=1e-5
-        )
+        # The training log-prob under the guided mean is the rollout's, bit for bit: ratio exactly 1.
+        assert torch.equal(guided_mean.recompute_log_prob(j, model.calls[j][2]), guided_mean.log_prob[:, j])
+
+
+@pytest.mark.parametrize("form", ["lambda", "rho"])
+def test_guided_mean_log_prob_is_bit_exact_per_sample_selection(wan, cond, form):
+    # The trainer recomputes arbitrary (sample, step) pairs: guidance_at must give each its own g and c.
+    prm = QuadraticPRM(torch.randn(SHAPE))
+    config = preset("euphonium", num_steps=6, guidance_start=3, guidance_form=form, logprob_mean="guided")
+    model = Recorder(DiffusersFlowModel(wan))
+    traj = rollout(model, cond, config, shape=SHAPE, prm=prm, group_size=2, seed=9)
+    rows, cols = torch.tensor([3, 0, 2, 1]), torch.tensor([4, 1, 5, 3])
+    x = traj.latents[rows, cols]
+    v = torch.stack([model.calls[int(c)][2][int(r)] for r, c in zip(rows, cols)])
+    sigma, sigma_next = traj.sigmas[traj.sde_steps[cols]], traj.sigmas[traj.sde_steps[cols] + 1]
+    got = ops.sde_log_prob(
+        x,
+        v,
+        traj.latents[rows, cols + 1],
+        sigma,
+        sigma_next,
+        schedule=traj.schedule,
+        noise_level=traj.noise_level,
+        sigma_max=traj.sigma_max,
+        **traj.guidance_at(rows, cols),
+    )
+    assert torch.equal(got, traj.log_prob[rows, cols])
+
+
+def test_last_step_is_never_trainable(wan, cond):
+    full = rollout(DiffusersFlowModel(wan), cond, preset("dance_grpo", num_steps=5), shape=SHAPE, group_size=2, seed=1)
+    assert full.trainable.tolist() == [True] * 4 + [False]
+    window = rollout(DiffusersFlowModel(wan), cond, preset("flow_grpo_fast"), shape=SHAPE, group_size=2, seed=1)
+    assert bool(window.trainable.all())  # its window ends in the first half
+
+
+def test_score_states_scores_every_recorded_input(wan, cond):
+    prm = QuadraticPRM(torch.randn(SHAPE))
+    config = preset("dance_grpo", num_steps=4)
+    traj = rollout(DiffusersFlowModel(wan), cond, config, shape=SHAPE, prm=prm, score_states=True, group_size=2, seed=2)
+    sigma0 = torch.zeros(SHAPE[0])
+    for j in range(4):
+        torch.testing.assert_close(traj.process_reward[:, j], prm(traj.x[:, j], sigma0, cond.prompt_embeds))
+    assert not bool(traj.guided.any())
+    with pytest.raises(ValueError, match="score_states"):
+        rollout(DiffusersFlowModel(wan), cond, config, shape=SHAPE, score_states=True, group_size=2, seed=2)
 
 
 def test_fixed_window_records_exactly_its_steps(wan, cond):
