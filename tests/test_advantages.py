@@ -221,6 +221,71 @@ def test_dual_reward_advantages(backend, nan_poison):
     )
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout", ["contiguous", "unequal"])
+def test_dual_reward_advantages_td_form(backend, layout, nan_poison):
+    # A_p[:, k] = groupnorm(r[:, k+1] - r[:, k]) at the guided steps, 0 elsewhere, by hand in float64.
+    batch, steps = 24, 4
+    group, ids = _layout(layout, batch)
+    outcome = {"adherence": torch.randn(batch)}
+    states = torch.randn(batch, steps + 1) * 2
+    guided = torch.tensor([False, True, True, False])
+    states[:, 4] = torch.nan  # only step 3 (unguided) uses state 4: ignored
+    with ops.use_backend(backend):
+        a_o, a_p = ops.dual_reward_advantages(outcome, states, guided=guided, process_form="td", clip=2.5, **group)
+        _, a_state = ops.dual_reward_advantages(outcome, states[:, :steps], guided=guided, clip=2.5, **group)
+    s = states.double().numpy()
+    expected = np.zeros((batch, steps))
+    for k in np.flatnonzero(guided.numpy()):
+        delta = s[:, k + 1] - s[:, k]
+        for g in np.unique(ids):
+            rows = ids == g
+            d = delta[rows]
+            std = d.std(ddof=1) if rows.sum() > 1 else 0.0
+            expected[rows, k] = 0.0 if d.max() == d.min() else np.clip((d - d.mean()) / (std + 1e-8), -2.5, 2.5)
+    assert a_p.shape == (batch, steps) and a_p.dtype == torch.float32
+    np.testing.assert_allclose(a_p.numpy(), expected, rtol=1e-5, atol=1e-5)
+    assert (a_p[:, ~guided] == 0).all() and (a_p[:, guided] != 0).any()
+    np.testing.assert_allclose(
+        a_o["adherence"].numpy(), advantages_np(outcome["adherence"].numpy(), ids, clip=2.5), rtol=1e-5, atol=1e-5
+    )
+    # The state form is the default and unchanged: the level at each step, not its change.
+    np.testing.assert_allclose(
+        a_state[:, guided].numpy(), advantages_np(s[:, 1:3], ids, clip=2.5), rtol=1e-5, atol=1e-5
+    )
+    assert not np.allclose(a_state.numpy(), a_p.numpy())
+
+
+def test_dual_reward_advantages_td_bad_input():
+    r = {"a": torch.randn(8)}
+    with pytest.raises(ValueError, match="process_form must be 'state' or 'td', got 'delta'"):
+        ops.dual_reward_advantages(r, torch.randn(8, 3), group_size=4, process_form="delta")
+    with pytest.raises(ValueError, match=r"process_rewards must be \[B, K\+1\] .* got shape \(8,\)"):
+        ops.dual_reward_advantages(r, torch.randn(8), group_size=4, process_form="td")
+    with pytest.raises(ValueError, match=r"process_rewards must be \[B, K\+1\] .* got shape \(8, 0\)"):
+        ops.dual_reward_advantages(r, torch.randn(8, 0), group_size=4, process_form="td")
+    # [B, K+1] states: guided has K flags.
+    with pytest.raises(ValueError, match=r"guided must have shape \[3\] \(one flag per step\)"):
+        ops.dual_reward_advantages(
+            r, torch.randn(8, 4), guided=torch.ones(4, dtype=torch.bool), group_size=4, process_form="td"
+        )
+    with pytest.raises(ValueError, match=r"process_rewards has batch size 6, expected 8"):
+        ops.dual_reward_advantages(r, torch.randn(6, 4), group_size=2, process_form="td")
+    states = torch.randn(8, 4)
+    states[5, 2] = torch.inf  # used by step 1 (after) and step 2 (before)
+    with pytest.raises(ValueError, match=r"process_rewards at state 2 has non-finite values \(first at sample 5\)"):
+        ops.dual_reward_advantages(r, states, group_size=4, process_form="td")
+    guided = torch.tensor([True, False, False])  # states 0 and 1 only
+    _, a_p = ops.dual_reward_advantages(r, states, guided=guided, group_size=4, process_form="td")
+    assert torch.isfinite(a_p).all() and (a_p[:, 1:] == 0).all()
+    huge = torch.randn(8, 2)
+    huge[3] = torch.tensor([-3e38, 3e38])
+    with pytest.raises(ValueError, match=r"TD difference r\[:, 1\] - r\[:, 0\] overflows \(first at sample 3\)"):
+        ops.dual_reward_advantages(r, huge, group_size=4, process_form="td")
+    with pytest.raises(TypeError, match="distributed must be a bool"):
+        ops.dual_reward_advantages(r, group_size=4, distributed=1)
+
+
 def test_bad_input():
     r = torch.randn(8)
     with pytest.raises(ValueError, match="exactly one of group_size"):

@@ -65,6 +65,67 @@ def test_groups_spanning_ranks_match_single_process():
         )
 
 
+def _dual_worker(rank, init_file, out_dir, outcome, states, guided, ids):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=len(COUNTS))
+    try:
+        start = sum(COUNTS[:rank])
+        rows = slice(start, start + COUNTS[rank])
+        local = {name: r[rows] for name, r in outcome.items()}
+        results = {}
+        for form, process in (("td", states[rows]), ("state", states[rows, :-1])):
+            results[form] = ops.dual_reward_advantages(
+                local, process, guided=guided, process_form=form, group_ids=ids[rows], clip=2.0, distributed=True
+            )
+        results["global_std"] = ops.dual_reward_advantages(
+            local, states[rows], process_form="td", group_ids=ids[rows], global_std=True, distributed=True
+        )
+        bad = states[rows].clone()
+        if rank == 1:
+            bad[3, 1] = torch.nan
+        try:
+            ops.dual_reward_advantages(local, bad, process_form="td", group_ids=ids[rows], distributed=True)
+        except ValueError as e:
+            results["error"] = str(e)
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_dual_reward_advantages_groups_spanning_ranks_match_single_process():
+    total, steps = sum(COUNTS), 3
+    outcome = {"a": torch.randn(total), "b": torch.rand(total)}
+    states = torch.randn(total, steps + 1)
+    guided = torch.tensor([True, False, True])
+    ids = (torch.arange(total) // 5)[torch.randperm(total)]
+    with tempfile.TemporaryDirectory() as out_dir:
+        init_file = os.path.join(out_dir, "init")
+        args = (init_file, out_dir, outcome, states, guided, ids)
+        mp.spawn(_dual_worker, args=args, nprocs=len(COUNTS), join=True)
+        results = [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(len(COUNTS))]
+
+    expected = {
+        form: ops.dual_reward_advantages(
+            outcome, process, guided=guided, process_form=form, group_ids=ids, clip=2.0, distributed=True
+        )
+        for form, process in (("td", states), ("state", states[:, :-1]))
+    }
+    expected["global_std"] = ops.dual_reward_advantages(
+        outcome, states, process_form="td", group_ids=ids, global_std=True
+    )
+    for name, (full_o, full_p) in expected.items():
+        for key in outcome:
+            gathered = torch.cat([r[name][0][key] for r in results])
+            torch.testing.assert_close(gathered, full_o[key], rtol=0, atol=0, msg=f"{name} {key}")
+        gathered = torch.cat([r[name][1] for r in results])
+        assert gathered.shape == full_p.shape == (total, steps)
+        torch.testing.assert_close(gathered, full_p, rtol=0, atol=0, msg=name)
+    # The TD form really uses the states across ranks: not the state form's values.
+    assert not torch.equal(expected["td"][1], expected["state"][1])
+    for r in results:
+        assert r["error"] == "process_rewards at state 1 has non-finite values (first at sample 3) on rank 1"
+
+
 def test_without_distributed_is_group_advantages():
     assert not dist.is_initialized()
     rewards = torch.randn(12, 2)

@@ -29,10 +29,12 @@ import math
 from typing import Dict, Mapping, Optional, Tuple
 
 import torch
+import torch.distributed as dist
 
 from euphonium._checks import check_float_tensor, check_like, check_positive, check_same_device
 from euphonium.ops._backend import resolve
 from euphonium.ops.advantages import group_advantages
+from euphonium.ops.distributed import gather_group_advantages
 
 STAT_NAMES = ("clip_frac", "approx_kl", "ratio_mean", "ratio_max_dev", "policy_loss", "kl")
 
@@ -294,25 +296,51 @@ def dual_reward_advantages(
     process_rewards: Optional[torch.Tensor] = None,
     *,
     guided: Optional[torch.Tensor] = None,
+    process_form: str = "state",
     group_size: Optional[int] = None,
     group_ids: Optional[torch.Tensor] = None,
     eps: float = 1e-8,
     unbiased: bool = True,
     global_std: bool = False,
     clip: Optional[float] = None,
+    distributed: bool = False,
+    process_group=None,
 ) -> Tuple[Dict[str, torch.Tensor], Optional[torch.Tensor]]:
     """Group-relative advantages of every named outcome reward and of the process rewards.
 
-    ``A_o[name][b] = (r_o[b] - mean_group(r_o)) / (std_group(r_o) + eps)`` for each ``[B]`` outcome
-    reward, and ``A_p[b, k]`` likewise per step column of the ``[B, K]`` process rewards, zero at
-    steps without guidance (``guided[k]`` False: no process reward was computed there, so those
-    entries are ignored and may hold anything, NaN included). All columns go through one
-    :func:`group_advantages` call (one launch) with the given grouping and options.
+    With ``groupnorm(c)[b] = (c[b] - mean_group(c)) / (std_group(c) + eps)`` (:func:`group_advantages`
+    of a column ``c`` with the given grouping and options) and ``m[k] = guided[k]``:
+
+    - outcome: ``A_o[name] = groupnorm(r_o[name])`` for each ``[B]`` outcome reward;
+    - ``process_form="state"`` (default): ``process_rewards`` is ``[B, K]``, the PRM's score at each
+      of the ``K`` recorded steps, and ``A_p[:, k] = groupnorm(r_p[:, k])``;
+    - ``process_form="td"``: ``process_rewards`` is ``[B, K + 1]``, the PRM's scores of the states
+      before and after each of the ``K`` steps (``r_p[:, k]`` before step ``k``, ``r_p[:, k + 1]``
+      after it), and ``A_p[:, k] = groupnorm(r_p[:, k + 1] - r_p[:, k])``: the credit of step ``k``
+      is the change of the process reward it made, not the level it started from (which the
+      step's own action cannot change);
+
+    in both forms ``A_p[:, k] = 0`` where ``m[k]`` is False (no process credit at that step: its
+    entries, and in the TD form the states that only such steps use, are ignored and may hold
+    anything, NaN included). All columns go through one :func:`group_advantages` call (one launch).
+
+    ``distributed=True``: the samples of a group may live on different ranks. The columns of every
+    rank in ``process_group`` (default: the world) are gathered exactly as
+    :func:`~euphonium.ops.gather_group_advantages` gathers them (``group_ids`` global ids,
+    ``group_size`` contiguous groups of the concatenated batch, ``global_std`` over all ranks), one
+    gather and one launch, and this rank's rows come back: the values a single process computes on
+    the concatenated batch. It is a collective: every rank calls it, and non-finite rewards on any
+    rank raise the same ValueError on every rank. Without ``torch.distributed`` initialised (or with
+    one rank) it is the single-process computation.
 
     Returns:
         ``(outcome, process)``: a dict of ``[B]`` advantages keyed like ``outcome_rewards``, and the
         ``[B, K]`` process advantages (None without ``process_rewards``).
     """
+    if process_form not in ("state", "td"):
+        raise ValueError(f"process_form must be 'state' or 'td', got {process_form!r}")
+    if not isinstance(distributed, bool):
+        raise TypeError(f"distributed must be a bool, got {type(distributed).__name__}")
     names = _check_named("outcome_rewards", outcome_rewards, allow_empty=process_rewards is not None)
     columns = []
     for name in names:
@@ -320,40 +348,89 @@ def dual_reward_advantages(
         if r.dim() != 1:
             raise ValueError(f"outcome_rewards[{name!r}] must be [B], got shape {tuple(r.shape)}")
         columns.append(r.unsqueeze(1))
-    mask = None
+    td = process_form == "td"
     if process_rewards is not None:
         check_float_tensor("process_rewards", process_rewards)
+        if td and (process_rewards.dim() != 2 or process_rewards.shape[1] < 1):
+            raise ValueError(
+                "process_rewards must be [B, K+1] (the states before and after each of K steps) for "
+                f"process_form='td', got shape {tuple(process_rewards.shape)}"
+            )
         if process_rewards.dim() != 2:
             raise ValueError(f"process_rewards must be [B, K], got shape {tuple(process_rewards.shape)}")
-        mask = _guided_mask(guided, process_rewards.shape[1], process_rewards)
-        columns.append(torch.where(mask, process_rewards, torch.zeros_like(process_rewards)))
-    batch = columns[0].shape[0]
-    for name, col in zip([*(f"outcome_rewards[{n!r}]" for n in names), "process_rewards"], columns):
+    batch = columns[0].shape[0] if columns else process_rewards.shape[0]
+    for name, col in zip((f"outcome_rewards[{n!r}]" for n in names), columns):
         if col.shape[0] != batch:
             raise ValueError(f"{name} has batch size {col.shape[0]}, expected {batch} like the first reward")
         check_same_device(name, col, "the first reward", columns[0])
-    dtype = torch.promote_types(torch.float32, columns[0].dtype)
-    stacked = torch.cat([c.to(dtype) for c in columns], dim=1)
-    bad = ~torch.isfinite(stacked)
-    if bool(bad.any()):
+    ref = columns[0] if columns else process_rewards
+    if process_rewards is not None:
+        if process_rewards.shape[0] != batch:
+            raise ValueError(
+                f"process_rewards has batch size {process_rewards.shape[0]}, expected {batch} like the first reward"
+            )
+        check_same_device("process_rewards", process_rewards, "the first reward", ref)
+    dtype = torch.promote_types(torch.float32, ref.dtype)
+
+    error = None
+    stacked = torch.cat([c.to(dtype) for c in columns], dim=1) if columns else None
+    bad = ~torch.isfinite(stacked) if columns else None
+    if columns and bool(bad.any()):
         sample, col = bad.nonzero()[0].tolist()
-        where = (
-            f"outcome_rewards[{names[col]!r}]" if col < len(names) else f"process_rewards at step {col - len(names)}"
-        )
-        raise ValueError(f"{where} has non-finite values (first at sample {sample})")
-    adv = group_advantages(
-        stacked,
-        group_size=group_size,
-        group_ids=group_ids,
-        eps=eps,
-        unbiased=unbiased,
-        global_std=global_std,
-        clip=clip,
-    )
+        error = f"outcome_rewards[{names[col]!r}] has non-finite values (first at sample {sample})"
+    if process_rewards is not None:
+        steps = process_rewards.shape[1] - 1 if td else process_rewards.shape[1]
+        mask = _guided_mask(guided, steps, process_rewards)
+        r = process_rewards.to(dtype)
+        if td:
+            # State j is used by step j (before) and step j - 1 (after).
+            used = torch.zeros((1, steps + 1), dtype=torch.bool, device=r.device)
+            used[:, :-1] |= mask
+            used[:, 1:] |= mask
+            bad_p = ~torch.isfinite(r) & used
+            values = torch.where(mask, r[:, 1:] - r[:, :-1], torch.zeros_like(r[:, 1:]))
+            what = "state"
+        else:
+            bad_p = ~torch.isfinite(r) & mask
+            values = torch.where(mask, r, torch.zeros_like(r))
+            what = "step"
+        if error is None and bool(bad_p.any()):
+            sample, col = bad_p.nonzero()[0].tolist()
+            error = f"process_rewards at {what} {col} has non-finite values (first at sample {sample})"
+        overflow = ~torch.isfinite(values)
+        if error is None and bool(overflow.any()):
+            sample, k = overflow.nonzero()[0].tolist()
+            error = f"process_rewards: the TD difference r[:, {k + 1}] - r[:, {k}] overflows (first at sample {sample})"
+        stacked = values if stacked is None else torch.cat([stacked, values], dim=1)
+
+    options = dict(group_size=group_size, group_ids=group_ids, eps=eps, unbiased=unbiased)
+    options.update(global_std=global_std, clip=clip)
+    gather = distributed and dist.is_available() and dist.is_initialized() and dist.get_world_size(process_group) > 1
+    if gather:
+        error = _agree_on_error(error, ref.device, process_group)
+    if error is not None:
+        raise ValueError(error)
+    if gather:
+        adv = gather_group_advantages(stacked, process_group=process_group, **options)
+    else:
+        adv = group_advantages(stacked, **options)
     outcome = {name: adv[:, i] for i, name in enumerate(names)}
     # Unguided columns are all zero, so their advantages are exactly zero (all-equal groups).
     process = adv[:, len(names) :] if process_rewards is not None else None
     return outcome, process
+
+
+def _agree_on_error(error: Optional[str], device: torch.device, process_group) -> Optional[str]:
+    """The first rank's error message on every rank (None when no rank has one): one small
+    all-reduce, and a gather of the messages only when some rank has one."""
+    flag = torch.tensor([0 if error is None else 1], dtype=torch.int64, device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=process_group)
+    if not flag.item():
+        return None
+    messages = [None] * dist.get_world_size(process_group)
+    dist.all_gather_object(messages, error, group=process_group)
+    rank, message = next((r, m) for r, m in enumerate(messages) if m is not None)
+    return f"{message} on rank {rank}"
 
 
 def dual_reward_loss(
