@@ -946,7 +946,7 @@ def _bad_calls():
             TypeError,
             "sigma must be a floating-point",
         ),
-        ("sigma > 1", lambda: step(x, v, 1.5, 0.4), ValueError, "sigma must satisfy 0 < sigma <= 1"),
+        ("sigma > 1", lambda: step(x, v, 1.5, 0.4), ValueError, r"sigma must satisfy 2\^-100 <= sigma <= 1"),
         ("sigma nan", lambda: step(x, v, torch.tensor([0.5, float("nan")]), 0.4), ValueError, "sigma must satisfy"),
         (
             "sigma_next >= sigma",

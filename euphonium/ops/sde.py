@@ -34,6 +34,7 @@ import math
 import struct
 from typing import NamedTuple, Optional, Tuple, Union
 
+import numpy as np
 import torch
 
 from euphonium._checks import check_float_tensor, check_like, per_sample
@@ -46,6 +47,15 @@ SCHEDULES = ("flow_grpo", "dance_grpo", "cps", "ode")
 LOGPROB_MEANS = ("unguided", "guided")
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 _SEED_LIMIT = 2**63
+# The range in which every backend computes a step in fp32 without underflow or overflow of its
+# per-sample coefficients (so that the reference, the PyTorch path and the kernels, interpreted or on
+# a GPU that flushes subnormals, agree): sigma >= 2^-100, a step noise std of 0 (cps at
+# sigma_next = 0) or in [2^-40, ...), and the coefficients s^2, h = s^2 delta / (2 sigma), d mean/d x,
+# d mean/d v at most 2^40 in magnitude (noise_level at most 2^20, squared by the kernels).
+SIGMA_MIN = 2.0**-100
+STD_MIN = 2.0**-40
+COEF_MAX = 2.0**40
+NOISE_LEVEL_MAX = 2.0**20
 
 Scalar = Union[float, torch.Tensor]
 
@@ -115,12 +125,17 @@ def _guided_mean_reference(mean, reward_grad, guidance_scale):
 
 
 def _gaussian_log_prob_reference(x_next, mean, std):
-    """``mean_i(-(x_next - mean)^2 / (2 std^2)) - log(std) - log(2 pi) / 2`` per sample; 0 where std == 0."""
-    deterministic = std == 0
-    std_safe = torch.where(deterministic, torch.ones_like(std), std)
-    log_prob = -((x_next - mean) ** 2) / (2 * std_safe**2) - torch.log(std_safe) - _HALF_LOG_2PI
-    log_prob = log_prob.mean(dim=tuple(range(1, log_prob.dim())))
-    return torch.where(deterministic.reshape(-1), torch.zeros_like(log_prob), log_prob).to(
+    """``-mean_i((x_next - mean)^2) / (2 std^2) - log(std) - log(2 pi) / 2`` per sample; 0 where std == 0.
+
+    The squared residuals are averaged before the one division by ``2 std^2`` (peers divide each
+    element, equal in exact arithmetic): a single large residual then overflows only where the
+    average does, as in the fused paths, which sum the squares first.
+    """
+    deterministic = (std == 0).reshape(-1)
+    std_safe = torch.where(std == 0, torch.ones_like(std), std).reshape(-1)
+    mean_sq = ((x_next - mean) ** 2).mean(dim=tuple(range(1, x_next.dim())))
+    log_prob = -mean_sq / (2 * std_safe**2) - torch.log(std_safe) - _HALF_LOG_2PI
+    return torch.where(deterministic, torch.zeros_like(log_prob), log_prob).to(
         torch.float64 if x_next.dtype == torch.float64 else torch.float32
     )
 
@@ -201,6 +216,11 @@ def _check_schedule(schedule, noise_level, sigma_max):
             f"noise_level must be a finite number > 0 for schedule={schedule!r} (use schedule='ode' for a "
             f"deterministic step), got {noise_level}"
         )
+    if schedule in ("flow_grpo", "dance_grpo") and noise_level > NOISE_LEVEL_MAX:
+        raise ValueError(
+            f"noise_level must be in (0, 2^20] for schedule={schedule!r} (the fp32 kernels square it), "
+            f"got {noise_level}"
+        )
     if schedule == "cps" and noise_level > 1:
         raise ValueError(
             "noise_level must be in (0, 1] for schedule='cps' (std = sigma_next * sin(noise_level * pi / 2)), "
@@ -210,9 +230,11 @@ def _check_schedule(schedule, noise_level, sigma_max):
         if isinstance(sigma_max, bool) or not isinstance(sigma_max, (int, float)):
             raise TypeError(f"sigma_max must be a float or None, got {type(sigma_max).__name__}")
         sigma_max = float(sigma_max)
-        if not 0 < sigma_max < 1:
+        # In fp32 too, where the kernels read it: 1 - 1e-9 would be 1 and s infinite.
+        if not (0 < sigma_max < 1 and _as_fp32(sigma_max) < 1):
             raise ValueError(
-                f"sigma_max must be in (0, 1) (the largest sigma below 1 of the schedule), got {sigma_max}"
+                "sigma_max must be in (0, 1) and below 1 in fp32, i.e. at most 1 - 2^-24 (the largest sigma "
+                f"below 1 of the schedule), got {sigma_max!r}"
             )
     return noise_level, sigma_max
 
@@ -228,14 +250,15 @@ def _check_latent(name, t):
     return t
 
 
-def _check_sigmas(sigma, sigma_next, x, schedule, sigma_max):
-    """``0 <= sigma_next < sigma <= 1`` per sample, and ``sigma_max`` where ``flow_grpo`` meets ``sigma == 1``.
+def _check_sigmas(sigma, sigma_next, x, schedule, sigma_max, noise_level):
+    """``2^-100 <= sigma <= 1``, ``0 <= sigma_next < sigma`` per sample, ``sigma_max`` where
+    ``flow_grpo`` meets ``sigma == 1``, and a step inside fp32's range (``_step_range``).
 
     Returns the sigmas as [B] float32 tensors on ``x.device`` (one host sync for tensor sigmas).
     """
     batch = x.shape[0]
     for name, value, rule in (
-        ("sigma", sigma, "0 < sigma <= 1"),
+        ("sigma", sigma, "2^-100 <= sigma <= 1"),
         ("sigma_next", sigma_next, "0 <= sigma_next < sigma"),
     ):
         # Numbers far outside [0, 1] (or NaN) are rejected before they are converted to fp32.
@@ -243,14 +266,32 @@ def _check_sigmas(sigma, sigma_next, x, schedule, sigma_max):
             raise ValueError(f"{name} must satisfy {rule}, got {value!r}")
     s = per_sample("sigma", sigma, batch, x.device)
     sn = per_sample("sigma_next", sigma_next, batch, x.device)
+    scale = _schedule_scale(schedule, noise_level)
+    sigma_max32 = None if sigma_max is None else _as_fp32(sigma_max)
     if isinstance(sigma, torch.Tensor) or isinstance(sigma_next, torch.Tensor):
-        flags = torch.stack([~((s <= 1) & (s > 0)), ~((sn >= 0) & (sn < s)), s == 1]).any(dim=1).tolist()
+        # One host sync; the checks run in float64 numpy on the fp32 values the kernels see.
+        s64, sn64 = torch.stack([s, sn]).cpu().double().numpy()
+        with np.errstate(all="ignore"):  # NaN or sigma == 1 without sigma_max: reported by the flags first
+            var, coef = _step_range(s64, sn64, schedule, scale, sigma_max32)
+            small, large = _out_of_range(var, coef, sn64, schedule)
+            flags = [
+                bool((~((s64 <= 1) & (s64 >= SIGMA_MIN))).any()),
+                bool((~((sn64 >= 0) & (sn64 < s64))).any()),
+                bool((s64 == 1).any()),
+                bool(small.any()),
+                bool(large.any()),
+            ]
     else:
         # Checked as the kernels see them: two floats that differ only below fp32 resolution are equal.
         s32, sn32 = _as_fp32(float(sigma)), _as_fp32(float(sigma_next))
-        flags = [not 0 < s32 <= 1, not 0 <= sn32 < s32, s32 == 1]
+        flags = [not SIGMA_MIN <= s32 <= 1, not 0 <= sn32 < s32, s32 == 1]
+        if not (flags[0] or flags[1] or (flags[2] and schedule == "flow_grpo" and sigma_max is None)):
+            var, coef = _step_range(s32, sn32, schedule, scale, sigma_max32)
+            flags += [bool(f) for f in _out_of_range(var, coef, sn32, schedule)]
+        else:
+            flags += [False, False]
     if flags[0]:
-        raise ValueError(f"sigma must satisfy 0 < sigma <= 1 (finite), got {_describe(sigma)}")
+        raise ValueError(f"sigma must satisfy 2^-100 <= sigma <= 1 (finite), got {_describe(sigma)}")
     if flags[1]:
         raise ValueError(
             f"sigma_next must satisfy 0 <= sigma_next < sigma, got sigma_next={_describe(sigma_next)} with "
@@ -261,11 +302,71 @@ def _check_sigmas(sigma, sigma_next, x, schedule, sigma_max):
             "sigma_max is required with schedule='flow_grpo' at sigma == 1 (the coefficient sqrt(sigma / (1 - "
             "sigma)) is infinite there); pass the largest sigma below 1, as Flow-GRPO does"
         )
+    if flags[3] or flags[4]:
+        _raise_out_of_range(s, sn, schedule, noise_level, scale, sigma_max32, small_first=flags[3])
     return s, sn
 
 
+def _step_range(s, sn, schedule, scale, sigma_max):
+    """``(var, coef)`` per sample in float64 (floats or float64 numpy arrays): the step's noise variance
+    ``std^2`` and the largest magnitude among its coefficients ``s^2``, ``h``, ``a_x`` and ``k``
+    (``euphonium.ops._sde_torch.coefficients``; written with operators only, for both)."""
+    maximum = np.maximum if isinstance(s, np.ndarray) else max
+    if schedule == "cps":
+        var = (sn * scale) * (sn * scale)
+        gap = sn * sn - var
+        root = ((gap + abs(gap)) / 2) ** 0.5
+        return var, maximum(abs(1 - sn + root), abs(root * (1 - s) - s * (1 - sn)))
+    delta = s - sn
+    if schedule == "flow_grpo":
+        den = s if sigma_max is None else s + (sigma_max - s) * (s == 1)
+        s2 = scale * scale * s / (1 - den)
+    else:  # dance_grpo: scale = eta; ode: scale = 0
+        s2 = scale * scale + 0 * s
+    h = s2 * delta / (2 * s)
+    coef = maximum(maximum(s2, h), maximum(abs(1 - h), abs(delta + h * (1 - s))))
+    return s2 * delta, coef
+
+
+def _out_of_range(var, coef, sn, schedule):
+    """``(std too small, coefficient too large)``: booleans, or [B] bool arrays."""
+    if not isinstance(var, np.ndarray):
+        small = schedule != "ode" and var < STD_MIN**2 and (schedule != "cps" or sn > 0)
+        return small, not coef <= COEF_MAX
+    if schedule == "ode":
+        small = np.less(var, 0)  # deterministic: no noise to underflow
+    elif schedule == "cps":
+        small = np.less(var, STD_MIN**2) & np.greater(sn, 0)  # std == 0 at sigma_next == 0: deterministic
+    else:
+        small = np.less(var, STD_MIN**2)
+    return small, np.logical_not(np.less_equal(coef, COEF_MAX))  # NaN counts as too large
+
+
+def _raise_out_of_range(s, sn, schedule, noise_level, scale, sigma_max, small_first):
+    """The one-line error for the first sample whose step leaves fp32's range (error path: on the CPU)."""
+    s64, sn64 = torch.stack([s, sn]).detach().cpu().double().numpy()
+    var, coef = _step_range(s64, sn64, schedule, scale, sigma_max)
+    small, large = _out_of_range(var, coef, sn64, schedule)
+    i = int(np.flatnonzero(small if small_first else large)[0])
+    where = f"sigma={float(s64[i])!r} -> sigma_next={float(sn64[i])!r} (sample {i})"
+    if small_first:
+        raise ValueError(
+            f"sigma, sigma_next: the step {where} has a noise std of {math.sqrt(float(var[i])):.3g} for "
+            f"schedule={schedule!r}, noise_level={noise_level}; std must be >= 2^-40 (about 9.1e-13), or exactly 0 "
+            "(cps at sigma_next = 0), for fp32 arithmetic not to underflow: take a larger step or use schedule='ode'"
+        )
+    raise ValueError(
+        f"noise_level={noise_level} (sigma_max={sigma_max}) gives the step {where} coefficients up to "
+        f"{float(coef[i]):.3g} for schedule={schedule!r}; they must be <= 2^40 (about 1.1e12) for fp32 "
+        "arithmetic not to overflow: lower noise_level, or sigma_max / sigma further below 1"
+    )
+
+
 def _as_fp32(value: float) -> float:
-    return struct.unpack("f", struct.pack("f", value))[0]
+    try:
+        return struct.unpack("f", struct.pack("f", value))[0]
+    except OverflowError:  # beyond fp32's range: what a cast to fp32 gives
+        return math.copysign(math.inf, value)
 
 
 def _describe(value) -> str:
@@ -369,6 +470,17 @@ def sde_step(
         ``sde_log_prob(x, v, out.x_next, ...)`` returns the same bits; None for ``ode``. A sample
         whose ``std`` is 0 (``cps`` at ``sigma_next == 0``) is deterministic and gets log-prob 0.
 
+    Range: every backend computes the step in fp32 without under- or overflow of its per-sample
+    coefficients, and refuses (ValueError naming the arguments and the bound, the same on every
+    backend) a step outside it: ``sigma >= 2^-100``, a noise ``std`` of 0 (cps at
+    ``sigma_next == 0``) or ``>= 2^-40``, ``noise_level <= 2^20`` (flow_grpo, dance_grpo),
+    ``sigma_max`` below 1 in fp32 and coefficients (``s^2``, ``d mean / d x``, ``d mean / d v``)
+    ``<= 2^40``. Inside it, latents, velocities, ``reward_grad`` and noise up to ``2^80`` in magnitude
+    give finite steps that agree between backends; nearer fp32's largest value the backends' orders of
+    operations (the reference forms ``x + (1 - sigma) v`` as peers do, the kernels ``a_x x + k v``)
+    can overflow at different elements. ``sde_log_prob`` averages the squared residuals before
+    dividing by ``2 std^2`` on every backend, so a log-prob overflows to ``-inf`` for the same samples.
+
     All arithmetic is fp32 whatever the input dtype; the log-prob reduction is deterministic (on the
     PyTorch path also independent of torch's thread count). The step is a rollout op: the reference
     is differentiable by autograd, the fused paths (Triton kernel, PyTorch path) are not and raise
@@ -382,7 +494,7 @@ def sde_step(
     if noise is not None:
         check_like("noise", noise, "x", x)
     seed = _check_seed(seed, noise)
-    sigma_t, sigma_next_t = _check_sigmas(sigma, sigma_next, x, schedule, sigma_max)
+    sigma_t, sigma_next_t = _check_sigmas(sigma, sigma_next, x, schedule, sigma_max, noise_level)
     reward_grad, scale_t = _check_guidance(reward_grad, guidance_scale, x)
 
     backend = resolve(x.device, torch_path=True)
@@ -813,7 +925,7 @@ def sde_log_prob(
     ):
         if isinstance(t, torch.Tensor) and t.requires_grad:
             raise ValueError(f"sde_log_prob is differentiable in v only, but {name} requires grad; detach it")
-    sigma_t, sigma_next_t = _check_sigmas(sigma, sigma_next, x, schedule, sigma_max)
+    sigma_t, sigma_next_t = _check_sigmas(sigma, sigma_next, x, schedule, sigma_max, noise_level)
     reward_grad, scale_t = _check_guidance(reward_grad, guidance_scale, x)
 
     backend = resolve(x.device, torch_path=True)
