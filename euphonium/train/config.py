@@ -23,6 +23,10 @@ ALGORITHMS = tuple(SAMPLER_PRESETS)
 DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 
+# ``model.kind``: the toy world or a local diffusers pipeline folder of one family (train/policy.py).
+MODEL_KINDS = ("toy", "wan")
+
+
 class ConfigError(ValueError):
     """A config file, override or value that is not valid (the message names the key)."""
 
@@ -31,8 +35,8 @@ class ConfigError(ValueError):
 class ModelConfig:
     """What is trained.
 
-    kind: ``toy`` (the built-in toy world; ``path`` None = the committed weights) or ``wan`` (a local
-        diffusers folder with ``transformer/``, ``vae/``, ``text_encoder/``, ``tokenizer/``).
+    kind: ``toy`` (the built-in toy world; ``path`` None = the committed weights) or a local diffusers
+        pipeline folder: ``wan`` (Wan2.1, Wan2.2 A14B with ``transformer_2``; see train/policy.py).
     path: the model folder.
     dtype: ``float32``, ``bfloat16`` or ``float16`` for the frozen parts and the rollouts.
     lora_rank: > 0 trains a LoRA adapter (peft) of that rank on ``lora_targets``; 0 trains all weights.
@@ -42,6 +46,8 @@ class ModelConfig:
     cfg_scale: true classifier-free guidance in rollouts and training (1 = off).
     num_frames, height, width: video size for ``wan`` (pixels; latents follow the VAE's strides).
     max_sequence_length: prompt tokens for the UMT5 text encoder (``wan``).
+    expert: which Wan2.2 A14B expert(s) train: ``both``, ``high`` (``transformer``, noise levels at or
+        above the pipeline's ``boundary_ratio``) or ``low`` (``transformer_2``); ``both`` for one-expert folders.
     """
 
     kind: str = "toy"
@@ -57,6 +63,7 @@ class ModelConfig:
     height: int = 480
     width: int = 832
     max_sequence_length: int = 226
+    expert: str = "both"
 
 
 @dataclass
@@ -164,14 +171,15 @@ class TrainConfig:
     def _validate(self) -> None:
         model = self.model
         check_choice("algorithm", self.algorithm, ALGORITHMS)
-        check_choice("model.kind", model.kind, ("toy", "wan"))
+        check_choice("model.kind", model.kind, MODEL_KINDS)
+        check_choice("model.expert", model.expert, ("both", "high", "low"))
         check_choice("model.dtype", model.dtype, ("float32", "bfloat16", "float16"))
         check_choice("combine", self.combine, ("separate", "sum"))
         check_choice("parallel", self.parallel, ("ddp", "fsdp"))
         if not DEVICE.match(self.device):
             raise ValueError(f"device must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
-        if model.kind == "wan" and not model.path:
-            raise ValueError("model.path is required for model.kind=wan (a local diffusers Wan2.1 folder)")
+        if model.kind != "toy" and not model.path:
+            raise ValueError(f"model.path is required for model.kind={model.kind} (a local diffusers pipeline folder)")
         check_int("group_size", self.group_size)
         if self.group_size < 2:
             raise ValueError(f"group_size must be >= 2 (advantages are relative within a group), got {self.group_size}")

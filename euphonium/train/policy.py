@@ -1,26 +1,31 @@
 """What the trainer trains, per model family: a :class:`Policy` built from a config.
 
 - ``model.kind=toy``: the committed toy video world (:mod:`euphonium.toy`).
-- ``model.kind=wan``: a local diffusers Wan2.1 text-to-video pipeline folder (what
+- ``model.kind=wan``: a local diffusers Wan text-to-video pipeline folder (what
   ``WanPipeline.save_pretrained`` writes, e.g. ``Wan2.1-T2V-1.3B-Diffusers``): ``transformer/``
   (trained), ``vae/`` (``AutoencoderKLWan``), ``text_encoder/`` (UMT5) and ``tokenizer/`` (frozen).
   Prompt embeddings are computed once per prompt and cached; latents are decoded as ``WanPipeline``
-  does (un-normalised with the VAE's ``latents_mean``/``latents_std``).
+  does (un-normalised with the VAE's ``latents_mean``/``latents_std``). A Wan2.2 A14B folder
+  (``transformer_2/`` and ``boundary_ratio`` in ``model_index.json``) trains ``model.expert`` of its
+  two experts, switched per sample at the pipeline's boundary (:class:`euphonium.models.wan22.WanExperts`).
 
 Everything that can be checked from the config alone (folders, sizes, prompts, the PRM's shapes) is
-checked before any weights load.
+checked before any weights load (:func:`check_model_config`). Every family's LoRA goes through
+:func:`check_lora`: a target that attached no adapter is an error naming it.
 """
 
 from __future__ import annotations
 
 import inspect
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, Iterable, List, Optional
 
 import torch
 
+from euphonium.models.adapter import FlowTransformer
 from euphonium.models.diffusers import DTYPES, Conditioning
 from euphonium.models.wan import WanTextEncoder
 from euphonium.presets import GUIDED_ALGORITHMS
@@ -38,12 +43,15 @@ from euphonium.toy import (
 from euphonium.toy.world import parse_prompt
 from euphonium.train.config import ConfigError, TrainConfig
 
+logger = logging.getLogger(__name__)
+
 
 @dataclass
 class Policy:
-    """What the trainer needs from a model family (toy world or a diffusers Wan pipeline).
+    """What the trainer needs from a model family (toy world or a diffusers pipeline folder).
 
-    transformer: the diffusers flow transformer being trained.
+    transformer: the diffusers flow transformer being trained, or a
+        :class:`~euphonium.models.adapter.FlowTransformer` over the family's transformer(s).
     encode: ``prompts -> Conditioning`` (cached text embeddings; negative embeddings for CFG).
     decode: ``latents [B, ...] -> videos [B, F, C, H, W]`` in [0, 1].
     latent_shape: latent shape of one sample (without the batch dimension).
@@ -84,8 +92,21 @@ def video_shape(config: TrainConfig) -> tuple:
     return (config.model.num_frames, 3, config.model.height, config.model.width)
 
 
+def check_model_config(config: TrainConfig) -> Dict[str, Any]:
+    """Everything about the run's model family that can be checked before any weights load (see each
+    family's ``check_*_config``); ``{}`` for the toy world. Raises :class:`ConfigError` naming the key."""
+    kind = config.model.kind
+    if kind == "toy":
+        return {}
+    return _FAMILIES[kind][0](config)
+
+
 def build_policy(config: TrainConfig, device: torch.device) -> Policy:
-    """Load the model family named by ``config.model.kind`` (toy world or a local Wan2.1 folder)."""
+    """Load the model family named by ``config.model.kind`` (toy world or a local pipeline folder).
+
+    The transformer's ``add_adapter`` is followed by :func:`check_lora`, so the trainer's LoRA (whatever
+    calls it) fails on a target that matched no layer instead of training fewer adapters than asked.
+    """
     if config.model.kind == "toy":
         transformer, text_encoder = load_toy_model(config.model.path, device=device, dtype=DTYPES[config.model.dtype])
         text_encoder.requires_grad_(False)
@@ -107,8 +128,181 @@ def build_policy(config: TrainConfig, device: torch.device) -> Policy:
             training_prompts(config),
             prm,
         )
-    return build_wan_policy(config, device)
+    policy = _FAMILIES[config.model.kind][1](config, device)
+    check_lora_on_add(policy.transformer)
+    return policy
 
+
+# ----------------------------------------------------------------------------------------------
+# LoRA: adapters per target, zero is an error
+# ----------------------------------------------------------------------------------------------
+
+
+def _lora_scopes(transformer: torch.nn.Module) -> Dict[str, torch.nn.Module]:
+    """Where LoRA goes: each trained transformer of a FlowTransformer (Wan2.2: each trained expert), else the model."""
+    if isinstance(transformer, FlowTransformer):
+        return transformer.trained_modules()
+    return {"transformer": transformer}
+
+
+def lora_counts(module: torch.nn.Module, targets: Iterable[str], adapter_name: str = "default") -> Dict[str, int]:
+    """How many layers of ``module`` carry a LoRA adapter ``adapter_name`` per target name.
+
+    A layer counts for a target as peft matches ``target_modules`` given as names: its module name is
+    the target or ends with ``"." + target`` (``to_out.0`` matches ``blocks.3.attn1.to_out.0``).
+    """
+    from peft.tuners.lora import LoraLayer
+
+    adapted = [name for name, m in module.named_modules() if isinstance(m, LoraLayer) and adapter_name in m.lora_A]
+    return {t: sum(1 for name in adapted if name == t or name.endswith("." + t)) for t in sorted(targets)}
+
+
+def _layer_name(name: str) -> Optional[str]:
+    """A linear layer's name as a LoRA target (``to_out.0`` for a list item), the base layer's for a LoRA
+    layer's ``base_layer``, None for the adapter's own ``lora_A``/``lora_B`` layers."""
+    parts = name.split(".")
+    if "lora_A" in parts or "lora_B" in parts:
+        return None
+    if parts[-1] == "base_layer":
+        parts = parts[:-1]
+    return ".".join(parts[-2:]) if parts[-1].isdigit() and len(parts) > 1 else parts[-1]
+
+
+def check_lora(
+    transformer: torch.nn.Module, targets: Iterable[str], adapter_name: str = "default"
+) -> Dict[str, Dict[str, int]]:
+    """Adapters per target in each trained transformer (``{"transformer": {"to_q": 30, ...}}``; Wan2.2:
+    one entry per trained expert). A target with no adapter in one of them is a :class:`ConfigError`
+    naming the targets and the linear layers the model has."""
+    targets = sorted(targets)
+    counts = {}
+    for where, module in _lora_scopes(transformer).items():
+        counts[where] = lora_counts(module, targets, adapter_name)
+        zero = [t for t, n in counts[where].items() if n == 0]
+        if zero:
+            names = {_layer_name(name) for name, m in module.named_modules() if isinstance(m, torch.nn.Linear)}
+            linear = sorted(names - {None})
+            raise ConfigError(
+                f"model.lora_targets {zero} attached no LoRA adapter to {where} ({type(module).__name__}; "
+                f"its linear layers are named {', '.join(linear)})"
+            )
+    logger.info("LoRA adapters per target: %s", counts)
+    return counts
+
+
+def check_lora_on_add(transformer: torch.nn.Module) -> None:
+    """Make ``transformer.add_adapter(config)`` run :func:`check_lora` on ``config.target_modules`` after
+    adding (peft's own error for targets that match nothing at all becomes a ConfigError too)."""
+    add = transformer.add_adapter
+
+    def add_adapter(adapter_config, adapter_name: str = "default"):
+        try:
+            add(adapter_config, adapter_name=adapter_name)
+        except ValueError as err:
+            if "not found in the base model" not in str(err):
+                raise
+            raise ConfigError(f"model.lora_targets: {err}") from None
+        targets = adapter_config.target_modules
+        check_lora(transformer, [targets] if isinstance(targets, str) else targets, adapter_name)
+
+    transformer.add_adapter = add_adapter
+
+
+# ----------------------------------------------------------------------------------------------
+# Shared checks of pipeline folders
+# ----------------------------------------------------------------------------------------------
+
+
+def check_pipeline_folder(path: str, subfolders: Dict[str, str], family: str) -> Path:
+    """``path`` as a Path if it holds each ``subfolders[sub]`` file, else a ConfigError saying what is missing."""
+    root = Path(path)
+    if not root.is_dir():
+        raise ConfigError(f"model.path {path}: no such directory")
+    missing = [f"{sub}/{name}" for sub, name in subfolders.items() if not (root / sub / name).is_file()]
+    if missing:
+        hint = (
+            " (this looks like one component's folder: give the pipeline folder above it)"
+            if (root / "config.json").is_file()
+            else ""
+        )
+        raise ConfigError(
+            f"model.path {path} is not a diffusers {family} pipeline folder: missing {', '.join(missing)}{hint}"
+        )
+    return root
+
+
+def _read_config(folder: Path, key: str, expected_class) -> Dict[str, Any]:
+    """The JSON config of a diffusers component folder, checked to be an ``expected_class`` (a name or names)."""
+    try:
+        values = json.loads((folder / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ConfigError(f"{key} {folder}: unreadable config.json ({err})") from None
+    name = values.get("_class_name") if isinstance(values, dict) else None
+    expected = (expected_class,) if isinstance(expected_class, str) else tuple(expected_class)
+    if name not in expected:
+        raise ConfigError(f"{key} {folder} holds a {name or 'non-diffusers model'}, expected a {' or '.join(expected)}")
+    return values
+
+
+def _model_index(root: Path) -> Dict[str, Any]:
+    """``model_index.json`` of a pipeline folder ({} when absent: older folders)."""
+    path = root / "model_index.json"
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ConfigError(f"model.path {root}: unreadable model_index.json ({err})") from None
+
+
+def _config_value(cls: type, values: Dict[str, Any], key: str) -> Any:
+    """``values[key]``, or the default of ``cls.__init__`` that ``from_pretrained`` fills in when it is absent
+    (older Wan VAE configs have no ``scale_factor_*`` keys)."""
+    if key in values:
+        return values[key]
+    return inspect.signature(cls.__init__).parameters[key].default
+
+
+def _check_prompts(config: TrainConfig) -> None:
+    if not config.prompts:
+        raise ConfigError(f"prompts must list the training prompts for model.kind={config.model.kind}")
+
+
+def _check_prm(config: TrainConfig, in_channels: int, text_dim: int, what: str) -> None:
+    """A guided algorithm's PRM folder exists and fits the latents' channels and the embeddings' width."""
+    if config.algorithm not in GUIDED_ALGORITHMS:
+        return
+    kind = config.model.kind
+    if not config.prm_path:
+        raise ConfigError(
+            f"algorithm={config.algorithm} with model.kind={kind} needs prm_path (a LatentRewardModel folder)"
+        )
+    prm_dir = Path(config.prm_path)
+    if not (prm_dir / "config.json").is_file():
+        raise ConfigError(f"prm_path {config.prm_path} is not a saved LatentRewardModel folder (no config.json)")
+    prm = _read_config(prm_dir, "prm_path", "LatentRewardModel")
+    for key, want in (("in_channels", in_channels), ("text_dim", text_dim)):
+        if prm.get(key) != want:
+            raise ConfigError(
+                f"prm_path {config.prm_path} has {key}={prm.get(key)} but the model needs {want} "
+                f"({what}): a PRM trained for another model?"
+            )
+
+
+def _check_size(key: str, size: int, multiple: int, why: str) -> None:
+    if size <= 0 or size % multiple:
+        raise ConfigError(f"model.{key} must be a positive multiple of {multiple} ({why}), got {size}")
+
+
+def _load_prm(config: TrainConfig, device: torch.device) -> Optional[torch.nn.Module]:
+    if config.algorithm not in GUIDED_ALGORITHMS:
+        return None
+    return LatentRewardModel.from_pretrained(config.prm_path).to(device).eval()
+
+
+# ----------------------------------------------------------------------------------------------
+# Wan2.1 and Wan2.2 A14B
+# ----------------------------------------------------------------------------------------------
 
 # The file each component folder must hold (what from_pretrained reads first).
 _SUBFOLDERS = {
@@ -121,49 +315,46 @@ _SUBFOLDERS = {
 
 def check_wan_folder(path: str) -> Path:
     """``path`` as a Path if it is a diffusers Wan pipeline folder, else a ConfigError saying what is missing."""
-    root = Path(path)
-    if not root.is_dir():
-        raise ConfigError(f"model.path {path}: no such directory")
-    missing = [f"{sub}/{name}" for sub, name in _SUBFOLDERS.items() if not (root / sub / name).is_file()]
-    if missing:
-        hint = (
-            " (this looks like one component's folder: give the pipeline folder above it)"
-            if (root / "config.json").is_file()
-            else ""
-        )
+    return check_pipeline_folder(path, _SUBFOLDERS, "Wan")
+
+
+def _wan_experts(root: Path, config: TrainConfig) -> Optional[float]:
+    """The ``boundary_ratio`` of a two-expert (Wan2.2 A14B) folder, None for a one-expert one; checks
+    ``model.expert`` and ``transformer_2/`` against the folder."""
+    index = _model_index(root)
+    entry = index.get("transformer_2")
+    two = (isinstance(entry, list) and entry and entry[-1] is not None) or (root / "transformer_2").is_dir()
+    if index.get("expand_timesteps"):
         raise ConfigError(
-            f"model.path {path} is not a diffusers Wan pipeline folder: missing {', '.join(missing)}{hint}"
+            f"model.path {root}: a Wan2.2 TI2V pipeline (expand_timesteps: per-token timesteps) is not supported"
         )
-    return root
-
-
-def _read_config(folder: Path, key: str, expected_class: str) -> Dict[str, Any]:
-    """The JSON config of a diffusers component folder, checked to be an ``expected_class``."""
-    try:
-        values = json.loads((folder / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise ConfigError(f"{key} {folder}: unreadable config.json ({err})") from None
-    name = values.get("_class_name") if isinstance(values, dict) else None
-    if name != expected_class:
-        raise ConfigError(f"{key} {folder} holds a {name or 'non-diffusers model'}, expected a {expected_class}")
-    return values
-
-
-def _config_value(cls: type, values: Dict[str, Any], key: str) -> Any:
-    """``values[key]``, or the default of ``cls.__init__`` that ``from_pretrained`` fills in when it is absent
-    (older Wan VAE configs have no ``scale_factor_*`` keys)."""
-    if key in values:
-        return values[key]
-    return inspect.signature(cls.__init__).parameters[key].default
+    if not two:
+        if config.model.expert != "both":
+            raise ConfigError(
+                f"model.expert={config.model.expert} needs a two-expert Wan2.2 A14B folder; {root} has one transformer"
+            )
+        return None
+    if not (root / "transformer_2" / "config.json").is_file():
+        raise ConfigError(
+            f"model.path {root}: model_index.json names transformer_2 but transformer_2/config.json is missing"
+        )
+    ratio = index.get("boundary_ratio")
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio < 1:
+        raise ConfigError(
+            f"model.path {root}: a two-expert Wan folder needs boundary_ratio in (0, 1) "
+            f"in model_index.json, got {ratio!r}"
+        )
+    return float(ratio)
 
 
 def check_wan_config(config: TrainConfig) -> Dict[str, Any]:
     """Everything about a ``model.kind=wan`` run that can be checked before any weights load.
 
-    Checks the pipeline folder, the prompts, the PRM folder and its sizes against the model's, and
-    the video size against the VAE's strides (``num_frames = 1 + k * scale_factor_temporal``, height
-    and width multiples of ``scale_factor_spatial * patch``). Returns ``root`` (the folder), the
-    VAE's ``scale_factor_temporal``/``scale_factor_spatial`` and ``latent_shape``
+    Checks the pipeline folder (Wan2.2 A14B: ``transformer_2/`` and ``boundary_ratio``, ``model.expert``),
+    the prompts, the PRM folder and its sizes against the model's, and the video size against the
+    VAE's strides (``num_frames = 1 + k * scale_factor_temporal``, height and width multiples of
+    ``scale_factor_spatial * patch``). Returns ``root`` (the folder), ``boundary_ratio`` (None for one
+    expert), the VAE's ``scale_factor_temporal``/``scale_factor_spatial`` and ``latent_shape``
     ``(z_dim, 1 + (num_frames - 1) // t, height // s, width // s)``; raises :class:`ConfigError`
     naming the key otherwise.
     """
@@ -171,17 +362,22 @@ def check_wan_config(config: TrainConfig) -> Dict[str, Any]:
 
     model = config.model
     root = check_wan_folder(model.path)
-    if not config.prompts:
-        raise ConfigError("prompts must list the training prompts for model.kind=wan")
+    _check_prompts(config)
+    boundary_ratio = _wan_experts(root, config)
     transformer = _read_config(root / "transformer", "model.path transformer/", "WanTransformer3DModel")
     vae = _read_config(root / "vae", "model.path vae/", "AutoencoderKLWan")
     z_dim = _config_value(AutoencoderKLWan, vae, "z_dim")
-    in_channels = _config_value(WanTransformer3DModel, transformer, "in_channels")
-    if in_channels != z_dim:
-        raise ConfigError(
-            f"model.path {root}: the transformer takes {in_channels} input channels but the VAE's latents "
-            f"have {z_dim} (image-to-video transformers are not supported)"
-        )
+    experts = [("transformer", transformer)]
+    if boundary_ratio is not None:
+        second = _read_config(root / "transformer_2", "model.path transformer_2/", "WanTransformer3DModel")
+        experts.append(("transformer_2", second))
+    for name, values in experts:
+        in_channels = _config_value(WanTransformer3DModel, values, "in_channels")
+        if in_channels != z_dim:
+            raise ConfigError(
+                f"model.path {root}: {name} takes {in_channels} input channels but the VAE's latents "
+                f"have {z_dim} (image-to-video transformers are not supported)"
+            )
     t_scale = _config_value(AutoencoderKLWan, vae, "scale_factor_temporal")
     s_scale = _config_value(AutoencoderKLWan, vae, "scale_factor_spatial")
     patch = _config_value(WanTransformer3DModel, transformer, "patch_size")
@@ -190,31 +386,13 @@ def check_wan_config(config: TrainConfig) -> Dict[str, Any]:
             f"model.num_frames must be 1 + a multiple of {t_scale} (the VAE's temporal stride), got {model.num_frames}"
         )
     for key, size in (("height", model.height), ("width", model.width)):
-        if size <= 0 or size % (s_scale * patch[1]):
-            raise ConfigError(
-                f"model.{key} must be a positive multiple of {s_scale * patch[1]} "
-                f"(VAE stride {s_scale} x patch {patch[1]}), got {size}"
-            )
-
-    if config.algorithm in GUIDED_ALGORITHMS:
-        if not config.prm_path:
-            raise ConfigError(
-                f"algorithm={config.algorithm} with model.kind=wan needs prm_path (a LatentRewardModel folder)"
-            )
-        prm_dir = Path(config.prm_path)
-        if not (prm_dir / "config.json").is_file():
-            raise ConfigError(f"prm_path {config.prm_path} is not a saved LatentRewardModel folder (no config.json)")
-        prm = _read_config(prm_dir, "prm_path", "LatentRewardModel")
-        text_dim = json.loads((root / "text_encoder" / "config.json").read_text()).get("d_model")
-        for key, want in (("in_channels", z_dim), ("text_dim", text_dim)):
-            if prm.get(key) != want:
-                raise ConfigError(
-                    f"prm_path {config.prm_path} has {key}={prm.get(key)} but the model needs {want} "
-                    "(VAE latent channels / text encoder d_model): a PRM trained for another model?"
-                )
+        _check_size(key, size, s_scale * patch[1], f"VAE stride {s_scale} x patch {patch[1]}")
+    text_dim = json.loads((root / "text_encoder" / "config.json").read_text()).get("d_model")
+    _check_prm(config, z_dim, text_dim, "VAE latent channels / text encoder d_model")
     latent_shape = (z_dim, (model.num_frames - 1) // t_scale + 1, model.height // s_scale, model.width // s_scale)
     return {
         "root": root,
+        "boundary_ratio": boundary_ratio,
         "scale_factor_temporal": t_scale,
         "scale_factor_spatial": s_scale,
         "latent_shape": latent_shape,
@@ -222,13 +400,19 @@ def check_wan_config(config: TrainConfig) -> Dict[str, Any]:
 
 
 def build_wan_policy(config: TrainConfig, device: torch.device):
-    """The :class:`Policy` of a local Wan2.1 pipeline folder."""
+    """The :class:`Policy` of a local Wan2.1 folder, or of a Wan2.2 A14B one (its two experts as one
+    :class:`~euphonium.models.wan22.WanExperts`, ``model.expert`` trained)."""
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
 
     checked = check_wan_config(config)
     root = checked["root"]
     dtype = DTYPES[config.model.dtype]
     transformer = WanTransformer3DModel.from_pretrained(root / "transformer", torch_dtype=dtype).to(device)
+    if checked["boundary_ratio"] is not None:
+        from euphonium.models.wan22 import WanExperts
+
+        transformer_2 = WanTransformer3DModel.from_pretrained(root / "transformer_2", torch_dtype=dtype).to(device)
+        transformer = WanExperts(transformer, transformer_2, checked["boundary_ratio"], expert=config.model.expert)
     vae = AutoencoderKLWan.from_pretrained(root / "vae", torch_dtype=torch.float32).to(device).eval()
     vae.requires_grad_(False)
     text = WanTextEncoder(root, device, dtype, config.model.max_sequence_length)
@@ -246,7 +430,10 @@ def build_wan_policy(config: TrainConfig, device: torch.device):
         video = vae.decode(latents.float() / inv_std + mean, return_dict=False)[0]  # [B, C, F, H, W] in [-1, 1]
         return ((video.clamp(-1, 1) + 1) / 2).permute(0, 2, 1, 3, 4).contiguous()
 
-    prm = None
-    if config.algorithm in GUIDED_ALGORITHMS:
-        prm = LatentRewardModel.from_pretrained(config.prm_path).to(device).eval()
-    return Policy(transformer, encode, decode, checked["latent_shape"], list(config.prompts), prm)
+    return Policy(transformer, encode, decode, checked["latent_shape"], list(config.prompts), _load_prm(config, device))
+
+
+# kind -> (check before weights load, build)
+_FAMILIES = {
+    "wan": (check_wan_config, build_wan_policy),
+}
