@@ -1,7 +1,17 @@
-"""Model adapters: diffusers flow transformers (Wan2.1, Wan2.2's two experts) behind one velocity interface."""
+"""Model adapters: diffusers flow transformers (Wan2.1, Wan2.2's two experts, SD3.5) behind one velocity interface."""
 
 from euphonium.models.adapter import FlowTransformer
 from euphonium.models.diffusers import Conditioning, DiffusersFlowModel, select_attention_backend
+from euphonium.models.sd3 import SD3TextEncoder, SD3Transformer, sd3_decode
 from euphonium.models.wan22 import WanExperts
 
-__all__ = ["Conditioning", "DiffusersFlowModel", "FlowTransformer", "WanExperts", "select_attention_backend"]
+__all__ = [
+    "Conditioning",
+    "DiffusersFlowModel",
+    "FlowTransformer",
+    "SD3TextEncoder",
+    "SD3Transformer",
+    "WanExperts",
+    "sd3_decode",
+    "select_attention_backend",
+]

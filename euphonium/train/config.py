@@ -24,7 +24,7 @@ DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 
 # ``model.kind``: the toy world or a local diffusers pipeline folder of one family (train/policy.py).
-MODEL_KINDS = ("toy", "wan")
+MODEL_KINDS = ("toy", "wan", "sd3")
 
 
 class ConfigError(ValueError):
@@ -36,7 +36,8 @@ class ModelConfig:
     """What is trained.
 
     kind: ``toy`` (the built-in toy world; ``path`` None = the committed weights) or a local diffusers
-        pipeline folder: ``wan`` (Wan2.1, Wan2.2 A14B with ``transformer_2``; see train/policy.py).
+        pipeline folder: ``wan`` (Wan2.1, Wan2.2 A14B with ``transformer_2``), ``sd3`` (SD3/3.5; images as
+        one-frame videos); see train/policy.py.
     path: the model folder.
     dtype: ``float32``, ``bfloat16`` or ``float16`` for the frozen parts and the rollouts.
     lora_rank: > 0 trains a LoRA adapter (peft) of that rank on ``lora_targets``; 0 trains all weights.

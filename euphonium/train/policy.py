@@ -8,6 +8,9 @@
   does (un-normalised with the VAE's ``latents_mean``/``latents_std``). A Wan2.2 A14B folder
   (``transformer_2/`` and ``boundary_ratio`` in ``model_index.json``) trains ``model.expert`` of its
   two experts, switched per sample at the pipeline's boundary (:class:`euphonium.models.wan22.WanExperts`).
+- ``model.kind=sd3``: a local ``StableDiffusion3Pipeline`` folder (SD3.5 Medium/Large):
+  :mod:`euphonium.models.sd3` encodes (CLIP-L, CLIP-G, T5; pooled projections) and decodes as the
+  pipeline does. Images are videos of one frame: latents ``[C, 1, h, w]``, decoded ``[B, 1, 3, H, W]``.
 
 Everything that can be checked from the config alone (folders, sizes, prompts, the PRM's shapes) is
 checked before any weights load (:func:`check_model_config`). Every family's LoRA goes through
@@ -44,6 +47,9 @@ from euphonium.toy.world import parse_prompt
 from euphonium.train.config import ConfigError, TrainConfig
 
 logger = logging.getLogger(__name__)
+
+# Families whose samples are images: one frame ([B, 1, 3, H, W] for the rewards), model.num_frames unused.
+IMAGE_KINDS = ("sd3",)
 
 
 @dataclass
@@ -89,7 +95,8 @@ def video_shape(config: TrainConfig) -> tuple:
     """``(F, C, H, W)`` of one decoded video, known from the config alone (no weights needed)."""
     if config.model.kind == "toy":
         return (NUM_FRAMES, CHANNELS, HEIGHT, WIDTH)
-    return (config.model.num_frames, 3, config.model.height, config.model.width)
+    frames = 1 if config.model.kind in IMAGE_KINDS else config.model.num_frames
+    return (frames, 3, config.model.height, config.model.width)
 
 
 def check_model_config(config: TrainConfig) -> Dict[str, Any]:
@@ -300,6 +307,25 @@ def _load_prm(config: TrainConfig, device: torch.device) -> Optional[torch.nn.Mo
     return LatentRewardModel.from_pretrained(config.prm_path).to(device).eval()
 
 
+def _encoder(text: Callable[[List[str]], Any], cfg: bool) -> Callable[[List[str]], Conditioning]:
+    """``prompts -> Conditioning`` from a family's cached text encoder ``text(prompts) -> Conditioning``
+    (its kwargs, e.g. pooled embeddings); with CFG the empty prompt's as the negative half."""
+
+    def encode(prompts):
+        cond = text(list(prompts))
+        if not cfg:
+            return cond
+        negative = text([""] * len(prompts))
+        return Conditioning(
+            cond.prompt_embeds,
+            negative_prompt_embeds=negative.prompt_embeds,
+            kwargs=cond.kwargs,
+            negative_kwargs=negative.kwargs or None,
+        )
+
+    return encode
+
+
 # ----------------------------------------------------------------------------------------------
 # Wan2.1 and Wan2.2 A14B
 # ----------------------------------------------------------------------------------------------
@@ -433,7 +459,78 @@ def build_wan_policy(config: TrainConfig, device: torch.device):
     return Policy(transformer, encode, decode, checked["latent_shape"], list(config.prompts), _load_prm(config, device))
 
 
+# ----------------------------------------------------------------------------------------------
+# Stable Diffusion 3 / 3.5
+# ----------------------------------------------------------------------------------------------
+
+_SD3_SUBFOLDERS = {
+    "transformer": "config.json",
+    "vae": "config.json",
+    **{f"text_encoder{s}": "config.json" for s in ("", "_2", "_3")},
+    **{f"tokenizer{s}": "tokenizer_config.json" for s in ("", "_2", "_3")},
+}
+
+
+def _image_latent_shape(config: TrainConfig, vae: Dict[str, Any], channels: int, patch: int) -> tuple:
+    """``(C, 1, H / s, W / s)`` for an ``AutoencoderKL`` of stride ``s = 2 ** (len(block_out_channels) - 1)``
+    (the pipelines' ``vae_scale_factor``); height and width must be multiples of ``s * patch``."""
+    stride = 2 ** (len(vae.get("block_out_channels", (64,))) - 1)
+    for key in ("height", "width"):
+        _check_size(key, getattr(config.model, key), stride * patch, f"VAE stride {stride} x patch {patch}")
+    return (channels, 1, config.model.height // stride, config.model.width // stride)
+
+
+def check_sd3_config(config: TrainConfig) -> Dict[str, Any]:
+    """A ``model.kind=sd3`` run before weights load: the ``StableDiffusion3Pipeline`` folder (transformer, VAE,
+    two CLIP and one T5 encoder with their tokenizers), prompts, image size (multiples of the VAE's stride
+    times the patch) and PRM. Returns ``root`` and ``latent_shape`` ``(C, 1, H / 8, W / 8)``."""
+    from diffusers import SD3Transformer2DModel
+
+    root = check_pipeline_folder(config.model.path, _SD3_SUBFOLDERS, "StableDiffusion3")
+    _check_prompts(config)
+    transformer = _read_config(root / "transformer", "model.path transformer/", "SD3Transformer2DModel")
+    vae = _read_config(root / "vae", "model.path vae/", "AutoencoderKL")
+    in_channels = _config_value(SD3Transformer2DModel, transformer, "in_channels")
+    if vae.get("latent_channels") != in_channels:
+        raise ConfigError(
+            f"model.path {root}: the transformer takes {in_channels} latent channels, "
+            f"the VAE makes {vae.get('latent_channels')}"
+        )
+    patch = _config_value(SD3Transformer2DModel, transformer, "patch_size")
+    latent_shape = _image_latent_shape(config, vae, in_channels, patch)
+    text_dim = _config_value(SD3Transformer2DModel, transformer, "joint_attention_dim")
+    _check_prm(config, in_channels, text_dim, "VAE latent channels / the transformer's joint_attention_dim")
+    return {"root": root, "latent_shape": latent_shape}
+
+
+def build_sd3_policy(config: TrainConfig, device: torch.device) -> Policy:
+    """The :class:`Policy` of a local ``StableDiffusion3Pipeline`` folder (SD3.5): the transformer trained as
+    :class:`~euphonium.models.sd3.SD3Transformer`, CFG with the empty prompt's embeddings and pooled projections."""
+    from diffusers import AutoencoderKL, SD3Transformer2DModel
+
+    from euphonium.models.sd3 import SD3TextEncoder, SD3Transformer, sd3_decode
+
+    checked = check_sd3_config(config)
+    root = checked["root"]
+    dtype = DTYPES[config.model.dtype]
+    transformer = SD3Transformer(
+        SD3Transformer2DModel.from_pretrained(root / "transformer", torch_dtype=dtype).to(device)
+    )
+    vae = AutoencoderKL.from_pretrained(root / "vae", torch_dtype=torch.float32).to(device).eval()
+    vae.requires_grad_(False)
+    text = SD3TextEncoder(root, device, dtype, config.model.max_sequence_length)
+    return Policy(
+        transformer,
+        _encoder(text, config.model.cfg_scale > 1),
+        lambda latents: sd3_decode(vae, latents),
+        checked["latent_shape"],
+        list(config.prompts),
+        _load_prm(config, device),
+    )
+
+
 # kind -> (check before weights load, build)
 _FAMILIES = {
     "wan": (check_wan_config, build_wan_policy),
+    "sd3": (check_sd3_config, build_sd3_policy),
 }
