@@ -11,6 +11,9 @@
 - ``model.kind=sd3``: a local ``StableDiffusion3Pipeline`` folder (SD3.5 Medium/Large):
   :mod:`euphonium.models.sd3` encodes (CLIP-L, CLIP-G, T5; pooled projections) and decodes as the
   pipeline does. Images are videos of one frame: latents ``[C, 1, h, w]``, decoded ``[B, 1, 3, H, W]``.
+- ``model.kind=flux``: a local ``FluxPipeline`` folder (FLUX.1-dev/schnell): :mod:`euphonium.models.flux`
+  (CLIP pooled + T5, the embedded guidance input ``model.guidance_scale``, latents packed into 2x2
+  patches with position ids inside the transformer's call; decoded as SD3).
 
 Everything that can be checked from the config alone (folders, sizes, prompts, the PRM's shapes) is
 checked before any weights load (:func:`check_model_config`). Every family's LoRA goes through
@@ -49,7 +52,7 @@ from euphonium.train.config import ConfigError, TrainConfig
 logger = logging.getLogger(__name__)
 
 # Families whose samples are images: one frame ([B, 1, 3, H, W] for the rewards), model.num_frames unused.
-IMAGE_KINDS = ("sd3",)
+IMAGE_KINDS = ("sd3", "flux")
 
 
 @dataclass
@@ -529,8 +532,75 @@ def build_sd3_policy(config: TrainConfig, device: torch.device) -> Policy:
     )
 
 
+# ----------------------------------------------------------------------------------------------
+# FLUX.1
+# ----------------------------------------------------------------------------------------------
+
+_FLUX_SUBFOLDERS = {
+    "transformer": "config.json",
+    "vae": "config.json",
+    **{f"text_encoder{s}": "config.json" for s in ("", "_2")},
+    **{f"tokenizer{s}": "tokenizer_config.json" for s in ("", "_2")},
+}
+
+
+def check_flux_config(config: TrainConfig) -> Dict[str, Any]:
+    """A ``model.kind=flux`` run before weights load: the ``FluxPipeline`` folder (transformer, VAE, CLIP and T5
+    with their tokenizers), prompts, image size (multiples of twice the VAE's stride: latents are packed in
+    2x2 patches) and PRM. Returns ``root``, ``latent_shape`` ``(C, 1, H / 8, W / 8)`` and ``guidance_embeds``."""
+    from diffusers import FluxTransformer2DModel
+
+    root = check_pipeline_folder(config.model.path, _FLUX_SUBFOLDERS, "Flux")
+    _check_prompts(config)
+    transformer = _read_config(root / "transformer", "model.path transformer/", "FluxTransformer2DModel")
+    vae = _read_config(root / "vae", "model.path vae/", "AutoencoderKL")
+    in_channels = _config_value(FluxTransformer2DModel, transformer, "in_channels")
+    channels = vae.get("latent_channels")
+    if in_channels != 4 * channels:
+        raise ConfigError(
+            f"model.path {root}: the transformer takes {in_channels} packed channels, the VAE's 2x2 patches "
+            f"have {4 * channels} (Fill/Canny/Depth transformers with image inputs are not supported)"
+        )
+    latent_shape = _image_latent_shape(config, vae, channels, 2)
+    text_dim = _config_value(FluxTransformer2DModel, transformer, "joint_attention_dim")
+    _check_prm(config, channels, text_dim, "VAE latent channels / the transformer's joint_attention_dim")
+    guidance_embeds = _config_value(FluxTransformer2DModel, transformer, "guidance_embeds")
+    return {"root": root, "latent_shape": latent_shape, "guidance_embeds": guidance_embeds}
+
+
+def build_flux_policy(config: TrainConfig, device: torch.device) -> Policy:
+    """The :class:`Policy` of a local ``FluxPipeline`` folder: the transformer trained as
+    :class:`~euphonium.models.flux.FluxTransformer`, guidance ``model.guidance_scale`` as its embedded input."""
+    from diffusers import AutoencoderKL, FluxTransformer2DModel
+
+    from euphonium.models.flux import FluxTextEncoder, FluxTransformer
+    from euphonium.models.sd3 import sd3_decode
+
+    checked = check_flux_config(config)
+    root = checked["root"]
+    model = config.model
+    dtype = DTYPES[model.dtype]
+    transformer = FluxTransformer(
+        FluxTransformer2DModel.from_pretrained(root / "transformer", torch_dtype=dtype).to(device)
+    )
+    vae = AutoencoderKL.from_pretrained(root / "vae", torch_dtype=torch.float32).to(device).eval()
+    vae.requires_grad_(False)
+    text = FluxTextEncoder(
+        root, device, dtype, model.max_sequence_length, model.guidance_scale, checked["guidance_embeds"]
+    )
+    return Policy(
+        transformer,
+        _encoder(text, model.cfg_scale > 1),
+        lambda latents: sd3_decode(vae, latents),
+        checked["latent_shape"],
+        list(config.prompts),
+        _load_prm(config, device),
+    )
+
+
 # kind -> (check before weights load, build)
 _FAMILIES = {
     "wan": (check_wan_config, build_wan_policy),
     "sd3": (check_sd3_config, build_sd3_policy),
+    "flux": (check_flux_config, build_flux_policy),
 }
