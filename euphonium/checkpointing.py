@@ -84,6 +84,20 @@ def one_line(err: BaseException, limit: int = 200) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def describe_load_error(err: BaseException) -> str:
+    """Why ``torch.load(weights_only=True)`` refused a file, in a few words: a pickle that would
+    build other objects than tensors and plain containers (what could run code) is named as such."""
+    import pickle
+
+    if isinstance(err, pickle.UnpicklingError):
+        found = re.search(
+            r"Unsupported global: GLOBAL ([\w.]+)|Unsupported operand \d+|[Uu]nsupported class [\w.]+", str(err)
+        )
+        what = f": {found.group(1) or found.group(0)}" if found else ""
+        return f"refused: it would build objects other than tensors{what}"
+    return one_line(err)
+
+
 class _Sink:
     """A write-only file object that hashes and counts what passes through and keeps the first
     ``OSError`` (writers such as ``torch.save`` report it as their own ``RuntimeError``)."""
@@ -169,8 +183,8 @@ def atomic_write(path: Union[str, Path], data: Union[bytes, str, Callable[[Any],
     except BaseException as err:
         with contextlib.suppress(OSError):
             tmp.unlink()
-        if isinstance(err, OSError) and not isinstance(err, WriteError):
-            raise _write_error(path, err) from err
+        if isinstance(err, OSError):
+            raise _write_error(path, err) from err  # the file meant, not its temporary name
         raise
     _fsync_dir(path.parent)
 

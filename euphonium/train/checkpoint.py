@@ -248,7 +248,7 @@ def _load_torch(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise CheckpointError(f"{path}: cannot be read safely ({one_line(err)})") from None
+        raise CheckpointError(f"{path}: cannot be read safely ({cp.describe_load_error(err)})") from None
 
 
 def read_checkpoint(path: Path) -> Dict[str, Any]:

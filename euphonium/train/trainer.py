@@ -486,19 +486,21 @@ class Trainer:
             self.logger.truncate("eval", after=self.step if self.step else -1)
         bar = tqdm(total=config.max_steps, initial=self.step, disable=not self.is_main, desc="euphonium.train")
         postfix = {}
-        if config.eval_every and self.step == 0:
-            postfix["eval"] = self._log_eval()
-        while self.step < config.max_steps:
-            metrics = self.train_step()
-            self.logger.log(metrics)
-            bar.update(1)
-            postfix.update(reward=f"{metrics['reward_mean']:.3f}", loss=f"{metrics['loss']:.3g}")
-            if config.eval_every and (self.step % config.eval_every == 0 or self.step == config.max_steps):
+        try:
+            if config.eval_every and self.step == 0:
                 postfix["eval"] = self._log_eval()
-            bar.set_postfix(postfix)
-            if self.step % config.checkpoint_every == 0 or self.step == config.max_steps:
-                self.save()
-        bar.close()
+            while self.step < config.max_steps:
+                metrics = self.train_step()
+                self.logger.log(metrics)
+                bar.update(1)
+                postfix.update(reward=f"{metrics['reward_mean']:.3f}", loss=f"{metrics['loss']:.3g}")
+                if config.eval_every and (self.step % config.eval_every == 0 or self.step == config.max_steps):
+                    postfix["eval"] = self._log_eval()
+                bar.set_postfix(postfix)
+                if self.step % config.checkpoint_every == 0 or self.step == config.max_steps:
+                    self.save()
+        finally:
+            bar.close()  # an error then starts on a line of its own
         if self.is_main:
             plot_reward_curve(self.output_dir / "metrics.jsonl", self.output_dir / "reward_curve.png")
         self.save_samples(self.output_dir / "samples")

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -18,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from euphonium import checkpointing as cp
 from euphonium.rewards.prm.data import PRMDataset, noise_latents, spearman
 from euphonium.rewards.prm.model import LatentRewardModel, pool_prompt_embeds
 
@@ -423,49 +423,74 @@ class PRMTrainer:
     # -- checkpoints -----------------------------------------------------------------------------
 
     def latest_checkpoint(self) -> Optional[Path]:
-        """The newest complete ``checkpoints/step-N`` under ``output_dir``, or ``None``."""
-        if self.output_dir is None or not (self.output_dir / "checkpoints").is_dir():
+        """The newest usable ``checkpoints/step-N`` under ``output_dir``, or ``None`` when there is none.
+
+        Each checkpoint is checked completely first (:meth:`read_checkpoint`); a newer one that fails is
+        skipped with a warning naming the file and the reason. Checkpoints exist but none is usable:
+        :class:`euphonium.checkpointing.CheckpointError` (one line).
+        """
+        if self.output_dir is None:
             return None
-        done = [
-            p
-            for p in (self.output_dir / "checkpoints").glob("step-*")
-            if (p / "trainer.pt").is_file() and p.name[len("step-") :].isdigit()
-        ]
-        return max(done, key=lambda p: int(p.name[len("step-") :]), default=None)
+        found = cp.newest_valid(self.output_dir / "checkpoints", self.read_checkpoint)
+        return None if found is None else found[0]
 
     def save_checkpoint(self, scheduler=None) -> Path:
-        """Write ``output_dir/checkpoints/step-N`` (model + optimiser, scheduler, step, RNG) atomically."""
+        """Write ``output_dir/checkpoints/step-N`` (model + optimiser, scheduler, step, RNG) atomically.
+
+        The folder is built under a temporary name and renamed when complete (with a manifest of its
+        files' sizes and hashes); a failure (a full disk) leaves nothing of it and raises
+        :class:`euphonium.checkpointing.WriteError`. Leftovers of killed writers are removed first;
+        afterwards only the newest ``keep_checkpoints`` are kept.
+        """
         if self.output_dir is None:
             raise ValueError("save_checkpoint needs the trainer's output_dir")
         root = self.output_dir / "checkpoints"
-        final, tmp = root / f"step-{self.step}", root / f".step-{self.step}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        self.model.save_pretrained(tmp / "model")
-        torch.save(
-            {
-                "step": self.step,
-                "optimizer": self.optimizer.state_dict(),
-                "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                "generator": self.generator.get_state(),
-            },
-            tmp / "trainer.pt",
-        )
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
-        kept = sorted(
-            (p for p in root.glob("step-*") if p.name[len("step-") :].isdigit()),
-            key=lambda p: int(p.name[len("step-") :]),
-        )
-        for old in kept[: -self.config.keep_checkpoints]:
-            shutil.rmtree(old)
+        cp.remove_orphans(root)
+        state = {
+            "step": self.step,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "generator": self.generator.get_state(),
+        }
+        final = root / f"step-{self.step}"
+        with cp.atomic_directory(final) as ckpt:
+            ckpt.current = "model"
+            self.model.save_pretrained(ckpt.path / "model")
+            ckpt.write("trainer.pt", lambda f: torch.save(state, f))
+        cp.rotate(root, self.config.keep_checkpoints, newest=self.step)
         return final
 
-    def load_checkpoint(self, path: Union[str, Path], scheduler=None) -> None:
-        """Restore model weights, optimiser, scheduler, step and RNG from a checkpoint directory."""
+    @staticmethod
+    def read_checkpoint(path: Union[str, Path]) -> Dict:
+        """The checked contents of checkpoint ``path``: ``state`` (from ``trainer.pt``, read with
+        ``weights_only=True``, so a crafted pickle cannot run code) and ``model``. Raises
+        :class:`euphonium.checkpointing.CheckpointError` naming the file and the reason."""
         path = Path(path)
-        state = torch.load(path / "trainer.pt", map_location="cpu", weights_only=True)
-        loaded = LatentRewardModel.from_pretrained(path / "model")
-        self.model.load_state_dict(loaded.state_dict())
+        cp.verify_manifest(path)
+        file = path / "trainer.pt"
+        if not file.is_file() or file.stat().st_size == 0:
+            raise cp.CheckpointError(f"{file}: {'missing' if not file.is_file() else 'empty'}")
+        try:
+            state = torch.load(file, map_location="cpu", weights_only=True)
+        except Exception as err:
+            raise cp.CheckpointError(f"{file}: cannot be read safely ({cp.describe_load_error(err)})") from None
+        if not isinstance(state, dict) or not {"step", "optimizer", "scheduler", "generator"} <= set(state):
+            raise cp.CheckpointError(f"{file}: not a PRM trainer state")
+        try:
+            model = LatentRewardModel.from_pretrained(path / "model")
+        except Exception as err:
+            raise cp.CheckpointError(f"{path / 'model'}: cannot be loaded ({cp.one_line(err)})") from None
+        for name, value in model.state_dict().items():
+            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                raise cp.CheckpointError(f"{path / 'model'}: {name} has non-finite values")
+        return {"state": state, "model": model}
+
+    def load_checkpoint(self, path: Union[str, Path], scheduler=None) -> None:
+        """Restore model weights, optimiser, scheduler, step and RNG from a checkpoint directory
+        (checked completely first: :meth:`read_checkpoint`)."""
+        loaded = self.read_checkpoint(path)
+        state = loaded["state"]
+        self.model.load_state_dict(loaded["model"].state_dict())
         self.optimizer.load_state_dict(state["optimizer"])
         if scheduler is not None and state["scheduler"] is not None:
             scheduler.load_state_dict(state["scheduler"])
