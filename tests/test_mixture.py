@@ -23,6 +23,7 @@ from euphonium.toy.mixture import (
     measure_base_rates,
     mixture_reward_fn,
     mixture_reward_set,
+    oracle_calibration,
     pretrain_mixture_model,
     video_to_latents,
 )
@@ -286,3 +287,42 @@ def test_short_grpo_run_raises_the_reward():
     before, after = out["evals"][0], out["evals"][-1]
     assert [e["step"] for e in out["evals"]] == [0, 30]
     assert after["combined"] > before["combined"] + 0.1, out["evals"]
+
+
+def test_oracle_is_nearly_calibrated_for_the_base_model(world):
+    rows = oracle_calibration(load_mixture_model(), world=world, sigmas=(0.25, 0.75), samples_per_prompt=64)
+    for row in rows:
+        assert abs(row["data_bias"]) < 4 * row["data_bias_stderr"] + 1e-9, row  # the reference: exact on the data
+        assert abs(row["bias"]) < 0.03, row  # the base model's samples: close (mean reward 0.15)
+
+
+# --- the learned PRM -----------------------------------------------------------------------------------
+
+
+def test_learned_prm_trains_with_the_library_trainer(world):
+    from euphonium.rewards.prm import PRMTrainConfig
+    from euphonium.toy.mixture.prm import collect_mixture_rollouts, compare_with_oracle, train_mixture_prm
+
+    model = load_mixture_model()
+    train = collect_mixture_rollouts(model, 1024, world=world, seed=0)
+    held_out = collect_mixture_rollouts(model, 256, world=world, seed=1)
+    assert train.x0.shape == (1024, *world.latent_shape) and train.prompt_embeds.shape == (1024, world.config.embed_dim)
+    assert set(train.parts) == {"combined", "mode", "component"}
+    torch.testing.assert_close(train.rewards, train.parts["combined"])
+    config = PRMTrainConfig(steps=100, batch_size=128, lr=2e-3, warmup_steps=10, eval_every=100, checkpoint_every=0)
+    out = train_mixture_prm(train, world=world, config=config, held_out=held_out)
+    rows = {r["sigma"]: r for r in compare_with_oracle(out["prm"], held_out, world=world, sigmas=(0.25, 0.5))}
+    assert rows[0.25]["pearson"] > 0.6 and rows[0.5]["pearson"] > 0.6, rows
+
+
+def test_committed_prm_tracks_the_oracle(world):
+    from euphonium.toy.mixture.prm import collect_mixture_rollouts, compare_with_oracle, load_mixture_prm
+
+    prm = load_mixture_prm()
+    fresh = collect_mixture_rollouts(load_mixture_model(), 512, world=world, seed=7)
+    rows = compare_with_oracle(prm, fresh, world=world, sigmas=(0.25, 0.5, 0.75))
+    for row in rows:
+        assert row["pearson"] > 0.85, rows
+    x = torch.randn(4, *world.latent_shape)
+    value, grad = ops.reward_grad(prm, x, torch.full((4,), 0.5), world.encode(world.prompts[:4]))
+    assert value.shape == (4,) and grad.shape == x.shape and bool(torch.isfinite(grad).all())

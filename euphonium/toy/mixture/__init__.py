@@ -21,6 +21,7 @@ from euphonium.toy.mixture.model import (
     load_mixture_model,
     measure_base_rates,
     mixture_sampler_config,
+    oracle_calibration,
     pretrain_mixture_model,
     sample_mixture,
 )
@@ -61,6 +62,7 @@ __all__ = [
     "mixture_reward_set",
     "mixture_rewards",
     "mixture_sampler_config",
+    "oracle_calibration",
     "pretrain_mixture_model",
     "sample_mixture",
     "video_to_latents",

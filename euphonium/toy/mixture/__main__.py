@@ -4,6 +4,8 @@
   the committed ``euphonium/assets/mixture/model``).
 - ``rates [--model DIR]``: the model's rates of the prompted mode and component against the data's.
 - ``grpo [--model DIR] [--steps N] [--oracle]``: the minimal GRPO loop (:mod:`.grpo`), evaluation curve.
+- ``prm --output DIR``: the learned PRM (the library's ``PRMTrainer`` on base-model rollouts; the
+  defaults made the committed ``euphonium/assets/mixture/prm``) and its comparison with the oracle.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import argparse
 import dataclasses
 import json
 import time
+from pathlib import Path
 
 import torch
 
@@ -48,6 +51,16 @@ def main(argv=None) -> int:
     for field in dataclasses.fields(MixtureGRPOConfig):
         if field.type in _TYPES:
             g.add_argument(f"--{field.name.replace('_', '-')}", type=_TYPES[field.type], default=None)
+    q = sub.add_parser("prm", help="train the learned PRM on base-model rollouts, compare it with the oracle")
+    q.add_argument("--output", required=True)
+    q.add_argument("--model", default=None)
+    q.add_argument("--samples", type=int, default=8192)
+    q.add_argument("--held-out", type=int, default=1024)
+    q.add_argument("--steps", type=int, default=2000)
+    q.add_argument("--batch-size", type=int, default=256)
+    q.add_argument("--lr", type=float, default=2e-3)
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
 
     if args.command == "pretrain":
@@ -72,6 +85,8 @@ def main(argv=None) -> int:
             seed=args.seed,
         )
         print(json.dumps(rates, indent=1))
+    elif args.command == "prm":
+        train_learned_prm(args)
     else:
         if args.threads:
             torch.set_num_threads(args.threads)
@@ -84,6 +99,43 @@ def main(argv=None) -> int:
         print(json.dumps({"config": dataclasses.asdict(config), "evals": out["evals"]}, indent=1))
         print(f"{time.perf_counter() - start:.1f} s")
     return 0
+
+
+def train_learned_prm(args) -> None:
+    from euphonium.rewards.prm import PRMTrainConfig
+    from euphonium.toy.mixture.prm import collect_mixture_rollouts, compare_with_oracle, train_mixture_prm
+
+    torch.set_num_threads(args.threads)
+    output = Path(args.output)
+    model = load_mixture_model(args.model)
+    start = time.perf_counter()
+    train = collect_mixture_rollouts(model, args.samples, seed=args.seed)
+    held_out = collect_mixture_rollouts(model, args.held_out, seed=args.seed + 1)
+    collected = time.perf_counter() - start
+    config = PRMTrainConfig(
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        eval_every=max(1, args.steps // 4),
+        checkpoint_every=0,
+        seed=args.seed,
+    )
+    out = train_mixture_prm(train, held_out=held_out, config=config, output_dir=output, seed=args.seed)
+    trained = time.perf_counter() - start - collected
+    out["prm"].save_pretrained(output)
+    comparison = compare_with_oracle(out["prm"], held_out, seed=args.seed + 2)
+    record = {
+        "command": "python -m euphonium.toy.mixture prm "
+        + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "command" and v is not None),
+        "rollouts": {"train": len(train), "held_out": len(held_out), "mean_reward": float(train.rewards.mean())},
+        "collect_seconds": collected,
+        "train_seconds": trained,
+        "torch_threads": torch.get_num_threads(),
+        "vs_oracle_on_held_out": comparison,
+        "history": out["history"],
+    }
+    (output / "training.json").write_text(json.dumps(record, indent=1) + "\n")
+    print(json.dumps({k: record[k] for k in ("collect_seconds", "train_seconds", "vs_oracle_on_held_out")}, indent=1))
 
 
 if __name__ == "__main__":

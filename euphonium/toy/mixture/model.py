@@ -32,7 +32,14 @@ from torch import nn
 
 from euphonium.models.diffusers import Conditioning, DiffusersFlowModel
 from euphonium.sampler import SamplerConfig, Trajectory, preset, rollout
-from euphonium.toy.mixture.world import TARGET, MixtureWorld, default_world, latents_to_video, video_to_latents
+from euphonium.toy.mixture.world import (
+    TARGET,
+    MixtureOraclePRM,
+    MixtureWorld,
+    default_world,
+    latents_to_video,
+    video_to_latents,
+)
 
 ASSET_DIR = Path(__file__).resolve().parents[2] / "assets" / "mixture"
 MODEL_DIR = ASSET_DIR / "model"
@@ -328,3 +335,43 @@ def measure_base_rates(
         out[f"model/{k}_stderr"] = float(v.std() / math.sqrt(v.numel()))
     out.update({f"data/{k}": v for k, v in world.base_rates().items()})
     return out
+
+
+@torch.no_grad()
+def oracle_calibration(
+    model: torch.nn.Module,
+    *,
+    world: Optional[MixtureWorld] = None,
+    config: Optional[SamplerConfig] = None,
+    sigmas: Sequence[float] = (0.1, 0.25, 0.5, 0.75, 0.9),
+    samples_per_prompt: int = 64,
+    seed: int = 0,
+) -> List[Dict[str, float]]:
+    """How exact the data's oracle PRM is for the base model's own samples.
+
+    The oracle is ``E[r(x0) | x_sigma]`` under the data. For ``x0`` sampled by ``model``
+    (:func:`sample_mixture`) and ``x_sigma = (1 - sigma) x0 + sigma eps`` the residual ``r(x0) - o(x_sigma)``
+    has mean 0 when the model's distribution equals the data's. Per ``sigma``: ``bias`` (mean residual on
+    the model's samples) with ``bias_stderr``, ``rmse``, and ``data_bias``/``data_bias_stderr`` (the same
+    on as many data samples: 0 within its error, the reference).
+    """
+    world = world if world is not None else default_world()
+    oracle = MixtureOraclePRM(world)
+    prompts = [p for p in world.prompts for _ in range(samples_per_prompt)]
+    index = world.prompt_index(prompts)
+    embeds = world.encode(prompts)
+    traj, _ = sample_mixture(model, prompts, world=world, config=config, seed=seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    sources = {"": video_to_latents(latents_to_video(traj.x0)), "data_": world.sample(index, gen)[0]}
+    rows = []
+    for sigma in sigmas:
+        row = {"sigma": float(sigma)}
+        for prefix, x0 in sources.items():
+            reward = world.rewards(x0, index)["combined"]
+            x = (1 - sigma) * x0 + sigma * torch.randn(x0.shape, generator=gen, dtype=torch.float64)
+            residual = reward - oracle(x, sigma, embeds)
+            row[f"{prefix}bias"] = float(residual.mean())
+            row[f"{prefix}bias_stderr"] = float(residual.std() / math.sqrt(residual.numel()))
+            row[f"{prefix}rmse"] = float(residual.pow(2).mean().sqrt())
+        rows.append(row)
+    return rows
