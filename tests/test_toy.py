@@ -1,6 +1,7 @@
 """The toy video world: renderer, prompt grammar, exact rewards, committed base model, pretraining."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,6 +9,7 @@ import torch
 from euphonium import toy
 from euphonium.toy import world
 from euphonium.toy.__main__ import main as toy_cli
+from euphonium.toy.pretrain import PretrainConfig
 from euphonium.toy.rewards import (
     DEFAULT_WEIGHTS,
     attribute_accuracy,
@@ -84,6 +86,29 @@ def test_render_moves_in_the_prompted_direction():
         dx, dy = toy.DIRECTIONS[d]
         assert float(cx[i, -1] - cx[i, 0]) == pytest.approx(dx * travel, abs=0.05)
         assert float(cy[i, -1] - cy[i, 0]) == pytest.approx(dy * travel, abs=0.05)
+
+
+def test_noisy_captions_name_the_rendered_value_at_the_given_rate():
+    seed = _seed()
+    prompts = toy.sample_prompts(6000, seed)
+    accuracy = {"color": 0.4, "shape": 0.0, "direction": 0.7}
+    captions = world.noisy_captions(prompts, accuracy, seed)
+    assert captions == world.noisy_captions(prompts, accuracy, torch.Generator().manual_seed(seed))
+    true, said = [toy.parse_prompt(p) for p in prompts], [toy.parse_prompt(c) for c in captions]
+    for key in world.ATTRIBUTES:
+        kept = sum(t[key] == c[key] for t, c in zip(true, said)) / len(prompts)
+        assert kept == pytest.approx(accuracy.get(key, 1.0), abs=0.03), key
+    # A wrong caption names each other value equally often: red clips are called green, blue, yellow alike.
+    wrong = [c["color"] for t, c in zip(true, said) if t["color"] == "red" and c["color"] != "red"]
+    counts = [wrong.count(v) / len(wrong) for v in ("green", "blue", "yellow")]
+    assert max(abs(c - 1 / 3) for c in counts) < 0.06, counts
+    # No noise: the prompts themselves; a prompt without a size word keeps none.
+    assert world.noisy_captions(prompts[:50], {}, seed) == prompts[:50]
+    assert world.noisy_captions(["a red square moving left"], {"size": 0.0}, seed) == ["a red square moving left"]
+    with pytest.raises(ValueError, match="unknown attribute"):
+        world.noisy_captions(prompts[:2], {"colour": 0.5})
+    with pytest.raises(ValueError, match="probability"):
+        world.noisy_captions(prompts[:2], {"color": 1.5})
 
 
 def test_latents_video_round_trip():
@@ -233,6 +258,55 @@ def test_committed_model_loads_and_samples():
     assert v.shape == x.shape and v.dtype == torch.bfloat16
 
 
+def test_attribute_capability_tells_preference_from_capability():
+    from euphonium.toy.report import attribute_capability
+
+    prompts = [f"a large {c} square moving right" for c in toy.COLORS] * 2
+    clips = toy.render(prompts, _seed())
+    own = attribute_capability(clips, prompts)
+    assert own["color"]["preference"] == 1.0 and own["color"]["clear"] == 1.0
+    assert own["color"]["drawn"] == {c: 0.25 for c in toy.COLORS}
+    assert own["direction"]["drawn"]["right"] == 1.0 and own["direction"]["drawn"]["None"] == 0.0
+    # The same clips under prompts naming another colour: drawn cleanly, never the prompted colour.
+    others = [p.replace(c, d) for p, c, d in zip(prompts, [*toy.COLORS] * 2, ["green", "blue", "yellow", "red"] * 2)]
+    swapped = attribute_capability(clips, others)
+    assert swapped["color"]["preference"] == 0.0 and swapped["color"]["clear"] == 1.0
+    assert swapped["color"]["preference_by_value"] == {c: 0.0 for c in toy.COLORS}
+    assert swapped["shape"]["preference"] == 1.0
+    # Static clips show no direction at all.
+    static = clips[:, :1].expand_as(clips).contiguous()
+    still = attribute_capability(static, prompts)
+    assert still["direction"]["clear"] == 0.0 and still["direction"]["drawn"]["None"] == 1.0
+
+
+def test_main_job_weights_are_the_toy_config_s():
+    import yaml
+
+    from euphonium.toy.report import MAIN_JOB_ALGORITHM, MAIN_JOB_WEIGHTS
+
+    config = yaml.safe_load((Path(toy.__file__).parents[1] / "configs" / "toy.yaml").read_text())
+    assert config["rewards"]["toy"]["weights"] == MAIN_JOB_WEIGHTS
+    assert config["algorithm"] == MAIN_JOB_ALGORITHM
+
+
+def test_group_statistics_of_the_committed_model():
+    from euphonium.toy.report import MAIN_JOB_WEIGHTS, group_statistics
+
+    transformer, encoder = toy.load_toy_model()
+    prompts = ["a small red square moving left", "a large blue circle moving up", "a small green diamond moving down"]
+    stats = group_statistics(transformer, encoder, prompts, seed=_seed())
+    assert stats["prompts"] == 3 and stats["group_size"] == 4
+    weighted = sum(w * stats["terms"][k] for k, w in MAIN_JOB_WEIGHTS.items()) / sum(MAIN_JOB_WEIGHTS.values())
+    assert stats["reward"] == pytest.approx(weighted, abs=1e-5)
+    assert stats["within_group_std"] >= 0 and stats["between_prompt_std"] >= 0
+    for key in world.ATTRIBUTES:
+        row = stats["attributes"][key]
+        assert 0 <= stats["flip_rate"][key] <= 1 and 0 <= row["preference"] <= 1 and 0 <= row["clear"] <= 1
+        assert sum(row["drawn"].values()) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="group_size"):
+        group_statistics(transformer, encoder, prompts, group_size=1)
+
+
 # --- pretraining and report entry points --------------------------------------------------------------
 
 
@@ -264,13 +338,27 @@ def test_pretrain_cli_runs_and_loss_falls(tmp_path):
     transformer, encoder = toy.load_toy_model(tmp_path)
     assert transformer.config.num_layers == 1
     assert toy.sample_ode(transformer, encoder, ["a red square moving left"], steps=2).shape[0] == 1
+    # Continue that model on noisy captions: the record names the command, the captions and the first run.
+    args = ["pretrain", "--output", str(tmp_path / "noisy"), "--init", str(tmp_path), "--steps", "3"]
+    args += ["--batch-size", "4", "--eval-every", "0", "--caption-accuracy", '{"color": 0.5}']
+    toy_cli(args)
+    again = json.loads((tmp_path / "noisy" / "pretrain.json").read_text())
+    assert again["config"]["caption_accuracy"] == {"color": 0.5} and again["config"]["init"] == str(tmp_path)
+    assert again["init_record"]["loss_every_10_steps"] == losses
+    assert again["command"].startswith("python -m euphonium.toy pretrain --output")
+    assert toy.load_toy_model(tmp_path / "noisy")[0].config.num_layers == 1
+    with pytest.raises(ValueError, match="init"):
+        PretrainConfig(init=str(tmp_path), transformer_config={"num_layers": 2})
+    with pytest.raises(ValueError, match="probability"):
+        PretrainConfig(caption_accuracy={"shape": -0.1})
 
 
 @pytest.mark.slow
 def test_report_writes_pictures_and_numbers(tmp_path):
-    toy_cli(["report", "--out", str(tmp_path), "--repeats", "1", "--steps", "2"])
+    toy_cli(["report", "--out", str(tmp_path), "--repeats", "1", "--steps", "2", "--no-groups"])
     report = json.loads((tmp_path / "report.json").read_text())
     assert set(report["per_attribute"]) == set(world.ATTRIBUTES)
     assert report["per_attribute"]["color"]["red"]["n"] == 24
     assert 0 <= report["accuracy"]["all"] <= 1 and report["forward_timing"]["median_ms"] > 0
     assert (tmp_path / "samples.png").stat().st_size > 1000 and (tmp_path / "samples.gif").stat().st_size > 1000
+    assert "groups" not in report

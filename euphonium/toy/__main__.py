@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -58,6 +59,15 @@ def main(argv=None) -> int:
         help="JSON overrides of TOY_TEXT_ENCODER_CONFIG, e.g. '{\"dim\": 16}'",
     )
 
+    p.add_argument(
+        "--caption-accuracy",
+        type=json.loads,
+        default={},
+        help="JSON {attribute: probability that the caption names the rendered value}, e.g. "
+        "'{\"color\": 0.4}' (default: exact captions)",
+    )
+    p.add_argument("--init", type=str, default=None, help="continue from this model folder (default: fresh weights)")
+
     r = sub.add_parser("report", help="sample the model, print reward statistics, write pictures and JSON")
     r.add_argument("--model", type=Path, default=None, help="model directory (default: the committed weights)")
     r.add_argument("--out", type=Path, default=Path("docs/toy"))
@@ -66,6 +76,9 @@ def main(argv=None) -> int:
     r.add_argument("--shift", type=float, default=3.0, help="timestep shift of the sampling sigmas")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--threads", type=_positive_int, default=2)
+    r.add_argument(
+        "--no-groups", action="store_true", help="skip the group statistics (groups of 4, the main job's sampler)"
+    )
 
     args = parser.parse_args(argv)
     if args.command == "pretrain":
@@ -86,8 +99,11 @@ def main(argv=None) -> int:
             eval_every=args.eval_every,
             transformer_config=args.transformer_config,
             text_encoder_config=args.text_encoder_config,
+            caption_accuracy=args.caption_accuracy,
+            init=args.init,
         )
-        record = pretrain(config, output=args.output)
+        command = "python -m euphonium.toy " + shlex.join(sys.argv[1:] if argv is None else list(argv))
+        record = pretrain(config, output=args.output, command=command)
         print(
             f"saved to {args.output}: loss {record['first_loss']:.4f} -> {record['final_loss']:.4f} "
             f"in {record['wall_seconds']:.0f} s"
@@ -95,7 +111,9 @@ def main(argv=None) -> int:
     else:
         from euphonium.toy.report import format_report, run_report
 
-        report = run_report(args.model, args.out, args.repeats, args.steps, args.shift, args.seed, args.threads)
+        report = run_report(
+            args.model, args.out, args.repeats, args.steps, args.shift, args.seed, args.threads, not args.no_groups
+        )
         print(format_report(report))
         print(f"wrote {args.out / 'report.json'}, {args.out / 'samples.png'}, {args.out / 'samples.gif'}")
     return 0

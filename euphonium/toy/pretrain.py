@@ -8,10 +8,19 @@ renders them (``x0``), draws ``eps ~ N(0, I)`` and a noise level per clip, and r
     loss = mean((v_theta(x_sigma, sigma, prompt) - (eps - x0))^2)
 
 with AdamW, linear warm-up then cosine decay to 10% of ``lr``, and gradient-norm clipping. The prompt
-encoder is trained jointly. The saved and evaluated weights are an exponential moving average of the
-trained ones (``ema_decay``; ``0`` saves the raw weights), which gives much cleaner samples after a
-short, high learning-rate run. Data, initialisation and noise come from one seed, so a run is
-reproducible on a machine with the same thread count.
+encoder is trained jointly.
+
+**Caption noise** (``caption_accuracy``, :func:`~euphonium.toy.world.noisy_captions`): the prompt the
+model is conditioned on names each rendered attribute only with probability ``caption_accuracy[k]``
+and another value otherwise, so the model learns to draw every value of every attribute but picks the
+named one only at that rate, the choice falling to the sampling noise: preference errors that RL can
+re-weight (DESIGN.md section 7). Empty: exact captions. ``init`` continues from a saved model (its
+architecture; ``transformer_config``/``text_encoder_config`` must then be empty).
+
+The saved and evaluated weights are an exponential moving average of the trained ones
+(``ema_decay``; ``0`` saves the raw weights), which gives much cleaner samples after a short, high
+learning-rate run. Data, initialisation and noise come from one seed, so a run is reproducible on a
+machine with the same thread count.
 """
 
 from __future__ import annotations
@@ -32,6 +41,7 @@ from euphonium.toy import world
 from euphonium.toy.model import (
     build_toy_model,
     count_parameters,
+    load_toy_model,
     predict_velocity,
     sample_ode,
     save_toy_model,
@@ -59,6 +69,8 @@ class PretrainConfig:
     eval_sample_steps: int = 20
     transformer_config: Dict[str, object] = dataclasses.field(default_factory=dict)
     text_encoder_config: Dict[str, object] = dataclasses.field(default_factory=dict)
+    caption_accuracy: Dict[str, float] = dataclasses.field(default_factory=dict)
+    init: Optional[str] = None
 
     def __post_init__(self):
         for name in ("steps", "batch_size"):
@@ -76,6 +88,10 @@ class PretrainConfig:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay!r}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be a positive integer or None, got {self.threads!r}")
+        if self.caption_accuracy:
+            world.noisy_captions(["a red square moving left"], dict(self.caption_accuracy), 0)  # validates
+        if self.init is not None and (self.transformer_config or self.text_encoder_config):
+            raise ValueError("init continues a saved model with its own architecture: give no transformer_config")
 
 
 def sample_sigmas(n: int, config: PretrainConfig, generator: torch.Generator) -> torch.Tensor:
@@ -99,17 +115,25 @@ def evaluate(
     return out
 
 
-def pretrain(config: PretrainConfig, output: Optional[Path] = None, progress: bool = True) -> Dict[str, object]:
+def pretrain(
+    config: PretrainConfig, output: Optional[Path] = None, progress: bool = True, command: Optional[str] = None
+) -> Dict[str, object]:
     """Train the toy model by flow matching; save it to ``output`` (if given) and return the record.
 
-    The record (also written to ``output/pretrain.json``) holds the config, the loss every 10 steps
-    (mean over those steps), evaluations every ``eval_every`` steps, the final loss (mean of the last
-    10% of steps), wall time, process CPU time (all threads; on a shared machine the wall time
-    overstates the cost) and parameter counts.
+    The record (also written to ``output/pretrain.json``) holds the config, the ``command`` that ran
+    it, the loss every 10 steps (mean over those steps), evaluations every ``eval_every`` steps, the
+    final loss (mean of the last 10% of steps), the record of the ``init`` model, wall time, process CPU time (all
+    threads; on a shared machine the wall time overstates the cost) and parameter counts.
     """
     if config.threads is not None:
         torch.set_num_threads(config.threads)
-    transformer, text_encoder = build_toy_model(config.transformer_config, config.text_encoder_config, config.seed)
+    if config.init is not None:
+        transformer, text_encoder = load_toy_model(config.init)
+        init_record = Path(config.init) / "pretrain.json"
+        init_record = json.loads(init_record.read_text()) if init_record.is_file() else None
+    else:
+        transformer, text_encoder = build_toy_model(config.transformer_config, config.text_encoder_config, config.seed)
+        init_record = None
     transformer.train(), text_encoder.train()
     params = list(transformer.parameters()) + list(text_encoder.parameters())
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
@@ -133,11 +157,15 @@ def pretrain(config: PretrainConfig, output: Optional[Path] = None, progress: bo
     for step in bar:
         prompts = world.sample_prompts(config.batch_size, gen)
         x0 = world.video_to_latents(world.render(prompts, gen))
+        if config.caption_accuracy:
+            captions = world.noisy_captions(prompts, dict(config.caption_accuracy), gen)
+        else:
+            captions = prompts
         eps = torch.randn(x0.shape, generator=gen)
         sigma = sample_sigmas(config.batch_size, config, gen)
         s = sigma.view(-1, 1, 1, 1, 1)
         x_sigma = (1 - s) * x0 + s * eps
-        v = predict_velocity(transformer, x_sigma, sigma, text_encoder.encode(prompts))
+        v = predict_velocity(transformer, x_sigma, sigma, text_encoder.encode(captions))
         loss = torch.mean((v - (eps - x0)) ** 2)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -165,6 +193,7 @@ def pretrain(config: PretrainConfig, output: Optional[Path] = None, progress: bo
     tail = max(1, config.steps // 10)
     record = {
         "config": dataclasses.asdict(config),
+        "command": command,
         "loss_every_10_steps": [sum(losses[i : i + 10]) / len(losses[i : i + 10]) for i in range(0, len(losses), 10)],
         "first_loss": losses[0],
         "final_loss": sum(losses[-tail:]) / tail,
@@ -174,6 +203,8 @@ def pretrain(config: PretrainConfig, output: Optional[Path] = None, progress: bo
         "torch_threads": torch.get_num_threads(),
         "machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}",
         "parameters": {"transformer": count_parameters(transformer), "text_encoder": count_parameters(text_encoder)},
+        # The record of the model this run continued (``init``), so the whole recipe stays in one file.
+        "init_record": init_record,
     }
     if output is not None:
         output = Path(output)

@@ -1,9 +1,14 @@
-"""Report on a toy base model: forward timing, reward statistics per prompt attribute, sample pictures.
+"""Report on a toy base model: forward timing, reward statistics per prompt attribute, sample pictures,
+and what RL would see of it (:func:`group_statistics`).
 
 Samples every prompt of :func:`~euphonium.toy.world.all_prompts` ``repeats`` times with the
 deterministic Euler ODE (:func:`~euphonium.toy.model.sample_ode`), scores the clips with
 :func:`euphonium.toy.rewards.toy_rewards` and :func:`~euphonium.toy.rewards.attribute_accuracy`, and
 writes ``report.json``, ``samples.png`` (renderer vs model, frame by frame) and ``samples.gif``.
+Then samples groups of clips per prompt the way the main job (``python -m euphonium.train``) does and
+reports the within-group spread of the reward against the spread between prompts, and per attribute
+how often the model draws the prompted value (its preference) against how often it draws a clear
+value at all and which values it draws (its capability).
 """
 
 from __future__ import annotations
@@ -19,9 +24,18 @@ import imageio.v2 as imageio
 import numpy as np
 import torch
 
+from euphonium.models.diffusers import Conditioning, DiffusersFlowModel
+from euphonium.sampler import preset, rollout
 from euphonium.toy import world
 from euphonium.toy.model import count_parameters, load_toy_model, predict_velocity, sample_ode
-from euphonium.toy.rewards import DEFAULT_WEIGHTS, attribute_accuracy, toy_rewards
+from euphonium.toy.rewards import DEFAULT_WEIGHTS, attribute_accuracy, classify, toy_rewards
+
+# The main job's reward (euphonium/configs/toy.yaml: `rewards.toy.weights`): smoothness logged, not trained.
+MAIN_JOB_WEIGHTS: Dict[str, float] = {"color": 1.0, "shape": 1.0, "size": 1.0, "direction": 1.0, "smoothness": 0.0}
+MAIN_JOB_ALGORITHM = "euphonium_fast"  # the main job's default algorithm (its sampler preset)
+_VALUES = {"color": list(world.COLORS), "shape": list(world.SHAPES), "size": list(world.SIZES)}
+_VALUES["direction"] = list(world.DIRECTIONS)
+CLEAR_THRESHOLD = 0.5  # a clip shows a clear value of an attribute when that value's term scores >= this
 
 GRID_PROMPTS = (
     "a small red square moving left",
@@ -72,6 +86,152 @@ def attribute_table(
             row.update({f"accuracy/{k}": float(v[idx].mean()) for k, v in accuracy.items()})
             table[key][value] = row
     return table
+
+
+def attribute_capability(videos: torch.Tensor, prompts: Sequence[str]) -> Dict[str, Dict[str, object]]:
+    """Per attribute: the prompted value's rate (preference) against what the model can draw (capability).
+
+    For each attribute ``k`` of :data:`euphonium.toy.world.ATTRIBUTES`:
+
+    - ``preference``: the fraction of clips whose read-out (:func:`~euphonium.toy.rewards.classify`)
+      is the prompted value (:func:`~euphonium.toy.rewards.attribute_accuracy`);
+      ``preference_by_value``: the same among the prompts that name each value.
+    - ``clear``: the fraction of clips that show *some* value of ``k`` clearly: the clip's term ``k``
+      scored against the prompt with ``k`` set to its best value (the other words as prompted) is at
+      least :data:`CLEAR_THRESHOLD`. A model that draws the wrong value cleanly scores high here.
+    - ``drawn``: the read-out histogram (fraction of clips read as each value; direction ``None``:
+      no clear motion): every value the model can draw appears here.
+    """
+    prompts = list(prompts)
+    attrs = [world.parse_prompt(p) for p in prompts]
+    accuracy = attribute_accuracy(videos, prompts)
+    readout = classify(videos)
+    out: Dict[str, Dict[str, object]] = {}
+    for key in world.ATTRIBUTES:
+        best = None
+        for value in _VALUES[key]:
+            swapped = [world.format_prompt(**{**a, key: value}) for a in attrs]
+            term = toy_rewards(videos, swapped)[key]
+            best = term if best is None else torch.maximum(best, term)
+        by_value = {}
+        for value in _VALUES[key]:
+            idx = [i for i, a in enumerate(attrs) if a[key] == value]
+            if idx:
+                by_value[value] = float(accuracy[key][idx].mean())
+        drawn = {str(v): readout[key].count(v) / len(prompts) for v in [*_VALUES[key], None]}
+        if key != "direction":
+            drawn.pop("None")
+        out[key] = {
+            "preference": float(accuracy[key].mean()),
+            "preference_by_value": by_value,
+            "clear": float((best >= CLEAR_THRESHOLD).float().mean()),
+            "drawn": drawn,
+        }
+    return out
+
+
+@torch.no_grad()
+def group_statistics(
+    transformer,
+    text_encoder,
+    prompts: Optional[Sequence[str]] = None,
+    *,
+    group_size: int = 4,
+    algorithm: str = MAIN_JOB_ALGORITHM,
+    weights: Optional[Dict[str, float]] = None,
+    seed: int = 0,
+    batch: int = 64,
+) -> Dict[str, object]:
+    """What GRPO sees of the model: one group of ``group_size`` rollouts per prompt, sampled as the main job
+    samples, against the spread between prompts; and the fixed-noise ODE clips its evaluation scores.
+
+    Rollouts: :func:`euphonium.sampler.preset` ``(algorithm)`` (default ``euphonium_fast``: 10 steps,
+    shift 3, a random 3-step ``cps`` window in the first half, one initial noise per group) with
+    guidance off (the preset's ``c = 0.01 delta`` moves a step by ~6e-4 noise stds, DESIGN.md section 5,
+    and leaves the base model's statistics to the model), decoded from ``traj.x0`` as the trainer
+    does; rewards :func:`~euphonium.toy.rewards.toy_rewards` with ``weights`` (default
+    :data:`MAIN_JOB_WEIGHTS`, the main job's). ``prompts``: one group each (default
+    :func:`~euphonium.toy.world.all_prompts`).
+
+    Returns ``reward`` (mean combined reward), ``within_group_std`` (mean over groups of the unbiased
+    std of the group's ``group_size`` rewards, what the group advantages divide by), ``between_prompt_std``
+    (std over prompts of the group means), ``terms`` (mean of each term), ``flip_rate`` per attribute
+    (fraction of groups in which the prompted value is drawn by some clips and not by others), the
+    rollouts' :func:`attribute_capability`, and ``ode``: the mean rewards and preferences of one ODE clip
+    per prompt from fixed noise with the same schedule (what the main job's evaluation measures).
+    """
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 2:
+        raise ValueError(f"group_size must be an integer >= 2, got {group_size!r}")
+    prompts = list(prompts) if prompts is not None else world.all_prompts()
+    weights = dict(weights) if weights is not None else dict(MAIN_JOB_WEIGHTS)
+    config = preset(algorithm, guidance=False)
+    velocity = DiffusersFlowModel(transformer)
+    param = next(transformer.parameters())
+    shape = (world.CHANNELS, world.NUM_FRAMES, world.HEIGHT, world.WIDTH)
+    gen = torch.Generator().manual_seed(seed)
+    per_batch = max(1, batch // group_size)
+    videos = []
+    for start in range(0, len(prompts), per_batch):
+        chunk = [p for p in prompts[start : start + per_batch] for _ in range(group_size)]
+        cond = Conditioning(prompt_embeds=text_encoder.encode(chunk).to(param.dtype))
+        traj = rollout(
+            velocity, cond, config, shape=(len(chunk), *shape), group_size=group_size, seed=gen, dtype=param.dtype
+        )
+        videos.append(world.latents_to_video(traj.x0.float()))
+    video = torch.cat(videos)
+    grouped = [p for p in prompts for _ in range(group_size)]
+    rewards = toy_rewards(video, grouped, weights)
+    combined = rewards["combined"].view(len(prompts), group_size)
+    accuracy = attribute_accuracy(video, grouped)
+    flips = {k: accuracy[k].view(len(prompts), group_size) for k in world.ATTRIBUTES}
+
+    ode_config = config.replace(schedule="ode", same_initial_noise=False, sde_window_size=None, sde_window_range=None)
+    ode_videos = []
+    for start in range(0, len(prompts), batch):
+        chunk = prompts[start : start + batch]
+        cond = Conditioning(prompt_embeds=text_encoder.encode(chunk).to(param.dtype))
+        traj = rollout(velocity, cond, ode_config, shape=(len(chunk), *shape), seed=gen, dtype=param.dtype)
+        ode_videos.append(world.latents_to_video(traj.x0.float()))
+    ode_video = torch.cat(ode_videos)
+    ode_rewards = toy_rewards(ode_video, prompts, weights)
+    ode_accuracy = attribute_accuracy(ode_video, prompts)
+    return {
+        "sampler": f"preset({algorithm!r}, guidance=False): {config.num_steps} steps, shift {config.shift}, "
+        f"{config.schedule} noise_level {config.noise_level}, window {config.sde_window_size} in "
+        f"{config.sde_window_range}, same_initial_noise={config.same_initial_noise}",
+        "weights": weights,
+        "prompts": len(prompts),
+        "group_size": group_size,
+        "seed": seed,
+        "reward": float(combined.mean()),
+        "within_group_std": float(combined.std(dim=1).mean()),
+        "between_prompt_std": float(combined.mean(dim=1).std()) if len(prompts) > 1 else 0.0,
+        "terms": {k: float(v.mean()) for k, v in rewards.items() if k != "combined"},
+        "flip_rate": {k: float((f.amax(dim=1) != f.amin(dim=1)).float().mean()) for k, f in flips.items()},
+        "attributes": attribute_capability(video, grouped),
+        "ode": {
+            "reward": float(ode_rewards["combined"].mean()),
+            "terms": {k: float(v.mean()) for k, v in ode_rewards.items() if k != "combined"},
+            "preference": {k: float(v.mean()) for k, v in ode_accuracy.items()},
+        },
+    }
+
+
+def format_group_statistics(stats: Dict[str, object]) -> str:
+    """Plain-text summary of :func:`group_statistics`."""
+    lines = [
+        f"groups ({stats['prompts']} prompts x {stats['group_size']}, {stats['sampler']}):",
+        f"  reward {stats['reward']:.3f}, within-group std {stats['within_group_std']:.3f}, "
+        f"between-prompt std {stats['between_prompt_std']:.3f}; ODE (evaluation) reward {stats['ode']['reward']:.3f}",
+        f"  {'attribute':<10} {'pref':>5} {'ODE':>5} {'clear':>5} {'flips':>5}  drawn",
+    ]
+    for key, row in stats["attributes"].items():
+        drawn = " ".join(f"{v} {r:.2f}" for v, r in row["drawn"].items())
+        lines.append(
+            f"  {key:<10} {row['preference']:5.2f} {stats['ode']['preference'][key]:5.2f} {row['clear']:5.2f} "
+            f"{stats['flip_rate'][key]:5.2f}  {drawn}"
+        )
+    return "\n".join(lines)
 
 
 def _upscale(video: torch.Tensor, scale: int) -> np.ndarray:
@@ -136,8 +296,11 @@ def run_report(
     shift: float = 3.0,
     seed: int = 0,
     threads: Optional[int] = 2,
+    groups: bool = True,
 ) -> Dict[str, object]:
     """Sample, score and draw the toy model at ``model`` (``None``: the committed weights); write to ``out``.
+
+    ``groups``: add :func:`group_statistics` (every prompt, groups of 4, the main job's sampler) as ``"groups"``.
 
     Returns the report dictionary that is also written to ``out/report.json``.
     """
@@ -169,6 +332,10 @@ def run_report(
         "renderer_rewards": {k: float(v.mean()) for k, v in ref_rewards.items()},
         "per_attribute": attribute_table(rewards, accuracy, prompts),
     }
+    if groups:
+        start = time.perf_counter()
+        report["groups"] = group_statistics(transformer, text_encoder, seed=seed)
+        report["groups"]["seconds"] = time.perf_counter() - start
     (out / "report.json").write_text(json.dumps(report, indent=1))
 
     index = [prompts.index(p) for p in GRID_PROMPTS]
@@ -201,4 +368,6 @@ def format_report(report: Dict[str, object]) -> str:
                 + " ".join(f"{row['reward/' + t]:6.3f}" for t in terms)
                 + f" {row['accuracy/' + key]:5.2f} {row['accuracy/all']:4.2f}"
             )
+    if "groups" in report:
+        lines += ["", format_group_statistics(report["groups"])]
     return "\n".join(lines)

@@ -124,6 +124,45 @@ def sample_prompts(n: int, generator: Generator = None) -> List[str]:
     return [prompts[i] for i in idx.tolist()]
 
 
+def noisy_captions(prompts: Sequence[str], accuracy: Dict[str, float], generator: Generator = None) -> List[str]:
+    """Captions of clips rendered from ``prompts`` that name each attribute right only part of the time.
+
+    For every prompt and every attribute ``k`` in ``accuracy`` (a subset of :data:`ATTRIBUTES`), the
+    caption keeps the prompt's value with probability ``accuracy[k]`` and otherwise names one of the
+    other values of ``k``, uniformly. Attributes not in ``accuracy``, and a prompt without a size word,
+    keep their value. Since rendered values are uniform, ``P(rendered = v | caption says v) = accuracy[k]``
+    and every other value has ``(1 - accuracy[k]) / (K - 1)``: pretraining on these captions teaches a
+    model every value but only a preference for the named one.
+
+    Draws one ``[B, 4]`` uniform (keep or not) and one ``[B, 4]`` integer (which other value) from
+    ``generator`` (``torch.Generator``, int seed or ``None``) whatever ``accuracy`` holds, so the
+    stream does not depend on the probabilities.
+    """
+    if isinstance(prompts, str) or not isinstance(prompts, Sequence) or len(prompts) == 0:
+        raise TypeError("prompts must be a non-empty sequence of prompt strings")
+    if not isinstance(accuracy, dict):
+        raise TypeError(f"accuracy must be a dict of attribute -> probability, got {type(accuracy).__name__}")
+    for key, p in accuracy.items():
+        if key not in ATTRIBUTES:
+            raise ValueError(f"accuracy names unknown attribute {key!r}; attributes are {list(ATTRIBUTES)}")
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p <= 1:
+            raise ValueError(f"accuracy[{key!r}] must be a probability in [0, 1], got {p!r}")
+    gen = _make_generator(generator)
+    keep = torch.rand(len(prompts), len(ATTRIBUTES), generator=gen, dtype=torch.float64)
+    offset = torch.randint(1 << 30, (len(prompts), len(ATTRIBUTES)), generator=gen)
+    values = {"color": list(COLORS), "shape": list(SHAPES), "size": list(SIZES), "direction": list(DIRECTIONS)}
+    captions = []
+    for i, prompt in enumerate(prompts):
+        attrs = parse_prompt(prompt)
+        for j, key in enumerate(ATTRIBUTES):
+            if key not in accuracy or attrs[key] is None or float(keep[i, j]) < accuracy[key]:
+                continue
+            others = [v for v in values[key] if v != attrs[key]]
+            attrs[key] = others[int(offset[i, j]) % len(others)]
+        captions.append(format_prompt(attrs["color"], attrs["shape"], attrs["direction"], attrs["size"]))
+    return captions
+
+
 def _coverage(shape: str, size: float, cx: torch.Tensor, cy: torch.Tensor) -> torch.Tensor:
     """Pixel coverage ``[N, H, W]`` in [0, 1] of ``shape`` centred at ``(cx, cy)`` (``[N]`` float64)."""
     s = SUPERSAMPLE
