@@ -398,11 +398,15 @@ def preset(name: str, **overrides: Any) -> SamplerConfig:
       ``START_STEP=12``, ``USE_DELTA_T_FOR_GRADIENT_SCALING=true``), raw gradient, log-probs under the
       unguided mean (``USE_REWARD_GUIDED_MEAN_FOR_LOGPROB=false``), no CFG. Upstream's gradient
       normalisation (off by default) divides by the norm of the whole batch; ours is per sample.
-    - ``euphonium_fast`` (ours): Euphonium's guidance and objective on Flow-GRPO-Fast's exploration:
-      ``flow_grpo_fast``'s 10 steps, ``cps`` with ``a = 0.8`` and random 3-step SDE window inside
-      ``(0, N // 2)``, with Euphonium's one initial noise per group and guidance (``c = 0.01 * delta``,
-      unguided-mean log-probs) on every SDE step, i.e. inside the window. Sharing the initial noise makes
-      a group differ only by the window's noise, which GRPO credits to the window's steps.
+    - ``dance_grpo_eu`` (ours, a baseline): ``euphonium``'s sampler without guidance, so that
+      ``euphonium`` and ``dance_grpo_eu`` differ only by the method's additions.
+    - ``grpo_fast``, ``td_fast`` (ours): ``flow_grpo_fast``'s 10 steps, ``cps`` with ``a = 0.8`` and a
+      random 3-step SDE window inside ``(0, N // 2)``, with one initial noise per prompt group (a group
+      then differs only by the window's noise, which GRPO credits to the window's steps). The two differ
+      in the trainer's objective only (``euphonium/presets.py``: TD process credit for ``td_fast``).
+    - ``euphonium_fast`` (ours): ``td_fast``'s sampler with PRM guidance on every SDE step in the
+      ``rho`` form (``guidance_rho=0.5``: each guided shift is half a noise std) and log-probs under
+      the guided mean, the density actually sampled.
     """
     if name not in SAMPLER_PRESETS:
         raise ValueError(f"preset name must be one of {PRESETS}, got {name!r}")
@@ -532,10 +536,10 @@ class Trajectory:
     def recompute_log_prob(self, j: int, v: torch.Tensor, *, v_ref: Optional[torch.Tensor] = None):
         """Training log-prob of recorded step ``j`` under velocity ``v`` ``[B, ...]``: ``ops.sde_log_prob``.
 
-        Differentiable in ``v``. With the unguided mean (default) and the rollout's own ``v`` this is
-        bit for bit the recorded ``log_prob[:, j]``. With ``logprob_mean="guided"`` a guided step's
-        density ``N(x_next; mean + c g, std)`` is evaluated as ``N(x_next - c g; mean, std)`` (equal up
-        to rounding). Returns ``[B]`` float32, or ``(log_prob, kl)`` when ``v_ref`` is given.
+        Differentiable in ``v``. With the rollout's own ``v`` this is bit for bit the recorded
+        ``log_prob[:, j]``, under either mean: with ``logprob_mean="guided"`` a guided step's density
+        ``N(x_next; mean + c g, std)`` gets the step's own ``g`` and ``c`` (:meth:`guidance_at`).
+        Returns ``[B]`` float32, or ``(log_prob, kl)`` when ``v_ref`` is given.
         """
         sigma, sigma_next, kwargs = self.step_args(j)
         x_next = self.latents[:, j + 1]

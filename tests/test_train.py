@@ -7,12 +7,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from euphonium.presets import GUIDED_ALGORITHMS, OBJECTIVE_PRESETS
 from euphonium.rewards.prm import LatentRewardModel
 from euphonium.sampler import preset
 from euphonium.toy import build_toy_model, save_toy_model
 from euphonium.train import ConfigError, Trainer, load_config
 from euphonium.train import trainer as trainer_module
 from euphonium.train.__main__ import main
+from euphonium.train.config import ALGORITHMS
 
 REQUIRED = (
     "step",
@@ -140,7 +142,7 @@ def test_short_run_writes_metrics_checkpoints_and_samples(tiny_assets, tmp_path)
         assert all(0 <= v <= 1 for k, v in row.items() if k != "step")
 
 
-@pytest.mark.parametrize("algorithm", ["euphonium", "euphonium_fast", "flow_grpo", "flow_grpo_fast", "dance_grpo"])
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
 def test_every_algorithm_trains_with_its_preset(tiny_assets, tmp_path, algorithm):
     # The published Euphonium preset guides its last steps, euphonium_fast the window's (first half).
     start = 3 if algorithm == "euphonium" else 0
@@ -152,10 +154,12 @@ def test_every_algorithm_trains_with_its_preset(tiny_assets, tmp_path, algorithm
     )
     trainer = Trainer(config, tmp_path / algorithm)
     assert trainer.sampler.schedule == preset(algorithm).schedule
-    guided = algorithm.startswith("euphonium")
-    assert (trainer.policy.prm is not None) == guided and trainer.sampler.guidance == guided
+    guided = algorithm in GUIDED_ALGORITHMS
+    needs_prm = guided or OBJECTIVE_PRESETS[algorithm]["process_advantage"] != "none"
+    assert (trainer.policy.prm is not None) == needs_prm and trainer.sampler.guidance == guided
     metrics = trainer.train_step()
-    assert ("process_reward_mean" in metrics) == guided and metrics["ratio_max_dev"] < 1e-3
+    assert ("process_reward_mean" in metrics) == needs_prm and metrics["ratio_max_dev"] < 1e-3
+    assert ("guidance/rho" in metrics) == guided
 
 
 def test_windowed_sampler_run_evaluates_and_samples(tiny_assets, tmp_path):

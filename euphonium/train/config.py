@@ -16,7 +16,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import yaml
 
 from euphonium._checks import check_choice, check_float, check_int
-from euphonium.presets import SAMPLER_PRESETS
+from euphonium.presets import GUIDED_ALGORITHMS, OBJECTIVE_PRESETS, SAMPLER_PRESETS
 
 ALGORITHMS = tuple(SAMPLER_PRESETS)
 # What ``device=`` may name (whether this machine has it is checked by :func:`check_device`).
@@ -74,16 +74,23 @@ class ModelConfig:
 class TrainConfig:
     """Every setting of a run (see ``configs/toy.yaml`` for the defaults with comments).
 
-    algorithm: ``euphonium`` (PRM-guided rollouts, dual-reward GRPO, the published sampler) or
-        ``euphonium_fast`` (the same on Flow-GRPO-Fast's exploration window: the toy default), or a
-        baseline, ``flow_grpo``, ``flow_grpo_fast`` or ``dance_grpo`` (the same trainer with the
-        baseline's sampler preset and no guidance). Each is a :func:`euphonium.sampler.preset` of that name.
+    algorithm: a bundle of a sampler preset (:func:`euphonium.sampler.preset` of that name) and the
+        objective settings of ``euphonium/presets.py`` (``process_advantage``, ``updates_per_step``),
+        which apply unless the config sets them: ``euphonium`` (published: PRM-guided rollouts, state
+        process advantages), ``euphonium_fast`` (the project's: rho guidance, guided-mean log-probs, TD
+        process credit; the toy default), the ladder below it ``grpo_fast`` (outcome reward only) and
+        ``td_fast`` (plus TD process credit), and the baselines ``flow_grpo``, ``flow_grpo_fast``,
+        ``dance_grpo`` and ``dance_grpo_eu`` (DanceGRPO's objective on ``euphonium``'s sampler).
     sampler: overrides of the algorithm's :func:`euphonium.sampler.preset` (any ``SamplerConfig`` field).
     prompts: training prompts (``toy``: None = the toy world's prompt set).
     prompts_per_step, group_size: each step samples ``prompts_per_step`` prompts and ``group_size``
         rollouts of each (advantages are normalised within a prompt's group, across ranks).
     timestep_fraction: fraction of each rollout's recorded SDE steps trained (a random subset per sample).
     inner_epochs: optimisation passes over each step's rollouts (PPO epochs).
+    updates_per_step: optimizer updates per step: the batch is split into this many minibatches in a
+        fixed order, one update each, so that from the second on the policy has moved and the clip acts
+        (None: the algorithm's; the peers' published setups make 2). Warm-up, EMA and ``max_bad_steps``
+        count updates; logs and checkpoints count steps.
     micro_batches: the batch is split into this many micro-batches whose gradients are accumulated.
     rewards: outcome rewards by registry name (``euphonium.rewards.build_reward``) with their kwargs.
     reward_weights: weight per named reward part (0 = logged only); None = every part weight 1.
@@ -91,10 +98,18 @@ class TrainConfig:
         a group whose rewards barely differ then gets small advantages instead of unit-scale noise.
     combine: ``separate`` clipped terms per reward (upstream) or one ``sum`` of advantages.
     process_weight: weight of the process-reward advantage (Euphonium; 0 turns it off).
+    process_advantage: ``none``, ``state`` (upstream: the PRM score of each guided step's input; its
+        expected policy gradient is zero) or ``td`` (the change of the PRM score across each trained
+        step, guided or not, the outcome reward standing in for the final state; needs a PRM calibrated
+        as ``E[r_o | x_sigma]``). None: the algorithm's.
     prm_path: the process reward model (``toy``: None = the committed toy PRM).
     prm_refresh_every: retrain the PRM on fresh rollouts every N steps (0 = never).
     kl_coef: KL penalty to the reference policy (LoRA: adapter disabled; else a frozen copy).
-    distill_coef: explicit distillation loss toward the guided mean at guided steps (DESIGN.md).
+    distill_coef: explicit distillation loss ``mean((mean_theta - sg(target))^2) / (2 std^2)`` at guided
+        steps, not weighted by advantages (docs/DESIGN.md).
+    distill_target: ``reference`` (``mean_ref + c g``, the reference policy's mean moved by the guidance:
+        its fixed point is the reference tilted by the guidance, so guidance cannot compound) or
+        ``policy`` (``sg(mean_theta) + c g``: a push that never stops).
     eval_every: every N steps, before the first and after the last, score ``eval_prompts`` fixed
         prompts, sampled with the deterministic ODE sampler (EMA weights, if any) from fixed noise,
         into ``DIR/eval.jsonl``: the same clips each time, so the curve shows the policy's change
@@ -112,6 +127,7 @@ class TrainConfig:
     timestep_fraction: float = 1.0
     inner_epochs: int = 1
     micro_batches: int = 1
+    updates_per_step: Optional[int] = None
     max_steps: int = 200
     seed: int = 0
     lr: float = 5e-5
@@ -144,11 +160,13 @@ class TrainConfig:
     )
     combine: str = "separate"
     process_weight: float = 1.0
+    process_advantage: Optional[str] = None
     prm_path: Optional[str] = None
     prm_refresh_every: int = 0
     prm_refresh_lr: float = 1e-4
     kl_coef: float = 0.0
     distill_coef: float = 0.0
+    distill_target: str = "reference"
     ema_decay: Optional[float] = 0.95
     on_policy_tolerance: float = 1e-3
     max_bad_steps: int = 3
@@ -168,6 +186,7 @@ class TrainConfig:
         """
         try:
             self._validate()
+            self._resolve_algorithm()
         except (TypeError, ValueError) as err:
             raise ConfigError(str(err)) from None
         return self
@@ -180,6 +199,11 @@ class TrainConfig:
         check_float("model.guidance_scale", model.guidance_scale, minimum=0)
         check_choice("model.dtype", model.dtype, ("float32", "bfloat16", "float16"))
         check_choice("combine", self.combine, ("separate", "sum"))
+        if self.process_advantage is not None:
+            check_choice("process_advantage", self.process_advantage, ("none", "state", "td"))
+        check_choice("distill_target", self.distill_target, ("reference", "policy"))
+        if self.updates_per_step is not None:
+            check_int("updates_per_step", self.updates_per_step, minimum=1)
         check_choice("parallel", self.parallel, ("ddp", "fsdp"))
         if not DEVICE.match(self.device):
             raise ValueError(f"device must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
@@ -228,6 +252,33 @@ class TrainConfig:
             raise ValueError("rewards must name at least one outcome reward")
         for name, weight in (self.reward_weights or {}).items():
             check_float(f"reward_weights.{name}", weight, minimum=0)
+
+    def _resolve_algorithm(self) -> None:
+        """Fill the objective settings the config leaves None from the algorithm's bundle, and remember
+        which (``from_algorithm``: what ``config.json`` reports as coming from the algorithm)."""
+        filled = getattr(self, "_from_algorithm", {})
+        for key, value in OBJECTIVE_PRESETS[self.algorithm].items():
+            if getattr(self, key) is None:
+                setattr(self, key, value)
+                filled[key] = self.algorithm
+        object.__setattr__(self, "_from_algorithm", filled)
+        local = self.prompts_per_step * self.group_size
+        if local < self.updates_per_step:
+            raise ValueError(
+                f"updates_per_step ({self.updates_per_step}) must be at most the batch, prompts_per_step * "
+                f"group_size ({local})"
+            )
+
+    @property
+    def from_algorithm(self) -> Dict[str, str]:
+        """The settings the config left unset, taken from the algorithm's bundle: ``{key: algorithm}``."""
+        return dict(getattr(self, "_from_algorithm", {}))
+
+    @property
+    def needs_prm(self) -> bool:
+        """The run needs a process reward model: to guide its rollouts, or to score states for process credit."""
+        guided = self.algorithm in GUIDED_ALGORITHMS and self.sampler.get("guidance", True)
+        return bool(guided) or self.process_advantage not in (None, "none")
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)

@@ -34,7 +34,6 @@ import torch
 from euphonium.models.adapter import FlowTransformer
 from euphonium.models.diffusers import DTYPES, Conditioning
 from euphonium.models.wan import WanTextEncoder
-from euphonium.presets import GUIDED_ALGORITHMS
 from euphonium.rewards.prm import LatentRewardModel
 from euphonium.toy import (
     CHANNELS,
@@ -129,7 +128,7 @@ def build_policy(config: TrainConfig, device: torch.device) -> Policy:
                 negative_prompt_embeds=text_encoder.encode([""] * len(prompts)) if config.model.cfg_scale > 1 else None,
             )
 
-        prm = load_toy_prm(config.prm_path, device=device) if config.algorithm in GUIDED_ALGORITHMS else None
+        prm = load_toy_prm(config.prm_path, device=device) if config.needs_prm else None
         return Policy(
             transformer,
             encode,
@@ -279,8 +278,8 @@ def _check_prompts(config: TrainConfig) -> None:
 
 
 def _check_prm(config: TrainConfig, in_channels: int, text_dim: int, what: str) -> None:
-    """A guided algorithm's PRM folder exists and fits the latents' channels and the embeddings' width."""
-    if config.algorithm not in GUIDED_ALGORITHMS:
+    """The PRM folder of a run that needs one exists and fits the latents' channels and the embeddings' width."""
+    if not config.needs_prm:
         return
     kind = config.model.kind
     if not config.prm_path:
@@ -305,7 +304,7 @@ def _check_size(key: str, size: int, multiple: int, why: str) -> None:
 
 
 def _load_prm(config: TrainConfig, device: torch.device) -> Optional[torch.nn.Module]:
-    if config.algorithm not in GUIDED_ALGORITHMS:
+    if not config.needs_prm:
         return None
     return LatentRewardModel.from_pretrained(config.prm_path).to(device).eval()
 

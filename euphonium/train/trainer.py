@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
 import math
 import sys
@@ -46,6 +47,21 @@ from euphonium.train.evaluation import Evaluator
 from euphonium.train.logging import MetricsLogger, plot_reward_curve
 from euphonium.train.policy import build_policy, check_wan_config, training_prompts, video_shape
 from euphonium.train.rng import RandomStreams
+
+
+def check_groups_fit_ranks(local_batch: int, group_size: int, sampler) -> None:
+    """A prompt group may span ranks (its advantages are normalised over all ranks), but its members are
+    then sampled by different processes: refuse the samplers whose group members must share something
+    drawn once per rollout (the initial noise, a random SDE window), which separate processes cannot."""
+    if local_batch % group_size == 0:
+        return
+    shared = [name for name in ("same_initial_noise", "sde_window_size") if getattr(sampler, name)]
+    if shared:
+        raise ConfigError(
+            f"a prompt group of {group_size} spans ranks (each rank holds {local_batch} samples), but the sampler "
+            f"shares {' and '.join(shared)} within a group, which separate processes cannot: make "
+            "prompts_per_step * group_size / world_size a multiple of group_size"
+        )
 
 
 class Trainer:
@@ -90,6 +106,7 @@ class Trainer:
             self.sampler = preset(config.algorithm, **overrides)
         except (TypeError, ValueError) as err:
             raise ConfigError(f"sampler: {err}") from None
+        check_groups_fit_ranks(self.local_batch, config.group_size, self.sampler)
 
         if config.model.kind == "wan":
             check_wan_config(config)  # a bad model folder fails here, before rewards or weights load
@@ -152,7 +169,8 @@ class Trainer:
             for p in transformer.parameters():
                 if p.requires_grad:
                     p.data = p.data.float()
-        elif config.kl_coef > 0:
+        elif config.kl_coef > 0 or (config.distill_coef > 0 and config.distill_target == "reference"):
+            # Full fine-tuning keeps a frozen copy as the reference policy (LoRA disables its adapter).
             self.reference = copy.deepcopy(transformer).requires_grad_(False).eval()
         transformer.train()
         self.trainable_names = [n for n, p in transformer.named_parameters() if p.requires_grad]
@@ -245,29 +263,55 @@ class Trainer:
     @torch.no_grad()
     def _rollout(self, prompts: List[str]) -> tuple:
         cond = self.policy.encode(prompts)
-        group = self.config.group_size if self.local_batch % self.config.group_size == 0 else 1
+        td = self.config.process_advantage == "td"
         traj = rollout(
             self.rollout_model,
             cond,
             self.sampler,
             shape=(len(prompts), *self.policy.latent_shape),
-            prm=self.policy.prm if self.sampler.guidance else None,
-            group_size=group,
+            prm=self.policy.prm if self.sampler.guidance or td else None,
+            score_states=td,
+            # A group that spans ranks is sampled by several processes; init refuses the settings that
+            # would need its members to share noise (check_groups_fit_ranks).
+            group_size=self.config.group_size if self.local_batch % self.config.group_size == 0 else 1,
             seed=self.rng.seed("rollout", step=self.step, rank=self.rank),
             device=self.device,
         )
         return traj, cond
 
-    def _advantages(self, parts: Dict[str, torch.Tensor], traj: Trajectory, group_ids: torch.Tensor) -> tuple:
+    def _advantages(self, rewards, traj: Trajectory, group_ids: torch.Tensor) -> tuple:
+        """Outcome advantages per trained reward and ``[B, K]`` process advantages (None without process
+        credit), each group-normalised over the whole batch (groups may span ranks).
+
+        ``state``: the PRM score of each guided step's input. ``td``: the change of the PRM score across
+        each trainable step, ``r_p(x_{k+1}) - r_p(x_k)``; the state after the last trainable step fixes
+        the decoded sample (only deterministic steps, or the untrained last step, follow), so the outcome
+        reward the PRM predicts (``rewards.total``) stands in for its score.
+        """
         config = self.config
-        kwargs = dict(group_ids=group_ids, eps=config.adv_eps, global_std=config.adv_global_std)
-        outcome = {name: ops.gather_group_advantages(parts[name], **kwargs) for name in self.outcome_weights}
-        process = None
-        if self.sampler.guidance and config.process_weight > 0:
-            process = torch.zeros_like(traj.process_reward)
-            guided = traj.guided.nonzero().flatten()
-            if guided.numel():
-                process[:, guided] = ops.gather_group_advantages(traj.process_reward[:, guided], **kwargs)
+        outcome_rewards = {name: rewards.parts[name] for name in self.outcome_weights}
+        form, process_rewards, mask = config.process_advantage, None, None
+        if config.process_weight > 0 and form == "state" and bool(traj.guided.any()):
+            process_rewards, mask = traj.process_reward, traj.guided
+        elif config.process_weight > 0 and form == "td" and traj.num_sde_steps:
+            n = int(traj.trainable.sum())  # the trainable steps are the first n recorded ones
+            process_rewards = torch.cat([traj.process_reward[:, :n], rewards.total.float()[:, None]], dim=1)
+            mask = torch.ones(n, dtype=torch.bool, device=process_rewards.device)
+        outcome, process = ops.dual_reward_advantages(
+            outcome_rewards,
+            process_rewards,
+            guided=mask,
+            process_form=form if form in ("state", "td") else "state",
+            group_ids=group_ids,
+            eps=config.adv_eps,
+            global_std=config.adv_global_std,
+            distributed=self.world > 1,
+        )
+        if process is not None and process.shape[1] < traj.num_sde_steps:
+            # TD credit covers the trainable steps; the last step, never trained, gets none.
+            process = torch.cat(
+                [process, process.new_zeros(process.shape[0], traj.num_sde_steps - process.shape[1])], 1
+            )
         return outcome, process
 
     def _step_loss(
@@ -286,18 +330,18 @@ class Trainer:
         steps = traj.sde_steps[cols]
         sigma, sigma_next = traj.sigmas[steps], traj.sigmas[steps + 1]
         guided = traj.guided[cols]
-        shift = traj.shift_at(rows, cols)
-        if shift is not None and traj.logprob_mean == "guided":
-            x_next = x_next.float() - shift
+        # Under the guided mean the step's own g and c give the rollout's log-prob bit for bit.
+        guidance = traj.guidance_at(rows, cols) if traj.logprob_mean == "guided" else {}
         sub_cond = cond.select(rows)
         v = self.train_model(x, sigma, sub_cond)
         v_ref = None
-        if config.kl_coef > 0:
+        if config.kl_coef > 0 or (config.distill_coef > 0 and config.distill_target == "reference"):
             with torch.no_grad():
                 v_ref = self._reference_velocity(x, sigma, sub_cond)
         sde = dict(schedule=traj.schedule, noise_level=traj.noise_level, sigma_max=traj.sigma_max)
-        out = ops.sde_log_prob(x, v, x_next, sigma, sigma_next, v_ref=v_ref, **sde)
-        log_prob, kl = out if v_ref is not None else (out, None)
+        kl_ref = v_ref if config.kl_coef > 0 else None
+        out = ops.sde_log_prob(x, v, x_next, sigma, sigma_next, v_ref=kl_ref, **sde, **guidance)
+        log_prob, kl = out if kl_ref is not None else (out, None)
         old = traj.log_prob[rows, cols]
         loss, stats = ops.dual_reward_loss(
             log_prob[:, None],
@@ -312,8 +356,12 @@ class Trainer:
             kl=None if kl is None else kl[:, None],
             kl_coef=config.kl_coef,
         )
+        shift = traj.shift_at(rows, cols)
         if config.distill_coef > 0 and shift is not None and bool(guided.any()):
-            loss = loss + config.distill_coef * self._distill_loss(x, v, shift, guided, sigma, sigma_next, sde)
+            anchor = v_ref if config.distill_target == "reference" else v.detach()
+            distill = self._distill_loss(x, v, anchor, shift, guided, sigma, sigma_next, sde)
+            loss = loss + config.distill_coef * distill
+            stats = {**stats, "distill_loss": float(distill.detach())}
         return loss, stats
 
     def _reference_velocity(self, x, sigma, cond):
@@ -328,85 +376,118 @@ class Trainer:
             self.policy.transformer.enable_adapters()
 
     @staticmethod
-    def _distill_loss(x, v, shift, guided, sigma, sigma_next, sde):
-        """``mean((mean_theta - sg(mean_theta + c g))^2) / (2 std^2)`` over guided samples (DESIGN.md).
+    def _distill_loss(x, v, anchor, shift, guided, sigma, sigma_next, sde):
+        """``mean((mean_theta - sg(mean(anchor) + c g))^2) / (2 std^2)`` over guided samples, not weighted by
+        advantages (docs/DESIGN.md): ``anchor`` is the reference's velocity (``distill_target=reference``)
+        or the policy's own, detached (``policy``).
 
-        Written with the fused log-prob: ``log N(y; mean_theta, std)`` at ``y = sg(mean_theta)`` minus
-        at ``y = sg(mean_theta) + c g`` equals the loss up to a term with zero gradient.
+        Written with the fused log-prob: ``log N(y; mean_theta, std)`` at ``y = mean_theta`` (a constant:
+        zero residual) minus at ``y = target`` is the loss exactly.
         """
         with torch.no_grad():
-            mean = ops.sde_step(x, v.detach(), sigma, sigma_next, noise=torch.zeros_like(x), **sde).x_next.float()
-        at_mean = ops.sde_log_prob(x, v, mean, sigma, sigma_next, **sde)
-        at_guided = ops.sde_log_prob(x, v, mean + shift, sigma, sigma_next, **sde)
-        per_sample = (at_mean - at_guided) * guided.float()
+            zeros = torch.zeros_like(x)
+            target = ops.sde_step(x, anchor, sigma, sigma_next, noise=zeros, **sde).x_next.float() + shift
+            own = ops.sde_step(x, v.detach(), sigma, sigma_next, noise=zeros, **sde).x_next.float()
+        at_mean = ops.sde_log_prob(x, v, own, sigma, sigma_next, **sde)
+        at_target = ops.sde_log_prob(x, v, target, sigma, sigma_next, **sde)
+        per_sample = (at_mean - at_target) * guided.float()
         return per_sample.sum() / guided.float().sum()
 
     def _update(self, traj: Trajectory, cond: Conditioning, outcome, process) -> Dict[str, float]:
-        """``inner_epochs`` optimiser steps over the rollouts; returns the logged statistics."""
+        """``inner_epochs`` passes over the rollouts, each ``updates_per_step`` optimizer updates on
+        minibatches of the batch in a fixed order; returns the logged statistics of the first pass.
+
+        Each sample trains ``timestep_fraction`` of its trainable steps (never the last step, whose noise
+        cannot reach the decoded sample). The first update is on-policy (``ratio_max_dev``, checked
+        against ``on_policy_tolerance``); later ones see ratios away from 1, where the clip acts
+        (``clip_frac``).
+        """
         config = self.config
-        batch, k = traj.log_prob.shape
+        batch = traj.log_prob.shape[0]
+        k = int(traj.trainable.sum())
+        if k == 0:
+            raise RuntimeError("the rollout recorded no trainable SDE step (check the sampler's SDE window)")
         n_train = max(1, round(k * config.timestep_fraction))
         gen = self.rng.generator("minibatches", step=self.step, rank=self.rank)
         logs: Dict[str, float] = {}
         for epoch in range(config.inner_epochs):
             cols = torch.stack([torch.randperm(k, generator=gen)[:n_train] for _ in range(batch)]).to(self.device)
             order = torch.randperm(batch, generator=gen).to(self.device)
-            chunks = order.chunk(config.micro_batches)
-            total = n_train * len(chunks)
             sums: Dict[str, float] = {}
-            max_dev = 0.0
-            self.optimizer.zero_grad(set_to_none=True)
-            for j in range(n_train):
-                for c, rows in enumerate(chunks):
-                    last = j == n_train - 1 and c == len(chunks) - 1
-                    sync = (
-                        contextlib.nullcontext()
-                        if last or not hasattr(self.wrapped, "no_sync")
-                        else self.wrapped.no_sync()
-                    )
-                    with sync:
-                        loss, stats = self._step_loss(traj, cond, rows, cols[rows, j], outcome, process)
-                        (loss / total).backward()
-                    sums["loss"] = sums.get("loss", 0.0) + float(loss.detach()) / total
-                    for key in ("clip_frac", "approx_kl", "ratio_mean", "kl"):
-                        sums[key] = sums.get(key, 0.0) + stats.get(key, 0.0) / total
-                    max_dev = max(max_dev, stats["ratio_max_dev"])
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, config.max_grad_norm))
-            finite = math.isfinite(grad_norm) and math.isfinite(sums["loss"])
-            if finite:
-                self.optimizer.step()
-                self._check_weights_finite()
-                if self.ema is not None:
-                    self.ema.update()
-                self.bad_steps = 0
-            else:
-                self.optimizer.zero_grad(set_to_none=True)
-                self.bad_steps += 1
-                warnings.warn(
-                    f"step {self.step + 1}: non-finite loss ({sums['loss']}) or gradient norm ({grad_norm}); "
-                    f"update skipped ({self.bad_steps} in a row, abort at {config.max_bad_steps})",
-                    stacklevel=2,
-                )
-                if self.bad_steps >= config.max_bad_steps:
-                    last = ckpt.latest_checkpoint(self.output_dir)
-                    raise ckpt.RunAborted(
-                        f"{self.bad_steps} non-finite updates in a row at step {self.step + 1}; stopping. "
-                        f"Last good checkpoint: {last or 'none yet'}"
-                    )
+            first_dev, grad_norms, skipped = 0.0, [], 0.0
+            minibatches = order.chunk(config.updates_per_step)
+            for u, minibatch in enumerate(minibatches):
+                stats, grad_norm = self._optimizer_update(traj, cond, cols, minibatch, outcome, process)
+                for key, value in stats.items():
+                    if key != "ratio_max_dev":
+                        sums[key] = sums.get(key, 0.0) + value / len(minibatches)
+                if u == 0:
+                    first_dev = stats["ratio_max_dev"]
+                grad_norms.append(grad_norm)
+                skipped += float(not math.isfinite(grad_norm) or not math.isfinite(stats["loss"]))
             if epoch == 0:
                 # Statistics of the global batch: means over ranks and the largest deviation on any rank.
-                sums, max_dev = self.reducer.mean(sums), self.reducer.max(max_dev)
-                logs.update({"ratio_max_dev": max_dev, **sums, "grad_norm": grad_norm, "skipped": float(not finite)})
-                if max_dev > config.on_policy_tolerance and self.is_main:
+                sums, first_dev = self.reducer.mean(sums), self.reducer.max(first_dev)
+                logs.update({"ratio_max_dev": first_dev, **sums, "grad_norm": sum(grad_norms) / len(grad_norms)})
+                logs["skipped"] = skipped
+                if first_dev > config.on_policy_tolerance and self.is_main:
                     warnings.warn(
-                        f"step {self.step + 1}: the first inner update is not on-policy: max |ratio - 1| = "
-                        f"{max_dev:.3g} > {config.on_policy_tolerance} (on_policy_tolerance). Usual causes: a "
+                        f"step {self.step + 1}: the first update is not on-policy: max |ratio - 1| = "
+                        f"{first_dev:.3g} > {config.on_policy_tolerance} (on_policy_tolerance). Usual causes: a "
                         "training batch composed differently from the rollout batch (batch-size-dependent kernels) "
                         "or low precision (bf16 velocities); check model.dtype and micro_batches.",
                         stacklevel=2,
                     )
-        self.scheduler.step()
         return logs
+
+    def _optimizer_update(self, traj, cond, cols, minibatch, outcome, process) -> tuple:
+        """One optimizer update on the samples ``minibatch`` (``micro_batches`` accumulated chunks) at
+        their steps ``cols``; returns its mean statistics and the gradient norm. A non-finite loss or
+        gradient skips the update; ``max_bad_steps`` in a row stop the run."""
+        config = self.config
+        n_train = cols.shape[1]
+        chunks = minibatch.chunk(config.micro_batches)
+        total = n_train * len(chunks)
+        sums: Dict[str, float] = {}
+        max_dev = 0.0
+        self.optimizer.zero_grad(set_to_none=True)
+        for j in range(n_train):
+            for c, rows in enumerate(chunks):
+                last = j == n_train - 1 and c == len(chunks) - 1
+                sync = (
+                    contextlib.nullcontext() if last or not hasattr(self.wrapped, "no_sync") else self.wrapped.no_sync()
+                )
+                with sync:
+                    loss, stats = self._step_loss(traj, cond, rows, cols[rows, j], outcome, process)
+                    (loss / total).backward()
+                sums["loss"] = sums.get("loss", 0.0) + float(loss.detach()) / total
+                for key in ("clip_frac", "approx_kl", "ratio_mean", "kl", "distill_loss"):
+                    if key in stats:
+                        sums[key] = sums.get(key, 0.0) + stats[key] / total
+                max_dev = max(max_dev, stats["ratio_max_dev"])
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, config.max_grad_norm))
+        if math.isfinite(grad_norm) and math.isfinite(sums["loss"]):
+            self.optimizer.step()
+            self._check_weights_finite()
+            if self.ema is not None:
+                self.ema.update()
+            self.bad_steps = 0
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.bad_steps += 1
+            warnings.warn(
+                f"step {self.step + 1}: non-finite loss ({sums['loss']}) or gradient norm ({grad_norm}); "
+                f"update skipped ({self.bad_steps} in a row, abort at {config.max_bad_steps})",
+                stacklevel=3,
+            )
+            if self.bad_steps >= config.max_bad_steps:
+                last = ckpt.latest_checkpoint(self.output_dir)
+                raise ckpt.RunAborted(
+                    f"{self.bad_steps} non-finite updates in a row at step {self.step + 1}; stopping. "
+                    f"Last good checkpoint: {last or 'none yet'}"
+                )
+        self.scheduler.step()  # warm-up counts optimizer updates
+        return {**sums, "ratio_max_dev": max_dev}, grad_norm
 
     def _check_weights_finite(self) -> None:
         """Stop the run when an update made a trained weight NaN or infinite (every rank agrees)."""
@@ -431,16 +512,19 @@ class Trainer:
         with torch.no_grad():
             videos = self.policy.decode(traj.x0)
             rewards = self.rewards(videos, prompts)
-        outcome, process = self._advantages(rewards.parts, traj, group_ids)
+        outcome, process = self._advantages(rewards, traj, group_ids)
         logs = self._update(traj, cond, outcome, process)
         if self.prm_trainer is not None and (self.step + 1) % self.config.prm_refresh_every == 0:
             logs.update(self.prm_trainer.update(traj.x0, cond.prompt_embeds, rewards.total, parts=rewards.parts))
 
         means = {key: float(value.mean()) for key, value in self._reward_columns(rewards.parts).items()}
-        if self.sampler.guidance:
-            guided = traj.guided.nonzero().flatten()
-            if guided.numel():
-                means["process_reward_mean"] = float(traj.process_reward[:, guided].mean())
+        scored = traj.guided if self.config.process_advantage != "td" else traj.trainable
+        if self.policy.prm is not None and bool(scored.any()):
+            means["process_reward_mean"] = float(traj.process_reward[:, scored].mean())
+        if traj.guidance_rho is not None:
+            # What the guidance did, whatever its form: the shift in noise stds and the PRM gradient's norm.
+            means["guidance/rho"] = float(traj.guidance_rho.mean())
+            means["guidance/grad_norm"] = float(traj.guidance_grad_norm.mean())
         means = self.reducer.mean(means)
         self.step += 1
         return {
@@ -476,7 +560,10 @@ class Trainer:
         config = self.config
         if self.is_main:
             ckpt.mark_run(self.output_dir)  # first: the folder is this run's from now on
-            cp.atomic_write(self.output_dir / "config.json", json.dumps(config.to_dict(), indent=1))
+            # Every value the run uses, and which ones came from the algorithm's bundle rather than the config.
+            resolved = {**config.to_dict(), "from_algorithm": config.from_algorithm}
+            resolved["resolved_sampler"] = dataclasses.asdict(self.sampler)
+            cp.atomic_write(self.output_dir / "config.json", json.dumps(resolved, indent=1))
             if self._resume_from is not None:
                 # A kill right after a checkpoint's rename left one more than keep_checkpoints.
                 cp.rotate(self.output_dir / "checkpoints", config.keep_checkpoints, newest=self.step)

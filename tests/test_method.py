@@ -1,0 +1,119 @@
+"""The method's objective in the trainer: TD process credit, the guided mean, distillation targets,
+several updates per batch, the last step never trained, algorithms as bundles, groups across ranks."""
+
+import json
+
+import pytest
+import torch
+
+from euphonium import ops
+from euphonium.sampler import preset
+from euphonium.train import ConfigError, Trainer, load_config
+from euphonium.train.__main__ import main
+from euphonium.train.trainer import check_groups_fit_ranks
+from tests.test_train import tiny_assets, tiny_overrides  # noqa: F401 (the fixture)
+
+
+def _trainer(tiny_assets, tmp_path, **extra):  # noqa: F811
+    config = load_config(None, tiny_overrides(tiny_assets, max_steps=1, **extra))
+    return Trainer(config, tmp_path / "run")
+
+
+def _record_updates(trainer):
+    """Wrap the trainer's optimizer update to keep each update's statistics."""
+    updates, inner = [], trainer._optimizer_update
+
+    def wrapped(*args, **kwargs):
+        stats, grad_norm = inner(*args, **kwargs)
+        updates.append(stats)
+        return stats, grad_norm
+
+    trainer._optimizer_update = wrapped
+    return updates
+
+
+def test_second_update_moves_the_ratio_and_the_clip_acts(tiny_assets, tmp_path):  # noqa: F811
+    trainer = _trainer(tiny_assets, tmp_path, updates_per_step=2, clip_range=1e-7, lr=1e-3, lr_warmup_steps=0)
+    updates = _record_updates(trainer)
+    metrics = trainer.train_step()
+    assert len(updates) == 2
+    assert updates[0]["ratio_max_dev"] == 0.0 and updates[0]["clip_frac"] == 0.0  # on-policy: ratio exactly 1
+    assert updates[1]["ratio_max_dev"] > 1e-7 and updates[1]["clip_frac"] > 0.0
+    assert metrics["ratio_max_dev"] == 0.0 and metrics["clip_frac"] > 0.0
+    # Warm-up and the scheduler count optimizer updates, logs count steps.
+    assert trainer.scheduler.last_epoch == 2 and metrics["step"] == 1
+
+
+def test_the_last_step_is_never_trained(tiny_assets, tmp_path):  # noqa: F811
+    # dance_grpo records every step, the last one included; its noise cannot reach the decoded sample.
+    trainer = _trainer(tiny_assets, tmp_path, algorithm="dance_grpo", timestep_fraction=1.0)
+    trained, inner = [], trainer._step_loss
+
+    def spy(traj, cond, rows, cols, *rest):
+        trained.extend(traj.sde_steps[cols].tolist())
+        return inner(traj, cond, rows, cols, *rest)
+
+    trainer._step_loss = spy
+    trainer.train_step()
+    assert sorted(set(trained)) == [0, 1, 2]  # 4 steps: 0-2 trained, never 3
+
+
+def test_td_process_advantages_are_group_normalised_score_changes(tiny_assets, tmp_path):  # noqa: F811
+    trainer = _trainer(tiny_assets, tmp_path, algorithm="td_fast", **{"sampler.num_steps": 6})
+    assert trainer.config.process_advantage == "td" and trainer.policy.prm is not None
+    prompts, group_ids = trainer._sample_prompts()
+    traj, _ = trainer._rollout(prompts)
+    with torch.no_grad():
+        rewards = trainer.rewards(trainer.policy.decode(traj.x0), prompts)
+    _, process = trainer._advantages(rewards, traj, group_ids)
+    n = int(traj.trainable.sum())
+    scores = torch.cat([traj.process_reward[:, :n], rewards.total[:, None]], dim=1).double()
+    want = ops.group_advantages(scores[:, 1:] - scores[:, :-1], group_ids=group_ids, eps=trainer.config.adv_eps)
+    torch.testing.assert_close(process[:, :n].double(), want, rtol=1e-5, atol=1e-6)
+    assert not bool(process[:, n:].any()) and bool(process.any())
+
+
+def test_distillation_targets(tiny_assets, tmp_path):  # noqa: F811
+    # rho guidance: every guided shift has norm rho * std, so toward the policy's own guided mean the loss
+    # is exactly rho^2 / (2 N) per sample (N elements); toward the reference it is that only while the
+    # policy equals the reference.
+    common = dict(algorithm="euphonium_fast", distill_coef=1.0, **{"sampler.guidance_rho": 0.8})
+    losses = {}
+    for target in ("policy", "reference"):
+        trainer = _trainer(tiny_assets, tmp_path / target, distill_target=target, **common)
+        assert (trainer.reference is not None) == (target == "reference")
+        losses[target] = trainer.train_step()["distill_loss"]
+        numel = torch.Size(trainer.policy.latent_shape).numel()
+        assert losses[target] == pytest.approx(0.8**2 / (2 * numel), rel=1e-3)
+        with torch.no_grad():  # move the policy away from the reference
+            for p in trainer.params:
+                p.add_(0.05 * torch.randn_like(p))
+        trainer.step = 0  # the same rollout again
+        losses[target + " moved"] = trainer.train_step()["distill_loss"]
+    assert losses["policy moved"] == pytest.approx(0.8**2 / (2 * numel), rel=1e-3)
+    assert losses["reference moved"] != pytest.approx(losses["policy moved"], rel=1e-2)
+
+
+def test_algorithms_are_bundles_and_the_config_says_where_values_came_from(tiny_assets, tmp_path):  # noqa: F811
+    out = tmp_path / "td"
+    assert main(["--output-dir", str(out), *tiny_overrides(tiny_assets, algorithm="td_fast", max_steps=1)]) == 0
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["process_advantage"] == "td" and saved["updates_per_step"] == 1
+    assert saved["from_algorithm"] == {"process_advantage": "td_fast", "updates_per_step": "td_fast"}
+    assert saved["resolved_sampler"]["same_initial_noise"] is True
+    # What the config sets wins, and is not reported as the algorithm's.
+    config = load_config(None, tiny_overrides(tiny_assets, algorithm="td_fast", process_advantage="none"))
+    assert config.process_advantage == "none" and config.from_algorithm == {"updates_per_step": "td_fast"}
+    assert not config.needs_prm
+    published = load_config(None, tiny_overrides(tiny_assets, algorithm="euphonium"))
+    assert published.process_advantage == "state" and published.updates_per_step == 2
+    with pytest.raises(ConfigError, match="process_advantage"):
+        load_config(None, ["process_advantage=td2"])
+
+
+def test_a_group_may_span_ranks_only_when_its_members_share_nothing(tiny_assets):  # noqa: F811
+    check_groups_fit_ranks(4, 2, preset("euphonium_fast"))  # whole groups per rank
+    check_groups_fit_ranks(3, 2, preset("flow_grpo"))  # independent noise, fixed window: fine
+    for name in ("euphonium_fast", "dance_grpo", "flow_grpo_fast"):
+        with pytest.raises(ConfigError, match="spans ranks"):
+            check_groups_fit_ranks(3, 2, preset(name))
