@@ -326,3 +326,27 @@ def test_committed_prm_tracks_the_oracle(world):
     x = torch.randn(4, *world.latent_shape)
     value, grad = ops.reward_grad(prm, x, torch.full((4,), 0.5), world.encode(world.prompts[:4]))
     assert value.shape == (4,) and grad.shape == x.shape and bool(torch.isfinite(grad).all())
+
+
+def test_early_and_late_guidance_are_told_apart(world):
+    """Oracle guidance on mid-noise steps decides the mode; on low-noise steps, the detail (sub-cluster)."""
+    from euphonium.sampler import SamplerConfig
+    from euphonium.toy.mixture import sample_mixture
+
+    model, prm = load_mixture_model(), MixtureOraclePRM(world)
+    prompts = [p for p in world.prompts for _ in range(32)]
+    index = world.prompt_index(prompts)
+
+    def rates(**guidance):
+        config = SamplerConfig(num_steps=16, shift=3.0, schedule="dance_grpo", noise_level=0.3, **guidance)
+        traj, _ = sample_mixture(model, prompts, world=world, config=config, prm=prm if guidance else None, seed=0)
+        parts = world.rewards(video_to_latents(latents_to_video(traj.x0)), index)
+        mode, component = float(parts["mode"].mean()), float(parts["component"].mean())
+        return mode, component / mode  # the prompted mode's rate, the prompted sub-cluster's rate inside it
+
+    kw = dict(guidance=True, guidance_lambda=3.0, grad_normalize=True)
+    base = rates()
+    mid = rates(guidance_start=4, guidance_end=10, **kw)  # sigma 0.90 -> 0.64
+    late = rates(guidance_start=12, guidance_end=16, **kw)  # sigma 0.50 -> 0
+    assert mid[0] > base[0] + 0.2 and abs(mid[1] - base[1]) < 0.1, (base, mid)
+    assert late[1] > base[1] + 0.3 and late[0] < mid[0], (base, late)
