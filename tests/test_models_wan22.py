@@ -238,9 +238,11 @@ def test_wan22_config_errors(wan22_dir, tmp_path):
 def test_packaged_config_fits_a_two_expert_folder(wan22_dir):
     from peft import LoraConfig
 
-    config = load_config("wan2_2_t2v_a14b", [f"model.path={wan22_dir}", "model.max_sequence_length=8"])
+    assert load_config("wan2_2_t2v_a14b", [f"model.path={wan22_dir}"]).algorithm == "euphonium"
+    # the packaged euphonium algorithm needs a PRM folder; the folder checks are the same under flow_grpo
+    overrides = [f"model.path={wan22_dir}", "model.max_sequence_length=8", "algorithm=flow_grpo"]
+    config = load_config("wan2_2_t2v_a14b", overrides)
     assert (config.model.kind, config.model.expert, config.model.dtype) == ("wan", "both", "bfloat16")
-    config.algorithm = "flow_grpo"  # the packaged euphonium needs a PRM folder; the folder checks are the same
     checked = check_model_config(config)
     assert checked["boundary_ratio"] == BOUNDARY and checked["latent_shape"] == (Z_DIM, 17, 120, 208)
     experts = build_policy(config, torch.device("cpu")).transformer

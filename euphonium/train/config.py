@@ -24,7 +24,7 @@ DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 
 # ``model.kind``: the toy world or a local diffusers pipeline folder of one family (train/policy.py).
-MODEL_KINDS = ("toy", "wan", "sd3", "flux")
+MODEL_KINDS = ("toy", "wan", "sd3", "flux", "hunyuan_video")
 
 
 class ConfigError(ValueError):
@@ -36,8 +36,8 @@ class ModelConfig:
     """What is trained.
 
     kind: ``toy`` (the built-in toy world; ``path`` None = the committed weights) or a local diffusers
-        pipeline folder: ``wan`` (Wan2.1, Wan2.2 A14B with ``transformer_2``), ``sd3`` (SD3/3.5) or
-        ``flux`` (FLUX.1); images are one-frame videos; see train/policy.py.
+        pipeline folder: ``wan`` (Wan2.1, Wan2.2 A14B with ``transformer_2``), ``sd3`` (SD3/3.5),
+        ``flux`` (FLUX.1; images are one-frame videos) or ``hunyuan_video``; see train/policy.py.
     path: the model folder.
     dtype: ``float32``, ``bfloat16`` or ``float16`` for the frozen parts and the rollouts.
     lora_rank: > 0 trains a LoRA adapter (peft) of that rank on ``lora_targets``; 0 trains all weights.
@@ -49,8 +49,8 @@ class ModelConfig:
     max_sequence_length: prompt tokens for the UMT5 text encoder (``wan``).
     expert: which Wan2.2 A14B expert(s) train: ``both``, ``high`` (``transformer``, noise levels at or
         above the pipeline's ``boundary_ratio``) or ``low`` (``transformer_2``); ``both`` for one-expert folders.
-    guidance_scale: the embedded guidance input of guidance-distilled transformers (``flux``), not
-        classifier-free guidance (that is ``cfg_scale``).
+    guidance_scale: the embedded guidance input of guidance-distilled transformers (``flux``,
+        ``hunyuan_video``), not classifier-free guidance (that is ``cfg_scale``).
     """
 
     kind: str = "toy"

@@ -14,6 +14,9 @@
 - ``model.kind=flux``: a local ``FluxPipeline`` folder (FLUX.1-dev/schnell): :mod:`euphonium.models.flux`
   (CLIP pooled + T5, the embedded guidance input ``model.guidance_scale``, latents packed into 2x2
   patches with position ids inside the transformer's call; decoded as SD3).
+- ``model.kind=hunyuan_video``: a local ``HunyuanVideoPipeline`` folder: :mod:`euphonium.models.hunyuan_video`
+  (the prompt template into Llama, cropped, with its mask; CLIP pooled; the embedded guidance input
+  ``model.guidance_scale * 1000``; decoded with ``AutoencoderKLHunyuanVideo``).
 
 Everything that can be checked from the config alone (folders, sizes, prompts, the PRM's shapes) is
 checked before any weights load (:func:`check_model_config`). Every family's LoRA goes through
@@ -597,9 +600,87 @@ def build_flux_policy(config: TrainConfig, device: torch.device) -> Policy:
     )
 
 
+# ----------------------------------------------------------------------------------------------
+# HunyuanVideo
+# ----------------------------------------------------------------------------------------------
+
+_HUNYUAN_SUBFOLDERS = {
+    "transformer": "config.json",
+    "vae": "config.json",
+    **{f"text_encoder{s}": "config.json" for s in ("", "_2")},
+    **{f"tokenizer{s}": "tokenizer_config.json" for s in ("", "_2")},
+}
+
+
+def check_hunyuan_video_config(config: TrainConfig) -> Dict[str, Any]:
+    """A ``model.kind=hunyuan_video`` run before weights load: the ``HunyuanVideoPipeline`` folder (transformer,
+    VAE, Llama and CLIP with their tokenizers), prompts, video size against the VAE's strides and the patch
+    (``num_frames = 1 + k * temporal_compression_ratio``) and PRM. Returns ``root`` and ``latent_shape``."""
+    from diffusers import AutoencoderKLHunyuanVideo, HunyuanVideoTransformer3DModel
+
+    model = config.model
+    root = check_pipeline_folder(model.path, _HUNYUAN_SUBFOLDERS, "HunyuanVideo")
+    _check_prompts(config)
+    transformer = _read_config(root / "transformer", "model.path transformer/", "HunyuanVideoTransformer3DModel")
+    vae = _read_config(root / "vae", "model.path vae/", "AutoencoderKLHunyuanVideo")
+    channels = _config_value(AutoencoderKLHunyuanVideo, vae, "latent_channels")
+    in_channels = _config_value(HunyuanVideoTransformer3DModel, transformer, "in_channels")
+    if in_channels != channels or transformer.get("image_condition_type"):
+        raise ConfigError(
+            f"model.path {root}: the transformer takes {in_channels} channels, the VAE makes {channels} "
+            "(image-to-video transformers are not supported)"
+        )
+    t_scale = _config_value(AutoencoderKLHunyuanVideo, vae, "temporal_compression_ratio")
+    s_scale = _config_value(AutoencoderKLHunyuanVideo, vae, "spatial_compression_ratio")
+    patch = _config_value(HunyuanVideoTransformer3DModel, transformer, "patch_size")
+    patch_t = _config_value(HunyuanVideoTransformer3DModel, transformer, "patch_size_t")
+    frames = (model.num_frames - 1) // t_scale + 1
+    if model.num_frames < 1 or (model.num_frames - 1) % t_scale or frames % patch_t:
+        raise ConfigError(
+            f"model.num_frames must be 1 + a multiple of {t_scale} (the VAE's temporal stride) giving a multiple "
+            f"of {patch_t} latent frames, got {model.num_frames}"
+        )
+    for key in ("height", "width"):
+        _check_size(key, getattr(model, key), s_scale * patch, f"VAE stride {s_scale} x patch {patch}")
+    text_dim = _config_value(HunyuanVideoTransformer3DModel, transformer, "text_embed_dim")
+    _check_prm(config, channels, text_dim, "VAE latent channels / the transformer's text_embed_dim")
+    return {"root": root, "latent_shape": (channels, frames, model.height // s_scale, model.width // s_scale)}
+
+
+def build_hunyuan_video_policy(config: TrainConfig, device: torch.device) -> Policy:
+    """The :class:`Policy` of a local ``HunyuanVideoPipeline`` folder: the transformer trained as
+    :class:`~euphonium.models.hunyuan_video.HunyuanVideoTransformer`, guidance ``model.guidance_scale`` embedded."""
+    from diffusers import AutoencoderKLHunyuanVideo, HunyuanVideoTransformer3DModel
+
+    from euphonium.models.hunyuan_video import (
+        HunyuanVideoTextEncoder,
+        HunyuanVideoTransformer,
+        hunyuan_video_decode,
+    )
+
+    checked = check_hunyuan_video_config(config)
+    root = checked["root"]
+    model = config.model
+    dtype = DTYPES[model.dtype]
+    transformer = HunyuanVideoTransformer3DModel.from_pretrained(root / "transformer", torch_dtype=dtype).to(device)
+    # Decoded under no_grad; its weights keep requires_grad as in the pipeline: on the CPU, PyTorch's conv3d
+    # takes another kernel for weights that do not require grad, and the videos would differ in the last bits.
+    vae = AutoencoderKLHunyuanVideo.from_pretrained(root / "vae", torch_dtype=torch.float32).to(device).eval()
+    text = HunyuanVideoTextEncoder(root, device, dtype, model.max_sequence_length, model.guidance_scale)
+    return Policy(
+        HunyuanVideoTransformer(transformer),
+        _encoder(text, model.cfg_scale > 1),
+        lambda latents: hunyuan_video_decode(vae, latents),
+        checked["latent_shape"],
+        list(config.prompts),
+        _load_prm(config, device),
+    )
+
+
 # kind -> (check before weights load, build)
 _FAMILIES = {
     "wan": (check_wan_config, build_wan_policy),
     "sd3": (check_sd3_config, build_sd3_policy),
     "flux": (check_flux_config, build_flux_policy),
+    "hunyuan_video": (check_hunyuan_video_config, build_hunyuan_video_policy),
 }
