@@ -8,9 +8,9 @@ import torch
 
 from euphonium import ops
 from euphonium.sampler import preset
-from euphonium.train import ConfigError, Trainer, load_config
+from euphonium.train import ConfigError, Trainer, load_config, objective
 from euphonium.train.__main__ import main
-from euphonium.train.trainer import check_groups_fit_ranks
+from euphonium.train.distributed import check_groups_fit_ranks
 from tests.test_train import tiny_assets, tiny_overrides  # noqa: F401 (the fixture)
 
 
@@ -65,7 +65,9 @@ def test_td_process_advantages_are_group_normalised_score_changes(tiny_assets, t
     traj, _ = trainer._rollout(prompts)
     with torch.no_grad():
         rewards = trainer.rewards(trainer.policy.decode(traj.x0), prompts)
-    _, process = trainer._advantages(rewards, traj, group_ids)
+    _, process = objective.advantages(
+        trainer.config, trainer.outcome_weights, rewards, traj, group_ids, distributed=False
+    )
     n = int(traj.trainable.sum())
     scores = torch.cat([traj.process_reward[:, :n], rewards.total[:, None]], dim=1).double()
     want = ops.group_advantages(scores[:, 1:] - scores[:, :-1], group_ids=group_ids, eps=trainer.config.adv_eps)

@@ -9,6 +9,8 @@ from typing import Dict, Tuple
 import torch
 import torch.distributed as dist
 
+from euphonium.train.config import ConfigError
+
 
 def init_distributed() -> Tuple[int, int, torch.device]:
     """``(rank, world_size, device)``; initialises the process group under ``torchrun``."""
@@ -107,3 +109,18 @@ def place_like(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
         return distribute_tensor(value.to(like.dtype), like.device_mesh, like.placements)
     return value.to(device=like.device, dtype=like.dtype)
+
+
+def check_groups_fit_ranks(local_batch: int, group_size: int, sampler) -> None:
+    """A prompt group may span ranks (its advantages are normalised over all ranks), but its members are
+    then sampled by different processes: refuse the samplers whose group members must share something
+    drawn once per rollout (the initial noise, a random SDE window), which separate processes cannot."""
+    if local_batch % group_size == 0:
+        return
+    shared = [name for name in ("same_initial_noise", "sde_window_size") if getattr(sampler, name)]
+    if shared:
+        raise ConfigError(
+            f"a prompt group of {group_size} spans ranks (each rank holds {local_batch} samples), but the sampler "
+            f"shares {' and '.join(shared)} within a group, which separate processes cannot: make "
+            "prompts_per_step * group_size / world_size a multiple of group_size"
+        )

@@ -33,10 +33,12 @@ from euphonium.presets import GUIDED_ALGORITHMS
 from euphonium.rewards import RewardSet, build_reward
 from euphonium.sampler import Trajectory, preset, rollout
 from euphonium.train import checkpoint as ckpt
+from euphonium.train import objective
 from euphonium.train.config import ConfigError, TrainConfig, check_device
 from euphonium.train.distributed import (
     FullOptimizerState,
     RankReducer,
+    check_groups_fit_ranks,
     full_tensor,
     init_distributed,
     place_like,
@@ -47,21 +49,6 @@ from euphonium.train.evaluation import Evaluator
 from euphonium.train.logging import MetricsLogger, plot_reward_curve
 from euphonium.train.policy import build_policy, check_wan_config, training_prompts, video_shape
 from euphonium.train.rng import RandomStreams
-
-
-def check_groups_fit_ranks(local_batch: int, group_size: int, sampler) -> None:
-    """A prompt group may span ranks (its advantages are normalised over all ranks), but its members are
-    then sampled by different processes: refuse the samplers whose group members must share something
-    drawn once per rollout (the initial noise, a random SDE window), which separate processes cannot."""
-    if local_batch % group_size == 0:
-        return
-    shared = [name for name in ("same_initial_noise", "sde_window_size") if getattr(sampler, name)]
-    if shared:
-        raise ConfigError(
-            f"a prompt group of {group_size} spans ranks (each rank holds {local_batch} samples), but the sampler "
-            f"shares {' and '.join(shared)} within a group, which separate processes cannot: make "
-            "prompts_per_step * group_size / world_size a multiple of group_size"
-        )
 
 
 class Trainer:
@@ -279,41 +266,6 @@ class Trainer:
         )
         return traj, cond
 
-    def _advantages(self, rewards, traj: Trajectory, group_ids: torch.Tensor) -> tuple:
-        """Outcome advantages per trained reward and ``[B, K]`` process advantages (None without process
-        credit), each group-normalised over the whole batch (groups may span ranks).
-
-        ``state``: the PRM score of each guided step's input. ``td``: the change of the PRM score across
-        each trainable step, ``r_p(x_{k+1}) - r_p(x_k)``; the state after the last trainable step fixes
-        the decoded sample (only deterministic steps, or the untrained last step, follow), so the outcome
-        reward the PRM predicts (``rewards.total``) stands in for its score.
-        """
-        config = self.config
-        outcome_rewards = {name: rewards.parts[name] for name in self.outcome_weights}
-        form, process_rewards, mask = config.process_advantage, None, None
-        if config.process_weight > 0 and form == "state" and bool(traj.guided.any()):
-            process_rewards, mask = traj.process_reward, traj.guided
-        elif config.process_weight > 0 and form == "td" and traj.num_sde_steps:
-            n = int(traj.trainable.sum())  # the trainable steps are the first n recorded ones
-            process_rewards = torch.cat([traj.process_reward[:, :n], rewards.total.float()[:, None]], dim=1)
-            mask = torch.ones(n, dtype=torch.bool, device=process_rewards.device)
-        outcome, process = ops.dual_reward_advantages(
-            outcome_rewards,
-            process_rewards,
-            guided=mask,
-            process_form=form if form in ("state", "td") else "state",
-            group_ids=group_ids,
-            eps=config.adv_eps,
-            global_std=config.adv_global_std,
-            distributed=self.world > 1,
-        )
-        if process is not None and process.shape[1] < traj.num_sde_steps:
-            # TD credit covers the trainable steps; the last step, never trained, gets none.
-            process = torch.cat(
-                [process, process.new_zeros(process.shape[0], traj.num_sde_steps - process.shape[1])], 1
-            )
-        return outcome, process
-
     def _step_loss(
         self,
         traj: Trajectory,
@@ -359,7 +311,7 @@ class Trainer:
         shift = traj.shift_at(rows, cols)
         if config.distill_coef > 0 and shift is not None and bool(guided.any()):
             anchor = v_ref if config.distill_target == "reference" else v.detach()
-            distill = self._distill_loss(x, v, anchor, shift, guided, sigma, sigma_next, sde)
+            distill = objective.distill_loss(x, v, anchor, shift, guided, sigma, sigma_next, sde)
             loss = loss + config.distill_coef * distill
             stats = {**stats, "distill_loss": float(distill.detach())}
         return loss, stats
@@ -374,24 +326,6 @@ class Trainer:
             return self.rollout_model(x, sigma, cond)
         finally:
             self.policy.transformer.enable_adapters()
-
-    @staticmethod
-    def _distill_loss(x, v, anchor, shift, guided, sigma, sigma_next, sde):
-        """``mean((mean_theta - sg(mean(anchor) + c g))^2) / (2 std^2)`` over guided samples, not weighted by
-        advantages (docs/DESIGN.md): ``anchor`` is the reference's velocity (``distill_target=reference``)
-        or the policy's own, detached (``policy``).
-
-        Written with the fused log-prob: ``log N(y; mean_theta, std)`` at ``y = mean_theta`` (a constant:
-        zero residual) minus at ``y = target`` is the loss exactly.
-        """
-        with torch.no_grad():
-            zeros = torch.zeros_like(x)
-            target = ops.sde_step(x, anchor, sigma, sigma_next, noise=zeros, **sde).x_next.float() + shift
-            own = ops.sde_step(x, v.detach(), sigma, sigma_next, noise=zeros, **sde).x_next.float()
-        at_mean = ops.sde_log_prob(x, v, own, sigma, sigma_next, **sde)
-        at_target = ops.sde_log_prob(x, v, target, sigma, sigma_next, **sde)
-        per_sample = (at_mean - at_target) * guided.float()
-        return per_sample.sum() / guided.float().sum()
 
     def _update(self, traj: Trajectory, cond: Conditioning, outcome, process) -> Dict[str, float]:
         """``inner_epochs`` passes over the rollouts, each ``updates_per_step`` optimizer updates on
@@ -512,7 +446,9 @@ class Trainer:
         with torch.no_grad():
             videos = self.policy.decode(traj.x0)
             rewards = self.rewards(videos, prompts)
-        outcome, process = self._advantages(rewards, traj, group_ids)
+        outcome, process = objective.advantages(
+            self.config, self.outcome_weights, rewards, traj, group_ids, distributed=self.world > 1
+        )
         logs = self._update(traj, cond, outcome, process)
         if self.prm_trainer is not None and (self.step + 1) % self.config.prm_refresh_every == 0:
             logs.update(self.prm_trainer.update(traj.x0, cond.prompt_embeds, rewards.total, parts=rewards.parts))
