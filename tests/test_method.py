@@ -119,3 +119,16 @@ def test_a_group_may_span_ranks_only_when_its_members_share_nothing(tiny_assets)
     for name in ("euphonium_fast", "dance_grpo", "flow_grpo_fast"):
         with pytest.raises(ConfigError, match="spans ranks"):
             check_groups_fit_ranks(3, 2, preset(name))
+
+
+def test_the_mixture_config_trains_and_its_oracle_is_selectable(tmp_path):
+    out = tmp_path / "mixture"
+    args = ["--config", "mixture", "--output-dir", str(out), "max_steps=30", "eval_every=30", "eval_prompts=64"]
+    assert main([*args, "prm_path=oracle"]) == 0
+    evals = [json.loads(line)["reward_mean"] for line in (out / "eval.jsonl").read_text().splitlines()]
+    assert evals[0] < 0.45 and evals[-1] > evals[0] + 0.05
+    trainer = Trainer(load_config("mixture", ["max_steps=1", "prm_path=oracle"]), tmp_path / "oracle")
+    assert type(trainer.policy.prm).__name__ == "MixtureOraclePRM"
+    with pytest.warns(UserWarning, match="proxy"):
+        toy = Trainer(load_config(None, ["prm_path=oracle", "max_steps=1"]), tmp_path / "toy")
+    assert type(toy.policy.prm).__name__ == "ToyOraclePRM"

@@ -46,8 +46,9 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-# The toy world lives above this layer (euphonium.toy): registered by name, imported when built.
+# The embedded worlds live above this layer (euphonium.toy): registered by name, imported when built.
 register_reward("toy", "euphonium.toy.rewards:toy_reward_fn")
+register_reward("mixture", "euphonium.toy.mixture:mixture_reward_fn")
 
 __all__ = [
     "CallableReward",

@@ -24,7 +24,7 @@ DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 
 # ``model.kind``: the toy world or a local diffusers pipeline folder of one family (train/policy.py).
-MODEL_KINDS = ("toy", "wan", "sd3", "flux", "hunyuan_video")
+MODEL_KINDS = ("toy", "mixture", "wan", "sd3", "flux", "hunyuan_video")
 
 
 class ConfigError(ValueError):
@@ -207,7 +207,7 @@ class TrainConfig:
         check_choice("parallel", self.parallel, ("ddp", "fsdp"))
         if not DEVICE.match(self.device):
             raise ValueError(f"device must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
-        if model.kind != "toy" and not model.path:
+        if model.kind not in ("toy", "mixture") and not model.path:
             raise ValueError(f"model.path is required for model.kind={model.kind} (a local diffusers pipeline folder)")
         check_int("group_size", self.group_size)
         if self.group_size < 2:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import inspect
 import json
 import logging
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional
@@ -48,6 +49,10 @@ from euphonium.toy import (
     load_toy_model,
     load_toy_prm,
 )
+from euphonium.toy.mixture import MixtureOraclePRM, default_world, load_mixture_model
+from euphonium.toy.mixture import latents_to_video as mixture_latents_to_video
+from euphonium.toy.mixture.prm import load_mixture_prm
+from euphonium.toy.rewards import ToyOraclePRM
 from euphonium.toy.world import parse_prompt
 from euphonium.train.config import ConfigError, TrainConfig
 
@@ -79,10 +84,19 @@ class Policy:
 
 
 def training_prompts(config: TrainConfig) -> List[str]:
-    """The prompts of a run: ``config.prompts``, or for the toy world (when None) its whole prompt set.
+    """The prompts of a run: ``config.prompts``, or for an embedded world (when None) its whole prompt set.
 
-    Toy prompts must follow the toy grammar; a prompt outside it is a :class:`ConfigError`.
+    An embedded world's prompts must be its own; a prompt outside it is a :class:`ConfigError`.
     """
+    if config.model.kind == "mixture":
+        world = default_world()
+        if config.prompts is None:
+            return list(world.prompts)
+        try:
+            world.prompt_index(config.prompts)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"prompts: {err}") from None
+        return list(config.prompts)
     if config.model.kind != "toy":
         return list(config.prompts or [])
 
@@ -100,6 +114,8 @@ def video_shape(config: TrainConfig) -> tuple:
     """``(F, C, H, W)`` of one decoded video, known from the config alone (no weights needed)."""
     if config.model.kind == "toy":
         return (NUM_FRAMES, CHANNELS, HEIGHT, WIDTH)
+    if config.model.kind == "mixture":
+        return default_world().video_shape
     frames = 1 if config.model.kind in IMAGE_KINDS else config.model.num_frames
     return (frames, 3, config.model.height, config.model.width)
 
@@ -108,7 +124,7 @@ def check_model_config(config: TrainConfig) -> Dict[str, Any]:
     """Everything about the run's model family that can be checked before any weights load (see each
     family's ``check_*_config``); ``{}`` for the toy world. Raises :class:`ConfigError` naming the key."""
     kind = config.model.kind
-    if kind == "toy":
+    if kind in ("toy", "mixture"):
         return {}
     return _FAMILIES[kind][0](config)
 
@@ -131,7 +147,17 @@ def build_policy(config: TrainConfig, device: torch.device) -> Policy:
                 negative_prompt_embeds=text_encoder.encode([""] * len(prompts)) if config.model.cfg_scale > 1 else None,
             )
 
-        prm = load_toy_prm(config.prm_path, device=device) if config.needs_prm else None
+        prm = None
+        if config.needs_prm and config.prm_path == "oracle":
+            warnings.warn(
+                "prm_path=oracle on the toy video world is a proxy: the exact toy reward of the frozen base "
+                "model's one-step clean estimate, not E[r | x_sigma] (only the mixture world's oracle is exact)",
+                stacklevel=2,
+            )
+            base, base_encoder = load_toy_model(config.model.path, device=device)
+            prm = ToyOraclePRM(base, base_encoder, weights=config.rewards.get("toy", {}).get("weights"))
+        elif config.needs_prm:
+            prm = load_toy_prm(config.prm_path, device=device)
         return Policy(
             transformer,
             encode,
@@ -140,9 +166,27 @@ def build_policy(config: TrainConfig, device: torch.device) -> Policy:
             training_prompts(config),
             prm,
         )
+    if config.model.kind == "mixture":
+        return _mixture_policy(config, device)
     policy = _FAMILIES[config.model.kind][1](config, device)
     check_lora_on_add(policy.transformer)
     return policy
+
+
+def _mixture_policy(config: TrainConfig, device: torch.device) -> Policy:
+    """The analytic mixture world (:mod:`euphonium.toy.mixture`): its MLP flow model, fully fine-tuned;
+    ``prm_path``: None for the committed learned PRM, ``oracle`` for the exact ``E[r | x_sigma]``."""
+    world = default_world()
+    transformer = load_mixture_model(config.model.path, device=device, dtype=DTYPES[config.model.dtype])
+
+    def encode(prompts):
+        negative = world.encode([""] * len(prompts)).to(device) if config.model.cfg_scale > 1 else None
+        return Conditioning(world.encode(list(prompts)).to(device), negative_prompt_embeds=negative)
+
+    prm = None
+    if config.needs_prm:
+        prm = MixtureOraclePRM(world) if config.prm_path == "oracle" else load_mixture_prm(config.prm_path, device)
+    return Policy(transformer, encode, mixture_latents_to_video, world.latent_shape, training_prompts(config), prm)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -47,7 +47,7 @@ from euphonium.train.distributed import (
 from euphonium.train.ema import EMA
 from euphonium.train.evaluation import Evaluator
 from euphonium.train.logging import MetricsLogger, plot_reward_curve
-from euphonium.train.policy import build_policy, check_wan_config, training_prompts, video_shape
+from euphonium.train.policy import build_policy, check_model_config, training_prompts, video_shape
 from euphonium.train.rng import RandomStreams
 
 
@@ -95,8 +95,7 @@ class Trainer:
             raise ConfigError(f"sampler: {err}") from None
         check_groups_fit_ranks(self.local_batch, config.group_size, self.sampler)
 
-        if config.model.kind == "wan":
-            check_wan_config(config)  # a bad model folder fails here, before rewards or weights load
+        check_model_config(config)  # a bad model folder fails here, before rewards or weights load
         self._part_names = self._build_rewards()
         self.policy = build_policy(config, self.device)
         if self.sampler.guidance and self.policy.prm is None:
@@ -184,7 +183,12 @@ class Trainer:
         self.ema = EMA(self.trainable_names, params, config.ema_decay) if config.ema_decay else None
         self.prm_trainer = None
         if config.prm_refresh_every and self.policy.prm is not None:
-            from euphonium.rewards.prm import PRMTrainConfig, PRMTrainer
+            from euphonium.rewards.prm import LatentRewardModel, PRMTrainConfig, PRMTrainer
+
+            if not isinstance(self.policy.prm, LatentRewardModel):
+                raise ConfigError(
+                    f"prm_refresh_every needs a trainable LatentRewardModel; prm_path={config.prm_path} is not one"
+                )
 
             self.prm_trainer = PRMTrainer(self.policy.prm, PRMTrainConfig(lr=config.prm_refresh_lr))
 
