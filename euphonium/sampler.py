@@ -1,6 +1,6 @@
 """Rollouts of flow-matching models: noise-level schedules, SDE windows and process-reward guidance.
 
-One sampler covers the RL samplers of the literature as settings (DESIGN.md section 2):
+One sampler covers the RL samplers of the literature as settings (docs/DESIGN.md section 4):
 
 - **Flow-GRPO** (Liu et al. 2025, arXiv:2505.05470): ``schedule="flow_grpo"``, SDE on every step but
   the last, no guidance.
@@ -69,7 +69,7 @@ def shifted_sigmas(
 def diffusion_coefficient(
     sigma: float, *, schedule: str, noise_level: float, sigma_max: Optional[float] = None
 ) -> float:
-    """The diffusion coefficient ``s`` of the reverse SDE at noise level ``sigma`` (DESIGN.md section 2).
+    """The diffusion coefficient ``s`` of the reverse SDE at noise level ``sigma`` (docs/DESIGN.md section 4.1).
 
     ``flow_grpo``: ``a * sqrt(sigma / (1 - sigma~))`` with ``sigma~ = sigma_max`` at ``sigma == 1``;
     ``dance_grpo``: ``eta``; ``ode``: 0. ``cps`` has no ``s`` (its step is not an Euler-Maruyama step).
@@ -447,7 +447,7 @@ class Trajectory:
         latents: ``[B, K + 1, ...]`` in the rollout dtype: ``latents[:, j]`` is the latent before the
             ``j``-th SDE step and ``latents[:, j + 1]`` the one after it (the SDE steps are contiguous,
             so ``K + 1`` latents hold all ``K`` transitions). Empty (``K = 0``) without SDE steps.
-        log_prob: ``[B, K]`` float32 log-density of each recorded transition (DESIGN.md section 2).
+        log_prob: ``[B, K]`` float32 log-density of each recorded transition (docs/DESIGN.md section 4.2).
         process_reward: ``[B, K]`` float32 PRM reward ``r_p(x_i, sigma_i, prompt)`` of each recorded step's
             input at guided steps (and, with ``rollout(score_states=True)``, at every recorded step), 0
             elsewhere.

@@ -1,6 +1,6 @@
 """The thin GRPO trainer: one readable loop over ``euphonium.ops`` and the sampler.
 
-One step (DESIGN.md section 3)::
+One step (docs/DESIGN.md section 3)::
 
     prompts (groups of G) -> rollouts (PRM guidance at the configured steps) -> decode x0
     -> outcome rewards (each named reward normalised on its own) and process rewards
