@@ -85,7 +85,7 @@ def group_advantages(
     check_finite("rewards", rewards)
     rewards = rewards.detach()  # advantages are constants of the policy-gradient loss
 
-    backend = resolve(rewards.device, torch_path=True)
+    backend = resolve(rewards.device, torch_path=True, kernels="advantages")
     if backend == "torch" and group_size is not None:
         return group_advantages_contiguous(
             rewards, group_size, eps=eps, unbiased=unbiased, global_std=global_std, clip=clip

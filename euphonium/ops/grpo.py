@@ -109,7 +109,7 @@ def grpo_loss_tensors(
     adv_clip = check_positive("adv_clip", adv_clip, allow_none=True)
     kl_coef = check_positive("kl_coef", kl_coef, allow_zero=True)
 
-    backend = resolve(log_prob.device, torch_path=True)
+    backend = resolve(log_prob.device, torch_path=True, kernels="grpo_loss")
     if backend == "reference":
         return grpo_loss_ref(
             log_prob, old_log_prob, advantages, clip_range=clip_range, adv_clip=adv_clip, kl=kl, kl_coef=kl_coef

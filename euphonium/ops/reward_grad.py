@@ -87,7 +87,7 @@ def scale_by_norm(
     ``inplace=True`` writes the result into ``grad`` (which must be contiguous) and returns it.
     """
     _check_inplace(grad, inplace)
-    backend = resolve(grad.device, torch_path=True)
+    backend = resolve(grad.device, torch_path=True, kernels="reward_grad")
     if backend == "reference":
         out = scale_by_norm_ref(grad, normalize=normalize, max_norm=max_norm)
         return grad.copy_(out) if inplace else out

@@ -497,7 +497,7 @@ def sde_step(
     sigma_t, sigma_next_t = _check_sigmas(sigma, sigma_next, x, schedule, sigma_max, noise_level)
     reward_grad, scale_t = _check_guidance(reward_grad, guidance_scale, x)
 
-    backend = resolve(x.device, torch_path=True)
+    backend = resolve(x.device, torch_path=True, kernels="sde")
     if backend == "reference":
         if noise is None and schedule != "ode":
             noise = philox_randn(draw_seed() if seed is None else seed, x.numel(), x.device).reshape(x.shape)
@@ -928,7 +928,7 @@ def sde_log_prob(
     sigma_t, sigma_next_t = _check_sigmas(sigma, sigma_next, x, schedule, sigma_max, noise_level)
     reward_grad, scale_t = _check_guidance(reward_grad, guidance_scale, x)
 
-    backend = resolve(x.device, torch_path=True)
+    backend = resolve(x.device, torch_path=True, kernels="sde")
     if backend == "reference":
         return sde_log_prob_reference(
             x,
