@@ -159,6 +159,7 @@ def _group_advantages_kernel(
         tl.store(out_ptr + p_r, b_a.to(out_ptr.dtype.element_ty), mask=m)
 
 
+# Same formula: ops.advantages.group_advantages_ref (spec), ops.advantages.group_advantages_contiguous (PyTorch path).
 def group_advantages_forward(
     rewards: torch.Tensor,
     order: torch.Tensor,

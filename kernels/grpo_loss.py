@@ -157,6 +157,7 @@ def _block(n: int) -> int:
     return min(max(triton.next_power_of_2(n), 128), 1024)
 
 
+# Same formula: ops.grpo.grpo_loss_ref (spec), ops.grpo._GRPOLossTorch (PyTorch path).
 def grpo_loss_forward(
     log_prob: torch.Tensor,
     old_log_prob: torch.Tensor,
@@ -205,6 +206,7 @@ def grpo_loss_forward(
     return loss, stats
 
 
+# Same gradient: ops.grpo.grpo_loss_ref (spec, by autograd), ops.grpo._GRPOLossTorch.backward (PyTorch path).
 def grpo_loss_backward(
     grad_loss: torch.Tensor,
     log_prob: torch.Tensor,

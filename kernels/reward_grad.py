@@ -101,6 +101,7 @@ def _scale_kernel(
         tl.store(out_ptr + offset + o_n, ((b_g * inv) * k).to(out_ptr.dtype.element_ty), mask=m)
 
 
+# Same formula: ops.reward_grad.scale_by_norm_ref (spec), ops.reward_grad.scale_by_norm_torch (PyTorch path).
 def scale_by_norm(
     grad: torch.Tensor, *, normalize: bool, max_norm: Optional[float], inplace: bool = False
 ) -> torch.Tensor:

@@ -372,6 +372,7 @@ def _finalize(partial, partial_kl, sigma, sigma_next, n, n_blocks, schedule_id, 
     return log_prob, kl
 
 
+# Same formula: ops.sde.sde_step_reference (spec), ops._sde_torch.sde_step (PyTorch path).
 def sde_step_forward(
     x: torch.Tensor,
     v: torch.Tensor,
@@ -433,6 +434,7 @@ def sde_step_forward(
     return x_next, log_prob, x0_pred
 
 
+# Same formula: ops.sde.sde_log_prob_reference (spec), ops._sde_torch.sde_log_prob (PyTorch path).
 def sde_log_prob_forward(
     x: torch.Tensor,
     v: torch.Tensor,
@@ -484,6 +486,7 @@ def sde_log_prob_forward(
     return _finalize(partial, partial_kl, sigma, sigma_next, n, n_blocks, schedule_id, scale, _sigma_max_arg(sigma_max))
 
 
+# Same gradient: ops.sde.sde_log_prob_reference (autograd), ops._sde_torch.sde_log_prob_backward (PyTorch).
 def sde_log_prob_backward(
     grad_log_prob: Optional[torch.Tensor],
     grad_kl: Optional[torch.Tensor],

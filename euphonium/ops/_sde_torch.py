@@ -147,6 +147,7 @@ def _column(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, 1)
 
 
+# Same formula: ops.sde.sde_step_reference (spec), kernels.sde.sde_step_forward (Triton).
 def sde_step(
     x: torch.Tensor,
     v: torch.Tensor,
@@ -210,6 +211,7 @@ def sde_step(
     return x_next.view(x.shape), log_prob, x0_pred.view(x.shape)
 
 
+# Same formula: ops.sde.sde_log_prob_reference (spec), kernels.sde.sde_log_prob_forward (Triton).
 def sde_log_prob(
     x: torch.Tensor,
     v: torch.Tensor,
@@ -258,6 +260,7 @@ def sde_log_prob(
     return log_prob, kl.to(log_prob.dtype)
 
 
+# Same gradient: ops.sde.sde_log_prob_reference (autograd), kernels.sde.sde_log_prob_backward (Triton).
 def sde_log_prob_backward(
     grad_log_prob: Optional[torch.Tensor],
     grad_kl: Optional[torch.Tensor],

@@ -162,6 +162,7 @@ def pow2_scale(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     return p, 1 / p
 
 
+# Same formula: ops.advantages.group_advantages_ref (spec), kernels.advantages.group_advantages_forward (Triton).
 def group_advantages_contiguous(
     rewards: torch.Tensor,
     group_size: int,
@@ -209,6 +210,7 @@ def group_advantages_contiguous(
     return adv.reshape(rewards.shape)
 
 
+# Same formula: ops.advantages.group_advantages_contiguous (PyTorch), kernels.advantages.group_advantages_forward.
 def group_advantages_ref(
     rewards: torch.Tensor,
     group_ids: torch.Tensor,

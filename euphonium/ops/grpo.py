@@ -182,6 +182,7 @@ def _flat(ratio, clipped, adv):
     return flat | ((adv == 0) & (ratio == ratio))
 
 
+# Same formula: ops.grpo.grpo_loss_ref (spec), kernels.grpo_loss.grpo_loss_forward (Triton, via _GRPOLoss).
 class _GRPOLossTorch(torch.autograd.Function):
     """The PyTorch path: the kernels' forward and backward in torch ops. Saves only the inputs; the
     backward recomputes the ratio: ``d L / d log_prob = -A ratio / n`` except where the clipped
@@ -232,6 +233,7 @@ class _GRPOLossTorch(torch.autograd.Function):
         return grad_lp, None, None, grad_kl, None, None, None
 
 
+# Same formula: ops.grpo._GRPOLossTorch (PyTorch path), kernels.grpo_loss.grpo_loss_forward (Triton).
 def grpo_loss_ref(
     log_prob: torch.Tensor,
     old_log_prob: torch.Tensor,
@@ -291,6 +293,7 @@ def ratio_stats(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     return em1, torch.where(small, series, torch.where(em1 == torch.inf, em1, em1 - x))
 
 
+# No trio of its own: one ops.advantages.group_advantages (or ops.distributed.gather_group_advantages) call.
 def dual_reward_advantages(
     outcome_rewards: Mapping[str, torch.Tensor],
     process_rewards: Optional[torch.Tensor] = None,
@@ -433,6 +436,7 @@ def _agree_on_error(error: Optional[str], device: torch.device, process_group) -
     return f"{message} on rank {rank}"
 
 
+# No trio of its own: one clipped term per reward through ops.grpo.grpo_loss_tensors.
 def dual_reward_loss(
     log_prob: torch.Tensor,
     old_log_prob: torch.Tensor,

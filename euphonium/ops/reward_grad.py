@@ -11,6 +11,7 @@ from euphonium.ops._backend import resolve
 from euphonium.ops.advantages import pow2_scale
 
 
+# No trio of its own (the PRM's autograd); its norm post-processing is ops.reward_grad.scale_by_norm's trio.
 def reward_grad(
     prm: Callable[..., torch.Tensor],
     x: torch.Tensor,
@@ -132,6 +133,7 @@ class _RewardGrad(torch.autograd.Function):
         raise RuntimeError("reward_grad's outputs are constants; nothing can be differentiated through them")
 
 
+# Same formula: ops.reward_grad.scale_by_norm_torch (PyTorch path), kernels.reward_grad.scale_by_norm (Triton).
 def scale_by_norm_ref(grad: torch.Tensor, *, normalize: bool = False, max_norm: Optional[float] = None) -> torch.Tensor:
     """Eager reference of the per-sample normalisation and norm clipping of :func:`reward_grad`.
 
@@ -172,6 +174,7 @@ def _scales(
     return scale
 
 
+# Same formula: ops.reward_grad.scale_by_norm_ref (spec), kernels.reward_grad.scale_by_norm (Triton).
 def scale_by_norm_torch(
     grad: torch.Tensor, *, normalize: bool = False, max_norm: Optional[float] = None, inplace: bool = False
 ) -> torch.Tensor:

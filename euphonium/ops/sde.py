@@ -140,6 +140,7 @@ def _gaussian_log_prob_reference(x_next, mean, std):
     )
 
 
+# Same formula: ops._sde_torch.sde_step (PyTorch path), kernels.sde.sde_step_forward (Triton).
 def sde_step_reference(
     x: torch.Tensor,
     v: torch.Tensor,
@@ -168,6 +169,7 @@ def sde_step_reference(
     return SDEStepOutput(x_next, log_prob, x0_pred.to(x.dtype))
 
 
+# Same formula: ops._sde_torch.sde_log_prob (PyTorch path), kernels.sde.sde_log_prob_forward (Triton).
 def sde_log_prob_reference(
     x: torch.Tensor,
     v: torch.Tensor,
