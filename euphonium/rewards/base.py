@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import abc
 import importlib
+import inspect
 import math
 from typing import Callable, Dict, Mapping, NamedTuple, Optional, Sequence, Union
 
@@ -116,12 +117,38 @@ class Reward(abc.ABC):
     def compute(self, videos: torch.Tensor, prompts: Sequence[str]) -> RewardValue:
         """``[B]`` reward values for ``videos [B, F, C, H, W]`` in [0, 1] and ``B`` prompts."""
 
-    def __call__(self, videos: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+    def __call__(
+        self, videos: torch.Tensor, prompts: Sequence[str], metadata: Optional[Sequence[Mapping]] = None
+    ) -> torch.Tensor:
+        """``compute(videos, prompts)``, checked; ``metadata`` (one mapping per prompt) is passed on as
+        ``compute(..., metadata=...)`` where ``compute`` takes it."""
         batch = check_videos(videos, prompts)
-        return check_reward_values(self.name, self.compute(videos, prompts), batch, prompts, videos.device)
+        if metadata is not None and accepts_metadata(self.compute):
+            values = self.compute(videos, prompts, metadata=check_metadata(metadata, batch))
+        else:
+            values = self.compute(videos, prompts)
+        return check_reward_values(self.name, values, batch, prompts, videos.device)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r})"
+
+
+def accepts_metadata(fn: Callable) -> bool:
+    """``fn`` has a parameter named ``metadata`` (rewards without one are called as before)."""
+    try:
+        return "metadata" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # builtins without a signature
+        return False
+
+
+def check_metadata(metadata, batch: int) -> list:
+    """``metadata`` as a list of ``batch`` dicts (one per prompt)."""
+    if isinstance(metadata, Mapping) or not isinstance(metadata, Sequence) or len(metadata) != batch:
+        raise ValueError(f"metadata must be a sequence of {batch} mappings, one per prompt")
+    for i, item in enumerate(metadata):
+        if not isinstance(item, Mapping):
+            raise TypeError(f"metadata[{i}] must be a mapping, got {type(item).__name__}")
+    return [dict(item) for item in metadata]
 
 
 class CallableReward(Reward):
@@ -138,7 +165,9 @@ class CallableReward(Reward):
         self.fn = fn
         self.name = name or getattr(fn, "name", None) or getattr(fn, "__name__", None) or type(fn).__name__
 
-    def compute(self, videos, prompts):
+    def compute(self, videos, prompts, metadata=None):
+        if metadata is not None and accepts_metadata(self.fn):
+            return self.fn(videos, prompts, metadata=metadata)
         return self.fn(videos, prompts)
 
 
@@ -155,9 +184,19 @@ class RewardSet:
 
     Calling returns :class:`RewardOutput` ``(total [B], parts {name: [B]})``, float32 on the videos'
     device.
+
+    Prompt metadata: a reward whose call has a ``metadata`` parameter gets ``metadata=`` a list of one
+    dict per prompt (the fields of a ``.jsonl`` prompt file besides ``prompt``; ``{}`` where there are
+    none); the others are called as ``fn(videos, prompts)``. The metadata is what the call passes, else
+    looked up by prompt text in ``prompt_metadata``.
     """
 
-    def __init__(self, rewards: Mapping[str, RewardFn], weights: Optional[Mapping[str, float]] = None):
+    def __init__(
+        self,
+        rewards: Mapping[str, RewardFn],
+        weights: Optional[Mapping[str, float]] = None,
+        prompt_metadata: Optional[Mapping[str, Mapping]] = None,
+    ):
         if not isinstance(rewards, Mapping) or not rewards:
             raise ValueError("rewards must be a non-empty mapping of name -> callable(videos, prompts)")
         for key, fn in rewards.items():
@@ -174,6 +213,7 @@ class RewardSet:
                     raise ValueError(f"weights[{key!r}] must be a finite number, got {w!r}")
             weights = {k: float(w) for k, w in weights.items()}
         self.weights = weights
+        self.prompt_metadata = dict(prompt_metadata or {})
 
     def _check_weights(self, parts: Mapping[str, torch.Tensor]) -> Dict[str, float]:
         if self.weights is None:
@@ -186,11 +226,16 @@ class RewardSet:
             raise ValueError(f"rewards {missing} have no weight; give each a weight (0 logs it without optimising it)")
         return self.weights
 
-    def __call__(self, videos: torch.Tensor, prompts: Sequence[str]) -> RewardOutput:
+    def __call__(
+        self, videos: torch.Tensor, prompts: Sequence[str], metadata: Optional[Sequence[Mapping]] = None
+    ) -> RewardOutput:
         batch = check_videos(videos, prompts)
+        if metadata is None:
+            metadata = [self.prompt_metadata.get(p, {}) for p in prompts]
+        metadata = check_metadata(metadata, batch)
         parts: Dict[str, torch.Tensor] = {}
         for key, fn in self.rewards.items():
-            out = fn(videos, prompts)
+            out = fn(videos, prompts, metadata=metadata) if accepts_metadata(fn) else fn(videos, prompts)
             named = out.items() if isinstance(out, Mapping) else [(key, out)]
             for name, values in named:
                 if name in parts:

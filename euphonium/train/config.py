@@ -82,7 +82,9 @@ class TrainConfig:
         ``td_fast`` (plus TD process credit), and the baselines ``flow_grpo``, ``flow_grpo_fast``,
         ``dance_grpo`` and ``dance_grpo_eu`` (DanceGRPO's objective on ``euphonium``'s sampler).
     sampler: overrides of the algorithm's :func:`euphonium.sampler.preset` (any ``SamplerConfig`` field).
-    prompts: training prompts (``toy``: None = the toy world's prompt set).
+    prompts: training prompts: a list, or a ``.txt`` (one per line) or ``.jsonl`` file (a ``prompt`` field per
+        line; the other fields are metadata the rewards receive), read when the config is validated
+        (``toy``: None = the toy world's prompt set). See euphonium/train/prompts.py.
     prompts_per_step, group_size: each step samples ``prompts_per_step`` prompts and ``group_size``
         rollouts of each (advantages are normalised within a prompt's group, across ranks).
     timestep_fraction: fraction of each rollout's recorded SDE steps trained (a random subset per sample).
@@ -114,14 +116,21 @@ class TrainConfig:
         prompts, sampled with the deterministic ODE sampler (EMA weights, if any) from fixed noise,
         into ``DIR/eval.jsonl``: the same clips each time, so the curve shows the policy's change
         without the training batches' prompt-draw noise (0 = never).
-    eval_prompts: size of that fixed set (prompts and noise drawn from ``seed``; not the sample grid's).
+    eval_prompts: size of that fixed set (prompts and noise drawn from ``seed``; not the sample grid's), or a
+        ``.txt``/``.jsonl`` file whose prompts, in order, are the set.
     num_eval_samples: clips in the final sample grid (``samples.gif``/``.png``).
+    embedding_cache: a folder where text embeddings are kept on disk (one safetensors file per prompt, under
+        a folder per text encoder), shared by ranks and runs; a restart reads them instead of encoding
+        again. None: in memory only.
+    loggers: where metrics go: ``jsonl`` (always), ``tensorboard``, ``wandb`` (``pip install
+        euphonium[wandb]``; the run in ``DIR/wandb``; ``WANDB_MODE=offline`` works without an account).
+    wandb: keyword arguments of ``wandb.init`` (``project``, ``entity``, ``name``, ``tags``...).
     """
 
     algorithm: str = "euphonium_fast"
     model: ModelConfig = field(default_factory=ModelConfig)
     sampler: Dict[str, Any] = field(default_factory=dict)
-    prompts: Optional[List[str]] = None
+    prompts: Any = None
     prompts_per_step: int = 4
     group_size: int = 4
     timestep_fraction: float = 1.0
@@ -174,9 +183,12 @@ class TrainConfig:
     keep_checkpoints: int = 2
     parallel: str = "ddp"
     eval_every: int = 25
-    eval_prompts: int = 32
+    eval_prompts: Any = 32
     num_eval_samples: int = 8
     device: str = "auto"
+    embedding_cache: Optional[str] = None
+    loggers: List[str] = field(default_factory=lambda: ["jsonl", "tensorboard"])
+    wandb: Dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> "TrainConfig":
         """Check values that types alone don't (raises :class:`ConfigError` naming the key).
@@ -221,9 +233,9 @@ class TrainConfig:
             "keep_checkpoints",
             "max_bad_steps",
             "num_eval_samples",
-            "eval_prompts",
         ):
             check_int(key, getattr(self, key), minimum=1)
+        _check_prompt_data(self)
         for key in ("lr_warmup_steps", "prm_refresh_every", "eval_every"):
             check_int(key, getattr(self, key), minimum=0)
         check_int("seed", self.seed, minimum=0)
@@ -282,6 +294,30 @@ class TrainConfig:
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _check_prompt_data(config: "TrainConfig") -> None:
+    """``prompts`` (a list or a .txt/.jsonl path, read into the list here), ``eval_prompts`` (a count or a
+    path), ``embedding_cache`` and ``loggers`` (euphonium/train/prompts.py, euphonium/train/logging.py)."""
+    from euphonium.train import prompts
+
+    prompts.check_prompts_value(config.prompts)
+    prompts.resolve_prompts(config)
+    prompts.check_eval_prompts_value(config.eval_prompts)
+    prompts.prompt_metadata(config)  # one metadata per prompt text across the training and evaluation files
+    if config.embedding_cache is not None and not config.embedding_cache:
+        raise ValueError("embedding_cache must be a folder or null (no cache on disk)")
+    unknown = sorted(set(config.loggers) - {"jsonl", "tensorboard", "wandb"})
+    if unknown or "jsonl" not in config.loggers:
+        raise ValueError(
+            f"loggers must list jsonl (resume and the reward curve read it) and optionally tensorboard and wandb, "
+            f"got {config.loggers}"
+        )
+    if "wandb" in config.loggers:
+        import importlib.util
+
+        if importlib.util.find_spec("wandb") is None:
+            raise ValueError("loggers lists wandb, which is not installed: pip install 'euphonium[wandb]'")
 
 
 def _check_type(key: str, value: Any, annotation: Any) -> Any:

@@ -55,6 +55,7 @@ from euphonium.toy.mixture.prm import load_mixture_prm
 from euphonium.toy.rewards import ToyOraclePRM
 from euphonium.toy.world import parse_prompt
 from euphonium.train.config import ConfigError, TrainConfig
+from euphonium.train.prompts import cached_text_encoder, state_digest
 
 logger = logging.getLogger(__name__)
 
@@ -139,12 +140,22 @@ def build_policy(config: TrainConfig, device: torch.device) -> Policy:
         transformer, text_encoder = load_toy_model(config.model.path, device=device, dtype=DTYPES[config.model.dtype])
         text_encoder.requires_grad_(False)
 
+        text = cached_text_encoder(
+            config,
+            lambda: text_encoder.encode,
+            device,
+            kind="toy",
+            encoder="ToyTextEncoder",
+            weights=state_digest(text_encoder) if config.embedding_cache else None,
+            dtype=config.model.dtype,
+        )
+
         @torch.no_grad()
         def encode(prompts):
-            embeds = text_encoder.encode(list(prompts))
+            embeds = text(list(prompts))
             return Conditioning(
                 embeds,
-                negative_prompt_embeds=text_encoder.encode([""] * len(prompts)) if config.model.cfg_scale > 1 else None,
+                negative_prompt_embeds=text([""] * len(prompts)) if config.model.cfg_scale > 1 else None,
             )
 
         prm = None
@@ -490,7 +501,16 @@ def build_wan_policy(config: TrainConfig, device: torch.device):
         transformer = WanExperts(transformer, transformer_2, checked["boundary_ratio"], expert=config.model.expert)
     vae = AutoencoderKLWan.from_pretrained(root / "vae", torch_dtype=torch.float32).to(device).eval()
     vae.requires_grad_(False)
-    text = WanTextEncoder(root, device, dtype, config.model.max_sequence_length)
+    text = cached_text_encoder(
+        config,
+        lambda: WanTextEncoder(root, device, dtype, config.model.max_sequence_length),
+        device,
+        kind="wan",
+        encoder="WanTextEncoder",
+        path=root / "text_encoder",
+        max_sequence_length=config.model.max_sequence_length,
+        dtype=config.model.dtype,
+    )
     mean = torch.tensor(vae.config.latents_mean, device=device).view(1, -1, 1, 1, 1)
     # WanPipeline divides by 1 / std rather than multiplying by std; the same rounding gives the same video.
     inv_std = 1.0 / torch.tensor(vae.config.latents_std, device=device).view(1, -1, 1, 1, 1)

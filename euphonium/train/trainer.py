@@ -48,6 +48,7 @@ from euphonium.train.ema import EMA
 from euphonium.train.evaluation import Evaluator
 from euphonium.train.logging import MetricsLogger, plot_reward_curve
 from euphonium.train.policy import build_policy, check_model_config, training_prompts, video_shape
+from euphonium.train.prompts import eval_set_size, evaluation_set, prompt_metadata
 from euphonium.train.rng import RandomStreams
 
 
@@ -81,7 +82,7 @@ class Trainer:
         self.local_batch = batch // self.world
         self.reducer = RankReducer(self.world, self.device)
         self.rng = RandomStreams(config.seed)
-        if config.eval_every and config.eval_prompts < self.world:
+        if config.eval_every and eval_set_size(config) < self.world:
             raise ConfigError(f"eval_prompts ({config.eval_prompts}) must be >= the number of ranks ({self.world})")
 
         overrides = dict(config.sampler)
@@ -100,9 +101,7 @@ class Trainer:
         self.policy = build_policy(config, self.device)
         if self.sampler.guidance and self.policy.prm is None:
             raise ConfigError(f"algorithm={config.algorithm} needs a process reward model: set prm_path")
-        order = torch.randperm(len(self.policy.prompts), generator=self.rng.generator("eval_prompts"))
-        shuffled = [self.policy.prompts[i] for i in order.tolist()]
-        eval_set = (shuffled * -(-config.eval_prompts // len(shuffled)))[: config.eval_prompts]
+        eval_set = evaluation_set(config, self.policy.prompts, self.rng.generator("eval_prompts"))
         self._setup_training()
         self.evaluator = Evaluator(
             self.policy,
@@ -546,6 +545,7 @@ class Trainer:
             self.rewards = RewardSet(
                 {name: build_reward(name, **kwargs) for name, kwargs in config.rewards.items()},
                 weights=config.reward_weights,
+                prompt_metadata=prompt_metadata(config),
             )
             with torch.no_grad():
                 parts = self.rewards(torch.zeros(1, *video_shape(config), device=self.device), prompts[:1]).parts
