@@ -56,7 +56,9 @@ setup(
             "pytest-xdist>=3.5",
             "hypothesis>=6.100",
             "scipy>=1.11",
+            "wandb>=0.17",
         ],
         "gpu": ["flash-attn>=2.6", "xformers>=0.0.28"],
+        "wandb": ["wandb>=0.17"],
     },
 )

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -59,6 +59,10 @@ class Evaluator:
         self.ema, self.device, self.rank, self.world, self.batch = ema, device, rank, world, batch
         self.reducer = RankReducer(world, device)
         self._noise: Optional[torch.Tensor] = None
+        # The first clips of this rank's share of the last evaluation (uint8, CPU) and their prompts, for
+        # the loggers (MetricsLogger.log_clips); keep_clips = 0 keeps none.
+        self.keep_clips = 4
+        self.last_clips: Optional[Tuple[torch.Tensor, List[str]]] = None
 
     def sample(self, prompts: List[str], **noise) -> torch.Tensor:
         """Videos of ``prompts`` from the ODE sampler with the EMA weights, if any; ``noise``:
@@ -94,6 +98,9 @@ class Evaluator:
             rows = index[start : start + self.batch]
             prompts = [self.eval_set[i] for i in rows]
             videos = self.sample(prompts, noise=self._noise[rows])
+            if start == 0 and self.keep_clips:
+                kept = (videos[: self.keep_clips].detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+                self.last_clips = (kept, prompts[: self.keep_clips])
             weight = counted[start : start + len(rows)].to(videos.device)
             for key, value in self.reward_columns(self.rewards(videos, prompts).parts).items():
                 sums[key] = sums.get(key, 0.0) + float((value * weight).sum())

@@ -122,7 +122,7 @@ class Trainer:
         if self._resume_from is not None:
             self._resume(*self._resume_from)
             self._resume_from = (self._resume_from[0], None)  # the loaded tensors are not needed any more
-        self.logger = MetricsLogger(self.output_dir, enabled=self.is_main)
+        self.logger = MetricsLogger(self.output_dir, enabled=self.is_main, loggers=config.loggers, wandb=config.wandb)
 
     # ------------------------------------------------------------------------------------------
     # Setup
@@ -503,6 +503,7 @@ class Trainer:
             resolved = {**config.to_dict(), "from_algorithm": config.from_algorithm}
             resolved["resolved_sampler"] = dataclasses.asdict(self.sampler)
             cp.atomic_write(self.output_dir / "config.json", json.dumps(resolved, indent=1))
+            self.logger.log_config(resolved)
             if self._resume_from is not None:
                 # A kill right after a checkpoint's rename left one more than keep_checkpoints.
                 cp.rotate(self.output_dir / "checkpoints", config.keep_checkpoints, newest=self.step)
@@ -529,6 +530,7 @@ class Trainer:
             bar.close()  # an error then starts on a line of its own
         if self.is_main:
             plot_reward_curve(self.output_dir / "metrics.jsonl", self.output_dir / "reward_curve.png")
+            self.logger.log_image("reward_curve", self.output_dir / "reward_curve.png", self.step)
         self.save_samples(self.output_dir / "samples")
         self.logger.close()
         return self.output_dir
@@ -589,4 +591,6 @@ class Trainer:
     def _log_eval(self) -> str:
         metrics = self.evaluate()
         self.logger.log({"step": self.step, **metrics}, name="eval")
+        if self.evaluator.last_clips is not None:
+            self.logger.log_clips(self.step, *self.evaluator.last_clips)
         return f"{metrics['reward_mean']:.3f}"
