@@ -1,6 +1,7 @@
 """The latent process reward model: shapes and checks, save/load, data, training, online refresh, gradients."""
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -329,6 +330,48 @@ def test_checkpoint_resume_reproduces_training(tmp_path):
     assert [r["step"] for r in records] == [3, 6]
     with pytest.raises(FileNotFoundError, match="holds no checkpoint"):
         PRMTrainer(tiny_model(), config, output_dir=tmp_path / "empty").fit(train, progress=False, resume=True)
+
+
+def _strict_json(line):
+    def refuse(constant):
+        raise ValueError(f"not strict JSON: {constant}")
+
+    return json.loads(line, parse_constant=refuse)
+
+
+def test_metrics_jsonl_is_strict_json_and_survives_a_torn_line(tmp_path):
+    train = synthetic(32, 0)
+    config = PRMTrainConfig(steps=8, batch_size=8, warmup_steps=0, eval_every=2, checkpoint_every=4, seed=3)
+    first = PRMTrainer(tiny_model(), config, output_dir=tmp_path)
+    first.evaluate = lambda data, sigmas=None, seed=0: {"mse": float("nan"), "spearman": float("inf")}
+    step = first._optimizer_step
+
+    def crash_after_six(*args):
+        if first.step == 6:
+            raise KeyboardInterrupt  # rows 2, 4, 6 written, checkpoint step-4
+        return step(*args)
+
+    first._optimizer_step = crash_after_six
+    with pytest.warns(UserWarning, match="non-finite held_out/mse=nan, held_out/spearman=inf written as null"):
+        with pytest.raises(KeyboardInterrupt):
+            first.fit(train, held_out=train, progress=False)
+    path = tmp_path / "metrics.jsonl"
+    rows = [_strict_json(line) for line in path.read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 4, 6]
+    assert rows[0]["held_out/mse"] is None and rows[0]["held_out/spearman"] is None
+    assert rows[0]["non_finite"] == ["held_out/mse", "held_out/spearman"]
+    with open(path, "a") as f:
+        f.write('{"step": 8, "train_lo')  # a kill in the middle of a write: no newline
+
+    resumed = PRMTrainer(tiny_model(), config, output_dir=tmp_path)
+    with pytest.warns(UserWarning, match="dropping its last line, which is not a JSON object"):
+        resumed.fit(train, progress=False, resume=True)
+    text = path.read_text()
+    assert text.endswith("\n")
+    rows = [_strict_json(line) for line in text.splitlines()]
+    # The rows after checkpoint step-4 are dropped and logged again; the torn line is gone.
+    assert [r["step"] for r in rows] == [2, 4, 6, 8]
+    assert "non_finite" not in rows[2] and math.isfinite(rows[3]["train_loss"])
 
 
 def test_online_update_refreshes_the_prm():

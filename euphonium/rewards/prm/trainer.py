@@ -8,9 +8,10 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -122,6 +123,20 @@ class PRMTrainConfig:
         if unknown:
             raise ValueError(f"unknown PRMTrainConfig field(s) {unknown}; fields are {sorted(known)}")
         return cls(**values)
+
+
+def strict_record(record: Dict[str, Any]) -> Dict[str, Any]:
+    """``record`` as strict JSON can hold it: a non-finite float becomes None (null) and its key is listed
+    under ``non_finite`` (with a warning), as the RL trainer's logger writes its rows."""
+    bad = [k for k, v in record.items() if isinstance(v, float) and not math.isfinite(v)]
+    if not bad:
+        return record
+    warnings.warn(
+        f"metrics.jsonl step {record.get('step')}: non-finite {', '.join(f'{k}={record[k]}' for k in bad)} "
+        "written as null",
+        stacklevel=3,
+    )
+    return {**{k: (None if k in bad else v) for k, v in record.items()}, "non_finite": bad}
 
 
 def _standardize(rewards: torch.Tensor, model: LatentRewardModel) -> torch.Tensor:
@@ -299,8 +314,11 @@ class PRMTrainer:
         """Train for ``config.steps`` optimiser steps on ``train``; evaluate on ``held_out``.
 
         Sets the model's reward scale from ``train`` if it has none yet. With ``output_dir`` set,
-        appends one JSON line per evaluation to ``metrics.jsonl`` and writes checkpoints;
-        ``resume=True`` continues from the newest checkpoint there. Returns the evaluation records
+        appends one JSON line per evaluation to ``metrics.jsonl`` (strict JSON: a non-finite value is
+        ``null``, its key listed under ``non_finite``; each line appended whole or not at all, and a
+        line torn by a kill dropped when the next fit starts) and writes checkpoints;
+        ``resume=True`` continues from the newest checkpoint there (the rows logged after it dropped).
+        Returns the evaluation records
         (``step``, ``train_loss`` = mean loss since the last record, held-out metrics, wall ``seconds``
         and process ``cpu_seconds`` since the start).
         """
@@ -323,6 +341,7 @@ class PRMTrainer:
         if self.output_dir is not None:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             (self.output_dir / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+            self._clean_metrics(after=self.step if resume else None)
         history: List[Dict[str, float]] = []
         losses: List[float] = []
         start_time, cpu_start = time.perf_counter(), time.process_time()
@@ -351,12 +370,39 @@ class PRMTrainer:
                     )
                 history.append(record)
                 if self.output_dir is not None:
-                    with open(self.output_dir / "metrics.jsonl", "a") as f:
-                        f.write(json.dumps(record) + "\n")
+                    line = json.dumps(strict_record(record), allow_nan=False)
+                    cp.append_line(self.output_dir / "metrics.jsonl", line)
             if cfg.checkpoint_every and self.output_dir is not None and self.step % cfg.checkpoint_every == 0:
                 self.save_checkpoint(scheduler)
         bar.close()
         return history
+
+    def _clean_metrics(self, after: Optional[int]) -> None:
+        """Rewrite ``metrics.jsonl`` atomically without a line torn by a kill (skipped with a warning) and,
+        on resume (``after``: the checkpoint's step), without the rows logged after that checkpoint,
+        which the resumed run logs again. Nothing is rewritten when there is nothing to drop."""
+        path = self.output_dir / "metrics.jsonl"
+        if not path.exists():
+            return
+        text = path.read_text(errors="replace")
+        lines = text.splitlines()
+        keep = []
+        for number, line in enumerate(lines, 1):
+            try:
+                row = json.loads(line)
+            except ValueError:
+                row = None
+            if not isinstance(row, dict):
+                if line.strip():
+                    where = "its last line" if number == len(lines) else f"line {number}"
+                    warnings.warn(
+                        f"{path}: dropping {where}, which is not a JSON object (torn by a kill?)", stacklevel=3
+                    )
+                continue
+            if after is None or not isinstance(row.get("step"), int) or row["step"] <= after:
+                keep.append(line + "\n")
+        if "".join(keep) != text:
+            cp.atomic_write(path, "".join(keep))
 
     # -- online refresh --------------------------------------------------------------------------
 
