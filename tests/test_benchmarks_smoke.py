@@ -210,69 +210,46 @@ def test_a_provider_that_disagrees_with_eager_is_flagged():
     assert compare((x, x), (x,), "fp32")["check"].startswith("different outputs")
 
 
-def test_convergence_threshold_steps_and_speedups(tmp_path):
+def test_convergence_measures_and_speedups():
     from benchmarks import convergence
 
-    def run(name, seed, curve):
-        evals = [0.4, 0.5, 0.6 + seed, 0.7, 0.8]  # steps 0, 5, 10, 15, 20
+    steps = [0, 10, 20, 30]
+    assert convergence.steps_to_threshold(steps, [0.1, 0.4, 0.6, 0.8], 0.5) == pytest.approx(15.0)
+    assert convergence.steps_to_threshold(steps, [0.1, 0.2, 0.3, 0.4], 0.5) is None
+    assert convergence.auc(steps, [0.0, 0.3, 0.3, 0.3]) == pytest.approx((1.5 + 3 + 3) / 30)
+
+    def method(reached, seconds=1.0):
         return {
-            "name": name,
-            "seed": seed,
-            "rewards": curve,
-            "seconds": [1.0] * len(curve),
-            "sampler": {},
-            "config": {"seed": seed},
-            "evals": evals,
+            "seeds": [
+                {"seed": s, "steps_to_threshold": {"0.5": r}, "seconds_per_step": seconds}
+                for s, r in enumerate(reached)
+            ]
         }
 
-    ramp = lambda top: [0.5 + (top - 0.5) * i / 19 for i in range(20)]  # noqa: E731
-    runs = [run("dance_grpo", s, ramp(0.6 + 0.01 * s)) for s in range(3)]
-    runs += [run("euphonium", s, ramp(0.8)) for s in range(3)]
-    runs += [run("flow_grpo", s, [0.5] * 20) for s in range(3)]
-    payload = convergence.summarise(
-        runs, ["euphonium", "flow_grpo", "dance_grpo"], "methods", steps=20, window=4, eval_every=5
-    )
-    assert payload["eval_steps"] == [0, 5, 10, 15, 20]
-    assert payload["methods"]["euphonium"]["eval_initial"] == [0.4] * 3
-    assert payload["methods"]["euphonium"]["eval_second_half"] == pytest.approx(
-        [(0.6 + s + 0.7 + 0.8) / 3 for s in range(3)]
-    )
-    # Threshold: the median DanceGRPO seed's mean over its last 4 steps.
-    assert payload["threshold"] == pytest.approx(sum(ramp(0.61)[-4:]) / 4)
-    dance = payload["methods"]["dance_grpo"]["steps_to_threshold"]
-    assert dance[0] is None and dance[1] == 20 and dance[2] < 20
-    euph = payload["methods"]["euphonium"]["steps_to_threshold"]
-    assert all(s is not None and s < 14 for s in euph)
-    assert payload["methods"]["flow_grpo"]["steps_to_threshold"] == [None, None, None]
-    assert payload["speedup_vs_flow_grpo"] == pytest.approx(20 / euph[0])  # never reached: the budget
-    assert payload["speedup_detail"]["flow_grpo"]["baseline_never_reached"]
-    assert payload["speedup_vs_dance_grpo"] == pytest.approx(20 / euph[0])
-    assert convergence.steps_to([0.9, 0.9, 0.1, 0.1, 0.9, 0.9], 0.5, 2) == 2
-    convergence.print_table(payload)
-    convergence.plot(payload, tmp_path / "convergence.png", "synthetic")
-    assert (tmp_path / "convergence.png").stat().st_size > 0
+    # Paired by seed; "not reached" counts as the budget (30) and is flagged.
+    row = convergence.speedup(method([10.0, 15.0, None]), method([20.0, 30.0, None], 0.5), 0.5, 30)
+    assert row["per_seed"] == pytest.approx([2.0, 2.0, 1.0])
+    assert row["mean"] == pytest.approx(5 / 3) and row["ci95"][0] <= row["mean"] <= row["ci95"][1]
+    assert row["wall_clock_mean"] == pytest.approx(5 / 6)
+    assert row["not_reached"] == {"subject": [2], "baseline": [2], "counted_as": 30}
 
 
-def test_convergence_runs_the_trainer_with_an_oracle_prm(one_thread):
+def test_convergence_runs_the_trainer_on_the_mixture(tmp_path, one_thread):
     from benchmarks import convergence
 
-    out = convergence.train_one(
-        {
-            "name": "oracle",
-            "seed": 3,
-            "overrides": [
-                "sampler.guidance_lambda=1000",
-                "prompts_per_step=2",
-                "group_size=2",
-                "sampler.num_steps=4",
-                "sampler.guidance_start=2",
-            ],
-            "oracle": True,
-            "steps": 1,
-            "threads": 1,
-            "eval_every": 1,
-        }
-    )
-    assert len(out["rewards"]) == 1 and 0 < out["rewards"][0] < 1
-    assert len(out["evals"]) == 2 and all(0 < e < 1 for e in out["evals"])
-    assert out["sampler"]["guidance_lambda"] == 1000 and out["config"]["seed"] == 3
+    spec = convergence.run_spec("mixture", "euphonium_fast", ["algorithm=euphonium_fast"], 3, 1e-3, 2, "oracle")
+    spec["overrides"] += ["prompts_per_step=2", "group_size=2", "eval_prompts=8"]
+    spec.update(eval_every=1, kl_samples=2)
+    out = convergence.train_one(spec)
+    assert out["eval_steps"] == [0, 1, 2] and out["eval_jsonl_matches"]
+    assert all(0 < e < 1 for e in out["eval_reward"]) and len(out["train_reward"]) == 2
+    assert out["kl_to_base"] >= 0 and out["w2_coupled"] >= 0 and out["guidance_rho_mean"] == pytest.approx(0.5)
+    assert out["process_advantage"] == "td" and out["sampler"]["logprob_mean"] == "guided"
+    # The cache and the summary: a cached run is found by its spec; the rest is listed as not run.
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / f"{convergence.spec_key(spec)}.json").write_text(json.dumps(out))
+    assert convergence.load_cached(cache, spec)["eval_reward"] == out["eval_reward"]
+    payload = convergence.main(["--no-run", "--seeds", "3", "--cache", str(cache), "--out", str(tmp_path / "c.json")])
+    assert payload["methods"] == {} and payload["not_run"]
+    assert json.loads((tmp_path / "c.json").read_text())["thresholds"] == [0.5, 0.7]
