@@ -38,6 +38,8 @@ RUN_OUTPUTS = (
     "samples.gif",
     "samples.png",
     "samples.txt",
+    "eval_clips",
+    "wandb",
 )
 # Outputs that mean the run got somewhere: without --resume the folder is refused.
 _PROGRESS = ("metrics.jsonl", "eval.jsonl", "checkpoints")
