@@ -1,5 +1,16 @@
 """``python -m euphonium.prm {collect,train,report}``: build a PRM's training data from rollouts, train it,
 report its quality.
+
+Any configured model (``--config NAME [key=value ...]``, the trainer's configs and overrides)::
+
+    python -m euphonium.prm collect --config wan2_1_t2v_1_3b --num-samples 4096 --out data/prm model.path=...
+    python -m euphonium.prm train --config wan2_1_t2v_1_3b --kind backbone --data data/prm --output-dir prm ...
+    python -m euphonium.prm report --config wan2_1_t2v_1_3b --prm prm --data data/prm_held_out --out docs/prm ...
+
+``collect`` writes resumable shards (:mod:`euphonium.rewards.prm.shards`; under ``torchrun`` each rank its
+own); ``train --kind conv`` trains a :class:`LatentRewardModel`, ``--kind backbone`` a
+:class:`~euphonium.rewards.prm.BackbonePRM` on the config's transformer. Without ``--config`` the toy world
+(``collect --out FILE.safetensors``, ``train --data FILE``: the committed toy PRM's recipe).
 """
 
 from __future__ import annotations
@@ -15,11 +26,22 @@ import torch
 
 from euphonium.rewards.prm import (
     LOSSES,
+    BackbonePRM,
     LatentRewardModel,
     PRMDataset,
     PRMTrainConfig,
     PRMTrainer,
     correlation_by_sigma,
+)
+from euphonium.rewards.prm.backbone import KINDS, load_prm, prm_kind, same_folder
+from euphonium.rewards.prm.shards import (
+    STORE_DTYPES,
+    build_reward_set,
+    calibration_by_sigma,
+    collect_shards,
+    collection_config,
+    guided_step_win_rate,
+    load_shards,
 )
 from euphonium.toy import load_toy_model, sample_prompts
 from euphonium.toy.prm import (
@@ -40,8 +62,28 @@ def _floats(text: str) -> Tuple[float, ...]:
     return tuple(float(v) for v in text.split(","))
 
 
+def _load_data(paths, tokens: bool = False) -> list:
+    """Saved PRMDataset files and/or collection folders (their shards)."""
+    return [load_shards(p, tokens=tokens) if Path(p).is_dir() else PRMDataset.load(p) for p in paths or []]
+
+
+def _config(args):
+    from euphonium.train.config import ConfigError, load_config
+
+    try:
+        return load_config(args.config, args.overrides)
+    except ConfigError as err:
+        raise SystemExit(f"error: {err}") from None
+
+
+def _device(config) -> torch.device:
+    if config.device != "auto":
+        return torch.device(config.device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def _training_data(args) -> PRMDataset:
-    datasets = [PRMDataset.load(p) for p in args.data or []]
+    datasets = _load_data(args.data, tokens=args.kind == "backbone")
     if args.rollouts:
         datasets.append(collect_toy_rollouts(args.rollouts, seed=args.seed, base_model=args.base_model))
     if not datasets:
@@ -53,6 +95,25 @@ def _training_data(args) -> PRMDataset:
 
 
 def _cmd_collect(args) -> None:
+    if args.config:
+        result = collect_shards(
+            _config(args),
+            args.out,
+            args.num_samples,
+            shard_size=args.shard_size,
+            batch_size=args.batch_size,
+            seed=args.seed,
+            store_dtype=args.store_dtype,
+            overrides=args.overrides,
+            config_name=args.config,
+        )
+        print(
+            f"rank {result['rank']}/{result['world']}: wrote shards {result['written']}, "
+            f"{len(result['skipped'])} already complete, of {result['shards']} in {args.out}"
+        )
+        return
+    if args.overrides:
+        raise SystemExit("error: key=value overrides need --config")
     data = collect_toy_rollouts(args.num_samples, seed=args.seed, base_model=args.base_model)
     data.save(args.out)
     print(
@@ -70,7 +131,9 @@ def _cmd_train(args) -> None:
             [train, relabel_toy_prompts(train, args.relabel, seed=args.seed + 1, base_model=args.base_model)]
         )
     torch.manual_seed(args.seed)  # the PRM's initialisation
-    if args.init:
+    if args.kind == "backbone":
+        model = _backbone_model(args)
+    elif args.init:
         model = LatentRewardModel.from_pretrained(args.init)
     else:
         model = LatentRewardModel(
@@ -84,7 +147,7 @@ def _cmd_train(args) -> None:
     config = PRMTrainConfig(
         steps=args.steps,
         batch_size=args.batch_size,
-        lr=args.lr,
+        lr=args.lr if args.lr is not None else (1e-4 if args.kind == "backbone" else PRMTrainConfig().lr),
         weight_decay=args.weight_decay,
         warmup_steps=args.warmup_steps,
         loss=args.loss,
@@ -106,13 +169,138 @@ def _cmd_train(args) -> None:
         "torch_threads": torch.get_num_threads(),
         "train_samples": len(train),
         "held_out_samples": len(held_out),
-        "parameters": sum(p.numel() for p in model.parameters()),
+        "kind": args.kind,
+        "parameters": sum(p.numel() for p in trainer.params),
         "reward_mean": float(model.reward_mean),
         "reward_std": float(model.reward_std),
         "final": history[-1] if history else {},
     }
     (Path(args.output_dir) / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary, indent=2))
+
+
+def _backbone_model(args) -> BackbonePRM:
+    """A fresh (or ``--init``) backbone PRM on the config's transformer, on the config's device and dtype."""
+    if not args.config:
+        raise SystemExit("error: --kind backbone needs --config (the model family whose transformer it reuses)")
+    from euphonium.models.diffusers import DTYPES
+
+    config = _config(args)
+    if config.model.kind != "wan":
+        raise SystemExit(f"error: --kind backbone supports model.kind=wan, got {config.model.kind}")
+    device, dtype = _device(config), DTYPES[config.model.dtype]
+    if args.init:
+        model = load_prm(args.init, device, dtype=dtype)
+        if not isinstance(model, BackbonePRM):
+            raise SystemExit(f"error: --init {args.init} is not a backbone PRM")
+        return model.train()
+    from diffusers import WanTransformer3DModel
+
+    base = Path(config.model.path) / "transformer"
+    transformer = WanTransformer3DModel.from_pretrained(base, torch_dtype=dtype).to(device)
+    if config.model.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    model = BackbonePRM(
+        transformer,
+        base_path=base,
+        lora_rank=args.lora_rank,
+        lora_alpha=args.lora_alpha,
+        lora_targets=tuple(config.model.lora_targets),
+        head_dim=args.head_dim,
+        aux_rewards=tuple(a for a in args.aux_rewards.split(",") if a),
+    )
+    return model.to(device)
+
+
+def _markdown_config_report(report: Dict) -> str:
+    lines = [
+        "# PRM quality report",
+        "",
+        f"PRM: `{report['prm']}` ({report['kind']}); held-out data: {report['held_out']}; "
+        f"machine: {report['machine']}.",
+        "",
+        "## The PRM as E[r | x_sigma], per noise level (held out)",
+        "",
+        "| sigma | n | Spearman | calibration error | bias | RMSE |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in report["calibration"]:
+        lines.append(
+            f"| [{row['sigma_lo']:g}, {row['sigma_hi']:g}] | {row['n']} | {row['spearman']:.3f} | "
+            f"{row['calibration_error']:.4f} | {row['bias']:+.4f} | {row['rmse']:.4f} |"
+        )
+    lines += [
+        "",
+        "## One guided step vs the same rollout unguided, per rho (same seed)",
+        "",
+        f"Sampler: `{report['sampler']}`; guidance_form=rho at step {report['guided_step']}; "
+        f"{report['guided_prompts']} rollouts.",
+        "",
+        "| rho | win rate | loss rate | ties | mean reward change (± s.e.) |",
+        "|---|---|---|---|---|",
+    ]
+    for row in report["win_rate"]:
+        lines.append(
+            f"| {row['rho']:g} | {row['win_rate']:.3f} | {row['loss_rate']:.3f} | {row['tie_rate']:.3f} | "
+            f"{row['mean_delta']:+.3e} ± {row['stderr_delta']:.1e} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _config_report(args) -> None:
+    import platform
+
+    from euphonium.models.diffusers import DTYPES
+    from euphonium.train.policy import build_policy
+
+    start = time.perf_counter()
+    if not args.prm or not args.data:
+        raise SystemExit("error: report --config needs --prm (the PRM folder) and --data (held-out shards or files)")
+    config = _config(args)
+    device = _device(config)
+    policy = build_policy(collection_config(config), device)
+    policy.transformer.requires_grad_(False)
+    shared = None
+    if prm_kind(args.prm) == "backbone":
+        base = json.loads((Path(args.prm) / "prm_kind.json").read_text())["base_path"]
+        if same_folder(base, Path(config.model.path) / "transformer"):
+            shared = policy.transformer  # one copy: the report's rollouts and the PRM use the same base
+    prm = load_prm(args.prm, device, transformer=shared, dtype=DTYPES[config.model.dtype])
+    if isinstance(prm, BackbonePRM):
+        prm.eval_batch_size = args.batch_size
+    data = PRMDataset.concat(_load_data(args.data, tokens=isinstance(prm, BackbonePRM)))
+    calibration = calibration_by_sigma(prm, data, bins=args.bins, seed=args.seed, batch_size=args.batch_size)
+    gen = torch.Generator().manual_seed(args.seed + 1)
+    prompts = [policy.prompts[i] for i in torch.randint(len(policy.prompts), (args.guided_prompts,), generator=gen)]
+    rows = guided_step_win_rate(
+        config,
+        policy,
+        prm,
+        build_reward_set(config, device),
+        prompts,
+        _floats(args.rhos),
+        seed=args.seed + 1,
+        batch_size=args.batch_size,
+        step=args.guided_step,
+    )
+    report = {
+        "command": "python -m euphonium.prm " + shlex.join(args.argv),
+        "prm": str(args.prm),
+        "kind": prm_kind(args.prm),
+        "held_out": ", ".join(args.data) + f" ({len(data)} rollouts)",
+        "machine": f"{platform.machine()} {device.type}, {torch.get_num_threads()} torch threads",
+        "sampler": f"preset({config.algorithm}) + {config.sampler}",
+        "guided_step": rows[0]["step"] if rows else None,
+        "guided_prompts": args.guided_prompts,
+        "calibration": calibration,
+        "win_rate": rows,
+        "seconds": time.perf_counter() - start,
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "report.md").write_text(_markdown_config_report(report))
+    print(_markdown_config_report(report))
 
 
 def _markdown_report(report: Dict) -> str:
@@ -185,6 +373,10 @@ def _plot_report(report: Dict, path: Path) -> None:
 def _cmd_report(args) -> None:
     import platform
 
+    if args.config:
+        return _config_report(args)
+    if args.overrides:
+        raise SystemExit("error: key=value overrides need --config")
     start = time.perf_counter()
     prm = load_toy_prm(args.prm)
     if args.data:
@@ -230,7 +422,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
     parser = argparse.ArgumentParser(
         prog="python -m euphonium.prm",
-        description="Train and evaluate latent process reward models (toy world).",
+        description="Collect data for, train and evaluate latent process reward models (any configured model).",
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -238,7 +430,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument("--num-samples", type=int, required=True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--base-model", default=None, help="toy base model folder (default: the committed one)")
-    p.add_argument("--out", required=True, help="output .safetensors file")
+    p.add_argument("--out", required=True, help="toy: output .safetensors file; --config: the shard folder")
+    p.add_argument("--shard-size", type=int, default=64, help="--config: rollouts per shard (the unit of resume)")
+    p.add_argument(
+        "--batch-size", type=int, default=None, help="--config: rollouts per sampler call (default: the config's batch)"
+    )
+    p.add_argument("--store-dtype", choices=sorted(STORE_DTYPES), default="float32", help="--config: dtype of x0")
     p.set_defaults(fn=_cmd_collect)
     collect = p
 
@@ -246,7 +443,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument(
         "--output-dir", required=True, help="the trained PRM (save_pretrained), metrics.jsonl, training.json"
     )
-    p.add_argument("--data", nargs="*", help="saved PRMDataset files (collect / PRMDataset.save)")
+    p.add_argument("--data", nargs="*", help="collection folders (collect --config) and/or saved PRMDataset files")
+    p.add_argument("--kind", choices=KINDS, default="conv", help="conv: LatentRewardModel; backbone: BackbonePRM")
+    p.add_argument("--lora-rank", type=int, default=0, help="backbone: the PRM's LoRA rank (0: frozen backbone)")
+    p.add_argument("--lora-alpha", type=int, default=None, help="backbone: LoRA alpha (default: the rank)")
+    p.add_argument("--head-dim", type=int, default=256, help="backbone: the reward head's hidden width")
     p.add_argument("--rollouts", type=int, default=0, help="also collect this many toy base-model rollouts")
     p.add_argument("--base-model", default=None, help="toy base model folder (default: the committed one)")
     p.add_argument("--save-data", default=None, help="save the training data (all of it, before the split) here")
@@ -265,7 +466,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     defaults = PRMTrainConfig()
     for name in ("steps", "batch_size", "warmup_steps", "eval_every", "checkpoint_every", "seed"):
         p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name))
-    for name in ("lr", "weight_decay", "sigma_min", "sigma_max", "aux_weight"):
+    p.add_argument("--lr", type=float, default=None, help="default: 2e-3 (conv), 1e-4 (backbone)")
+    for name in ("weight_decay", "sigma_min", "sigma_max", "aux_weight"):
         p.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(defaults, name))
     p.add_argument("--loss", choices=LOSSES, default=defaults.loss)
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output-dir")
@@ -284,11 +486,17 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         "--lambdas", default="0.01,1,100,1000,10000", help="guidance lambdas (guidance_scale = lambda * delta)"
     )
     p.add_argument("--base-model", default=None, help="toy base model folder (default: the committed one)")
+    p.add_argument("--rhos", default="0.25,0.5,1,2", help="--config: guidance rho values of the win-rate table")
+    p.add_argument("--guided-step", type=int, default=None, help="--config: the guided step (default: first of preset)")
+    p.add_argument("--bins", type=int, default=10, help="--config: calibration bins per sigma bucket")
+    p.add_argument("--batch-size", type=int, default=8, help="--config: PRM and rollout batch size")
     p.set_defaults(fn=_cmd_report)
     report = p
 
     argv = list(sys.argv[1:] if argv is None else argv)
     for p in (collect, train, report):
+        p.add_argument("--config", default=None, help="a trainer config (YAML file or packaged name): any model family")
+        p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (with --config)")
         p.add_argument(
             "--threads",
             type=int,

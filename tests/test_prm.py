@@ -193,7 +193,7 @@ def test_dataset_rejects_bad_input():
     with pytest.raises(ValueError, match=r"rewards has a non-finite value at sample 2"):
         PRMDataset(x0, torch.randn(4, 8), torch.tensor([0.0, 1.0, float("nan"), 2.0]))
     with pytest.raises(ValueError, match=r"prompt_embeds must be pooled"):
-        PRMDataset(x0, torch.randn(4, 3, 8), torch.rand(4))
+        PRMDataset(x0, torch.randn(4, 3, 8, 2), torch.rand(4))
     with pytest.raises(ValueError, match=r"rewards must have shape \[4\]"):
         PRMDataset(x0, torch.randn(4, 8), torch.rand(5))
     with pytest.raises(ValueError, match="held_out_fraction"):

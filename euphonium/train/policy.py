@@ -38,7 +38,6 @@ import torch
 from euphonium.models.adapter import FlowTransformer
 from euphonium.models.diffusers import DTYPES, Conditioning
 from euphonium.models.wan import WanTextEncoder
-from euphonium.rewards.prm import LatentRewardModel
 from euphonium.toy import (
     CHANNELS,
     HEIGHT,
@@ -345,6 +344,14 @@ def _check_prm(config: TrainConfig, in_channels: int, text_dim: int, what: str) 
             f"algorithm={config.algorithm} with model.kind={kind} needs prm_path (a LatentRewardModel folder)"
         )
     prm_dir = Path(config.prm_path)
+    if (prm_dir / "prm_kind.json").is_file():
+        from euphonium.rewards.prm.backbone import check_backbone_folder
+
+        try:
+            check_backbone_folder(prm_dir, in_channels, text_dim)
+        except (ValueError, OSError) as err:
+            raise ConfigError(f"prm_path {config.prm_path}: {err}") from None
+        return
     if not (prm_dir / "config.json").is_file():
         raise ConfigError(f"prm_path {config.prm_path} is not a saved LatentRewardModel folder (no config.json)")
     prm = _read_config(prm_dir, "prm_path", "LatentRewardModel")
@@ -361,10 +368,27 @@ def _check_size(key: str, size: int, multiple: int, why: str) -> None:
         raise ConfigError(f"model.{key} must be a positive multiple of {multiple} ({why}), got {size}")
 
 
-def _load_prm(config: TrainConfig, device: torch.device) -> Optional[torch.nn.Module]:
+def _load_prm(
+    config: TrainConfig, device: torch.device, transformer: Optional[torch.nn.Module] = None
+) -> Optional[torch.nn.Module]:
+    """The run's PRM folder, either kind. A backbone PRM whose base is the policy's own transformer folder shares
+    ``transformer`` when the policy trains LoRA (its base weights stay frozen: one copy in memory, adapters
+    switched); otherwise it loads its own copy of the base."""
     if not config.needs_prm:
         return None
-    return LatentRewardModel.from_pretrained(config.prm_path).to(device).eval()
+    from euphonium.rewards.prm.backbone import load_prm, prm_kind, same_folder
+
+    if prm_kind(config.prm_path) != "backbone":
+        return load_prm(config.prm_path, device)
+    base = json.loads((Path(config.prm_path) / "prm_kind.json").read_text())["base_path"]
+    share = (
+        transformer is not None
+        and config.model.lora_rank > 0
+        and not isinstance(transformer, FlowTransformer)
+        and same_folder(base, Path(config.model.path) / "transformer")
+    )
+    shared = transformer if share else None
+    return load_prm(config.prm_path, device, transformer=shared, dtype=DTYPES[config.model.dtype])
 
 
 def _encoder(text: Callable[[List[str]], Any], cfg: bool) -> Callable[[List[str]], Conditioning]:
@@ -525,7 +549,8 @@ def build_wan_policy(config: TrainConfig, device: torch.device):
         video = vae.decode(latents.float() / inv_std + mean, return_dict=False)[0]  # [B, C, F, H, W] in [-1, 1]
         return ((video.clamp(-1, 1) + 1) / 2).permute(0, 2, 1, 3, 4).contiguous()
 
-    return Policy(transformer, encode, decode, checked["latent_shape"], list(config.prompts), _load_prm(config, device))
+    prm = _load_prm(config, device, transformer)
+    return Policy(transformer, encode, decode, checked["latent_shape"], list(config.prompts), prm)
 
 
 # ----------------------------------------------------------------------------------------------

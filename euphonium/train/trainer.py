@@ -182,11 +182,11 @@ class Trainer:
         self.ema = EMA(self.trainable_names, params, config.ema_decay) if config.ema_decay else None
         self.prm_trainer = None
         if config.prm_refresh_every and self.policy.prm is not None:
-            from euphonium.rewards.prm import LatentRewardModel, PRMTrainConfig, PRMTrainer
+            from euphonium.rewards.prm import PRMTrainConfig, PRMTrainer, trainable_prm
 
-            if not isinstance(self.policy.prm, LatentRewardModel):
+            if not trainable_prm(self.policy.prm):
                 raise ConfigError(
-                    f"prm_refresh_every needs a trainable LatentRewardModel; prm_path={config.prm_path} is not one"
+                    f"prm_refresh_every needs a trainable PRM (conv or backbone); prm_path={config.prm_path} is not one"
                 )
 
             self.prm_trainer = PRMTrainer(self.policy.prm, PRMTrainConfig(lr=config.prm_refresh_lr))

@@ -7,11 +7,16 @@ text-conditioned and cheap to differentiate.
 
 - :mod:`.model`: :class:`LatentRewardModel` and :func:`pool_prompt_embeds`.
 - :mod:`.data`: :class:`PRMDataset`, :func:`collect_rollouts`, :func:`relabel_prompts`, quality measures.
-- :mod:`.trainer`: :class:`PRMTrainConfig`, :class:`PRMTrainer`.
+- :mod:`.trainer`: :class:`PRMTrainConfig`, :class:`PRMTrainer` (trains either kind).
+- :mod:`.backbone`: :class:`BackbonePRM` (the family's transformer with a reward head), :func:`load_prm` (a PRM
+  folder of either kind: ``prm_kind.json`` says ``backbone``, else a ``LatentRewardModel``).
+- :mod:`.shards`: :func:`collect_shards` (rollouts of any configured model, resumable shards),
+  :func:`load_shards`, the report's :func:`calibration_by_sigma` and :func:`guided_step_win_rate`.
 
 The command line (collect, train, report) is ``python -m euphonium.prm``.
 """
 
+from euphonium.rewards.prm.backbone import BackbonePRM, load_prm, prm_kind
 from euphonium.rewards.prm.data import (
     SIGMA_BUCKETS,
     PRMDataset,
@@ -23,9 +28,11 @@ from euphonium.rewards.prm.data import (
     spearman,
 )
 from euphonium.rewards.prm.model import LatentRewardModel, pool_prompt_embeds
-from euphonium.rewards.prm.trainer import LOSSES, LR_SCHEDULES, PRMTrainConfig, PRMTrainer, prm_loss
+from euphonium.rewards.prm.shards import calibration_by_sigma, collect_shards, guided_step_win_rate, load_shards
+from euphonium.rewards.prm.trainer import LOSSES, LR_SCHEDULES, PRMTrainConfig, PRMTrainer, prm_loss, trainable_prm
 
 __all__ = [
+    "BackbonePRM",
     "LOSSES",
     "LR_SCHEDULES",
     "SIGMA_BUCKETS",
@@ -34,11 +41,18 @@ __all__ = [
     "PRMTrainConfig",
     "PRMTrainer",
     "SampleFn",
+    "calibration_by_sigma",
     "collect_rollouts",
+    "collect_shards",
     "correlation_by_sigma",
+    "guided_step_win_rate",
+    "load_prm",
+    "load_shards",
     "noise_latents",
     "pool_prompt_embeds",
+    "prm_kind",
     "prm_loss",
     "relabel_prompts",
     "spearman",
+    "trainable_prm",
 ]

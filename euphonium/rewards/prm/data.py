@@ -30,7 +30,8 @@ class PRMDataset:
         x0: ``[N, C, F, H, W]`` clean latents (float32 or bfloat16; what the rollouts ended at).
         prompt_embeds: ``[N, D]`` pooled prompt embeddings (:func:`pool_prompt_embeds` of what the
             PRM is called with at guidance time); pooled so that a sample stores ``D`` numbers, not
-            ``L x D`` (a Wan prompt is 512 x 4096).
+            ``L x D`` (a Wan prompt is 512 x 4096); per-token ``[N, L, D]`` for the backbone PRM, which
+            reads the tokens through the transformer's own cross-attention.
         rewards: ``[N]`` float32 outcome rewards of the decoded ``x0`` (the regression target).
         prompts: the ``N`` prompt strings, or ``None``.
         parts: optional named outcome rewards ``{name: [N]}`` (reported, not trained on).
@@ -48,9 +49,9 @@ class PRMDataset:
         if self.x0.dim() != 5:
             raise ValueError(f"x0 must have shape [N, C, F, H, W], got {tuple(self.x0.shape)}")
         check_float_tensor("prompt_embeds", self.prompt_embeds, min_dim=2)
-        if self.prompt_embeds.dim() != 2 or self.prompt_embeds.shape[0] != n:
+        if self.prompt_embeds.dim() not in (2, 3) or self.prompt_embeds.shape[0] != n:
             raise ValueError(
-                f"prompt_embeds must be pooled [N={n}, D] (see pool_prompt_embeds), got "
+                f"prompt_embeds must be pooled [N={n}, D] (see pool_prompt_embeds) or per-token [N, L, D], got "
                 f"{tuple(self.prompt_embeds.shape)}"
             )
         check_float_tensor("rewards", self.rewards)

@@ -180,6 +180,11 @@ def prm_loss(
     return out
 
 
+def trainable_prm(model) -> bool:
+    """``model`` is a PRM :class:`PRMTrainer` can train: a :class:`LatentRewardModel` or a backbone PRM."""
+    return isinstance(model, LatentRewardModel) or getattr(model, "kind", None) == "backbone"
+
+
 class PRMTrainer:
     """Trains a :class:`LatentRewardModel` offline (:meth:`fit`) and online during RL (:meth:`update`).
 
@@ -195,17 +200,20 @@ class PRMTrainer:
         config: Optional[PRMTrainConfig] = None,
         output_dir: Union[str, Path, None] = None,
     ):
-        if not isinstance(model, LatentRewardModel):
-            raise TypeError(f"model must be a LatentRewardModel, got {type(model).__name__}")
+        if not trainable_prm(model):
+            raise TypeError(f"model must be a LatentRewardModel or a BackbonePRM, got {type(model).__name__}")
         self.model = model
+        # The backbone PRM trains its head and adapter, never the (shared, frozen) base weights.
+        params = model.trainable_parameters() if hasattr(model, "trainable_parameters") else model.parameters()
+        self.params = list(params)
         self.config = config if config is not None else PRMTrainConfig()
         if not isinstance(self.config, PRMTrainConfig):
             raise TypeError(f"config must be a PRMTrainConfig, got {type(self.config).__name__}")
         self.output_dir = Path(output_dir) if output_dir is not None else None
-        self.device = model.stem.weight.device
+        self.device = model.reward_mean.device
         self.step = 0
         self.generator = torch.Generator().manual_seed(self.config.seed)
-        self.optimizer = torch.optim.AdamW(model.parameters(), lr=self.config.lr, weight_decay=self.config.weight_decay)
+        self.optimizer = torch.optim.AdamW(self.params, lr=self.config.lr, weight_decay=self.config.weight_decay)
         self.online_optimizer: Optional[torch.optim.Optimizer] = None
         self.buffer: Optional[PRMDataset] = None
 
@@ -263,7 +271,7 @@ class PRMTrainer:
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.config.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+            torch.nn.utils.clip_grad_norm_(self.params, self.config.grad_clip)
         optimizer.step()
         # Leave no .grad behind: the same module is differentiated inside rollouts (ops.reward_grad).
         optimizer.zero_grad(set_to_none=True)
@@ -273,8 +281,12 @@ class PRMTrainer:
     # -- evaluation ------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def predict(self, data: PRMDataset, sigma: float, *, seed: int = 0, batch_size: int = 256) -> torch.Tensor:
-        """PRM rewards ``[N]`` (float32, CPU) of ``data`` noised to ``sigma`` with noise fixed by ``seed``."""
+    def predict(
+        self, data: PRMDataset, sigma: float, *, seed: int = 0, batch_size: Optional[int] = None
+    ) -> torch.Tensor:
+        """PRM rewards ``[N]`` (float32, CPU) of ``data`` noised to ``sigma`` with noise fixed by ``seed``
+        (in batches of ``batch_size``: default 256, the backbone PRM's ``eval_batch_size``)."""
+        batch_size = batch_size or getattr(self.model, "eval_batch_size", 256)
         gen = torch.Generator().manual_seed(seed)
         out = []
         for start in range(0, len(data), batch_size):
@@ -430,16 +442,16 @@ class PRMTrainer:
         on the fresh batch (at training sigmas, before this update) with its rewards,
         "prm/buffer_size": ..}``. The model is left in eval mode with no ``.grad``.
         """
-        pooled = pool_prompt_embeds(prompt_embeds, prompt_mask)
+        pooled = getattr(self.model, "prepare_prompt_embeds", pool_prompt_embeds)(prompt_embeds, prompt_mask)
         fresh = PRMDataset(
             x0=x0.detach().float().cpu(),
             prompt_embeds=pooled.detach().cpu(),
             rewards=rewards.detach().float().cpu(),
             parts={k: v.detach().float().cpu() for k, v in (parts or {}).items()},
         )
-        if fresh.prompt_embeds.shape[1] != self.model.config.text_dim:
+        if fresh.prompt_embeds.shape[-1] != self.model.config.text_dim:
             raise ValueError(
-                f"prompt_embeds has dim {fresh.prompt_embeds.shape[1]}, the PRM expects {self.model.config.text_dim}"
+                f"prompt_embeds has dim {fresh.prompt_embeds.shape[-1]}, the PRM expects {self.model.config.text_dim}"
             )
         self._fit_reward_stats(fresh)
         stats: Dict[str, float] = {}
@@ -456,7 +468,7 @@ class PRMTrainer:
             self.buffer = self.buffer.subset(torch.arange(len(self.buffer) - self.config.buffer_size, len(self.buffer)))
         if self.online_optimizer is None:
             self.online_optimizer = torch.optim.AdamW(
-                self.model.parameters(), lr=self.config.online_lr, weight_decay=self.config.weight_decay
+                self.params, lr=self.config.online_lr, weight_decay=self.config.weight_decay
             )
         batch = min(self.config.batch_size, max(2, len(self.buffer)))
         losses = [
@@ -523,7 +535,9 @@ class PRMTrainer:
         if not isinstance(state, dict) or not {"step", "optimizer", "scheduler", "generator"} <= set(state):
             raise cp.CheckpointError(f"{file}: not a PRM trainer state")
         try:
-            model = LatentRewardModel.from_pretrained(path / "model")
+            from euphonium.rewards.prm.backbone import load_prm
+
+            model = load_prm(path / "model")
         except Exception as err:
             raise cp.CheckpointError(f"{path / 'model'}: cannot be loaded ({cp.one_line(err)})") from None
         for name, value in model.state_dict().items():

@@ -1,0 +1,346 @@
+"""The backbone PRM: the model family's own transformer with a small reward head on its pooled hidden states.
+
+``r_p(x_sigma, sigma, prompt_embeds) = reward_mean + reward_std * head(mean_tokens(h_L))`` where ``h_L`` is the
+transformer's last-block output (the input of its ``norm_out``, captured by a forward pre-hook: the hidden
+states before the output modulation, projection and unpatchify), averaged over the video tokens. Sigma enters
+through the transformer's own timestep input (``timestep = 1000 sigma``, as the sampler calls it) and the
+prompt through its own cross-attention (``encoder_hidden_states`` = the per-token ``prompt_embeds`` the sampler
+passes as ``prm_cond``), so the PRM is noise- and text-conditioned by construction.
+
+The base weights are frozen; ``lora_rank > 0`` tunes a peft LoRA adapter named ``prm`` on them. The transformer
+is not a submodule (``parameters()`` / ``state_dict()`` hold the head, the reward scale and the adapter only):
+with a LoRA policy the PRM wraps the policy's own transformer (:func:`load_prm` with ``transformer=``), so one
+frozen copy of the base weights serves both, the active adapter switched for the PRM's calls and restored after.
+
+Families: Wan2.1 (``WanTransformer3DModel``: ``norm_out`` after the blocks, ``text_dim`` per-token text).
+
+A saved folder holds ``prm_kind.json`` (``kind: backbone``, the base transformer folder, the settings),
+``head.safetensors`` (head and reward scale) and, with LoRA, ``adapter.safetensors``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Dict, Iterator, List, Optional, Sequence, Union
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+
+from euphonium._checks import check_float_tensor, per_sample
+from euphonium.models.diffusers import _module_dtype
+
+PRM_KIND_FILE = "prm_kind.json"
+KINDS = ("conv", "backbone")
+BACKBONE_CLASSES = ("WanTransformer3DModel",)
+
+
+def prm_kind(path: Union[str, Path]) -> str:
+    """``conv`` (a :class:`~euphonium.rewards.prm.LatentRewardModel` folder) or ``backbone`` (``prm_kind.json``)."""
+    file = Path(path) / PRM_KIND_FILE
+    if file.is_file():
+        kind = json.loads(file.read_text()).get("kind")
+        if kind not in KINDS:
+            raise ValueError(f"{file}: kind must be one of {KINDS}, got {kind!r}")
+        return kind
+    return "conv"
+
+
+def _lora_layers(transformer: nn.Module):
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [m for m in transformer.modules() if isinstance(m, BaseTunerLayer)]
+
+
+class BackbonePRM(nn.Module):
+    """``prm(x_sigma [B, C, F, H, W], sigma [B], prompt_embeds [B, L, D]) -> [B]`` float32 (see the module doc).
+
+    Args:
+        transformer: the family's transformer (frozen here; shared when it is the policy's).
+        base_path: its folder (recorded when saving; :func:`load_prm` loads it from there when not shared).
+        lora_rank, lora_alpha, lora_targets: the PRM's own LoRA adapter (``lora_rank=0``: frozen backbone).
+        head_dim: width of the reward head's hidden layer.
+        aux_rewards: reward parts also predicted (standard units), as :class:`LatentRewardModel`'s.
+        adapter_name: the peft adapter's name (must differ from the policy's ``default``).
+    """
+
+    kind = "backbone"
+
+    def __init__(
+        self,
+        transformer: nn.Module,
+        *,
+        base_path: Union[str, Path],
+        lora_rank: int = 0,
+        lora_alpha: Optional[int] = None,
+        lora_targets: Sequence[str] = ("to_q", "to_k", "to_v", "to_out.0"),
+        head_dim: int = 256,
+        aux_rewards: Sequence[str] = (),
+        adapter_name: str = "prm",
+    ):
+        super().__init__()
+        name = type(transformer).__name__
+        if name not in BACKBONE_CLASSES or not hasattr(transformer, "norm_out"):
+            raise ValueError(f"the backbone PRM supports {', '.join(BACKBONE_CLASSES)}, got a {name}")
+        if adapter_name == "default":
+            raise ValueError("adapter_name 'default' is the policy's LoRA; give the PRM's adapter another name")
+        cfg = transformer.config
+        inner = cfg.num_attention_heads * cfg.attention_head_dim
+        self.config = SimpleNamespace(
+            base_path=str(base_path),
+            base_class=name,
+            in_channels=cfg.in_channels,
+            text_dim=cfg.text_dim,
+            lora_rank=int(lora_rank),
+            lora_alpha=int(lora_alpha or lora_rank),
+            lora_targets=list(lora_targets),
+            head_dim=int(head_dim),
+            aux_rewards=tuple(aux_rewards),
+            adapter_name=adapter_name,
+        )
+        object.__setattr__(self, "transformer", transformer)  # not a submodule: shared, never saved with the PRM
+        self.head = nn.Sequential(
+            nn.LayerNorm(inner), nn.Linear(inner, head_dim), nn.SiLU(), nn.Linear(head_dim, 1 + len(aux_rewards))
+        )
+        nn.init.zeros_(self.head[-1].weight)  # starts at the training rewards' mean
+        nn.init.zeros_(self.head[-1].bias)
+        self.register_buffer("reward_mean", torch.zeros(()))
+        self.register_buffer("reward_std", torch.ones(()))
+        self.register_buffer("reward_stats_fitted", torch.zeros((), dtype=torch.bool))
+        self.register_buffer("aux_mean", torch.zeros(len(aux_rewards)))
+        self.register_buffer("aux_std", torch.ones(len(aux_rewards)))
+        transformer.requires_grad_(False)
+        if lora_rank:
+            self._add_adapter()
+
+    # -- the adapter ---------------------------------------------------------------------------
+
+    def _add_adapter(self) -> None:
+        from peft import LoraConfig
+
+        tr, c = self.transformer, self.config
+        layers = _lora_layers(tr)
+        state = {id(m): (m.active_adapters, m.disable_adapters) for m in layers}
+        grads = {id(p): p.requires_grad for p in tr.parameters()}
+        add = type(tr).add_adapter  # the class's: build_policy may wrap the instance's with its check
+        add(tr, LoraConfig(r=c.lora_rank, lora_alpha=c.lora_alpha, target_modules=c.lora_targets), c.adapter_name)
+        # diffusers' add_adapter activates the new adapter everywhere (and peft flips requires_grad): restore
+        # the policy's state; the PRM switches to its adapter inside its own calls only.
+        for m in _lora_layers(tr):
+            # A layer the policy has no adapter on yet gets none active (peft applies no LoRA), not the PRM's.
+            active, disabled = state.get(id(m), ([], False))
+            m._active_adapter, m._disable_adapters = list(active), disabled
+        for p in tr.parameters():
+            if id(p) in grads:
+                p.requires_grad_(grads[id(p)])
+        for p in self.adapter_parameters().values():
+            p.data = p.data.float()
+            p.requires_grad_(True)
+        if not self.adapter_parameters():
+            raise ValueError(f"lora_targets {c.lora_targets} attached no LoRA adapter to the {c.base_class}")
+
+    def adapter_parameters(self) -> Dict[str, nn.Parameter]:
+        """The PRM adapter's weights by name (``blocks.0.attn1.to_q.lora_A.weight``: the adapter name removed)."""
+        tag = f".{self.config.adapter_name}."
+        if not self.config.lora_rank:
+            return {}
+        return {n.replace(tag, "."): p for n, p in self.transformer.named_parameters() if tag in n and "lora_" in n}
+
+    def trainable_parameters(self) -> List[nn.Parameter]:
+        """What a PRM trainer optimises: the head and, with LoRA, the adapter (never the base weights)."""
+        return list(self.head.parameters()) + list(self.adapter_parameters().values())
+
+    @contextlib.contextmanager
+    def _own_adapter(self) -> Iterator[None]:
+        """The PRM's adapter active (or, frozen, every adapter off) for the call; the previous state restored.
+
+        Set on each peft layer directly: peft's ``set_adapter`` / ``enable_adapters`` would also flip the
+        ``requires_grad`` flags the policy's optimiser relies on.
+        """
+        layers = _lora_layers(self.transformer)
+        saved = [(m, m._active_adapter, m._disable_adapters) for m in layers]
+        try:
+            for m in layers:
+                if self.config.lora_rank:
+                    m._active_adapter, m._disable_adapters = [self.config.adapter_name], False
+                else:
+                    m._disable_adapters = True
+            yield
+        finally:
+            for m, active, disabled in saved:
+                m._active_adapter, m._disable_adapters = active, disabled
+
+    # -- the call ------------------------------------------------------------------------------
+
+    def prepare_prompt_embeds(self, prompt_embeds: torch.Tensor, prompt_mask: Optional[torch.Tensor] = None):
+        """What the PRM's training data keeps of the conditioning: the per-token embeddings (masked tokens zeroed)."""
+        if prompt_embeds.dim() != 3:
+            raise ValueError(
+                f"the backbone PRM needs per-token prompt_embeds [B, L, D], got {tuple(prompt_embeds.shape)}"
+            )
+        if prompt_mask is not None:
+            prompt_embeds = prompt_embeds * prompt_mask.to(prompt_embeds.dtype).unsqueeze(-1)
+        return prompt_embeds
+
+    def score_all(self, x_sigma: torch.Tensor, sigma, prompt_embeds: torch.Tensor, prompt_mask=None) -> torch.Tensor:
+        """Head outputs in standard units ``[B, 1 + len(aux_rewards)]`` float32."""
+        check_float_tensor("x_sigma", x_sigma, min_dim=5)
+        c = self.config
+        if x_sigma.dim() != 5 or x_sigma.shape[1] != c.in_channels:
+            raise ValueError(f"x_sigma must have shape [B, {c.in_channels}, F, H, W], got {tuple(x_sigma.shape)}")
+        sigma = per_sample("sigma", sigma, x_sigma.shape[0], x_sigma.device)
+        embeds = self.prepare_prompt_embeds(prompt_embeds, prompt_mask)
+        if embeds.shape[0] != x_sigma.shape[0] or embeds.shape[-1] != c.text_dim:
+            raise ValueError(f"prompt_embeds must be [{x_sigma.shape[0]}, L, {c.text_dim}], got {tuple(embeds.shape)}")
+        tr = self.transformer
+        dtype = _module_dtype(tr)
+        if self.training and torch.is_grad_enabled():
+            for p in self.adapter_parameters().values():
+                p.requires_grad_(True)  # the policy's set_adapter may have turned them off
+        captured = []
+        hook = tr.norm_out.register_forward_pre_hook(lambda module, args: captured.append(args[0]))
+        try:
+            with self._own_adapter():
+                tr(
+                    hidden_states=x_sigma.to(dtype),
+                    timestep=sigma.float() * 1000,
+                    encoder_hidden_states=embeds.to(dtype),
+                    return_dict=False,
+                )
+        finally:
+            hook.remove()
+        pooled = captured[-1].float().mean(dim=1)  # [B, tokens, inner] -> [B, inner]
+        return self.head(pooled.to(self.head[1].weight.dtype)).float()
+
+    def score(self, x_sigma, sigma, prompt_embeds, prompt_mask=None) -> torch.Tensor:
+        return self.score_all(x_sigma, sigma, prompt_embeds, prompt_mask)[:, 0]
+
+    def forward(self, x_sigma, sigma, prompt_embeds, prompt_mask=None) -> torch.Tensor:
+        return self.reward_mean + self.reward_std * self.score(x_sigma, sigma, prompt_embeds, prompt_mask)
+
+    def set_reward_stats(self, mean: float, std: float, aux_mean=None, aux_std=None) -> None:
+        """The output scale ``r = mean + std * s`` and the auxiliary targets' standardisation."""
+        if not (math.isfinite(mean) and math.isfinite(std) and std > 0):
+            raise ValueError(f"reward stats need a finite mean and a positive std, got mean={mean}, std={std}")
+        n = len(self.config.aux_rewards)
+        if n and (aux_mean is None or aux_std is None or len(aux_mean) != n or len(aux_std) != n):
+            raise ValueError(f"aux_mean and aux_std need one entry for each of {list(self.config.aux_rewards)}")
+        self.reward_mean.fill_(mean)
+        self.reward_std.fill_(std)
+        if n:
+            self.aux_mean.copy_(torch.as_tensor(aux_mean))
+            self.aux_std.copy_(torch.as_tensor(aux_std))
+        self.reward_stats_fitted.fill_(True)
+
+    # -- state and files -----------------------------------------------------------------------
+
+    def state_dict(self, *args, **kwargs):
+        state = super().state_dict(*args, **kwargs)
+        state.update({f"adapter.{n}": p.detach() for n, p in self.adapter_parameters().items()})
+        return state
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        own = {k: v for k, v in state_dict.items() if not k.startswith("adapter.")}
+        adapter = {k[len("adapter.") :]: v for k, v in state_dict.items() if k.startswith("adapter.")}
+        params = self.adapter_parameters()
+        if strict and set(adapter) != set(params):
+            raise RuntimeError(f"adapter weights do not match: {sorted(set(adapter) ^ set(params))[:4]}")
+        with torch.no_grad():
+            for name, value in adapter.items():
+                params[name].copy_(value)
+        return super().load_state_dict(own, strict=strict, assign=assign)
+
+    def save_pretrained(self, path: Union[str, Path]) -> Path:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        settings = {k: v for k, v in vars(self.config).items() if k not in ("in_channels", "text_dim")}
+        settings["aux_rewards"] = list(settings["aux_rewards"])
+        (path / PRM_KIND_FILE).write_text(json.dumps({"kind": "backbone", **settings}, indent=2) + "\n")
+        state = {k: v.detach().contiguous() for k, v in super().state_dict().items()}
+        save_file(state, str(path / "head.safetensors"))
+        adapter = {k: v.detach().float().contiguous() for k, v in self.adapter_parameters().items()}
+        if adapter:
+            save_file(adapter, str(path / "adapter.safetensors"))
+        return path
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: Union[str, Path],
+        *,
+        transformer: Optional[nn.Module] = None,
+        device: Union[str, torch.device, None] = None,
+        dtype: Optional[torch.dtype] = None,
+    ) -> "BackbonePRM":
+        """A saved backbone PRM; its base transformer loaded from the recorded folder unless ``transformer`` (the
+        policy's, shared) is given. Returned in eval mode."""
+        path = Path(path)
+        settings = json.loads((path / PRM_KIND_FILE).read_text())
+        if settings.get("kind") != "backbone":
+            raise ValueError(f"{path} is not a backbone PRM folder")
+        if transformer is None:
+            import diffusers
+
+            loader = getattr(diffusers, settings["base_class"])
+            transformer = loader.from_pretrained(settings["base_path"], torch_dtype=dtype or torch.float32)
+            if device is not None:
+                transformer = transformer.to(device)
+        prm = cls(
+            transformer,
+            base_path=settings["base_path"],
+            lora_rank=settings["lora_rank"],
+            lora_alpha=settings["lora_alpha"],
+            lora_targets=settings["lora_targets"],
+            head_dim=settings["head_dim"],
+            aux_rewards=settings["aux_rewards"],
+            adapter_name=settings["adapter_name"],
+        )
+        state = load_file(str(path / "head.safetensors"))
+        if (path / "adapter.safetensors").is_file():
+            state.update({f"adapter.{k}": v for k, v in load_file(str(path / "adapter.safetensors")).items()})
+        prm.load_state_dict(state)
+        if device is not None:
+            prm.to(device)
+        return prm.eval()
+
+
+def check_backbone_folder(path: Union[str, Path], in_channels: int, text_dim: int) -> Dict:
+    """The settings of a backbone PRM folder whose base transformer takes ``in_channels`` and ``text_dim`` (else
+    ValueError saying what differs)."""
+    path = Path(path)
+    settings = json.loads((path / PRM_KIND_FILE).read_text())
+    base = Path(settings.get("base_path", ""))
+    if not (base / "config.json").is_file():
+        raise ValueError(f"{path}: its base transformer folder {base} has no config.json")
+    values = json.loads((base / "config.json").read_text())
+    if values.get("_class_name") not in BACKBONE_CLASSES:
+        raise ValueError(f"{path}: base {base} holds a {values.get('_class_name')}, not a {BACKBONE_CLASSES}")
+    for key, want in (("in_channels", in_channels), ("text_dim", text_dim)):
+        if values.get(key) != want:
+            raise ValueError(f"{path}: its base transformer has {key}={values.get(key)} but the model needs {want}")
+    return settings
+
+
+def load_prm(
+    path: Union[str, Path],
+    device: Union[str, torch.device, None] = None,
+    *,
+    transformer: Optional[nn.Module] = None,
+    dtype: Optional[torch.dtype] = None,
+) -> nn.Module:
+    """A PRM folder of either kind (``prm_kind.json`` decides), in eval mode. ``transformer``: a backbone PRM
+    shares it instead of loading its base (it must be the same weights: the policy's frozen base)."""
+    if prm_kind(path) == "backbone":
+        return BackbonePRM.from_pretrained(path, transformer=transformer, device=device, dtype=dtype)
+    from euphonium.rewards.prm.model import LatentRewardModel
+
+    model = LatentRewardModel.from_pretrained(path)
+    return (model.to(device) if device is not None else model).eval()
+
+
+def same_folder(a: Union[str, Path], b: Union[str, Path]) -> bool:
+    return Path(a).resolve() == Path(b).resolve()
