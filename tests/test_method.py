@@ -132,3 +132,15 @@ def test_the_mixture_config_trains_and_its_oracle_is_selectable(tmp_path):
     with pytest.warns(UserWarning, match="proxy"):
         toy = Trainer(load_config(None, ["prm_path=oracle", "max_steps=1"]), tmp_path / "toy")
     assert type(toy.policy.prm).__name__ == "ToyOraclePRM"
+
+
+def test_eval_rewards_are_scored_by_the_evaluation_only(tiny_assets, tmp_path):  # noqa: F811
+    out = tmp_path / "run"
+    extra = ["eval_every=1", "eval_prompts=2", "eval_rewards={jpeg_compressibility: {}}"]
+    assert main(["--output-dir", str(out), *tiny_overrides(tiny_assets, max_steps=1), *extra]) == 0
+    rows = [json.loads(line) for line in (out / "eval.jsonl").read_text().splitlines()]
+    assert all("reward/eval_only/jpeg_compressibility" in row for row in rows)
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert not any(key.startswith("reward/eval_only") for row in metrics for key in row)
+    with pytest.raises(ConfigError, match="eval_rewards"):
+        Trainer(load_config(None, tiny_overrides(tiny_assets, eval_rewards="{nope: {}}")), tmp_path / "bad")

@@ -96,6 +96,9 @@ class TrainConfig:
     micro_batches: the batch is split into this many micro-batches whose gradients are accumulated.
     rewards: outcome rewards by registry name (``euphonium.rewards.build_reward``) with their kwargs.
     reward_weights: weight per named reward part (0 = logged only); None = every part weight 1.
+    eval_rewards: rewards only the fixed-set evaluation scores (registry names with kwargs), logged as
+        ``reward/eval_only/<part>`` in ``eval.jsonl`` next to the trained ones: a reward the policy is
+        not trained on shows over-optimisation of the one it is (a held-out judge of the same quality).
     adv_global_std: divide by the std of the whole batch (Flow-GRPO's option) instead of each group's:
         a group whose rewards barely differ then gets small advantages instead of unit-scale noise.
     combine: ``separate`` clipped terms per reward (upstream) or one ``sum`` of advantages.
@@ -168,6 +171,7 @@ class TrainConfig:
         }
     )
     combine: str = "separate"
+    eval_rewards: Dict[str, Dict[str, Any]] = field(default_factory=dict)
     process_weight: float = 1.0
     process_advantage: Optional[str] = None
     prm_path: Optional[str] = None

@@ -30,7 +30,7 @@ from euphonium import checkpointing as cp
 from euphonium import ops
 from euphonium.models.diffusers import Conditioning, DiffusersFlowModel
 from euphonium.presets import GUIDED_ALGORITHMS
-from euphonium.rewards import RewardSet, build_reward
+from euphonium.rewards import RewardOutput, RewardSet, build_reward
 from euphonium.sampler import Trajectory, preset, rollout
 from euphonium.train import checkpoint as ckpt
 from euphonium.train import objective
@@ -107,7 +107,7 @@ class Trainer:
             self.policy,
             self.rollout_model,
             self.sampler,
-            self.rewards,
+            self._eval_scores,
             self._reward_columns,
             eval_set,
             self.rng.generator("eval_noise"),
@@ -554,9 +554,28 @@ class Trainer:
         except (TypeError, ValueError) as err:
             raise ConfigError(f"rewards / reward_weights: {err}") from None
         self._part_names = list(parts)
+        self.eval_only = None
+        if config.eval_rewards:
+            try:
+                self.eval_only = RewardSet(
+                    {name: build_reward(name, **kwargs) for name, kwargs in config.eval_rewards.items()},
+                    prompt_metadata=prompt_metadata(config),
+                )
+                with torch.no_grad():
+                    self.eval_only(torch.zeros(1, *video_shape(config), device=self.device), prompts[:1])
+            except (TypeError, ValueError) as err:
+                raise ConfigError(f"eval_rewards: {err}") from None
         if not self.outcome_weights:
             raise ConfigError("reward_weights gives no reward a positive weight: nothing to train on")
         return self._part_names
+
+    def _eval_scores(self, videos: torch.Tensor, prompts: List[str]) -> RewardOutput:
+        """The trained rewards of evaluation clips, and the ``eval_rewards`` as ``eval_only/<part>`` parts."""
+        out = self.rewards(videos, prompts)
+        if self.eval_only is None:
+            return out
+        extra = self.eval_only(videos, prompts).parts
+        return RewardOutput(out.total, {**out.parts, **{f"eval_only/{k}": v for k, v in extra.items()}})
 
     def save(self) -> Optional[Path]:
         """Checkpoint the current step (rank 0 writes; every rank takes part in gathering FSDP shards)."""
