@@ -1,9 +1,10 @@
 """Input validation shared by the package: every error names the argument and what was expected.
 
-Scalar checks (``check_int``, ``check_float``, ``check_positive``, ``check_choice``, ``check_path``)
-raise ``TypeError`` for a value of the wrong type and ``ValueError`` for one out of range. They do
-not need torch: the trainer's config is validated with them before torch is imported, so that a
-config error costs a fraction of a second. The tensor checks import torch when called.
+Scalar checks (``check_bool``, ``check_int``, ``check_float``, ``check_positive``, ``check_choice``,
+``check_path``) raise ``TypeError`` for a value of the wrong type and ``ValueError`` for one out of
+range; a bool is never taken for a number, and None passes only where ``allow_none`` asks for it.
+They do not need torch: the trainer's config is validated with them before torch is imported, so
+that a config error costs a fraction of a second. The tensor checks import torch when called.
 """
 
 from __future__ import annotations
@@ -25,10 +26,28 @@ def _float_dtypes() -> tuple:
     return (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
-def check_int(name: str, value: Any, *, minimum: Optional[int] = None, maximum: Optional[int] = None) -> int:
-    """``value`` is an integer (not a bool) in ``[minimum, maximum]`` (either bound optional)."""
+def check_bool(name: str, value: Any) -> bool:
+    """``value`` is ``True`` or ``False`` (not 0/1, not a string, not a one-element tensor)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool (True or False), got {value!r} ({type(value).__name__})")
+    return value
+
+
+def check_int(
+    name: str,
+    value: Any,
+    *,
+    minimum: Optional[int] = None,
+    maximum: Optional[int] = None,
+    allow_none: bool = False,
+) -> Optional[int]:
+    """``value`` is an integer (not a bool) in ``[minimum, maximum]`` (either bound optional), or None if allowed."""
+    if value is None and allow_none:
+        return None
     if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
+        raise TypeError(
+            f"{name} must be an integer{' or None' if allow_none else ''}, got {value!r} ({type(value).__name__})"
+        )
     if minimum is not None and value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
     if maximum is not None and value > maximum:
