@@ -29,7 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from euphonium import ops
-from euphonium._checks import check_positive
+from euphonium._checks import check_bool, check_choice, check_int, check_positive
 from euphonium.presets import SAMPLER_PRESETS
 
 SCHEDULES = ("flow_grpo", "dance_grpo", "cps", "ode")
@@ -57,8 +57,7 @@ def shifted_sigmas(
     the scheduler's own ``set_timesteps(N)`` grid stops short of 0 before its appended final 0).
     The model timestep of step ``i`` is ``sigma_i * 1000``.
     """
-    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
-        raise ValueError(f"num_steps must be an integer >= 1, got {num_steps!r}")
+    check_int("num_steps", num_steps, minimum=1)
     shift = check_positive("shift", shift)
     # float32 arithmetic on float32 grid points, as the diffusers scheduler does, so the two agree exactly
     t = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64).to(torch.float32)
@@ -155,22 +154,10 @@ def rho_coefficient(grad_norm: torch.Tensor, rho: float, std: float) -> torch.Te
 # ----------------------------------------------------------------------------------------------------
 
 
-def _int(name: str, value: Any, *, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
-
-
 def _range(name: str, value: Any, num_steps: int) -> Tuple[int, int]:
-    if (
-        not isinstance(value, (tuple, list))
-        or len(value) != 2
-        or any(isinstance(v, bool) or not isinstance(v, int) for v in value)
-    ):
+    if not isinstance(value, (tuple, list)) or len(value) != 2:
         raise TypeError(f"{name} must be a pair of integers (start, end), got {value!r}")
-    start, end = int(value[0]), int(value[1])
+    start, end = check_int(f"{name}[0] (start)", value[0]), check_int(f"{name}[1] (end)", value[1])
     if not 0 <= start < end <= num_steps:
         raise ValueError(f"{name} must satisfy 0 <= start < end <= num_steps ({num_steps}), got {value!r}")
     return start, end
@@ -244,10 +231,9 @@ class SamplerConfig:
     step_noise: str = "auto"
 
     def __post_init__(self) -> None:
-        n = _int("SamplerConfig.num_steps", self.num_steps, minimum=1)
+        n = check_int("SamplerConfig.num_steps", self.num_steps, minimum=1)
         check_positive("SamplerConfig.shift", self.shift)
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"SamplerConfig.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        check_choice("SamplerConfig.schedule", self.schedule, SCHEDULES)
         if self.schedule != "ode":
             check_positive("SamplerConfig.noise_level", self.noise_level)
         if self.schedule == "cps" and not self.noise_level <= 1:
@@ -261,12 +247,9 @@ class SamplerConfig:
                 "uses the next noise level sigma_1 < 1"
             )
         for name in ("guidance", "grad_normalize", "same_initial_noise"):
-            if not isinstance(getattr(self, name), bool):
-                raise TypeError(f"SamplerConfig.{name} must be a bool, got {type(getattr(self, name)).__name__}")
-        if self.logprob_mean not in LOGPROB_MEANS:
-            raise ValueError(f"SamplerConfig.logprob_mean must be one of {LOGPROB_MEANS}, got {self.logprob_mean!r}")
-        if self.step_noise not in STEP_NOISE:
-            raise ValueError(f"SamplerConfig.step_noise must be one of {STEP_NOISE}, got {self.step_noise!r}")
+            check_bool(f"SamplerConfig.{name}", getattr(self, name))
+        check_choice("SamplerConfig.logprob_mean", self.logprob_mean, LOGPROB_MEANS)
+        check_choice("SamplerConfig.step_noise", self.step_noise, STEP_NOISE)
 
         if self.sde_window is not None:
             object.__setattr__(self, "sde_window", _range("SamplerConfig.sde_window", self.sde_window, n))
@@ -284,7 +267,7 @@ class SamplerConfig:
                 self, "sde_window_range", _range("SamplerConfig.sde_window_range", self.sde_window_range, n)
             )
         if self.sde_window_size is not None:
-            size = _int("SamplerConfig.sde_window_size", self.sde_window_size, minimum=1)
+            size = check_int("SamplerConfig.sde_window_size", self.sde_window_size, minimum=1)
             lo, hi = self.sde_window_range or (0, n)
             if size > hi - lo:
                 raise ValueError(f"SamplerConfig.sde_window_size ({size}) must fit in sde_window_range ({lo}, {hi})")
@@ -296,18 +279,14 @@ class SamplerConfig:
                 "its std sigma_next * sin(a * pi / 2) is 0 at sigma_next = 0, where the log-prob is undefined"
             )
 
-        _int("SamplerConfig.guidance_start", self.guidance_start, minimum=0)
-        _int("SamplerConfig.guidance_interval", self.guidance_interval, minimum=1)
-        if self.guidance_end is not None:
-            _int("SamplerConfig.guidance_end", self.guidance_end, minimum=0)
-        if self.guidance_form not in GUIDANCE_FORMS:
-            raise ValueError(f"SamplerConfig.guidance_form must be one of {GUIDANCE_FORMS}, got {self.guidance_form!r}")
+        check_int("SamplerConfig.guidance_start", self.guidance_start, minimum=0)
+        check_int("SamplerConfig.guidance_interval", self.guidance_interval, minimum=1)
+        check_int("SamplerConfig.guidance_end", self.guidance_end, minimum=0, allow_none=True)
+        check_choice("SamplerConfig.guidance_form", self.guidance_form, GUIDANCE_FORMS)
         check_positive("SamplerConfig.guidance_lambda", self.guidance_lambda, allow_zero=True)
-        if self.guidance_beta is not None:
-            check_positive("SamplerConfig.guidance_beta", self.guidance_beta)
+        check_positive("SamplerConfig.guidance_beta", self.guidance_beta, allow_none=True)
         check_positive("SamplerConfig.guidance_rho", self.guidance_rho, allow_zero=True)
-        if self.grad_max_norm is not None:
-            check_positive("SamplerConfig.grad_max_norm", self.grad_max_norm)
+        check_positive("SamplerConfig.grad_max_norm", self.grad_max_norm, allow_none=True)
         if self.guidance:
             if self.schedule == "ode":
                 raise ValueError("SamplerConfig.guidance needs SDE steps to guide; schedule is 'ode'")
@@ -641,7 +620,7 @@ def _initial_noise(shape, noise, dtype, device, generator, same, group_size) -> 
         raise ValueError(
             "group_size is required with SamplerConfig.same_initial_noise (samples of one prompt group share the noise)"
         )
-    group_size = _int("group_size", group_size, minimum=1)
+    group_size = check_int("group_size", group_size, minimum=1)
     if shape[0] % group_size:
         raise ValueError(
             f"group_size ({group_size}) must divide the batch size ({shape[0]}) to share noise within prompt groups"

@@ -400,6 +400,13 @@ def test_train_config_validation():
         PRMTrainConfig(sigma_min=0.5, sigma_max=0.5)
     with pytest.raises(ValueError, match="PRMTrainConfig.batch_size"):
         PRMTrainConfig(batch_size=1)
+    with pytest.raises(TypeError, match=r"PRMTrainConfig.steps must be an integer, got True"):
+        PRMTrainConfig(steps=True)
+    with pytest.raises(ValueError, match=r"PRMTrainConfig.lr must be a finite number > 0, got nan"):
+        PRMTrainConfig(lr=float("nan"))
+    with pytest.raises(ValueError, match=r"PRMTrainConfig.eval_sigmas\[1\] must be a finite number in \[0, 1\]"):
+        PRMTrainConfig(eval_sigmas=(0.5, float("inf")))
+    assert PRMTrainConfig(eval_sigmas=[0, 1], weight_decay=0).eval_sigmas == (0.0, 1.0)
     with pytest.raises(ValueError, match=r"unknown PRMTrainConfig field\(s\) \['step'\]"):
         PRMTrainConfig.from_dict({"step": 3})
 

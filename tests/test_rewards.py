@@ -127,6 +127,8 @@ def test_reward_set_checks_names_and_weights():
         RewardSet({"a": ones, "m": lambda v, p: {"a": torch.ones(3)}})(v, p)
     with pytest.raises(ValueError, match=r"weights\['a'\] must be a finite number"):
         RewardSet({"a": ones}, weights={"a": float("nan")})
+    with pytest.raises(TypeError, match=r"weights\['a'\] must be a number, got True"):
+        RewardSet({"a": ones}, weights={"a": True})
     with pytest.raises(ValueError, match=r"reward 'b' returned nan for sample 2"):
         RewardSet({"m": lambda v, p: {"a": torch.ones(3), "b": torch.tensor([0.0, 1.0, float("nan")])}})(v, p)
     with pytest.raises(ValueError, match="non-empty mapping"):
@@ -177,8 +179,10 @@ def test_jpeg_is_ddpo_per_frame_averaged():
     assert grey.shape == (2,) and bool((grey > 0).all())
     with pytest.raises(ValueError, match="1 or 3 channels"):
         jpeg_size_kb(torch.rand(1, 2, 4, 8, 8))
-    with pytest.raises(ValueError, match="quality"):
-        JpegCompressibility(quality=0)(v, prompts(2))
+    with pytest.raises(ValueError, match="quality must be >= 1, got 0"):
+        JpegCompressibility(quality=0)
+    with pytest.raises(TypeError, match="quality must be an integer, got 95.0"):
+        jpeg_size_kb(v, quality=95.0)
 
 
 # --- CLIP ------------------------------------------------------------------------------------------

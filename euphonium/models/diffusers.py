@@ -21,6 +21,8 @@ from typing import Any, Mapping, Optional, Sequence, Union
 
 import torch
 
+from euphonium._checks import check_float
+
 logger = logging.getLogger(__name__)
 
 NUM_TRAIN_TIMESTEPS = 1000
@@ -174,17 +176,10 @@ class DiffusersFlowModel:
             raise TypeError(
                 f"transformer must be a torch.nn.Module (a diffusers transformer), got {type(transformer).__name__}"
             )
-        if (
-            isinstance(cfg_scale, bool)
-            or not isinstance(cfg_scale, (int, float))
-            or not cfg_scale >= 1
-            or cfg_scale == float("inf")
-        ):
-            raise ValueError(
-                f"cfg_scale must be a finite number >= 1 (1 disables classifier-free guidance), got {cfg_scale!r}"
-            )
+        # 1 disables classifier-free guidance.
+        cfg_scale = check_float("cfg_scale", cfg_scale, minimum=1)
         self.transformer = transformer
-        self.cfg_scale = float(cfg_scale)
+        self.cfg_scale = cfg_scale
         self.attention_backend = select_attention_backend(transformer, attention_backend)
 
     @classmethod

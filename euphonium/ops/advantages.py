@@ -28,7 +28,14 @@ from typing import Optional, Tuple
 
 import torch
 
-from euphonium._checks import check_finite, check_float_tensor, check_index_tensor, check_positive
+from euphonium._checks import (
+    check_bool,
+    check_finite,
+    check_float_tensor,
+    check_index_tensor,
+    check_int,
+    check_positive,
+)
 from euphonium.ops._backend import resolve
 
 
@@ -78,10 +85,8 @@ def group_advantages(
         check_index_tensor("group_ids", group_ids, batch, "rewards", rewards)
     eps = check_positive("eps", eps, allow_zero=True)
     clip = check_positive("clip", clip, allow_none=True)
-    if not isinstance(unbiased, bool):
-        raise TypeError(f"unbiased must be a bool, got {type(unbiased).__name__}")
-    if not isinstance(global_std, bool):
-        raise TypeError(f"global_std must be a bool, got {type(global_std).__name__}")
+    check_bool("unbiased", unbiased)
+    check_bool("global_std", global_std)
     check_finite("rewards", rewards)
     rewards = rewards.detach()  # advantages are constants of the policy-gradient loss
 
@@ -113,8 +118,7 @@ def group_advantages(
 
 
 def _check_group_size(group_size, batch: int) -> None:
-    if isinstance(group_size, bool) or not isinstance(group_size, int):
-        raise TypeError(f"group_size must be an int, got {type(group_size).__name__}")
+    check_int("group_size", group_size)
     if group_size < 1 or batch % group_size != 0:
         raise ValueError(f"group_size must be a positive divisor of the batch size {batch}, got {group_size}")
 

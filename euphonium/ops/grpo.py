@@ -31,7 +31,7 @@ from typing import Dict, Mapping, Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from euphonium._checks import check_float_tensor, check_like, check_positive, check_same_device
+from euphonium._checks import check_bool, check_float_tensor, check_like, check_positive, check_same_device
 from euphonium.ops._backend import resolve
 from euphonium.ops.advantages import group_advantages
 from euphonium.ops.distributed import gather_group_advantages
@@ -342,8 +342,7 @@ def dual_reward_advantages(
     """
     if process_form not in ("state", "td"):
         raise ValueError(f"process_form must be 'state' or 'td', got {process_form!r}")
-    if not isinstance(distributed, bool):
-        raise TypeError(f"distributed must be a bool, got {type(distributed).__name__}")
+    check_bool("distributed", distributed)
     names = _check_named("outcome_rewards", outcome_rewards, allow_empty=process_rewards is not None)
     columns = []
     for name in names:

@@ -6,7 +6,7 @@ from typing import Callable, Optional, Tuple
 
 import torch
 
-from euphonium._checks import check_finite, check_float_tensor, check_positive
+from euphonium._checks import check_bool, check_finite, check_float_tensor, check_positive
 from euphonium.ops._backend import resolve
 from euphonium.ops.advantages import pow2_scale
 
@@ -60,9 +60,8 @@ def reward_grad(
     if not callable(prm):
         raise TypeError(f"prm must be callable (a process reward model), got {type(prm).__name__}")
     check_float_tensor("x", x)
-    for name, flag in (("normalize", normalize), ("inplace", inplace)):
-        if not isinstance(flag, bool):
-            raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
+    check_bool("normalize", normalize)
+    check_bool("inplace", inplace)
     max_norm = check_positive("max_norm", max_norm, allow_none=True)
     if torch.is_inference_mode_enabled():
         raise RuntimeError(

@@ -37,7 +37,7 @@ from typing import NamedTuple, Optional, Tuple, Union
 import numpy as np
 import torch
 
-from euphonium._checks import check_float_tensor, check_like, per_sample
+from euphonium._checks import check_choice, check_float, check_float_tensor, check_int, check_like, per_sample
 from euphonium.ops import _sde_torch
 from euphonium.ops._backend import resolve
 from euphonium.ops._sde_torch import compute_dtype
@@ -208,12 +208,9 @@ def sde_log_prob_reference(
 
 
 def _check_schedule(schedule, noise_level, sigma_max):
-    if not isinstance(schedule, str) or schedule not in SCHEDULES:
-        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
-    if isinstance(noise_level, bool) or not isinstance(noise_level, (int, float)):
-        raise TypeError(f"noise_level must be a float, got {type(noise_level).__name__}")
-    noise_level = float(noise_level)
-    if schedule != "ode" and not (0 < noise_level < float("inf")):
+    check_choice("schedule", schedule, SCHEDULES)
+    noise_level = check_float("noise_level", noise_level)
+    if schedule != "ode" and not noise_level > 0:
         raise ValueError(
             f"noise_level must be a finite number > 0 for schedule={schedule!r} (use schedule='ode' for a "
             f"deterministic step), got {noise_level}"
@@ -228,10 +225,8 @@ def _check_schedule(schedule, noise_level, sigma_max):
             "noise_level must be in (0, 1] for schedule='cps' (std = sigma_next * sin(noise_level * pi / 2)), "
             f"got {noise_level}"
         )
+    sigma_max = check_float("sigma_max", sigma_max, allow_none=True)
     if sigma_max is not None:
-        if isinstance(sigma_max, bool) or not isinstance(sigma_max, (int, float)):
-            raise TypeError(f"sigma_max must be a float or None, got {type(sigma_max).__name__}")
-        sigma_max = float(sigma_max)
         # In fp32 too, where the kernels read it: 1 - 1e-9 would be 1 and s infinite.
         if not (0 < sigma_max < 1 and _as_fp32(sigma_max) < 1):
             raise ValueError(
@@ -408,8 +403,7 @@ def _check_seed(seed, noise):
         raise ValueError(
             "pass either noise or seed, not both (seed only seeds the in-kernel noise drawn when noise is None)"
         )
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    check_int("seed", seed)
     if not 0 <= seed < _SEED_LIMIT:
         raise ValueError(f"seed must be in [0, 2^63), got {seed}")
     return seed
@@ -491,8 +485,7 @@ def sde_step(
     _check_latent("x", x)
     check_like("v", v, "x", x)
     noise_level, sigma_max = _check_schedule(schedule, noise_level, sigma_max)
-    if not isinstance(logprob_mean, str) or logprob_mean not in LOGPROB_MEANS:
-        raise ValueError(f"logprob_mean must be one of {LOGPROB_MEANS}, got {logprob_mean!r}")
+    check_choice("logprob_mean", logprob_mean, LOGPROB_MEANS)
     if noise is not None:
         check_like("noise", noise, "x", x)
     seed = _check_seed(seed, noise)

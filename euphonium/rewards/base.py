@@ -16,13 +16,12 @@ from __future__ import annotations
 import abc
 import importlib
 import inspect
-import math
 from typing import Callable, Dict, Mapping, NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 import torch
 
-from euphonium._checks import check_float_tensor
+from euphonium._checks import check_float, check_float_tensor
 
 RewardValue = Union[torch.Tensor, np.ndarray, Sequence[float]]
 RewardFn = Callable[[torch.Tensor, Sequence[str]], Union[RewardValue, Mapping[str, RewardValue]]]
@@ -208,10 +207,7 @@ class RewardSet:
         if weights is not None:
             if not isinstance(weights, Mapping):
                 raise TypeError(f"weights must be a mapping of reward name -> float, got {type(weights).__name__}")
-            for key, w in weights.items():
-                if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
-                    raise ValueError(f"weights[{key!r}] must be a finite number, got {w!r}")
-            weights = {k: float(w) for k, w in weights.items()}
+            weights = {k: check_float(f"weights[{k!r}]", w) for k, w in weights.items()}
         self.weights = weights
         self.prompt_metadata = dict(prompt_metadata or {})
 

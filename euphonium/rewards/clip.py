@@ -10,13 +10,13 @@ so the score is differentiable in the pixels and runs on the model's device.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Sequence, Union
 
 import torch
 import torch.nn.functional as F
 
+from euphonium._checks import check_float, check_int, check_path
 from euphonium.rewards.base import Reward, register_reward
 
 
@@ -57,7 +57,7 @@ class ClipScore(Reward):
     ):
         from transformers import AutoTokenizer, CLIPModel
 
-        path = Path(path)
+        path = check_path("path", path, kind="dir")
         if not (path / "config.json").is_file():
             raise ValueError(
                 f"path must be a local folder holding a CLIPModel saved with save_pretrained "
@@ -67,10 +67,8 @@ class ClipScore(Reward):
             raise ValueError(
                 f"path {str(path)!r} has no preprocessor_config.json (save the CLIPImageProcessor next to the model)"
             )
-        if not math.isfinite(scale):
-            raise ValueError(f"scale must be finite, got {scale}")
-        if isinstance(frame_batch_size, bool) or not isinstance(frame_batch_size, int) or frame_batch_size < 1:
-            raise ValueError(f"frame_batch_size must be a positive integer, got {frame_batch_size!r}")
+        scale = check_float("scale", scale)
+        check_int("frame_batch_size", frame_batch_size, minimum=1)
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.model = CLIPModel.from_pretrained(path, local_files_only=True).to(self.device, dtype).eval()
         self.model.requires_grad_(False)

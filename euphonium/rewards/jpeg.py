@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from euphonium._checks import check_int
 from euphonium.rewards.base import Reward, check_videos, register_reward
 
 
@@ -23,8 +24,7 @@ def jpeg_size_kb(videos: torch.Tensor, quality: int = 95) -> torch.Tensor:
 
     ``C`` is 1 (grey) or 3 (RGB). Frames are quantised as ``clamp(round(255 * x), 0, 255)``.
     """
-    if isinstance(quality, bool) or not isinstance(quality, int) or not 1 <= quality <= 100:
-        raise ValueError(f"quality must be an integer in [1, 100], got {quality!r}")
+    check_int("quality", quality, minimum=1, maximum=100)
     check_videos(videos)
     b, f, c, h, w = videos.shape
     if c not in (1, 3):
@@ -47,7 +47,7 @@ class JpegIncompressibility(Reward):
     name = "jpeg_incompressibility"
 
     def __init__(self, quality: int = 95):
-        self.quality = quality
+        self.quality = check_int("quality", quality, minimum=1, maximum=100)
 
     def compute(self, videos: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         return jpeg_size_kb(videos, self.quality)
@@ -59,7 +59,7 @@ class JpegCompressibility(Reward):
     name = "jpeg_compressibility"
 
     def __init__(self, quality: int = 95):
-        self.quality = quality
+        self.quality = check_int("quality", quality, minimum=1, maximum=100)
 
     def compute(self, videos: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         return -jpeg_size_kb(videos, self.quality)

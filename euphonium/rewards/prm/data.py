@@ -14,7 +14,7 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from euphonium._checks import check_float_tensor
+from euphonium._checks import check_float, check_float_tensor, check_int
 from euphonium.rewards.base import RewardOutput, check_reward_values
 from euphonium.rewards.prm.model import pool_prompt_embeds
 
@@ -88,8 +88,7 @@ class PRMDataset:
 
     def split(self, held_out_fraction: float, seed: int = 0) -> Tuple["PRMDataset", "PRMDataset"]:
         """A random ``(train, held_out)`` split; ``held_out`` has ``round(fraction * N)`` samples (>= 1)."""
-        if not 0 < held_out_fraction < 1:
-            raise ValueError(f"held_out_fraction must be in (0, 1), got {held_out_fraction}")
+        check_float("held_out_fraction", held_out_fraction, minimum=0, maximum=1, min_open=True, max_open=True)
         n = len(self)
         n_held = max(1, round(held_out_fraction * n))
         if n_held >= n:
@@ -217,8 +216,7 @@ def collect_rollouts(
     prompts = list(prompts)
     if not prompts:
         raise ValueError("prompts must be non-empty")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    check_int("batch_size", batch_size, minimum=1)
     chunks = []
     for start in tqdm(range(0, len(prompts), batch_size), desc="rollouts", disable=not progress):
         batch = prompts[start : start + batch_size]

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from euphonium import checkpointing as cp
+from euphonium._checks import check_choice, check_float, check_int, check_positive
 from euphonium.rewards.prm.data import PRMDataset, noise_latents, spearman
 from euphonium.rewards.prm.model import LatentRewardModel, pool_prompt_embeds
 
@@ -89,31 +90,28 @@ class PRMTrainConfig:
             "buffer_size",
             "online_steps",
         ):
-            value = getattr(self, name)
-            minimum = 0 if name in ("warmup_steps", "checkpoint_every", "seed") else 1
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise ValueError(f"PRMTrainConfig.{name} must be an integer >= {minimum}, got {value!r}")
-        if self.batch_size < 2:
-            raise ValueError(f"PRMTrainConfig.batch_size must be >= 2, got {self.batch_size}")
+            minimum = 0 if name in ("warmup_steps", "checkpoint_every", "seed") else 2 if name == "batch_size" else 1
+            check_int(f"PRMTrainConfig.{name}", getattr(self, name), minimum=minimum)
         for name in ("lr", "online_lr"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-                raise ValueError(f"PRMTrainConfig.{name} must be a positive number, got {value!r}")
+            check_positive(f"PRMTrainConfig.{name}", getattr(self, name))
         for name in ("weight_decay", "grad_clip", "aux_weight"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-                raise ValueError(f"PRMTrainConfig.{name} must be a number >= 0, got {value!r}")
-        if self.loss not in LOSSES:
-            raise ValueError(f"PRMTrainConfig.loss must be one of {LOSSES}, got {self.loss!r}")
-        if self.lr_schedule not in LR_SCHEDULES:
-            raise ValueError(f"PRMTrainConfig.lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
-        if not 0 <= self.sigma_min < self.sigma_max <= 1:
+            check_positive(f"PRMTrainConfig.{name}", getattr(self, name), allow_zero=True)
+        check_choice("PRMTrainConfig.loss", self.loss, LOSSES)
+        check_choice("PRMTrainConfig.lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        for name in ("sigma_min", "sigma_max"):
+            check_float(f"PRMTrainConfig.{name}", getattr(self, name), minimum=0, maximum=1)
+        if not self.sigma_min < self.sigma_max:
             raise ValueError(
                 f"PRMTrainConfig needs 0 <= sigma_min < sigma_max <= 1, got {self.sigma_min}, {self.sigma_max}"
             )
-        self.eval_sigmas = tuple(float(s) for s in self.eval_sigmas)
-        if not self.eval_sigmas or not all(0 <= s <= 1 for s in self.eval_sigmas):
-            raise ValueError(f"PRMTrainConfig.eval_sigmas must be non-empty values in [0, 1], got {self.eval_sigmas}")
+        if not isinstance(self.eval_sigmas, (tuple, list)) or not self.eval_sigmas:
+            raise ValueError(
+                f"PRMTrainConfig.eval_sigmas must be a non-empty list of values in [0, 1], got {self.eval_sigmas!r}"
+            )
+        self.eval_sigmas = tuple(
+            check_float(f"PRMTrainConfig.eval_sigmas[{i}]", s, minimum=0, maximum=1)
+            for i, s in enumerate(self.eval_sigmas)
+        )
 
     @classmethod
     def from_dict(cls, values: Dict) -> "PRMTrainConfig":
