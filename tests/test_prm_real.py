@@ -84,7 +84,17 @@ def test_backbone_prm_trains_reports_and_guides_rl_with_shared_weights(wan_dir, 
     prm_dir = tmp_path / "prm"
     train = ["train", "--config", "wan2_1_t2v_1_3b", "--data", str(shards), "--kind", "backbone", "--lora-rank", "2"]
     common = ["--batch-size", "4", "--warmup-steps", "0", "--held-out-fraction", "0.25", *_overrides(wan_dir)]
-    prm_main([*train, "--steps", "3", "--eval-every", "3", "--output-dir", str(prm_dir), *common])
+    prm_main(
+        [*train, "--steps", "3", "--eval-every", "3", "--output-dir", str(prm_dir), "--checkpoint-every", "2", *common]
+    )
+    trained = load_file(str(prm_dir / "adapter.safetensors"))
+    # Resume from the step-2 checkpoint (head, adapter, optimiser, RNG): only step 3 again, to the same weights.
+    resume = [*train, "--steps", "3", "--eval-every", "1", "--output-dir", str(prm_dir), "--resume", *common]
+    prm_main(resume)
+    steps = [json.loads(line)["step"] for line in (prm_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [3]  # the resumed run evaluated step 3 only (a fresh start would log 1, 2, 3)
+    resumed = load_file(str(prm_dir / "adapter.safetensors"))
+    assert all(torch.equal(trained[k], resumed[k]) for k in trained)
     prm_main([*train[:-4], "--steps", "2", "--output-dir", str(tmp_path / "conv"), *common])
     assert json.loads((tmp_path / "conv" / "training.json").read_text())["kind"] == "conv"
 
