@@ -111,6 +111,43 @@ def test_noisy_captions_name_the_rendered_value_at_the_given_rate():
         world.noisy_captions(prompts[:2], {"color": 1.5})
 
 
+def test_noisy_captions_from_given_uniforms():
+    prompt = ["a small red square moving left"]
+    acc = {"color": 0.4, "size": 0.5}
+    u = torch.tensor([[0.39, 0.0, 0.2, 0.0]], dtype=torch.float64)
+    assert world.noisy_captions(prompt, acc, uniforms=u) == prompt
+    u = torch.tensor([[0.4, 0.0, 0.5, 0.0]], dtype=torch.float64)  # the first other colour, the other size
+    assert world.noisy_captions(prompt, acc, uniforms=u) == ["a large green square moving left"]
+    u = torch.tensor([[0.999, 0.99, 0.99, 0.99]], dtype=torch.float64)  # shape, direction: not noisy
+    assert world.noisy_captions(prompt, acc, uniforms=u) == ["a large yellow square moving left"]
+    with pytest.raises(ValueError, match="uniforms"):
+        world.noisy_captions(prompt, acc, uniforms=torch.ones(1, 4))
+    with pytest.raises(ValueError, match="uniforms"):
+        world.noisy_captions(prompt, acc, uniforms=torch.zeros(2, 4))
+
+
+def test_noise_coupled_choices_are_uniform_and_read_off_the_noise():
+    from euphonium.toy.pretrain import noise_pattern, noise_uniforms
+
+    patterns = torch.stack([noise_pattern(k).flatten() for k in world.ATTRIBUTES])
+    torch.testing.assert_close(patterns @ patterns.T, torch.eye(4, dtype=torch.float64) * patterns.shape[1])
+    eps = torch.randn(8000, world.CHANNELS, world.NUM_FRAMES, world.HEIGHT, world.WIDTH)
+    u = noise_uniforms(eps)
+    assert u.shape == (8000, 4) and float(u.min()) >= 0 and float(u.max()) < 1
+    torch.testing.assert_close(u.mean(0), torch.full((4,), 0.5, dtype=torch.float64), atol=0.015, rtol=0)
+    torch.testing.assert_close(u.std(0), torch.full((4,), (1 / 12) ** 0.5, dtype=torch.float64), atol=0.01, rtol=0)
+    assert float((torch.corrcoef(u.T) - torch.eye(4, dtype=torch.float64)).abs().max()) < 0.05
+    # Only the patterns' projections matter: a constant shift of the noise changes no choice.
+    torch.testing.assert_close(noise_uniforms(eps[:10] + 0.7), u[:10])
+    # The (caption, rendered) pairs have the caption-noise law: the caption's colour with probability p.
+    captions = toy.sample_prompts(8000, _seed())
+    rendered = world.noisy_captions(captions, {"color": 0.4}, uniforms=u)
+    kept = sum(toy.parse_prompt(a)["color"] == toy.parse_prompt(b)["color"] for a, b in zip(captions, rendered))
+    assert kept / 8000 == pytest.approx(0.4, abs=0.03)
+    with pytest.raises(ValueError, match="caption_coupling needs"):
+        PretrainConfig(caption_coupling=True)
+
+
 def test_latents_video_round_trip():
     video = torch.rand(3, *CLIP_SHAPE)
     latents = toy.video_to_latents(video)
@@ -340,10 +377,11 @@ def test_pretrain_cli_runs_and_loss_falls(tmp_path):
     assert toy.sample_ode(transformer, encoder, ["a red square moving left"], steps=2).shape[0] == 1
     # Continue that model on noisy captions: the record names the command, the captions and the first run.
     args = ["pretrain", "--output", str(tmp_path / "noisy"), "--init", str(tmp_path), "--steps", "3"]
-    args += ["--batch-size", "4", "--eval-every", "0", "--caption-accuracy", '{"color": 0.5}']
+    args += ["--batch-size", "4", "--eval-every", "0", "--caption-accuracy", '{"color": 0.5}', "--caption-coupling"]
     toy_cli(args)
     again = json.loads((tmp_path / "noisy" / "pretrain.json").read_text())
     assert again["config"]["caption_accuracy"] == {"color": 0.5} and again["config"]["init"] == str(tmp_path)
+    assert again["config"]["caption_coupling"] is True
     assert again["init_record"]["loss_every_10_steps"] == losses
     assert again["command"].startswith("python -m euphonium.toy pretrain --output")
     assert toy.load_toy_model(tmp_path / "noisy")[0].config.num_layers == 1

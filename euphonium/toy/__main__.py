@@ -66,6 +66,11 @@ def main(argv=None) -> int:
         help="JSON {attribute: probability that the caption names the rendered value}, e.g. "
         "'{\"color\": 0.4}' (default: exact captions)",
     )
+    p.add_argument(
+        "--caption-coupling",
+        action="store_true",
+        help="pick each noisy attribute's rendered value from the clip's own noise (see euphonium.toy.pretrain)",
+    )
     p.add_argument("--init", type=str, default=None, help="continue from this model folder (default: fresh weights)")
 
     r = sub.add_parser("report", help="sample the model, print reward statistics, write pictures and JSON")
@@ -100,6 +105,7 @@ def main(argv=None) -> int:
             transformer_config=args.transformer_config,
             text_encoder_config=args.text_encoder_config,
             caption_accuracy=args.caption_accuracy,
+            caption_coupling=args.caption_coupling,
             init=args.init,
         )
         command = "python -m euphonium.toy " + shlex.join(sys.argv[1:] if argv is None else list(argv))

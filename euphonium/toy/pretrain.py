@@ -14,8 +14,16 @@ encoder is trained jointly.
 model is conditioned on names each rendered attribute only with probability ``caption_accuracy[k]``
 and another value otherwise, so the model learns to draw every value of every attribute but picks the
 named one only at that rate, the choice falling to the sampling noise: preference errors that RL can
-re-weight (DESIGN.md section 7). Empty: exact captions. ``init`` continues from a saved model (its
-architecture; ``transformer_config``/``text_encoder_config`` must then be empty).
+re-weight (DESIGN.md section 7). Empty: exact captions. With ``caption_coupling`` the choice is a
+function of the clip's own noise ``eps``: the caption is drawn first and attribute ``k`` is rendered
+from ``u_k = Phi(<eps, s_k> / sqrt(N))`` (:func:`noise_uniforms`, ``s_k`` a fixed +-1 pattern per
+attribute, the four orthogonal), which is uniform and independent of the rest of ``eps``, so the data
+(caption, clip) have exactly the caption-noise law, but the model learns to read the choice off the
+initial noise instead of having to break a symmetry it cannot see: every sample then commits to one
+value, and a sampler that re-draws noise early (an SDE window) re-draws the choice.
+
+``init`` continues from a saved model (its architecture; ``transformer_config`` and
+``text_encoder_config`` must then be empty).
 
 The saved and evaluated weights are an exponential moving average of the trained ones
 (``ema_decay``; ``0`` saves the raw weights), which gives much cleaner samples after a short, high
@@ -48,6 +56,8 @@ from euphonium.toy.model import (
 )
 from euphonium.toy.rewards import attribute_accuracy, toy_rewards
 
+CLIP_LATENT_SHAPE = (world.CHANNELS, world.NUM_FRAMES, world.HEIGHT, world.WIDTH)
+
 
 @dataclasses.dataclass
 class PretrainConfig:
@@ -70,6 +80,7 @@ class PretrainConfig:
     transformer_config: Dict[str, object] = dataclasses.field(default_factory=dict)
     text_encoder_config: Dict[str, object] = dataclasses.field(default_factory=dict)
     caption_accuracy: Dict[str, float] = dataclasses.field(default_factory=dict)
+    caption_coupling: bool = False
     init: Optional[str] = None
 
     def __post_init__(self):
@@ -90,8 +101,36 @@ class PretrainConfig:
             raise ValueError(f"threads must be a positive integer or None, got {self.threads!r}")
         if self.caption_accuracy:
             world.noisy_captions(["a red square moving left"], dict(self.caption_accuracy), 0)  # validates
+        if self.caption_coupling and not self.caption_accuracy:
+            raise ValueError("caption_coupling needs caption_accuracy (which attributes the noise picks)")
         if self.init is not None and (self.transformer_config or self.text_encoder_config):
             raise ValueError("init continues a saved model with its own architecture: give no transformer_config")
+
+
+def noise_pattern(attribute: str) -> torch.Tensor:
+    """The +-1 pattern ``s_k`` ``[C, F, H, W]`` whose projection of the noise picks attribute ``k``'s value.
+
+    colour ``(-1)^(h + w)``, shape ``(-1)^h``, size ``(-1)^f``, direction ``(-1)^w`` (the same in every
+    channel): pairwise orthogonal, orthogonal to constants, and nearly so to the smooth clips.
+    """
+    f = torch.arange(world.NUM_FRAMES).view(1, -1, 1, 1)
+    h = torch.arange(world.HEIGHT).view(1, 1, -1, 1)
+    w = torch.arange(world.WIDTH).view(1, 1, 1, -1)
+    exponent = {"color": h + w, "shape": h + 0 * w, "size": f + 0 * h + 0 * w, "direction": w + 0 * h}
+    if attribute not in exponent:
+        raise ValueError(f"attribute must be one of {world.ATTRIBUTES}, got {attribute!r}")
+    sign = 1 - 2 * (exponent[attribute] % 2)
+    return sign.expand(world.CHANNELS, world.NUM_FRAMES, world.HEIGHT, world.WIDTH).to(torch.float64)
+
+
+def noise_uniforms(eps: torch.Tensor) -> torch.Tensor:
+    """``[B, 4]`` float64 ``u_k = Phi(<eps, s_k> / sqrt(N))`` in [0, 1), one per attribute of
+    :data:`~euphonium.toy.world.ATTRIBUTES`, for noise ``eps [B, C, F, H, W]``: uniform for
+    ``eps ~ N(0, I)``, the four independent (orthogonal patterns), each independent of the rest of ``eps``."""
+    flat = eps.double().flatten(1)
+    patterns = torch.stack([noise_pattern(k).flatten() for k in world.ATTRIBUTES], dim=1)  # [N, 4]
+    z = flat @ patterns / math.sqrt(flat.shape[1])
+    return torch.special.ndtr(z).clamp(0.0, 1.0 - 1e-12)
 
 
 def sample_sigmas(n: int, config: PretrainConfig, generator: torch.Generator) -> torch.Tensor:
@@ -156,12 +195,18 @@ def pretrain(
     bar = tqdm(range(config.steps), desc="toy pretrain", disable=not progress)
     for step in bar:
         prompts = world.sample_prompts(config.batch_size, gen)
-        x0 = world.video_to_latents(world.render(prompts, gen))
-        if config.caption_accuracy:
-            captions = world.noisy_captions(prompts, dict(config.caption_accuracy), gen)
-        else:
+        if config.caption_coupling:  # the caption first; the rendered values read off the noise
             captions = prompts
-        eps = torch.randn(x0.shape, generator=gen)
+            eps = torch.randn(config.batch_size, *CLIP_LATENT_SHAPE, generator=gen)
+            prompts = world.noisy_captions(captions, dict(config.caption_accuracy), uniforms=noise_uniforms(eps))
+            x0 = world.video_to_latents(world.render(prompts, gen))
+        else:
+            x0 = world.video_to_latents(world.render(prompts, gen))
+            if config.caption_accuracy:
+                captions = world.noisy_captions(prompts, dict(config.caption_accuracy), gen)
+            else:
+                captions = prompts
+            eps = torch.randn(x0.shape, generator=gen)
         sigma = sample_sigmas(config.batch_size, config, gen)
         s = sigma.view(-1, 1, 1, 1, 1)
         x_sigma = (1 - s) * x0 + s * eps

@@ -124,19 +124,26 @@ def sample_prompts(n: int, generator: Generator = None) -> List[str]:
     return [prompts[i] for i in idx.tolist()]
 
 
-def noisy_captions(prompts: Sequence[str], accuracy: Dict[str, float], generator: Generator = None) -> List[str]:
+def noisy_captions(
+    prompts: Sequence[str],
+    accuracy: Dict[str, float],
+    generator: Generator = None,
+    uniforms: Optional[torch.Tensor] = None,
+) -> List[str]:
     """Captions of clips rendered from ``prompts`` that name each attribute right only part of the time.
 
-    For every prompt and every attribute ``k`` in ``accuracy`` (a subset of :data:`ATTRIBUTES`), the
-    caption keeps the prompt's value with probability ``accuracy[k]`` and otherwise names one of the
-    other values of ``k``, uniformly. Attributes not in ``accuracy``, and a prompt without a size word,
-    keep their value. Since rendered values are uniform, ``P(rendered = v | caption says v) = accuracy[k]``
-    and every other value has ``(1 - accuracy[k]) / (K - 1)``: pretraining on these captions teaches a
-    model every value but only a preference for the named one.
+    For every prompt and every attribute ``k`` in ``accuracy`` (a subset of :data:`ATTRIBUTES`), with
+    ``u`` a uniform number in [0, 1): the caption keeps the prompt's value when ``u < accuracy[k]`` and
+    otherwise names the other value number ``floor((u - p) / (1 - p) * (K - 1))`` (of the ``K - 1``
+    other values, in vocabulary order), so each other value with probability ``(1 - p) / (K - 1)``.
+    Attributes not in ``accuracy``, and a prompt without a size word, keep their value. The confusion
+    is symmetric and values are uniform, so ``P(rendered = v | caption says v) = accuracy[k]`` whichever
+    of the two is drawn first: the function maps rendered prompts to captions and captions to rendered
+    prompts alike.
 
-    Draws one ``[B, 4]`` uniform (keep or not) and one ``[B, 4]`` integer (which other value) from
-    ``generator`` (``torch.Generator``, int seed or ``None``) whatever ``accuracy`` holds, so the
-    stream does not depend on the probabilities.
+    ``uniforms``: ``[B, 4]`` values in [0, 1), one per attribute of :data:`ATTRIBUTES` (e.g. functions of
+    the flow-matching noise, :func:`euphonium.toy.pretrain.noise_uniforms`); ``None`` draws them from
+    ``generator`` (``torch.Generator``, int seed or ``None``), ``[B, 4]`` whatever ``accuracy`` holds.
     """
     if isinstance(prompts, str) or not isinstance(prompts, Sequence) or len(prompts) == 0:
         raise TypeError("prompts must be a non-empty sequence of prompt strings")
@@ -147,18 +154,21 @@ def noisy_captions(prompts: Sequence[str], accuracy: Dict[str, float], generator
             raise ValueError(f"accuracy names unknown attribute {key!r}; attributes are {list(ATTRIBUTES)}")
         if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p <= 1:
             raise ValueError(f"accuracy[{key!r}] must be a probability in [0, 1], got {p!r}")
-    gen = _make_generator(generator)
-    keep = torch.rand(len(prompts), len(ATTRIBUTES), generator=gen, dtype=torch.float64)
-    offset = torch.randint(1 << 30, (len(prompts), len(ATTRIBUTES)), generator=gen)
+    if uniforms is None:
+        uniforms = torch.rand(len(prompts), len(ATTRIBUTES), generator=_make_generator(generator), dtype=torch.float64)
+    if uniforms.shape != (len(prompts), len(ATTRIBUTES)) or bool(((uniforms < 0) | (uniforms >= 1)).any()):
+        raise ValueError(f"uniforms must be [{len(prompts)}, {len(ATTRIBUTES)}] values in [0, 1)")
     values = {"color": list(COLORS), "shape": list(SHAPES), "size": list(SIZES), "direction": list(DIRECTIONS)}
+    u = uniforms.double().tolist()
     captions = []
     for i, prompt in enumerate(prompts):
         attrs = parse_prompt(prompt)
         for j, key in enumerate(ATTRIBUTES):
-            if key not in accuracy or attrs[key] is None or float(keep[i, j]) < accuracy[key]:
+            p = accuracy.get(key, 1.0)
+            if attrs[key] is None or u[i][j] < p:
                 continue
             others = [v for v in values[key] if v != attrs[key]]
-            attrs[key] = others[int(offset[i, j]) % len(others)]
+            attrs[key] = others[min(len(others) - 1, int((u[i][j] - p) / (1 - p) * len(others)))]
         captions.append(format_prompt(attrs["color"], attrs["shape"], attrs["direction"], attrs["size"]))
     return captions
 
