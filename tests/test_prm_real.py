@@ -196,3 +196,19 @@ def test_backbone_prm_shares_the_lora_policy_base_and_switches_adapters(wan_dir,
     assert stats["prm/buffer_size"] == 2
     changed = {n for n, p in policy.transformer.named_parameters() if not torch.equal(p, snapshot[n])}
     assert changed and all(".prm." in n for n in changed)
+
+
+def test_win_rate_guides_the_step_under_a_random_sde_window():
+    """euphonium_fast draws its SDE window per rollout: the measure fixes it at the guided step, so a shift acts."""
+    from euphonium.rewards.prm.shards import build_reward_set, collection_config, guided_step_win_rate
+    from euphonium.toy.prm import load_toy_prm
+
+    config = load_config("toy", ["algorithm=euphonium_fast"])
+    device = torch.device("cpu")
+    policy = build_policy(collection_config(config), device)
+    rows = guided_step_win_rate(
+        config, policy, load_toy_prm(), build_reward_set(config, device), policy.prompts[:8], (0.0, 4.0), seed=2
+    )
+    assert [r["step"] for r in rows] == [0, 0]
+    # Seed 2's window would start after step 0 (every pair a tie, without the fix); every rollout is guided here.
+    assert rows[0]["tie_rate"] == 1.0 and rows[1]["tie_rate"] == 0.0

@@ -330,6 +330,7 @@ def guided_step_win_rate(
     """One guided step vs the same rollout unguided, per ``rho``: the trainer's sampler (``config``), guidance in
     its ``rho`` form (a shift of ``rho`` noise stds along the PRM's gradient) at the single SDE step ``step``
     (default: the first step of the preset's guidance range, else the first SDE step), same seed, same noise.
+    A preset with a random SDE window (``sde_window_size``) gets that window fixed to start at ``step``.
 
     Returns per rho ``{"rho", "step", "n", "win_rate" (guided outcome reward higher), "loss_rate", "tie_rate",
     "mean_delta", "stderr_delta"}``.
@@ -343,6 +344,11 @@ def guided_step_win_rate(
     if step is None:
         guided = preset(config.algorithm, **{**settings, "guidance": True}).guidance_steps()
         step = guided[0] if guided else base.sde_window[0] if base.sde_window else 0
+    if base.sde_window_size is not None:
+        # A random SDE window would leave the step deterministic (unguided) in most rollouts: fix it to start there.
+        end = min(step + base.sde_window_size, base.num_steps)
+        settings.update(sde_window_size=None, sde_window_range=None, sde_window=(step, end))
+        base = preset(config.algorithm, **{**settings, "guidance": False})
     device = next(prm.parameters()).device
     model = DiffusersFlowModel(
         policy.transformer, cfg_scale=config.model.cfg_scale, attention_backend=config.model.attention_backend
