@@ -146,7 +146,8 @@ def _grpo_loss_bwd_kernel(
     # The clipped branch wins (and is flat) where A (ratio - clip(ratio)) > 0, or A = 0; at ties both
     # branches have the unclipped slope -A * ratio. NaN inputs give NaN.
     _, b_flat = _clip_and_branch(b_ratio, b_a, clip_range)
-    b_d = tl.where(b_flat, 0.0, -b_a * b_ratio * g)
+    # -A g first: -A ratio alone can overflow where the gradient, a 1/N of it, is finite.
+    b_d = tl.where(b_flat, 0.0, b_ratio * (-b_a * g))
     tl.store(dlogp_ptr + offs, b_d.to(dlogp_ptr.dtype.element_ty), mask=mask)
     if HAS_KL:
         b_dkl = tl.zeros([BLOCK], dtype=tl.float32) + g * kl_coef

@@ -225,7 +225,8 @@ class _GRPOLossTorch(torch.autograd.Function):
         _, ratio, adv = _ratio_and_advantage(log_prob, old_log_prob, advantages, adv_clip)
         g = grad_loss.to(ratio.dtype) / log_prob.numel()
         flat = _flat(ratio, ratio.clamp(1 - clip_range, 1 + clip_range), adv)
-        grad_lp = ratio.mul_(adv).mul_(-g).masked_fill_(flat, 0.0).to(log_prob.dtype)
+        # -A g first: -A ratio alone can overflow where the gradient, a 1/N of it, is finite.
+        grad_lp = ratio.mul_(adv.mul(-g)).masked_fill_(flat, 0.0).to(log_prob.dtype)
         grad_kl = None
         if kl_grad:
             shape, dtype = ctx.kl_like
