@@ -33,13 +33,15 @@ def _record_updates(trainer):
 
 
 def test_second_update_moves_the_ratio_and_the_clip_acts(tiny_assets, tmp_path):  # noqa: F811
-    trainer = _trainer(tiny_assets, tmp_path, updates_per_step=2, clip_range=1e-7, lr=1e-3, lr_warmup_steps=0)
+    trainer = _trainer(tiny_assets, tmp_path, updates_per_step=2, clip_range=1e-5, lr=1e-3, lr_warmup_steps=0)
     updates = _record_updates(trainer)
     metrics = trainer.train_step()
     assert len(updates) == 2
-    assert updates[0]["ratio_max_dev"] == 0.0 and updates[0]["clip_frac"] == 0.0  # on-policy: ratio exactly 1
-    assert updates[1]["ratio_max_dev"] > 1e-7 and updates[1]["clip_frac"] > 0.0
-    assert metrics["ratio_max_dev"] == 0.0 and metrics["clip_frac"] > 0.0
+    # On-policy: the ratio is 1 up to the CPU matmul's batch-size-dependent last bit (the first update's
+    # minibatch is half the rollout batch), far inside the clip range; the second update moves off it.
+    assert updates[0]["ratio_max_dev"] < 1e-6 and updates[0]["clip_frac"] == 0.0
+    assert updates[1]["ratio_max_dev"] > 1e-5 and updates[1]["clip_frac"] > 0.0
+    assert metrics["ratio_max_dev"] == updates[0]["ratio_max_dev"] and metrics["clip_frac"] > 0.0
     # Warm-up and the scheduler count optimizer updates, logs count steps.
     assert trainer.scheduler.last_epoch == 2 and metrics["step"] == 1
 

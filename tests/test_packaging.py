@@ -17,7 +17,8 @@ from euphonium.train.__main__ import main
 from euphonium.train.config import PACKAGED_CONFIGS, ConfigError, available_configs, load_config, resolve_config
 
 ROOT = Path(__file__).resolve().parents[1]
-NAMES = ["toy", "wan2_1_t2v_1_3b"]
+# Every packaged config, listed by hand: a config that goes missing from the package fails here.
+NAMES = sorted(["toy", "mixture", "wan2_1_t2v_1_3b", "wan2_2_t2v_a14b", "sd3_5_medium", "flux_1_dev", "hunyuan_video"])
 WAN_PATHS = ["model.path=/data/wan", "prm_path=/data/prm", "rewards.clip_score.path=/data/clip"]
 
 
@@ -49,7 +50,7 @@ def test_an_existing_file_wins_over_a_packaged_name(tmp_path, monkeypatch):
 def test_an_unknown_config_is_a_one_line_error_listing_the_packaged_names(path, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "sub").mkdir()
-    with pytest.raises(ConfigError, match=r"packaged: toy, wan2_1_t2v_1_3b\)$") as err:
+    with pytest.raises(ConfigError, match=rf"packaged: {', '.join(NAMES)}\)$") as err:
         load_config(path)
     assert "\n" not in str(err.value) and str(err.value).startswith(f"--config {path}: no such file")
 
@@ -57,7 +58,7 @@ def test_an_unknown_config_is_a_one_line_error_listing_the_packaged_names(path, 
 def test_cli_reports_an_unknown_config_with_the_packaged_names(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert main(["--config", "configs/toy.yaml", "--output-dir", str(tmp_path / "run")]) == 2
-    assert "packaged: toy, wan2_1_t2v_1_3b" in capsys.readouterr().err
+    assert f"packaged: {', '.join(NAMES)}" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
 
 
@@ -77,6 +78,7 @@ INSTALLED_PROBE = textwrap.dedent(
 
     import euphonium
     import euphonium.kernels
+    import euphonium.train.trainer
     from euphonium.train.config import available_configs, load_config, resolve_config
 
     for info in pkgutil.iter_modules(euphonium.kernels.__path__, "euphonium.kernels."):
