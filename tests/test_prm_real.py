@@ -128,7 +128,14 @@ def test_backbone_prm_trains_reports_and_guides_rl_with_shared_weights(wan_dir, 
 
     # RL with the backbone PRM: the policy's LoRA and the PRM's share one base copy; online refresh runs.
     out = tmp_path / "run"
-    overrides = _overrides(wan_dir, algorithm="euphonium", prm_path=str(prm_dir), prm_refresh_every=1)
+    # The shipped config's memory setting: gradient checkpointing (the PRM's own calls go through it too).
+    overrides = _overrides(
+        wan_dir,
+        algorithm="euphonium",
+        prm_path=str(prm_dir),
+        prm_refresh_every=1,
+        **{"model.gradient_checkpointing": "true"},
+    )
     assert train_main(["--output-dir", str(out), *overrides]) == 0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
@@ -185,6 +192,16 @@ def test_backbone_prm_shares_the_lora_policy_base_and_switches_adapters(wan_dir,
     # Noise-conditioned through the timestep input, text-conditioned through cross-attention, per sample.
     assert not torch.allclose(r, prm(x, sigma.flip(0), emb)) and not torch.allclose(r, prm(x, sigma, emb.flip(0)))
     torch.testing.assert_close(prm(x[:1], sigma[:1], emb[:1]), r[:1])
+    # The guidance gradient under the policy's gradient checkpointing: blocks recomputed in backward see the PRM's
+    # adapter, not the policy's (the same gradient as the separate copy's, which does not checkpoint).
+    from euphonium import ops
+
+    policy.transformer.enable_gradient_checkpointing()
+    policy.transformer.train()
+    _, grad = ops.reward_grad(prm, x, sigma, emb)
+    _, expected = ops.reward_grad(separate, x, sigma, emb)
+    assert grad.abs().max() > 0
+    torch.testing.assert_close(grad, expected)
     after = policy.transformer(x.to(dtype), t, emb.to(dtype), return_dict=False)[0]
     torch.testing.assert_close(after, before, rtol=0, atol=0)
     assert {n for n, p in policy.transformer.named_parameters() if p.requires_grad} == trainable

@@ -29,6 +29,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
+import torch.utils.checkpoint
 from safetensors.torch import load_file, save_file
 
 from euphonium._checks import check_float_tensor, per_sample
@@ -203,6 +204,20 @@ class BackbonePRM(nn.Module):
                 p.requires_grad_(True)  # the policy's set_adapter may have turned them off
         captured = []
         hook = tr.norm_out.register_forward_pre_hook(lambda module, args: captured.append(args[0]))
+        checkpointing = getattr(tr, "gradient_checkpointing", False)
+        saved_fn = getattr(tr, "_gradient_checkpointing_func", None)
+        if checkpointing:
+            # A checkpointed block is recomputed during backward, after this call has restored the policy's adapter
+            # state: recompute it under the PRM's own (else the gradient would be the policy's, or fail).
+            def checkpointed(block, *args):
+                return torch.utils.checkpoint.checkpoint(
+                    block.__call__,
+                    *args,
+                    use_reentrant=False,
+                    context_fn=lambda: (contextlib.nullcontext(), self._own_adapter()),
+                )
+
+            tr._gradient_checkpointing_func = checkpointed
         try:
             with self._own_adapter():
                 tr(
@@ -213,6 +228,8 @@ class BackbonePRM(nn.Module):
                 )
         finally:
             hook.remove()
+            if checkpointing:
+                tr._gradient_checkpointing_func = saved_fn
         pooled = captured[-1].float().mean(dim=1)  # [B, tokens, inner] -> [B, inner]
         return self.head(pooled.to(self.head[1].weight.dtype)).float()
 
