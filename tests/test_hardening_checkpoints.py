@@ -115,6 +115,16 @@ def assert_same_run(a, b, step=STEPS):
     assert rows(a / "eval.jsonl") == rows(b / "eval.jsonl")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # Every run here is compared bit for bit with the reference run, and the killed runs are subprocesses
+    # with one thread: CPU matmuls may round differently with another thread count.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def base(assets, tmp_path_factory):
     """One uninterrupted run (every write counted), the reference for every resumed one."""
