@@ -67,9 +67,12 @@ def test_collect_writes_resumable_shards_of_the_configured_model(wan_dir, shards
     again = load_file(str(shard_path(copy, 1)))
     assert set(again) == set(first[1]) and all(torch.equal(again[k], first[1][k]) for k in again)
 
-    # Other settings into the same folder are refused.
+    # Settings the data depends on must match (a training-only one may differ); others into the folder are refused.
+    _collect(wan_dir, copy, **{"model.lora_rank": 4})
     with pytest.raises(ValueError, match="seed"):
         _collect(wan_dir, copy, "--seed", "3")
+    with pytest.raises(ValueError, match="prompts"):
+        _collect(wan_dir, copy, prompts=json.dumps(["a cat on a red boat"]))
 
     # Under torchrun rank r of W writes the shards k with k % W == r.
     import euphonium.train.distributed as distributed

@@ -3,8 +3,9 @@ policy builder, sampler and reward set, written in resumable shards; loading the
 
 Layout of a collection folder ``DIR``::
 
-    DIR/collect.json           what was collected: config, overrides, seed, shard_size, num_samples, latent
-                               shape, reward part names (a rerun must match it, else it refuses)
+    DIR/collect.json           what was collected: the model settings, prompts, rewards and weights, sampler,
+                               seed, shard and group size, stored dtype (a rerun must match these, else it
+                               refuses; num_samples may grow), and the config name and overrides given
     DIR/shard-000000.safetensors
     DIR/shard-000001.safetensors ...
 
@@ -24,6 +25,7 @@ PRM reads), ``prompt_tokens [u, L, D]`` with ``prompt_index [n]`` (the per-token
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -40,6 +42,8 @@ from euphonium.rewards.prm.model import pool_prompt_embeds
 
 SHARD_FORMAT = "euphonium.prm_shard.v1"
 STORE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# Model settings the base model's rollouts do not depend on (a collection may be resumed with them changed).
+_TRAINING_ONLY = ("lora_rank", "lora_alpha", "lora_targets", "gradient_checkpointing")
 
 
 def shard_path(out_dir: Union[str, Path], index: int) -> Path:
@@ -91,7 +95,9 @@ def _check_manifest(out_dir: Path, manifest: Dict) -> None:
     path = out_dir / "collect.json"
     if path.is_file():
         old = json.loads(path.read_text())
-        diff = sorted(k for k in set(old) | set(manifest) if k != "num_samples" and old.get(k) != manifest.get(k))
+        # What the data depends on must match; how it was asked for (config name, override order) need not.
+        free = ("num_samples", "config", "overrides")
+        diff = sorted(k for k in set(old) | set(manifest) if k not in free and old.get(k) != manifest.get(k))
         if diff:
             raise ValueError(
                 f"{out_dir} holds a collection made with other settings ({', '.join(diff)} differ): "
@@ -121,7 +127,7 @@ def collect_shards(
     from euphonium.models.diffusers import DiffusersFlowModel
     from euphonium.sampler import preset, rollout
     from euphonium.train.distributed import init_distributed
-    from euphonium.train.policy import build_policy, check_model_config, video_shape
+    from euphonium.train.policy import build_policy, check_model_config, training_prompts, video_shape
 
     if store_dtype not in STORE_DTYPES:
         raise ValueError(f"store_dtype must be one of {sorted(STORE_DTYPES)}, got {store_dtype!r}")
@@ -148,7 +154,14 @@ def collect_shards(
         "format": "euphonium.prm_collection.v1",
         "config": config_name,
         "overrides": list(overrides),
-        "model": {"kind": config.model.kind, "path": config.model.path},
+        "model": {
+            k: v
+            for k, v in json.loads(json.dumps(dataclasses.asdict(config.model), default=str)).items()
+            if k not in _TRAINING_ONLY
+        },
+        "prompts": list(training_prompts(config)),
+        "rewards": json.loads(json.dumps(config.rewards, default=str)),
+        "reward_weights": dict(config.reward_weights),
         "seed": seed,
         "shard_size": shard_size,
         "group_size": group,
