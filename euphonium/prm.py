@@ -7,7 +7,7 @@ Any configured model (``--config NAME [key=value ...]``, the trainer's configs a
     python -m euphonium.prm train --config wan2_1_t2v_1_3b --kind backbone --data data/prm --output-dir prm ...
     python -m euphonium.prm report --config wan2_1_t2v_1_3b --prm prm --data data/prm_held_out --out docs/prm ...
 
-``collect`` writes resumable shards (:mod:`euphonium.rewards.prm.shards`; under ``torchrun`` each rank its
+``collect`` writes resumable shards (:mod:`euphonium.prm_collect`; under ``torchrun`` each rank its
 own); ``train --kind conv`` trains a :class:`LatentRewardModel`, ``--kind backbone`` a
 :class:`~euphonium.rewards.prm.BackbonePRM` on the config's transformer. Without ``--config`` the toy world
 (``collect --out FILE.safetensors``, ``train --data FILE``: the committed toy PRM's recipe).
@@ -24,6 +24,15 @@ from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 
+from euphonium.prm_collect import (
+    STORE_DTYPES,
+    build_reward_set,
+    calibration_by_sigma,
+    collect_shards,
+    collection_config,
+    guided_step_win_rate,
+    load_shards,
+)
 from euphonium.rewards.prm import (
     LOSSES,
     BackbonePRM,
@@ -34,15 +43,6 @@ from euphonium.rewards.prm import (
     correlation_by_sigma,
 )
 from euphonium.rewards.prm.backbone import KINDS, load_prm, prm_kind, same_folder
-from euphonium.rewards.prm.shards import (
-    STORE_DTYPES,
-    build_reward_set,
-    calibration_by_sigma,
-    collect_shards,
-    collection_config,
-    guided_step_win_rate,
-    load_shards,
-)
 from euphonium.toy import load_toy_model, sample_prompts
 from euphonium.toy.prm import (
     TOY_SAMPLER,

@@ -9,8 +9,8 @@ from safetensors.torch import load_file
 from test_train_wan import TEXT_DIM, Z_DIM, wan_dir, wan_overrides  # noqa: F401  (wan_dir is a fixture)
 
 from euphonium.prm import main as prm_main
-from euphonium.rewards.prm import BackbonePRM, PRMTrainConfig, PRMTrainer, load_prm, load_shards
-from euphonium.rewards.prm.shards import shard_path
+from euphonium.prm_collect import load_shards, shard_path
+from euphonium.rewards.prm import BackbonePRM, PRMTrainConfig, PRMTrainer, load_prm
 from euphonium.train import load_config
 from euphonium.train.__main__ import main as train_main
 from euphonium.train.policy import build_policy
@@ -220,7 +220,7 @@ def test_backbone_prm_shares_the_lora_policy_base_and_switches_adapters(wan_dir,
 
 def test_win_rate_guides_the_step_under_a_random_sde_window():
     """euphonium_fast draws its SDE window per rollout: the measure fixes it at the guided step, so a shift acts."""
-    from euphonium.rewards.prm.shards import build_reward_set, collection_config, guided_step_win_rate
+    from euphonium.prm_collect import build_reward_set, collection_config, guided_step_win_rate
     from euphonium.toy.prm import load_toy_prm
 
     config = load_config("toy", ["algorithm=euphonium_fast"])

@@ -28,7 +28,6 @@ from euphonium.rewards.prm.data import (
     spearman,
 )
 from euphonium.rewards.prm.model import LatentRewardModel, pool_prompt_embeds
-from euphonium.rewards.prm.shards import calibration_by_sigma, collect_shards, guided_step_win_rate, load_shards
 from euphonium.rewards.prm.trainer import LOSSES, LR_SCHEDULES, PRMTrainConfig, PRMTrainer, prm_loss, trainable_prm
 
 __all__ = [
@@ -41,13 +40,9 @@ __all__ = [
     "PRMTrainConfig",
     "PRMTrainer",
     "SampleFn",
-    "calibration_by_sigma",
     "collect_rollouts",
-    "collect_shards",
     "correlation_by_sigma",
-    "guided_step_win_rate",
     "load_prm",
-    "load_shards",
     "noise_latents",
     "pool_prompt_embeds",
     "prm_kind",
