@@ -71,18 +71,12 @@ def collection_config(config):
 def build_reward_set(config, device: torch.device):
     """The trainer's reward set of ``config`` (every reward and its named parts, the weights, prompt metadata)."""
     from euphonium.rewards import RewardSet, build_reward
+    from euphonium.train.prompts import prompt_metadata
 
-    kwargs = {}
-    try:
-        from euphonium.train.prompts import prompt_metadata
-
-        kwargs["prompt_metadata"] = prompt_metadata(config)
-    except ImportError:
-        pass
     return RewardSet(
         {name: build_reward(name, **values) for name, values in config.rewards.items()},
         weights=config.reward_weights,
-        **kwargs,
+        prompt_metadata=prompt_metadata(config),
     )
 
 
