@@ -74,6 +74,7 @@ def test_defaults_are_the_toy_euphonium_fast_run():
         ("algorithm=ppo", "algorithm must be one of"),
         ("model.kind=wan", "model.path is required"),
         ("timestep_fraction=0", "timestep_fraction must be in (0, 1]"),
+        ("prm_refresh_batch_size=1", "prm_refresh_batch_size must be >= 2"),
         ("noequals", "must look like key=value"),
     ],
 )
@@ -207,6 +208,27 @@ def test_every_option_path_trains(tiny_assets, tmp_path):
     config.seed += 1
     other = Trainer(config, tmp_path / "other")._trainable_state()
     assert any(not torch.equal(before[k], other[k]) for k in before)
+
+
+def test_prm_refresh_batch_size_bounds_each_refresh_step(tiny_assets, tmp_path, monkeypatch):
+    """``prm_refresh_batch_size``: every refresh optimiser step trains on that many rollout states, not on the whole
+    step's batch at once (what a big backbone PRM could not hold)."""
+    import euphonium.rewards.prm.trainer as prm_trainer
+
+    sizes, loss = [], prm_trainer.prm_loss
+
+    def recorded(model, x0, *args, **kwargs):
+        sizes.append(len(x0))
+        return loss(model, x0, *args, **kwargs)
+
+    monkeypatch.setattr(prm_trainer, "prm_loss", recorded)
+    overrides = tiny_overrides(tiny_assets, max_steps=1, prm_refresh_every=1, prompts_per_step=3)
+    for batch, want in ((None, 6), (2, 2)):
+        sizes.clear()
+        extra = [] if batch is None else [f"prm_refresh_batch_size={batch}"]
+        trainer = Trainer(load_config(None, overrides + extra), tmp_path / f"run{batch}")
+        assert "prm/loss" in trainer.train_step()
+        assert sizes == [want] * trainer.prm_trainer.config.online_steps
 
 
 def test_resume_gives_the_same_weights(tiny_assets, tmp_path):

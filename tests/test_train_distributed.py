@@ -62,6 +62,30 @@ DUMP_DRIVER = textwrap.dedent("""
     save_file(state, f"{dump}/rank{trainer.rank}.safetensors")
 """)
 
+# Trains with a PRM refresh every step, recording the rewards each rank refreshes on; every rank dumps its
+# PRM before and after and those rewards.
+PRM_DRIVER = textwrap.dedent("""
+    import sys
+    import torch
+    from safetensors.torch import save_file
+    from euphonium.train import Trainer, load_config
+
+    out, dump, overrides = sys.argv[1], sys.argv[2], sys.argv[3:]
+    trainer = Trainer(load_config(None, overrides), out)
+    prm, update, seen = trainer.policy.prm, trainer.prm_trainer.update, []
+    state = {f"initial.{k}": v.clone() for k, v in prm.state_dict().items()}
+
+    def record(x0, prompt_embeds, rewards, **kwargs):
+        seen.append(rewards.detach().float().cpu())
+        return update(x0, prompt_embeds, rewards, **kwargs)
+
+    trainer.prm_trainer.update = record
+    trainer.train()
+    state.update({f"final.{k}": v for k, v in prm.state_dict().items()})
+    state.update({f"rewards.{i}": r for i, r in enumerate(seen)})
+    save_file({k: v.contiguous() for k, v in state.items()}, f"{dump}/rank{trainer.rank}.safetensors")
+""")
+
 
 @pytest.fixture(scope="module")
 def toy_assets(tmp_path_factory):
@@ -210,3 +234,29 @@ def test_ddp_lora_replicas_stay_identical(toy_assets, run_seed, tmp_path):
     assert saved and all(".lora_A." in k or ".lora_B." in k for k in saved)
     assert all(torch.equal(ranks[0][k], ranks[1][k]) and torch.equal(saved[k], ranks[0][k]) for k in saved)
     assert all(saved[k].abs().max() > 0 for k in saved if ".lora_B." in k)  # B starts at zero: it trained
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_prm_refresh_keeps_the_replicas_identical(toy_assets, run_seed, tmp_path, parallel):
+    """``prm_refresh_every`` under torchrun: each rank refreshes its PRM replica on its own rollouts, the gradients
+    averaged over the ranks and an unfitted reward scale fitted on both ranks' rewards: the replicas stay
+    bit-identical (each rank alone would train its replica on its own half of the batch)."""
+    driver = tmp_path / "dump_prm.py"
+    driver.write_text(PRM_DRIVER)
+    out, dump = tmp_path / "run", tmp_path / "dump"
+    dump.mkdir()
+    extra = {"prm_refresh_every": 1, "prm_refresh_batch_size": 2, "parallel": parallel}
+    torchrun(driver, out, dump, *overrides(toy_assets, run_seed, **extra), cwd=tmp_path)
+    rows = check_rank_0_wrote_once(out, steps=[2])
+    assert all(r["prm/loss"] == r["prm/loss"] and r["prm/buffer_size"] == 2 * r["step"] for r in rows)
+    ranks = [load_file(str(dump / f"rank{r}.safetensors")) for r in (0, 1)]
+    assert not torch.equal(ranks[0]["rewards.0"], ranks[1]["rewards.0"])  # each rank refreshed on its own rollouts
+    final = sorted(k for k in ranks[0] if k.startswith("final."))
+    assert final and all(torch.equal(ranks[0][k], ranks[1][k]) for k in final)
+    moved = [k for k in final if not torch.equal(ranks[0][k], ranks[0]["initial." + k[len("final.") :]])]
+    assert [k for k in moved if k.endswith(".weight")]  # it trained
+    # The reward scale (unfitted in this PRM) fitted on the first refresh's rewards of both ranks together.
+    both = torch.cat([ranks[0]["rewards.0"], ranks[1]["rewards.0"]])
+    assert bool(ranks[0]["final.reward_stats_fitted"]) and not bool(ranks[0]["initial.reward_stats_fitted"])
+    assert float(ranks[0]["final.reward_mean"]) == pytest.approx(float(both.mean()), abs=1e-6)
+    assert float(ranks[0]["final.reward_std"]) == pytest.approx(float(both.std()), abs=1e-6)

@@ -108,7 +108,13 @@ class TrainConfig:
         step, guided or not, the outcome reward standing in for the final state; needs a PRM calibrated
         as ``E[r_o | x_sigma]``). None: the algorithm's.
     prm_path: the process reward model (``toy``: None = the committed toy PRM).
-    prm_refresh_every: retrain the PRM on fresh rollouts every N steps (0 = never).
+    prm_refresh_every: retrain the PRM on fresh rollouts every N steps (0 = never). Each refresh takes
+        ``PRMTrainConfig.online_steps`` (4) optimiser steps at ``prm_refresh_lr`` on states drawn from a
+        replay buffer of recent rollouts (per rank; under torchrun the gradients are averaged over the
+        ranks, so every rank's PRM stays the same).
+    prm_refresh_batch_size: rollout states per refresh optimiser step on each rank (>= 2; at most the
+        buffer's size): a backbone PRM's step is a transformer forward and backward on this many states,
+        so a big one needs a small batch (e.g. 2-4) rather than every rollout of the step at once.
     kl_coef: KL penalty to the reference policy (LoRA: adapter disabled; else a frozen copy).
     distill_coef: explicit distillation loss ``mean((mean_theta - sg(target))^2) / (2 std^2)`` at guided
         steps, not weighted by advantages (docs/DESIGN.md).
@@ -177,6 +183,7 @@ class TrainConfig:
     prm_path: Optional[str] = None
     prm_refresh_every: int = 0
     prm_refresh_lr: float = 1e-4
+    prm_refresh_batch_size: int = 64
     kl_coef: float = 0.0
     distill_coef: float = 0.0
     distill_target: str = "reference"
@@ -239,6 +246,8 @@ class TrainConfig:
             "num_eval_samples",
         ):
             check_int(key, getattr(self, key), minimum=1)
+        # A batch of pairs at least: the Bradley-Terry loss compares two states.
+        check_int("prm_refresh_batch_size", self.prm_refresh_batch_size, minimum=2)
         _check_prompt_data(self)
         for key in ("lr_warmup_steps", "prm_refresh_every", "eval_every"):
             check_int(key, getattr(self, key), minimum=0)

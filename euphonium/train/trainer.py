@@ -189,7 +189,13 @@ class Trainer:
                     f"prm_refresh_every needs a trainable PRM (conv or backbone); prm_path={config.prm_path} is not one"
                 )
 
-            self.prm_trainer = PRMTrainer(self.policy.prm, PRMTrainConfig(lr=config.prm_refresh_lr))
+            # Under torchrun every rank refreshes its replica on its own rollouts with the gradients averaged
+            # over the ranks (PRMTrainer's distributed mode): the replicas stay identical.
+            self.prm_trainer = PRMTrainer(
+                self.policy.prm,
+                PRMTrainConfig(lr=config.prm_refresh_lr, batch_size=config.prm_refresh_batch_size),
+                distributed=self.world > 1,
+            )
 
     def _trainable_state(self) -> Dict[str, torch.Tensor]:
         named = dict(self.policy.transformer.named_parameters())

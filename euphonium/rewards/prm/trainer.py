@@ -15,6 +15,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
@@ -190,6 +191,14 @@ class PRMTrainer:
         model: the PRM to train in place (its device and dtype are used).
         config: :class:`PRMTrainConfig` (default settings if ``None``).
         output_dir: where ``metrics.jsonl`` and checkpoints go (``None``: nothing is written).
+        distributed: every rank of the initialised ``torch.distributed`` group holds a replica of the PRM and
+            calls the trainer in step (the RL trainer under ``torchrun``): the replicas are kept identical.
+            Each rank adds its own rollouts to its own replay buffer and draws its own batch of
+            ``batch_size`` from it (its own sigmas and noise: seed ``config.seed + rank``); the gradients are
+            averaged over the ranks before each optimiser step (an ``all_reduce``; FSDP2-sharded adapter
+            weights arrive reduce-scattered already), so a step is one step on the ranks' batches together
+            (``world * batch_size`` states, each rank weighted equally). An unfitted reward scale is fitted
+            on every rank's fresh rewards together, and ``update``'s statistics are those of all ranks.
     """
 
     def __init__(
@@ -197,9 +206,15 @@ class PRMTrainer:
         model: LatentRewardModel,
         config: Optional[PRMTrainConfig] = None,
         output_dir: Union[str, Path, None] = None,
+        *,
+        distributed: bool = False,
     ):
         if not trainable_prm(model):
             raise TypeError(f"model must be a LatentRewardModel or a BackbonePRM, got {type(model).__name__}")
+        if distributed and not dist.is_initialized():
+            raise ValueError("distributed=True needs an initialised torch.distributed process group (torchrun)")
+        self.rank = dist.get_rank() if distributed else 0
+        self.world = dist.get_world_size() if distributed else 1
         self.model = model
         # The backbone PRM trains its head and adapter, never the (shared, frozen) base weights.
         params = model.trainable_parameters() if hasattr(model, "trainable_parameters") else model.parameters()
@@ -210,7 +225,7 @@ class PRMTrainer:
         self.output_dir = Path(output_dir) if output_dir is not None else None
         self.device = model.reward_mean.device
         self.step = 0
-        self.generator = torch.Generator().manual_seed(self.config.seed)
+        self.generator = torch.Generator().manual_seed(self.config.seed + self.rank)
         self.optimizer = torch.optim.AdamW(self.params, lr=self.config.lr, weight_decay=self.config.weight_decay)
         self.online_optimizer: Optional[torch.optim.Optimizer] = None
         self.buffer: Optional[PRMDataset] = None
@@ -232,8 +247,9 @@ class PRMTrainer:
             std = float(values.float().std()) if values.numel() > 1 else 0.0
             return float(values.float().mean()), std if std > 1e-8 else 1.0
 
-        mean, std = stats(data.rewards)
+        mean, std = stats(self._gather(data.rewards))
         aux = self._aux_targets(data)
+        aux = self._gather(aux) if aux is not None else None
         if self.model.config.aux_rewards and aux is None:
             raise ValueError(
                 f"the PRM predicts aux_rewards {list(self.model.config.aux_rewards)} but the data has "
@@ -241,6 +257,27 @@ class PRMTrainer:
             )
         aux_stats = [stats(aux[:, j]) for j in range(aux.shape[1])] if aux is not None else []
         self.model.set_reward_stats(mean, std, [m for m, _ in aux_stats], [s for _, s in aux_stats])
+
+    def _gather(self, values: torch.Tensor) -> torch.Tensor:
+        """``values`` of every rank concatenated in rank order (a collective); itself in one process."""
+        if self.world == 1:
+            return values
+        parts: List[Any] = [None] * self.world
+        dist.all_gather_object(parts, values.detach().cpu())
+        return torch.cat(parts).to(values.device)
+
+    def _average_gradients(self) -> None:
+        """The mean of the replicas' gradients on every rank (one ``all_reduce`` per dtype). FSDP2-sharded
+        parameters (a shared backbone's adapter under ``parallel=fsdp``) are skipped: FSDP reduce-scattered
+        their gradients in backward."""
+        grads = [p.grad for p in self.params if p.grad is not None and not hasattr(p.grad, "full_tensor")]
+        for dtype in sorted({g.dtype for g in grads}, key=str):
+            group = [g for g in grads if g.dtype == dtype]
+            flat = torch.cat([g.reshape(-1) for g in group])
+            dist.all_reduce(flat)
+            flat /= self.world
+            for g, value in zip(group, flat.split([g.numel() for g in group])):
+                g.copy_(value.view_as(g))
 
     def _draw_batch(self, data: PRMDataset, batch_size: int):
         cfg = self.config
@@ -268,6 +305,8 @@ class PRMTrainer:
         )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if self.world > 1:
+            self._average_gradients()
         if self.config.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.params, self.config.grad_clip)
         optimizer.step()
@@ -438,7 +477,8 @@ class PRMTrainer:
 
         Returns ``{"prm/loss": mean training loss, "prm/spearman_fresh": Spearman of the PRM's scores
         on the fresh batch (at training sigmas, before this update) with its rewards,
-        "prm/buffer_size": ..}``. The model is left in eval mode with no ``.grad``.
+        "prm/buffer_size": ..}`` (``distributed``: the loss averaged over the ranks, the Spearman over
+        every rank's fresh rollouts, the buffer this rank's). The model is left in eval mode with no ``.grad``.
         """
         pooled = getattr(self.model, "prepare_prompt_embeds", pool_prompt_embeds)(prompt_embeds, prompt_mask)
         fresh = PRMDataset(
@@ -460,7 +500,7 @@ class PRMTrainer:
                 )
                 x = noise_latents(fresh.x0, sigma, generator=self.generator).to(self.device)
                 pred = self.model(x, sigma.to(self.device), fresh.prompt_embeds.to(self.device))
-            stats["prm/spearman_fresh"] = spearman(pred, fresh.rewards)
+            stats["prm/spearman_fresh"] = spearman(self._gather(pred.float().cpu()), self._gather(fresh.rewards))
         self.buffer = fresh if self.buffer is None else PRMDataset.concat([self.buffer, fresh])
         if len(self.buffer) > self.config.buffer_size:
             self.buffer = self.buffer.subset(torch.arange(len(self.buffer) - self.config.buffer_size, len(self.buffer)))
@@ -472,7 +512,8 @@ class PRMTrainer:
         losses = [
             self._optimizer_step(self.online_optimizer, self.buffer, batch) for _ in range(self.config.online_steps)
         ]
-        stats["prm/loss"] = float(np.mean(losses))
+        loss = torch.tensor(float(np.mean(losses)), dtype=torch.float64)
+        stats["prm/loss"] = float(self._gather(loss.view(1)).mean())
         stats["prm/buffer_size"] = float(len(self.buffer))
         return stats
 
