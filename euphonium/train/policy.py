@@ -410,6 +410,24 @@ def _encoder(text: Callable[[List[str]], Any], cfg: bool) -> Callable[[List[str]
     return encode
 
 
+def _cached_family_text(config: TrainConfig, device: torch.device, cls: type, root: Path, *args: Any) -> Callable:
+    """``cls(root, device, dtype, max_sequence_length, *args)`` (a family's text encoder returning a Conditioning)
+    behind the run's embedding cache (:func:`cached_text_encoder`), named by its class, folder, length, dtype and
+    ``args`` (the embedded guidance scale, which the Conditioning carries)."""
+    model = config.model
+    return cached_text_encoder(
+        config,
+        lambda: cls(root, device, DTYPES[model.dtype], model.max_sequence_length, *args),
+        device,
+        kind=model.kind,
+        encoder=cls.__name__,
+        path=root,
+        max_sequence_length=model.max_sequence_length,
+        dtype=model.dtype,
+        args=json.dumps(args),
+    )
+
+
 # ----------------------------------------------------------------------------------------------
 # Wan2.1 and Wan2.2 A14B
 # ----------------------------------------------------------------------------------------------
@@ -612,7 +630,7 @@ def build_sd3_policy(config: TrainConfig, device: torch.device) -> Policy:
     )
     vae = AutoencoderKL.from_pretrained(root / "vae", torch_dtype=torch.float32).to(device).eval()
     vae.requires_grad_(False)
-    text = SD3TextEncoder(root, device, dtype, config.model.max_sequence_length)
+    text = _cached_family_text(config, device, SD3TextEncoder, root)
     return Policy(
         transformer,
         _encoder(text, config.model.cfg_scale > 1),
@@ -676,9 +694,7 @@ def build_flux_policy(config: TrainConfig, device: torch.device) -> Policy:
     )
     vae = AutoencoderKL.from_pretrained(root / "vae", torch_dtype=torch.float32).to(device).eval()
     vae.requires_grad_(False)
-    text = FluxTextEncoder(
-        root, device, dtype, model.max_sequence_length, model.guidance_scale, checked["guidance_embeds"]
-    )
+    text = _cached_family_text(config, device, FluxTextEncoder, root, model.guidance_scale, checked["guidance_embeds"])
     return Policy(
         transformer,
         _encoder(text, model.cfg_scale > 1),
@@ -755,7 +771,7 @@ def build_hunyuan_video_policy(config: TrainConfig, device: torch.device) -> Pol
     # Decoded under no_grad; its weights keep requires_grad as in the pipeline: on the CPU, PyTorch's conv3d
     # takes another kernel for weights that do not require grad, and the videos would differ in the last bits.
     vae = AutoencoderKLHunyuanVideo.from_pretrained(root / "vae", torch_dtype=torch.float32).to(device).eval()
-    text = HunyuanVideoTextEncoder(root, device, dtype, model.max_sequence_length, model.guidance_scale)
+    text = _cached_family_text(config, device, HunyuanVideoTextEncoder, root, model.guidance_scale)
     return Policy(
         HunyuanVideoTransformer(transformer),
         _encoder(text, model.cfg_scale > 1),
