@@ -189,6 +189,12 @@ class Trainer:
                     f"prm_refresh_every needs a trainable PRM (conv or backbone); prm_path={config.prm_path} is not one"
                 )
 
+            shared = getattr(self.policy.prm, "transformer", None) is transformer
+            if shared and self.world > 1 and config.parallel == "fsdp":
+                # The PRM's adapter would be sharded with the policy's blocks: a 2-rank gloo run of it hung.
+                raise ConfigError(
+                    "prm_refresh_every with a backbone PRM sharing the policy's transformer needs parallel=ddp"
+                )
             # Under torchrun every rank refreshes its replica on its own rollouts with the gradients averaged
             # over the ranks (PRMTrainer's distributed mode): the replicas stay identical.
             self.prm_trainer = PRMTrainer(

@@ -195,8 +195,8 @@ class PRMTrainer:
             calls the trainer in step (the RL trainer under ``torchrun``): the replicas are kept identical.
             Each rank adds its own rollouts to its own replay buffer and draws its own batch of
             ``batch_size`` from it (its own sigmas and noise: seed ``config.seed + rank``); the gradients are
-            averaged over the ranks before each optimiser step (an ``all_reduce``; FSDP2-sharded adapter
-            weights arrive reduce-scattered already), so a step is one step on the ranks' batches together
+            averaged over the ranks before each optimiser step (an ``all_reduce``), so a step is one step on
+            the ranks' batches together
             (``world * batch_size`` states, each rank weighted equally). An unfitted reward scale is fitted
             on every rank's fresh rewards together, and ``update``'s statistics are those of all ranks.
     """
@@ -267,10 +267,8 @@ class PRMTrainer:
         return torch.cat(parts).to(values.device)
 
     def _average_gradients(self) -> None:
-        """The mean of the replicas' gradients on every rank (one ``all_reduce`` per dtype). FSDP2-sharded
-        parameters (a shared backbone's adapter under ``parallel=fsdp``) are skipped: FSDP reduce-scattered
-        their gradients in backward."""
-        grads = [p.grad for p in self.params if p.grad is not None and not hasattr(p.grad, "full_tensor")]
+        """The mean of the replicas' gradients on every rank (one ``all_reduce`` per dtype)."""
+        grads = [p.grad for p in self.params if p.grad is not None]
         for dtype in sorted({g.dtype for g in grads}, key=str):
             group = [g for g in grads if g.dtype == dtype]
             flat = torch.cat([g.reshape(-1) for g in group])
