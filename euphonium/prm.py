@@ -42,7 +42,7 @@ from euphonium.rewards.prm import (
     PRMTrainer,
     correlation_by_sigma,
 )
-from euphonium.rewards.prm.backbone import KINDS, load_prm, prm_kind, same_folder
+from euphonium.rewards.prm.backbone import KINDS, backbone_base, load_base, load_prm, prm_kind, same_folder
 from euphonium.toy import load_toy_model, sample_prompts
 from euphonium.toy.prm import (
     TOY_SAMPLER,
@@ -194,10 +194,8 @@ def _backbone_model(args) -> BackbonePRM:
         if not isinstance(model, BackbonePRM):
             raise SystemExit(f"error: --init {args.init} is not a backbone PRM")
         return model.train()
-    from diffusers import WanTransformer3DModel
-
-    base = Path(config.model.path) / "transformer"
-    transformer = WanTransformer3DModel.from_pretrained(base, torch_dtype=dtype).to(device)
+    base = backbone_base(config.model.path)  # Wan2.2 A14B: the pipeline folder, its two experts
+    transformer = load_base(base, dtype, device)
     if config.model.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     model = BackbonePRM(
@@ -263,7 +261,7 @@ def _config_report(args) -> None:
     shared = None
     if prm_kind(args.prm) == "backbone":
         base = json.loads((Path(args.prm) / "prm_kind.json").read_text())["base_path"]
-        if same_folder(base, Path(config.model.path) / "transformer"):
+        if same_folder(base, backbone_base(config.model.path)):
             shared = policy.transformer  # one copy: the report's rollouts and the PRM use the same base
     prm = load_prm(args.prm, device, transformer=shared, dtype=DTYPES[config.model.dtype])
     if isinstance(prm, BackbonePRM):

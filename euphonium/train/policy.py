@@ -376,16 +376,14 @@ def _load_prm(
     switched); otherwise it loads its own copy of the base."""
     if not config.needs_prm:
         return None
-    from euphonium.rewards.prm.backbone import load_prm, prm_kind, same_folder
+    from euphonium.rewards.prm.backbone import backbone_base, load_prm, prm_kind, same_folder
 
     if prm_kind(config.prm_path) != "backbone":
         return load_prm(config.prm_path, device)
     base = json.loads((Path(config.prm_path) / "prm_kind.json").read_text())["base_path"]
+    # The same base folder: Wan2.1's transformer/, or Wan2.2's pipeline folder (the policy's WanExperts).
     share = (
-        transformer is not None
-        and config.model.lora_rank > 0
-        and not isinstance(transformer, FlowTransformer)
-        and same_folder(base, Path(config.model.path) / "transformer")
+        transformer is not None and config.model.lora_rank > 0 and same_folder(base, backbone_base(config.model.path))
     )
     shared = transformer if share else None
     return load_prm(config.prm_path, device, transformer=shared, dtype=DTYPES[config.model.dtype])

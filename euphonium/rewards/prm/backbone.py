@@ -12,7 +12,15 @@ is not a submodule (``parameters()`` / ``state_dict()`` hold the head, the rewar
 with a LoRA policy the PRM wraps the policy's own transformer (:func:`load_prm` with ``transformer=``), so one
 frozen copy of the base weights serves both, the active adapter switched for the PRM's calls and restored after.
 
-Families: Wan2.1 (``WanTransformer3DModel``: ``norm_out`` after the blocks, ``text_dim`` per-token text).
+Families: Wan2.1 (``WanTransformer3DModel``: ``norm_out`` after the blocks, ``text_dim`` per-token text) and
+Wan2.2 A14B (its two experts behind :class:`~euphonium.models.wan22.WanExperts`, called as the policy calls them:
+each noisy state is read by the expert the pipeline uses at its sigma, the high-noise one at
+``t = 1000 sigma >= 1000 boundary_ratio``, the low-noise one below; one head reads both experts' pooled hidden
+states, and the PRM's adapter is on both. The alternative, one chosen expert at every sigma, would read a state
+with an expert that never denoises at that noise level and, to share the base, would tie the PRM to the expert
+the policy trains). SD3, FLUX and HunyuanVideo condition their transformers on more than per-token text
+(pooled projections, guidance, an attention mask): their backbone PRM would need that conditioning stored in the
+PRM data and passed at guidance time, which is not done.
 
 Cost per RL step (computed from the configs, not measured): each guided step of a rollout calls the PRM once
 with a gradient with respect to ``x``, one transformer forward and one backward (about 3 forwards), so the
@@ -48,7 +56,9 @@ from euphonium.models.diffusers import _module_dtype
 
 PRM_KIND_FILE = "prm_kind.json"
 KINDS = ("conv", "backbone")
-BACKBONE_CLASSES = ("WanTransformer3DModel",)
+BACKBONE_CLASSES = ("WanTransformer3DModel",)  # the diffusers transformers whose last hidden states are read
+# Wan2.2 A14B's pipeline folder: its two experts and their switch (the base of a two-expert backbone PRM).
+EXPERTS_CLASS = "WanExperts"
 
 
 def prm_kind(path: Union[str, Path]) -> str:
@@ -68,12 +78,59 @@ def _lora_layers(transformer: nn.Module):
     return [m for m in transformer.modules() if isinstance(m, BaseTunerLayer)]
 
 
+def _backbones(transformer: nn.Module) -> Dict[str, nn.Module]:
+    """The diffusers transformers the PRM reads, by name: the transformer itself, or Wan2.2's two experts."""
+    name = type(transformer).__name__
+    if name == EXPERTS_CLASS:
+        found = {n: getattr(transformer, n) for n in transformer.model_names}
+    elif name in BACKBONE_CLASSES:
+        found = {"": transformer}
+    else:
+        raise ValueError(f"the backbone PRM supports {', '.join(BACKBONE_CLASSES + (EXPERTS_CLASS,))}, got a {name}")
+    for key, model in found.items():
+        if type(model).__name__ not in BACKBONE_CLASSES or not hasattr(model, "norm_out"):
+            raise ValueError(f"the backbone PRM reads {BACKBONE_CLASSES}, got a {type(model).__name__} as {key!r}")
+    return found
+
+
+def backbone_base(pipeline: Union[str, Path]) -> Path:
+    """The base a backbone PRM of the Wan pipeline folder ``pipeline`` records: the folder itself when it holds
+    Wan2.2's two experts (``transformer_2/``), else its ``transformer/``."""
+    pipeline = Path(pipeline)
+    return pipeline if (pipeline / "transformer_2" / "config.json").is_file() else pipeline / "transformer"
+
+
+def load_base(base: Union[str, Path], dtype: torch.dtype = torch.float32, device=None) -> nn.Module:
+    """The transformer a backbone PRM reads, from its base (see :func:`backbone_base`): a transformer folder of one
+    of ``BACKBONE_CLASSES``, or a two-expert Wan2.2 pipeline folder as a ``WanExperts`` (``boundary_ratio`` from its
+    ``model_index.json``)."""
+    import diffusers
+
+    base = Path(base)
+    if (base / "model_index.json").is_file():
+        from euphonium.models.wan22 import WanExperts
+
+        experts = [
+            diffusers.WanTransformer3DModel.from_pretrained(base / n, torch_dtype=dtype)
+            for n in ("transformer", "transformer_2")
+        ]
+        ratio = json.loads((base / "model_index.json").read_text()).get("boundary_ratio")
+        model = WanExperts(*experts, ratio)
+    else:
+        name = json.loads((base / "config.json").read_text()).get("_class_name")
+        if name not in BACKBONE_CLASSES:
+            raise ValueError(f"{base} holds a {name}, not one of {BACKBONE_CLASSES}")
+        model = getattr(diffusers, name).from_pretrained(base, torch_dtype=dtype)
+    return model if device is None else model.to(device)
+
+
 class BackbonePRM(nn.Module):
     """``prm(x_sigma [B, C, F, H, W], sigma [B], prompt_embeds [B, L, D]) -> [B]`` float32 (see the module doc).
 
     Args:
-        transformer: the family's transformer (frozen here; shared when it is the policy's).
-        base_path: its folder (recorded when saving; :func:`load_prm` loads it from there when not shared).
+        transformer: the family's transformer, or Wan2.2's ``WanExperts`` (frozen here; shared when it is the policy's).
+        base_path: its folder, Wan2.2's pipeline folder (:func:`backbone_base`; recorded when saving, :func:`load_prm`
+            loads it from there when not shared).
         lora_rank, lora_alpha, lora_targets: the PRM's own LoRA adapter (``lora_rank=0``: frozen backbone).
         head_dim: width of the reward head's hidden layer.
         aux_rewards: reward parts also predicted (standard units), as :class:`LatentRewardModel`'s.
@@ -97,11 +154,14 @@ class BackbonePRM(nn.Module):
     ):
         super().__init__()
         name = type(transformer).__name__
-        if name not in BACKBONE_CLASSES or not hasattr(transformer, "norm_out"):
-            raise ValueError(f"the backbone PRM supports {', '.join(BACKBONE_CLASSES)}, got a {name}")
+        backbones = _backbones(transformer)
         if adapter_name == "default":
             raise ValueError("adapter_name 'default' is the policy's LoRA; give the PRM's adapter another name")
-        cfg = transformer.config
+        configs = [b.config for b in backbones.values()]
+        cfg = configs[0]
+        for key in ("in_channels", "text_dim", "num_attention_heads", "attention_head_dim"):
+            if len({c[key] for c in configs}) > 1:
+                raise ValueError(f"the experts of a backbone PRM must agree on {key}, got {[c[key] for c in configs]}")
         inner = cfg.num_attention_heads * cfg.attention_head_dim
         self.config = SimpleNamespace(
             base_path=str(base_path),
@@ -116,6 +176,7 @@ class BackbonePRM(nn.Module):
             adapter_name=adapter_name,
         )
         object.__setattr__(self, "transformer", transformer)  # not a submodule: shared, never saved with the PRM
+        object.__setattr__(self, "backbones", backbones)
         self.head = nn.Sequential(
             nn.LayerNorm(inner), nn.Linear(inner, head_dim), nn.SiLU(), nn.Linear(head_dim, 1 + len(aux_rewards))
         )
@@ -139,8 +200,10 @@ class BackbonePRM(nn.Module):
         layers = _lora_layers(tr)
         state = {id(m): (m.active_adapters, m.disable_adapters) for m in layers}
         grads = {id(p): p.requires_grad for p in tr.parameters()}
-        add = type(tr).add_adapter  # the class's: build_policy may wrap the instance's with its check
-        add(tr, LoraConfig(r=c.lora_rank, lora_alpha=c.lora_alpha, target_modules=c.lora_targets), c.adapter_name)
+        lora = LoraConfig(r=c.lora_rank, lora_alpha=c.lora_alpha, target_modules=c.lora_targets)
+        # On every expert, whichever the policy trains; the class's add_adapter: build_policy may wrap the instance's.
+        for backbone in self.backbones.values():
+            type(backbone).add_adapter(backbone, lora, c.adapter_name)
         # diffusers' add_adapter activates the new adapter everywhere (and peft flips requires_grad): restore
         # the policy's state; the PRM switches to its adapter inside its own calls only.
         for m in _lora_layers(tr):
@@ -214,36 +277,49 @@ class BackbonePRM(nn.Module):
         if self.training and torch.is_grad_enabled():
             for p in self.adapter_parameters().values():
                 p.requires_grad_(True)  # the policy's set_adapter may have turned them off
-        captured = []
-        hook = tr.norm_out.register_forward_pre_hook(lambda module, args: captured.append(args[0]))
-        checkpointing = getattr(tr, "gradient_checkpointing", False)
-        saved_fn = getattr(tr, "_gradient_checkpointing_func", None)
-        if checkpointing:
-            # A checkpointed block is recomputed during backward, after this call has restored the policy's adapter
-            # state: recompute it under the PRM's own (else the gradient would be the policy's, or fail).
-            def checkpointed(block, *args):
-                return torch.utils.checkpoint.checkpoint(
-                    block.__call__,
-                    *args,
-                    use_reentrant=False,
-                    context_fn=lambda: (contextlib.nullcontext(), self._own_adapter()),
-                )
+        timestep = sigma.float() * 1000
+        captured: Dict[str, torch.Tensor] = {}
+        hooks, saved_fns = [], {}
 
-            tr._gradient_checkpointing_func = checkpointed
+        # A checkpointed block is recomputed during backward, after this call has restored the policy's adapter
+        # state: recompute it under the PRM's own (else the gradient would be the policy's, or fail).
+        def checkpointed(block, *args):
+            return torch.utils.checkpoint.checkpoint(
+                block.__call__,
+                *args,
+                use_reentrant=False,
+                context_fn=lambda: (contextlib.nullcontext(), self._own_adapter()),
+            )
+
+        for key, backbone in self.backbones.items():
+            hooks.append(
+                backbone.norm_out.register_forward_pre_hook(lambda m, args, key=key: captured.__setitem__(key, args[0]))
+            )
+            if getattr(backbone, "gradient_checkpointing", False):
+                saved_fns[key] = backbone._gradient_checkpointing_func
+                backbone._gradient_checkpointing_func = checkpointed
         try:
             with self._own_adapter():
                 tr(
                     hidden_states=x_sigma.to(dtype),
-                    timestep=sigma.float() * 1000,
+                    timestep=timestep,
                     encoder_hidden_states=embeds.to(dtype),
                     return_dict=False,
                 )
         finally:
-            hook.remove()
-            if checkpointing:
-                tr._gradient_checkpointing_func = saved_fn
-        pooled = captured[-1].float().mean(dim=1)  # [B, tokens, inner] -> [B, inner]
-        return self.head(pooled.to(self.head[1].weight.dtype)).float()
+            for hook in hooks:
+                hook.remove()
+            for key, fn in saved_fns.items():
+                self.backbones[key]._gradient_checkpointing_func = fn
+        pooled = {key: h.float().mean(dim=1) for key, h in captured.items()}  # [b, tokens, inner] -> [b, inner]
+        if len(pooled) == 1:
+            features = next(iter(pooled.values()))
+        else:  # WanExperts split a batch mixing noise levels: each expert's rows back to their samples
+            high = tr.high_noise(timestep)
+            features = pooled["transformer"].new_zeros((x_sigma.shape[0], pooled["transformer"].shape[1]))
+            for key, rows in (("transformer", high), ("transformer_2", ~high)):
+                features = features.index_put((rows.nonzero().flatten(),), pooled[key])
+        return self.head(features.to(self.head[1].weight.dtype)).float()
 
     def score(self, x_sigma, sigma, prompt_embeds, prompt_mask=None) -> torch.Tensor:
         return self.score_all(x_sigma, sigma, prompt_embeds, prompt_mask)[:, 0]
@@ -312,12 +388,7 @@ class BackbonePRM(nn.Module):
         if settings.get("kind") != "backbone":
             raise ValueError(f"{path} is not a backbone PRM folder")
         if transformer is None:
-            import diffusers
-
-            loader = getattr(diffusers, settings["base_class"])
-            transformer = loader.from_pretrained(settings["base_path"], torch_dtype=dtype or torch.float32)
-            if device is not None:
-                transformer = transformer.to(device)
+            transformer = load_base(settings["base_path"], dtype or torch.float32, device)
         prm = cls(
             transformer,
             base_path=settings["base_path"],
@@ -343,14 +414,16 @@ def check_backbone_folder(path: Union[str, Path], in_channels: int, text_dim: in
     path = Path(path)
     settings = json.loads((path / PRM_KIND_FILE).read_text())
     base = Path(settings.get("base_path", ""))
-    if not (base / "config.json").is_file():
-        raise ValueError(f"{path}: its base transformer folder {base} has no config.json")
-    values = json.loads((base / "config.json").read_text())
-    if values.get("_class_name") not in BACKBONE_CLASSES:
-        raise ValueError(f"{path}: base {base} holds a {values.get('_class_name')}, not a {BACKBONE_CLASSES}")
-    for key, want in (("in_channels", in_channels), ("text_dim", text_dim)):
-        if values.get(key) != want:
-            raise ValueError(f"{path}: its base transformer has {key}={values.get(key)} but the model needs {want}")
+    two = (base / "model_index.json").is_file()
+    for folder in (base / "transformer", base / "transformer_2") if two else (base,):
+        if not (folder / "config.json").is_file():
+            raise ValueError(f"{path}: its base transformer folder {folder} has no config.json")
+        values = json.loads((folder / "config.json").read_text())
+        if values.get("_class_name") not in BACKBONE_CLASSES:
+            raise ValueError(f"{path}: base {folder} holds a {values.get('_class_name')}, not a {BACKBONE_CLASSES}")
+        for key, want in (("in_channels", in_channels), ("text_dim", text_dim)):
+            if values.get(key) != want:
+                raise ValueError(f"{path}: its base transformer has {key}={values.get(key)} but the model needs {want}")
     return settings
 
 
