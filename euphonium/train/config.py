@@ -121,6 +121,13 @@ class TrainConfig:
     distill_target: ``reference`` (``mean_ref + c g``, the reference policy's mean moved by the guidance:
         its fixed point is the reference tilted by the guidance, so guidance cannot compound) or
         ``policy`` (``sg(mean_theta) + c g``: a push that never stops).
+    parallel: under ``torchrun``, ``ddp`` (the gradients all-reduced) or ``fsdp`` (FSDP2: the weights,
+        gradients and optimizer states of each transformer block sharded over the ranks).
+    context_parallel: N > 1 splits each sample's tokens over groups of N ranks with diffusers' Ulysses
+        attention (the transformers with a context-parallel plan: ``toy``, ``wan``, ``flux``; one
+        accelerator per rank). N must divide the number of ranks W, the attention heads and the tokens per
+        sample; the batch is split over W / N data ranks and ``parallel`` wraps all W
+        (euphonium/train/context_parallel.py).
     eval_every: every N steps, before the first and after the last, score ``eval_prompts`` fixed
         prompts, sampled with the deterministic ODE sampler (EMA weights, if any) from fixed noise,
         into ``DIR/eval.jsonl``: the same clips each time, so the curve shows the policy's change
@@ -193,6 +200,7 @@ class TrainConfig:
     checkpoint_every: int = 20
     keep_checkpoints: int = 2
     parallel: str = "ddp"
+    context_parallel: int = 1
     eval_every: int = 25
     eval_prompts: Any = 32
     num_eval_samples: int = 8
@@ -228,6 +236,7 @@ class TrainConfig:
         if self.updates_per_step is not None:
             check_int("updates_per_step", self.updates_per_step, minimum=1)
         check_choice("parallel", self.parallel, ("ddp", "fsdp"))
+        check_int("context_parallel", self.context_parallel, minimum=1)
         if not DEVICE.match(self.device):
             raise ValueError(f"device must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
         if model.kind not in ("toy", "mixture") and not model.path:

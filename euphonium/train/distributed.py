@@ -4,7 +4,7 @@ an FSDP2 optimizer as a checkpoint sees it. With one process every function is a
 from __future__ import annotations
 
 import os
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -39,14 +39,19 @@ def wrap_for_training(transformer: torch.nn.Module, parallel: str, world: int, d
         return fully_shard(transformer)
     from torch.nn.parallel import DistributedDataParallel
 
-    return DistributedDataParallel(transformer, device_ids=[device.index] if device.type == "cuda" else None)
+    # Wan2.2 training both experts: a micro-batch of one noise range leaves the other expert's weights unused.
+    several = len(getattr(transformer, "trained", ())) > 1
+    return DistributedDataParallel(
+        transformer, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=False
+    )
 
 
 class RankReducer:
-    """Sums, means and maxima of logged Python floats over the ranks (float64, one all-reduce each)."""
+    """Sums, means and maxima of logged Python floats over the ``world`` ranks of ``group`` (None: all ranks;
+    float64, one all-reduce each)."""
 
-    def __init__(self, world: int, device: torch.device):
-        self.world = world
+    def __init__(self, world: int, device: torch.device, group: Optional[dist.ProcessGroup] = None):
+        self.world, self.group = world, group
         # gloo reduces CPU tensors; NCCL needs them on the GPU.
         self.device = device if device.type == "cuda" else torch.device("cpu")
 
@@ -55,7 +60,7 @@ class RankReducer:
             return values
         keys = sorted(values)
         t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=self.device)
-        dist.all_reduce(t)
+        dist.all_reduce(t, group=self.group)
         return dict(zip(keys, t.tolist()))
 
     def mean(self, values: Dict[str, float]) -> Dict[str, float]:
@@ -65,7 +70,7 @@ class RankReducer:
         if self.world == 1:
             return value
         t = torch.tensor([value], dtype=torch.float64, device=self.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
         return float(t)
 
 

@@ -34,7 +34,8 @@ def ode_sampler(sampler: SamplerConfig) -> SamplerConfig:
 class Evaluator:
     """ODE samples of the policy and the mean rewards of the fixed evaluation set.
 
-    ``reward_columns(parts) -> {name: [B]}`` turns a reward set's parts into the logged columns.
+    ``reward_columns(parts) -> {name: [B]}`` turns a reward set's parts into the logged columns. ``rank`` of
+    ``world`` is this process's share of the set, summed over the ranks of ``group`` (None: all ranks).
     """
 
     def __init__(
@@ -52,12 +53,13 @@ class Evaluator:
         rank: int,
         world: int,
         batch: int,
+        group=None,
     ):
         self.policy, self.velocity_model, self.sampler = policy, velocity_model, ode_sampler(sampler)
         self.rewards, self.reward_columns = rewards, reward_columns
         self.eval_set, self.noise_generator = eval_set, noise_generator
         self.ema, self.device, self.rank, self.world, self.batch = ema, device, rank, world, batch
-        self.reducer = RankReducer(world, device)
+        self.reducer = RankReducer(world, device, group)
         self._noise: Optional[torch.Tensor] = None
         # The first clips of this rank's share of the last evaluation (uint8, CPU) and their prompts, for
         # the loggers (MetricsLogger.log_clips); keep_clips = 0 keeps none.

@@ -21,9 +21,11 @@ def advantages(
     group_ids: torch.Tensor,
     *,
     distributed: bool,
+    process_group=None,
 ) -> Tuple[Dict[str, torch.Tensor], Optional[torch.Tensor]]:
     """Outcome advantages per trained reward and ``[B, K]`` process advantages (None without process
-    credit), each group-normalised over the whole batch (groups may span ranks).
+    credit), each group-normalised over the whole batch (groups may span the ranks of ``process_group``,
+    None: all ranks).
 
     ``state``: the PRM score of each guided step's input. ``td``: the change of the PRM score across
     each trainable step, ``r_p(x_{k+1}) - r_p(x_k)``; the state after the last trainable step fixes
@@ -47,6 +49,7 @@ def advantages(
         eps=config.adv_eps,
         global_std=config.adv_global_std,
         distributed=distributed,
+        process_group=process_group,
     )
     if process is not None and process.shape[1] < traj.num_sde_steps:
         # TD credit covers the trainable steps; the last step, never trained, gets none.

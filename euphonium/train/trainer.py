@@ -35,6 +35,7 @@ from euphonium.sampler import Trajectory, preset, rollout
 from euphonium.train import checkpoint as ckpt
 from euphonium.train import objective
 from euphonium.train.config import ConfigError, TrainConfig, check_device
+from euphonium.train.context_parallel import check_context_parallel, enable_context_parallel, rank_layout
 from euphonium.train.distributed import (
     FullOptimizerState,
     RankReducer,
@@ -74,16 +75,24 @@ class Trainer:
             ckpt.check_compatible(self._resume_from[0], self._resume_from[1]["config"], config)
         elif resume and has_run and self.is_main:
             print(f"--resume: {self.output_dir} has no checkpoint yet; starting from step 0", file=sys.stderr)
+        check_context_parallel(config, self.world)
+        # Data is split over data ranks: one per context-parallel group, whose members share it (context_parallel.py).
+        self.layout = rank_layout(self.rank, self.world, config.context_parallel, self.device)
+        data_world = self.layout.data_world
         batch = config.prompts_per_step * config.group_size
-        if batch % self.world:
+        if batch % data_world:
             raise ConfigError(
-                f"prompts_per_step * group_size ({batch}) must be divisible by the number of ranks ({self.world})"
+                f"prompts_per_step * group_size ({batch}) must be divisible by the number of data ranks ({data_world}: "
+                "ranks / context_parallel)"
             )
-        self.local_batch = batch // self.world
+        self.local_batch = batch // data_world
+        # Over all ranks: a context-parallel group's members log the same values, so these are the data ranks' means.
         self.reducer = RankReducer(self.world, self.device)
         self.rng = RandomStreams(config.seed)
-        if config.eval_every and eval_set_size(config) < self.world:
-            raise ConfigError(f"eval_prompts ({config.eval_prompts}) must be >= the number of ranks ({self.world})")
+        if config.eval_every and eval_set_size(config) < data_world:
+            raise ConfigError(
+                f"eval_prompts ({config.eval_prompts}) must be >= the number of data ranks ({data_world})"
+            )
 
         overrides = dict(config.sampler)
         if config.algorithm not in GUIDED_ALGORITHMS and overrides.get("guidance"):
@@ -113,8 +122,9 @@ class Trainer:
             self.rng.generator("eval_noise"),
             ema=self.ema,
             device=self.device,
-            rank=self.rank,
-            world=self.world,
+            rank=self.layout.data_rank,
+            world=self.layout.data_world,
+            group=self.layout.data_group,
             batch=self.local_batch,
         )
         self.step = 0
@@ -165,6 +175,14 @@ class Trainer:
         self.rollout_model = DiffusersFlowModel(
             transformer, cfg_scale=config.model.cfg_scale, attention_backend=config.model.attention_backend
         )
+        if config.context_parallel > 1:
+            enable_context_parallel(
+                self.layout,
+                [transformer] + ([self.reference] if self.reference is not None else []),
+                prm=self.policy.prm,
+                latent_shape=self.policy.latent_shape,
+                text_tokens=config.model.max_sequence_length,
+            )
         self.wrapped = wrap_for_training(transformer, config.parallel, self.world, self.device)
         # Training forwards go through the DDP/FSDP wrapper (gradient all-reduce); the adapter is shared.
         self.train_model = copy.copy(self.rollout_model)
@@ -257,7 +275,7 @@ class Trainer:
         config = self.config
         gen = self.rng.generator("prompts", step=self.step)
         chosen = torch.randint(len(self.policy.prompts), (config.prompts_per_step,), generator=gen).tolist()
-        start = self.rank * self.local_batch
+        start = self.layout.data_rank * self.local_batch
         global_ids = torch.arange(start, start + self.local_batch) // config.group_size
         prompts = [self.policy.prompts[chosen[g]] for g in global_ids.tolist()]
         return prompts, global_ids.to(self.device)
@@ -276,7 +294,7 @@ class Trainer:
             # A group that spans ranks is sampled by several processes; init refuses the settings that
             # would need its members to share noise (check_groups_fit_ranks).
             group_size=self.config.group_size if self.local_batch % self.config.group_size == 0 else 1,
-            seed=self.rng.seed("rollout", step=self.step, rank=self.rank),
+            seed=self.rng.seed("rollout", step=self.step, rank=self.layout.data_rank),
             device=self.device,
         )
         return traj, cond
@@ -357,7 +375,7 @@ class Trainer:
         if k == 0:
             raise RuntimeError("the rollout recorded no trainable SDE step (check the sampler's SDE window)")
         n_train = max(1, round(k * config.timestep_fraction))
-        gen = self.rng.generator("minibatches", step=self.step, rank=self.rank)
+        gen = self.rng.generator("minibatches", step=self.step, rank=self.layout.data_rank)
         logs: Dict[str, float] = {}
         for epoch in range(config.inner_epochs):
             cols = torch.stack([torch.randperm(k, generator=gen)[:n_train] for _ in range(batch)]).to(self.device)
@@ -408,7 +426,9 @@ class Trainer:
                 )
                 with sync:
                     loss, stats = self._step_loss(traj, cond, rows, cols[rows, j], outcome, process)
-                    (loss / total).backward()
+                    # Context parallelism: each rank's gradient is its tokens' share, and DDP/FSDP average
+                    # over all ranks, so N times the loss makes the average the data ranks' mean gradient.
+                    (loss * config.context_parallel / total).backward()
                 sums["loss"] = sums.get("loss", 0.0) + float(loss.detach()) / total
                 for key in ("clip_frac", "approx_kl", "ratio_mean", "kl", "distill_loss"):
                     if key in stats:
@@ -462,7 +482,13 @@ class Trainer:
             videos = self.policy.decode(traj.x0)
             rewards = self.rewards(videos, prompts)
         outcome, process = objective.advantages(
-            self.config, self.outcome_weights, rewards, traj, group_ids, distributed=self.world > 1
+            self.config,
+            self.outcome_weights,
+            rewards,
+            traj,
+            group_ids,
+            distributed=self.layout.data_world > 1,
+            process_group=self.layout.data_group,
         )
         logs = self._update(traj, cond, outcome, process)
         if self.prm_trainer is not None and (self.step + 1) % self.config.prm_refresh_every == 0:
