@@ -27,6 +27,15 @@ def _pick(value: Any, index: torch.Tensor, batch: int) -> Any:
     return value
 
 
+def expert_handles(sigma: torch.Tensor, boundary_ratio: float, expert: str) -> torch.Tensor:
+    """``[...]`` bool: which noise levels ``sigma`` reach a trained expert (all for ``expert='both'``): the
+    high-noise ``transformer`` takes ``t = sigma * 1000 >= boundary_ratio * 1000``, ``transformer_2`` the rest."""
+    high = sigma.to(torch.float32) * NUM_TRAIN_TIMESTEPS >= boundary_ratio * NUM_TRAIN_TIMESTEPS
+    if expert == "both":
+        return torch.ones_like(high)
+    return high if expert == "high" else ~high
+
+
 class WanExperts(FlowTransformer):
     """``transformer`` (high noise) and ``transformer_2`` (low noise) behind one call.
 
@@ -65,10 +74,7 @@ class WanExperts(FlowTransformer):
 
     def trains_sigma(self, sigma: torch.Tensor) -> torch.Tensor:
         """``[B]`` bool: which noise levels reach a trained expert (all when ``expert='both'``)."""
-        high = self.high_noise(sigma.to(torch.float32) * NUM_TRAIN_TIMESTEPS)
-        if self.expert == "both":
-            return torch.ones_like(high)
-        return high if self.expert == "high" else ~high
+        return expert_handles(sigma, self.boundary_ratio, self.expert)
 
     def forward(
         self,

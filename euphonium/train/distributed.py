@@ -39,7 +39,11 @@ def wrap_for_training(transformer: torch.nn.Module, parallel: str, world: int, d
         return fully_shard(transformer)
     from torch.nn.parallel import DistributedDataParallel
 
-    return DistributedDataParallel(transformer, device_ids=[device.index] if device.type == "cuda" else None)
+    # Wan2.2 training both experts: a micro-batch of one noise range leaves the other expert's weights unused.
+    several = len(getattr(transformer, "trained", ())) > 1
+    return DistributedDataParallel(
+        transformer, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=several
+    )
 
 
 class RankReducer:

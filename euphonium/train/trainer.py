@@ -47,6 +47,7 @@ from euphonium.train.distributed import (
 )
 from euphonium.train.ema import EMA
 from euphonium.train.evaluation import Evaluator
+from euphonium.train.experts import check_trained_steps, trained_steps
 from euphonium.train.logging import MetricsLogger, plot_reward_curve
 from euphonium.train.policy import build_policy, check_model_config, training_prompts, video_shape
 from euphonium.train.prompts import eval_set_size, evaluation_set, prompt_metadata
@@ -105,7 +106,8 @@ class Trainer:
             raise ConfigError(f"sampler: {err}") from None
         check_groups_fit_ranks(self.local_batch, config.group_size, self.sampler)
 
-        check_model_config(config)  # a bad model folder fails here, before rewards or weights load
+        checked = check_model_config(config)  # a bad model folder fails here, before rewards or weights load
+        check_trained_steps(config, self.sampler, checked.get("boundary_ratio"))
         self._part_names = self._build_rewards()
         self.policy = build_policy(config, self.device)
         if self.sampler.guidance and self.policy.prm is None:
@@ -365,20 +367,21 @@ class Trainer:
         minibatches of the batch in a fixed order; returns the logged statistics of the first pass.
 
         Each sample trains ``timestep_fraction`` of its trainable steps (never the last step, whose noise
-        cannot reach the decoded sample). The first update is on-policy (``ratio_max_dev``, checked
+        cannot reach the decoded sample; with one Wan2.2 expert trained, only the steps it handles:
+        :func:`~euphonium.train.experts.trained_steps`). The first update is on-policy (``ratio_max_dev``, checked
         against ``on_policy_tolerance``); later ones see ratios away from 1, where the clip acts
         (``clip_frac``).
         """
         config = self.config
         batch = traj.log_prob.shape[0]
-        k = int(traj.trainable.sum())
-        if k == 0:
-            raise RuntimeError("the rollout recorded no trainable SDE step (check the sampler's SDE window)")
+        steps = trained_steps(self.policy.transformer, traj).cpu()
+        k = steps.numel()
         n_train = max(1, round(k * config.timestep_fraction))
         gen = self.rng.generator("minibatches", step=self.step, rank=self.layout.data_rank)
         logs: Dict[str, float] = {}
         for epoch in range(config.inner_epochs):
-            cols = torch.stack([torch.randperm(k, generator=gen)[:n_train] for _ in range(batch)]).to(self.device)
+            draws = [torch.randperm(k, generator=gen)[:n_train] for _ in range(batch)]
+            cols = steps[torch.stack(draws)].to(self.device)
             order = torch.randperm(batch, generator=gen).to(self.device)
             sums: Dict[str, float] = {}
             first_dev, grad_norms, skipped = 0.0, [], 0.0
