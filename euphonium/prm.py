@@ -9,7 +9,8 @@ Any configured model (``--config NAME [key=value ...]``, the trainer's configs a
 
 ``collect`` writes resumable shards (:mod:`euphonium.prm_collect`; under ``torchrun`` each rank its
 own); ``train --kind conv`` trains a :class:`LatentRewardModel`, ``--kind backbone`` a
-:class:`~euphonium.rewards.prm.BackbonePRM` on the config's transformer. Without ``--config`` the toy world
+:class:`~euphonium.rewards.prm.BackbonePRM` on the config's transformer (Wan2.1, Wan2.2 A14B, SD3.5, FLUX.1,
+HunyuanVideo: the shards keep the policy's whole conditioning for it). Without ``--config`` the toy world
 (``collect --out FILE.safetensors``, ``train --data FILE``: the committed toy PRM's recipe).
 """
 
@@ -179,6 +180,10 @@ def _cmd_train(args) -> None:
     print(json.dumps(summary, indent=2))
 
 
+# The diffusers families (their transformers are the backbone PRM's BACKBONE_CLASSES).
+BACKBONE_KINDS = ("wan", "sd3", "flux", "hunyuan_video")
+
+
 def _backbone_model(args) -> BackbonePRM:
     """A fresh (or ``--init``) backbone PRM on the config's transformer, on the config's device and dtype."""
     if not args.config:
@@ -186,8 +191,10 @@ def _backbone_model(args) -> BackbonePRM:
     from euphonium.models.diffusers import DTYPES
 
     config = _config(args)
-    if config.model.kind != "wan":
-        raise SystemExit(f"error: --kind backbone supports model.kind=wan, got {config.model.kind}")
+    if config.model.kind not in BACKBONE_KINDS:
+        raise SystemExit(
+            f"error: --kind backbone supports model.kind={', '.join(BACKBONE_KINDS)}, got {config.model.kind}"
+        )
     device, dtype = _device(config), DTYPES[config.model.dtype]
     if args.init:
         model = load_prm(args.init, device, dtype=dtype)
@@ -195,7 +202,7 @@ def _backbone_model(args) -> BackbonePRM:
             raise SystemExit(f"error: --init {args.init} is not a backbone PRM")
         return model.train()
     base = backbone_base(config.model.path)  # Wan2.2 A14B: the pipeline folder, its two experts
-    transformer = load_base(base, dtype, device)
+    transformer = load_base(base, dtype, device)  # SD3, FLUX, HunyuanVideo: in the adapter the policy calls
     if config.model.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     model = BackbonePRM(

@@ -18,8 +18,11 @@ rerun with the same arguments skips the shards that exist and collects the rest.
 
 A shard holds ``x0 [n, C, F, H, W]`` (the stored dtype), ``prompt_embeds [n, D]`` (pooled, what the conv
 PRM reads), ``prompt_tokens [u, L, D]`` with ``prompt_index [n]`` (the per-token text conditioning of the
-``u`` distinct prompts in the shard, what the backbone PRM reads), ``rewards [n]``, ``parts.<name> [n]``
-(every named reward part) and ``sample_index [n]``; the prompt strings in its metadata.
+``u`` distinct prompts in the shard, what the backbone PRM reads), ``cond.<name> [n, ...]`` (the rest of the
+policy's conditioning, ``Conditioning.kwargs``: SD3's and FLUX's ``pooled_projections``, the embedded
+``guidance`` of FLUX and HunyuanVideo, HunyuanVideo's ``encoder_attention_mask``; the backbone PRM calls its
+transformer with them), ``rewards [n]``, ``parts.<name> [n]`` (every named reward part) and
+``sample_index [n]``; the prompt strings in its metadata.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from euphonium.rewards.prm.data import SIGMA_BUCKETS, PRMDataset, noise_latents, spearman
+from euphonium.rewards.prm.data import SIGMA_BUCKETS, PRMDataset, noise_latents, spearman, split_conditioning
 from euphonium.rewards.prm.model import pool_prompt_embeds
 
 SHARD_FORMAT = "euphonium.prm_shard.v1"
@@ -208,7 +211,7 @@ def collect_shards(
                     device=device,
                 )
                 out = rewards(policy.decode(traj.x0), batch)
-            chunks.append((traj.x0, cond.prompt_embeds, out))
+            chunks.append((traj.x0, split_conditioning(cond), out))
             bar.update(len(batch))
         _write_shard(out_dir, k, first, shard_prompts, chunks, STORE_DTYPES[store_dtype])
         result["written"].append(k)
@@ -218,7 +221,7 @@ def collect_shards(
 
 def _write_shard(out_dir: Path, index: int, first: int, prompts: List[str], chunks, dtype: torch.dtype) -> Path:
     x0 = torch.cat([c[0].detach().float().cpu() for c in chunks]).to(dtype)
-    embeds = torch.cat([c[1].detach().cpu() for c in chunks])
+    embeds = torch.cat([c[1][0].detach().cpu() for c in chunks])
     unique = sorted(set(prompts), key=prompts.index)
     where = {p: prompts.index(p) for p in unique}
     tensors = {
@@ -230,6 +233,8 @@ def _write_shard(out_dir: Path, index: int, first: int, prompts: List[str], chun
     }
     if embeds.dim() == 3:
         tensors["prompt_tokens"] = embeds[[where[p] for p in unique]].contiguous()
+    for name in chunks[0][1][1]:
+        tensors[f"cond.{name}"] = torch.cat([c[1][1][name].detach().cpu() for c in chunks]).contiguous()
     for name in chunks[0][2].parts:
         tensors[f"parts.{name}"] = torch.cat([c[2].parts[name].float().cpu() for c in chunks])
     path = shard_path(out_dir, index)
@@ -243,8 +248,8 @@ def load_shards(out_dir: Union[str, Path], *, tokens: bool = False) -> PRMDatase
     """All complete shards of a collection folder as one :class:`PRMDataset` (in sample order).
 
     ``tokens=False``: pooled prompt embeddings ``[N, D]`` (the conv PRM's); ``tokens=True``: the per-token
-    conditioning ``[N, L, D]`` (the backbone PRM's: each sample gets its prompt's tokens, so memory grows
-    with ``N * L * D``).
+    conditioning ``[N, L, D]`` and the rest of the policy's conditioning as ``cond_kwargs`` (the backbone PRM's:
+    each sample gets its prompt's tokens, so memory grows with ``N * L * D``).
     """
     out_dir = Path(out_dir)
     files = sorted(p for p in out_dir.glob("shard-*.safetensors") if _valid_shard(p))
@@ -265,6 +270,7 @@ def load_shards(out_dir: Union[str, Path], *, tokens: bool = False) -> PRMDatase
                 rewards=t["rewards"],
                 prompts=prompts,
                 parts={k[len("parts.") :]: v for k, v in t.items() if k.startswith("parts.")},
+                cond_kwargs={k[len("cond.") :]: v for k, v in t.items() if k.startswith("cond.")} if tokens else {},
             )
         )
     return PRMDataset.concat(parts)
@@ -300,8 +306,8 @@ def calibration_by_sigma(
             x0 = data.x0[start : start + batch_size].float()
             sigma = lo + (hi - lo) * torch.rand(x0.shape[0], generator=gen)
             x = noise_latents(x0, sigma, torch.randn(x0.shape, generator=gen))
-            emb = data.prompt_embeds[start : start + batch_size]
-            preds.append(prm(x.to(device), sigma.to(device), emb.to(device)).float().cpu())
+            cond = data.condition(slice(start, start + batch_size), device)
+            preds.append(prm(x.to(device), sigma.to(device), cond).float().cpu())
         p, t = torch.cat(preds), data.rewards
         order = torch.argsort(p)
         error = 0.0

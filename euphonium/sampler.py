@@ -526,9 +526,10 @@ def _initial_noise(shape, noise, dtype, device, generator, same, group_size) -> 
     return per_group.repeat_interleave(group_size, dim=0).to(dtype)
 
 
-def _prm_condition(cond: Any) -> Any:
-    # A diffusers Conditioning carries the text embeddings the PRM is conditioned on.
-    return getattr(cond, "prompt_embeds", cond)
+def _prm_condition(prm: Any, cond: Any) -> Any:
+    # A PRM that reads the family's whole Conditioning gets it (the backbone PRM: pooled projections, guidance,
+    # masks); others the text embeddings a diffusers Conditioning carries.
+    return cond if getattr(prm, "reads_conditioning", False) else getattr(cond, "prompt_embeds", cond)
 
 
 @torch.no_grad()
@@ -566,7 +567,8 @@ def rollout(
         noise: the initial latents ``[B, ...]`` themselves (``x`` at ``sigma = 1``).
         prm: process reward model, called ``prm(x, sigma [B], prm_cond) -> [B]``; required with
             ``config.guidance`` or ``score_states``.
-        prm_cond: the PRM's conditioning; default ``cond.prompt_embeds`` if ``cond`` has it, else ``cond``.
+        prm_cond: the PRM's conditioning; default ``cond`` for a PRM with ``reads_conditioning``, else
+            ``cond.prompt_embeds`` if ``cond`` has it, else ``cond``.
         group_size: prompt-group size (contiguous samples) for ``config.same_initial_noise``.
         seed: int or ``torch.Generator`` (None: a fresh random seed). The generator draws, in order:
             the initial noise, the random window's start, then per SDE step either a Philox seed for
@@ -615,7 +617,7 @@ def rollout(
     x = _initial_noise(shape, noise, dtype, device, generator, config.same_initial_noise, group_size)
     batch = x.shape[0]
     if prm is not None and prm_cond is None:
-        prm_cond = _prm_condition(cond)
+        prm_cond = _prm_condition(prm, cond)
 
     n = config.num_steps
     sigmas = shifted_sigmas(n, config.shift, device=device)

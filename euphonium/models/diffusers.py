@@ -92,6 +92,24 @@ def select_attention_backend(transformer: torch.nn.Module, backend: str = "auto"
     return "native"
 
 
+def call_transformer(
+    transformer: torch.nn.Module,
+    x: torch.Tensor,
+    timestep: torch.Tensor,
+    embeds: torch.Tensor,
+    kwargs: Mapping[str, Any],
+) -> torch.Tensor:
+    """``transformer(hidden_states=x, timestep=timestep, encoder_hidden_states=embeds, **kwargs)[0]`` with ``x``,
+    ``embeds`` and the floating-point ``kwargs`` cast to the transformer's dtype and ``timestep`` kept as given:
+    the policy's velocity call, and the backbone PRM's call of the same transformer."""
+    dtype = _module_dtype(transformer)
+    extra = {k: v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in kwargs.items()}
+    out = transformer(
+        hidden_states=x.to(dtype), timestep=timestep, encoder_hidden_states=embeds.to(dtype), return_dict=False, **extra
+    )
+    return out[0]
+
+
 @dataclass
 class Conditioning:
     """Text conditioning of a batch for :class:`DiffusersFlowModel`.
@@ -214,18 +232,7 @@ class DiffusersFlowModel:
     def _forward(
         self, x: torch.Tensor, timestep: torch.Tensor, embeds: torch.Tensor, kwargs: Mapping[str, Any]
     ) -> torch.Tensor:
-        dtype = self.dtype
-        extra = {
-            k: v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in kwargs.items()
-        }
-        out = self.transformer(
-            hidden_states=x.to(dtype),
-            timestep=timestep,
-            encoder_hidden_states=embeds.to(dtype),
-            return_dict=False,
-            **extra,
-        )
-        return out[0]
+        return call_transformer(self.transformer, x, timestep, embeds, kwargs)
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """Velocity ``v`` ``[B, ...]`` at latents ``x`` ``[B, ...]`` and noise levels ``sigma`` ``[B]``."""
@@ -267,4 +274,4 @@ def _cat_batch(positive: Any, negative: Any, batch: int) -> Any:
     return positive
 
 
-__all__ = ["Conditioning", "DiffusersFlowModel", "NUM_TRAIN_TIMESTEPS", "select_attention_backend"]
+__all__ = ["Conditioning", "DiffusersFlowModel", "NUM_TRAIN_TIMESTEPS", "call_transformer", "select_attention_backend"]

@@ -381,7 +381,7 @@ def _load_prm(
     if prm_kind(config.prm_path) != "backbone":
         return load_prm(config.prm_path, device)
     base = json.loads((Path(config.prm_path) / "prm_kind.json").read_text())["base_path"]
-    # The same base folder: Wan2.1's transformer/, or Wan2.2's pipeline folder (the policy's WanExperts).
+    # The same base folder: the pipeline's transformer/, or Wan2.2's pipeline folder (the policy's WanExperts).
     share = (
         transformer is not None and config.model.lora_rank > 0 and same_folder(base, backbone_base(config.model.path))
     )
@@ -635,7 +635,7 @@ def build_sd3_policy(config: TrainConfig, device: torch.device) -> Policy:
         lambda latents: sd3_decode(vae, latents),
         checked["latent_shape"],
         list(config.prompts),
-        _load_prm(config, device),
+        _load_prm(config, device, transformer),
     )
 
 
@@ -699,7 +699,7 @@ def build_flux_policy(config: TrainConfig, device: torch.device) -> Policy:
         lambda latents: sd3_decode(vae, latents),
         checked["latent_shape"],
         list(config.prompts),
-        _load_prm(config, device),
+        _load_prm(config, device, transformer),
     )
 
 
@@ -765,18 +765,20 @@ def build_hunyuan_video_policy(config: TrainConfig, device: torch.device) -> Pol
     root = checked["root"]
     model = config.model
     dtype = DTYPES[model.dtype]
-    transformer = HunyuanVideoTransformer3DModel.from_pretrained(root / "transformer", torch_dtype=dtype).to(device)
+    transformer = HunyuanVideoTransformer(
+        HunyuanVideoTransformer3DModel.from_pretrained(root / "transformer", torch_dtype=dtype).to(device)
+    )
     # Decoded under no_grad; its weights keep requires_grad as in the pipeline: on the CPU, PyTorch's conv3d
     # takes another kernel for weights that do not require grad, and the videos would differ in the last bits.
     vae = AutoencoderKLHunyuanVideo.from_pretrained(root / "vae", torch_dtype=torch.float32).to(device).eval()
     text = _cached_family_text(config, device, HunyuanVideoTextEncoder, root, model.guidance_scale)
     return Policy(
-        HunyuanVideoTransformer(transformer),
+        transformer,
         _encoder(text, model.cfg_scale > 1),
         lambda latents: hunyuan_video_decode(vae, latents),
         checked["latent_shape"],
         list(config.prompts),
-        _load_prm(config, device),
+        _load_prm(config, device, transformer),
     )
 
 

@@ -495,7 +495,7 @@ class Trainer:
         )
         logs = self._update(traj, cond, outcome, process)
         if self.prm_trainer is not None and (self.step + 1) % self.config.prm_refresh_every == 0:
-            logs.update(self.prm_trainer.update(traj.x0, cond.prompt_embeds, rewards.total, parts=rewards.parts))
+            logs.update(self.prm_trainer.update(traj.x0, cond, rewards.total, parts=rewards.parts))
 
         means = {key: float(value.mean()) for key, value in self._reward_columns(rewards.parts).items()}
         scored = traj.guided if self.config.process_advantage != "td" else traj.trainable

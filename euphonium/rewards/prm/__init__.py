@@ -1,7 +1,8 @@
 """The latent process reward model (PRM) and training it.
 
 A PRM scores a noisy latent ``x_sigma = (1 - sigma) x0 + sigma eps`` by the outcome reward the clean
-clip ``x0`` is expected to get, ``r_p(x_sigma, sigma, prompt_embeds) -> [B]``. The sampler adds
+clip ``x0`` is expected to get, ``r_p(x_sigma, sigma, prompt_embeds) -> [B]`` (the backbone PRM: the policy's
+whole ``Conditioning`` for ``prompt_embeds``). The sampler adds
 ``c * grad_x r_p`` to the SDE mean at guided steps (docs/DESIGN.md), so a PRM has to be noise-aware,
 text-conditioned and cheap to differentiate.
 

@@ -1,26 +1,34 @@
 """The backbone PRM: the model family's own transformer with a small reward head on its pooled hidden states.
 
-``r_p(x_sigma, sigma, prompt_embeds) = reward_mean + reward_std * head(mean_tokens(h_L))`` where ``h_L`` is the
+``r_p(x_sigma, sigma, cond) = reward_mean + reward_std * head(mean_tokens(h_L))`` where ``h_L`` is the
 transformer's last-block output (the input of its ``norm_out``, captured by a forward pre-hook: the hidden
-states before the output modulation, projection and unpatchify), averaged over the video tokens. Sigma enters
-through the transformer's own timestep input (``timestep = 1000 sigma``, as the sampler calls it) and the
-prompt through its own cross-attention (``encoder_hidden_states`` = the per-token ``prompt_embeds`` the sampler
-passes as ``prm_cond``), so the PRM is noise- and text-conditioned by construction.
+states before the output modulation, projection and unpatchify), averaged over the image / video tokens (in
+SD3's and FLUX's joint blocks and HunyuanVideo's dual- and single-stream blocks the text tokens run in their
+own stream, which ``norm_out`` does not see). The transformer is called exactly as the policy calls it
+(:func:`~euphonium.models.diffusers.call_transformer` on the family adapter: FLUX's packed latents, position
+ids and ``timestep / 1000``, SD3's one-frame latents), with ``timestep = 1000 sigma`` and the policy's
+``Conditioning`` of the batch, which the sampler passes as ``prm_cond`` (``reads_conditioning``): its
+per-token ``prompt_embeds`` as ``encoder_hidden_states`` and its ``kwargs`` (SD3's and FLUX's
+``pooled_projections``, the embedded ``guidance`` of FLUX.1-dev and HunyuanVideo, HunyuanVideo's
+``encoder_attention_mask``). With CFG the PRM reads the conditional half only. So the PRM is noise- and
+text-conditioned by construction; its training data keeps the same conditioning (the shards' ``prompt_tokens``
+and ``cond.<name>``, :class:`~euphonium.rewards.prm.PRMDataset`'s ``cond_kwargs``).
 
 The base weights are frozen; ``lora_rank > 0`` tunes a peft LoRA adapter named ``prm`` on them. The transformer
 is not a submodule (``parameters()`` / ``state_dict()`` hold the head, the reward scale and the adapter only):
 with a LoRA policy the PRM wraps the policy's own transformer (:func:`load_prm` with ``transformer=``), so one
 frozen copy of the base weights serves both, the active adapter switched for the PRM's calls and restored after.
 
-Families: Wan2.1 (``WanTransformer3DModel``: ``norm_out`` after the blocks, ``text_dim`` per-token text) and
+Families: Wan2.1 (``WanTransformer3DModel``: ``norm_out`` after the blocks, ``text_dim`` per-token text), SD3.5
+(``SD3Transformer2DModel``, ``joint_attention_dim``), FLUX.1 (``FluxTransformer2DModel``, ``joint_attention_dim``;
+its ``in_channels`` count the packed 2x2 patches, four times the latent channels), HunyuanVideo
+(``HunyuanVideoTransformer3DModel``, ``text_embed_dim``; its text passes the token refiner first) and
 Wan2.2 A14B (its two experts behind :class:`~euphonium.models.wan22.WanExperts`, called as the policy calls them:
 each noisy state is read by the expert the pipeline uses at its sigma, the high-noise one at
 ``t = 1000 sigma >= 1000 boundary_ratio``, the low-noise one below; one head reads both experts' pooled hidden
 states, and the PRM's adapter is on both. The alternative, one chosen expert at every sigma, would read a state
 with an expert that never denoises at that noise level and, to share the base, would tie the PRM to the expert
-the policy trains). SD3, FLUX and HunyuanVideo condition their transformers on more than per-token text
-(pooled projections, guidance, an attention mask): their backbone PRM would need that conditioning stored in the
-PRM data and passed at guidance time, which is not done.
+the policy trains).
 
 Cost per RL step (computed from the configs, not measured): each guided step of a rollout calls the PRM once
 with a gradient with respect to ``x``, one transformer forward and one backward (about 3 forwards), so the
@@ -40,11 +48,12 @@ A saved folder holds ``prm_kind.json`` (``kind: backbone``, the base transformer
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Dict, Iterator, List, Optional, Sequence, Union
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -52,11 +61,34 @@ import torch.utils.checkpoint
 from safetensors.torch import load_file, save_file
 
 from euphonium._checks import check_float_tensor, per_sample
-from euphonium.models.diffusers import _module_dtype
+from euphonium.models.adapter import FlowTransformer
+from euphonium.models.diffusers import NUM_TRAIN_TIMESTEPS, Conditioning, call_transformer
+from euphonium.models.flux import FluxTransformer
+from euphonium.models.hunyuan_video import HunyuanVideoTransformer
+from euphonium.models.sd3 import SD3Transformer
 
 PRM_KIND_FILE = "prm_kind.json"
 KINDS = ("conv", "backbone")
-BACKBONE_CLASSES = ("WanTransformer3DModel",)  # the diffusers transformers whose last hidden states are read
+
+
+@dataclasses.dataclass(frozen=True)
+class _Family:
+    text_key: str  # the config key of the per-token text width
+    packed: int  # latent channels per input channel: FLUX packs 2x2 patches (in_channels = 4 C)
+    adapter: Optional[type]  # the FlowTransformer the policy calls it through (None: called as is)
+    conditioning: Tuple[str, ...]  # the Conditioning.kwargs it needs besides the text (and guidance if embedded)
+
+
+# The diffusers transformers whose last hidden states are read.
+_FAMILIES = {
+    "WanTransformer3DModel": _Family("text_dim", 1, None, ()),
+    "SD3Transformer2DModel": _Family("joint_attention_dim", 1, SD3Transformer, ("pooled_projections",)),
+    "FluxTransformer2DModel": _Family("joint_attention_dim", 4, FluxTransformer, ("pooled_projections",)),
+    "HunyuanVideoTransformer3DModel": _Family(
+        "text_embed_dim", 1, HunyuanVideoTransformer, ("encoder_attention_mask", "pooled_projections")
+    ),
+}
+BACKBONE_CLASSES = tuple(_FAMILIES)
 # Wan2.2 A14B's pipeline folder: its two experts and their switch (the base of a two-expert backbone PRM).
 EXPERTS_CLASS = "WanExperts"
 
@@ -78,10 +110,18 @@ def _lora_layers(transformer: nn.Module):
     return [m for m in transformer.modules() if isinstance(m, BaseTunerLayer)]
 
 
+def _family_call(transformer: nn.Module) -> nn.Module:
+    """``transformer`` as the policy calls it: a bare SD3, FLUX or HunyuanVideo transformer in its family's
+    :class:`~euphonium.models.adapter.FlowTransformer` (the same weights), anything else as it is."""
+    family = _FAMILIES.get(type(transformer).__name__)
+    return family.adapter(transformer) if family is not None and family.adapter is not None else transformer
+
+
 def _backbones(transformer: nn.Module) -> Dict[str, nn.Module]:
-    """The diffusers transformers the PRM reads, by name: the transformer itself, or Wan2.2's two experts."""
+    """The diffusers transformers the PRM reads, by name: the transformer itself, or those of a family adapter
+    (Wan2.2's two experts, the one of SD3, FLUX or HunyuanVideo)."""
     name = type(transformer).__name__
-    if name == EXPERTS_CLASS:
+    if isinstance(transformer, FlowTransformer):
         found = {n: getattr(transformer, n) for n in transformer.model_names}
     elif name in BACKBONE_CLASSES:
         found = {"": transformer}
@@ -94,7 +134,7 @@ def _backbones(transformer: nn.Module) -> Dict[str, nn.Module]:
 
 
 def backbone_base(pipeline: Union[str, Path]) -> Path:
-    """The base a backbone PRM of the Wan pipeline folder ``pipeline`` records: the folder itself when it holds
+    """The base a backbone PRM of the pipeline folder ``pipeline`` records: the folder itself when it holds
     Wan2.2's two experts (``transformer_2/``), else its ``transformer/``."""
     pipeline = Path(pipeline)
     return pipeline if (pipeline / "transformer_2" / "config.json").is_file() else pipeline / "transformer"
@@ -102,8 +142,8 @@ def backbone_base(pipeline: Union[str, Path]) -> Path:
 
 def load_base(base: Union[str, Path], dtype: torch.dtype = torch.float32, device=None) -> nn.Module:
     """The transformer a backbone PRM reads, from its base (see :func:`backbone_base`): a transformer folder of one
-    of ``BACKBONE_CLASSES``, or a two-expert Wan2.2 pipeline folder as a ``WanExperts`` (``boundary_ratio`` from its
-    ``model_index.json``)."""
+    of ``BACKBONE_CLASSES`` (in its family's adapter, as the policy calls it), or a two-expert Wan2.2 pipeline
+    folder as a ``WanExperts`` (``boundary_ratio`` from its ``model_index.json``)."""
     import diffusers
 
     base = Path(base)
@@ -120,15 +160,21 @@ def load_base(base: Union[str, Path], dtype: torch.dtype = torch.float32, device
         name = json.loads((base / "config.json").read_text()).get("_class_name")
         if name not in BACKBONE_CLASSES:
             raise ValueError(f"{base} holds a {name}, not one of {BACKBONE_CLASSES}")
-        model = getattr(diffusers, name).from_pretrained(base, torch_dtype=dtype)
+        model = _family_call(getattr(diffusers, name).from_pretrained(base, torch_dtype=dtype))
     return model if device is None else model.to(device)
 
 
 class BackbonePRM(nn.Module):
-    """``prm(x_sigma [B, C, F, H, W], sigma [B], prompt_embeds [B, L, D]) -> [B]`` float32 (see the module doc).
+    """``prm(x_sigma [B, C, F, H, W], sigma [B], cond) -> [B]`` float32 (see the module doc).
+
+    ``cond``: the policy's :class:`~euphonium.models.diffusers.Conditioning` of the batch (its conditional half:
+    ``prompt_embeds`` and ``kwargs``), or per-token ``prompt_embeds [B, L, D]`` alone for a family that needs no
+    more (Wan).
 
     Args:
-        transformer: the family's transformer, or Wan2.2's ``WanExperts`` (frozen here; shared when it is the policy's).
+        transformer: the family's transformer as the policy holds it (its family adapter, e.g.
+            ``FluxTransformer``, or Wan2.2's ``WanExperts``; a bare SD3, FLUX or HunyuanVideo transformer is put in
+            its adapter), frozen here; shared when it is the policy's.
         base_path: its folder, Wan2.2's pipeline folder (:func:`backbone_base`; recorded when saving, :func:`load_prm`
             loads it from there when not shared).
         lora_rank, lora_alpha, lora_targets: the PRM's own LoRA adapter (``lora_rank=0``: frozen backbone).
@@ -139,6 +185,7 @@ class BackbonePRM(nn.Module):
 
     kind = "backbone"
     eval_batch_size = 8  # PRMTrainer.predict's chunks: full transformer forwards
+    reads_conditioning = True  # the sampler passes it the whole Conditioning (sampler._prm_condition)
 
     def __init__(
         self,
@@ -153,21 +200,24 @@ class BackbonePRM(nn.Module):
         adapter_name: str = "prm",
     ):
         super().__init__()
+        transformer = _family_call(transformer)
         name = type(transformer).__name__
         backbones = _backbones(transformer)
         if adapter_name == "default":
             raise ValueError("adapter_name 'default' is the policy's LoRA; give the PRM's adapter another name")
         configs = [b.config for b in backbones.values()]
         cfg = configs[0]
-        for key in ("in_channels", "text_dim", "num_attention_heads", "attention_head_dim"):
+        family = _FAMILIES[type(next(iter(backbones.values()))).__name__]
+        for key in ("in_channels", family.text_key, "num_attention_heads", "attention_head_dim"):
             if len({c[key] for c in configs}) > 1:
                 raise ValueError(f"the experts of a backbone PRM must agree on {key}, got {[c[key] for c in configs]}")
         inner = cfg.num_attention_heads * cfg.attention_head_dim
+        self.conditioning = family.conditioning + (("guidance",) if cfg.get("guidance_embeds") else ())
         self.config = SimpleNamespace(
             base_path=str(base_path),
             base_class=name,
-            in_channels=cfg.in_channels,
-            text_dim=cfg.text_dim,
+            in_channels=cfg.in_channels // family.packed,
+            text_dim=cfg[family.text_key],
             lora_rank=int(lora_rank),
             lora_alpha=int(lora_alpha or lora_rank),
             lora_targets=list(lora_targets),
@@ -262,22 +312,36 @@ class BackbonePRM(nn.Module):
             prompt_embeds = prompt_embeds * prompt_mask.to(prompt_embeds.dtype).unsqueeze(-1)
         return prompt_embeds
 
-    def score_all(self, x_sigma: torch.Tensor, sigma, prompt_embeds: torch.Tensor, prompt_mask=None) -> torch.Tensor:
+    def _split(self, cond, batch: int) -> Tuple[torch.Tensor, Mapping[str, Any]]:
+        """``(prompt_embeds, kwargs)`` of ``cond`` (a Conditioning or per-token embeddings), checked."""
+        embeds, kwargs = (cond.prompt_embeds, cond.kwargs) if isinstance(cond, Conditioning) else (cond, {})
+        missing = [k for k in self.conditioning if k not in kwargs]
+        if missing:
+            raise ValueError(
+                f"the backbone PRM of a {self.config.base_class} needs the policy's Conditioning with kwargs "
+                f"{list(self.conditioning)}; {missing} missing (got {type(cond).__name__})"
+            )
+        for key, value in kwargs.items():
+            if isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] != batch:
+                raise ValueError(f"cond.kwargs[{key!r}] has {value.shape[0]} rows for a batch of {batch}")
+        return embeds, kwargs
+
+    def score_all(self, x_sigma: torch.Tensor, sigma, cond, prompt_mask=None) -> torch.Tensor:
         """Head outputs in standard units ``[B, 1 + len(aux_rewards)]`` float32."""
         check_float_tensor("x_sigma", x_sigma, min_dim=5)
         c = self.config
         if x_sigma.dim() != 5 or x_sigma.shape[1] != c.in_channels:
             raise ValueError(f"x_sigma must have shape [B, {c.in_channels}, F, H, W], got {tuple(x_sigma.shape)}")
         sigma = per_sample("sigma", sigma, x_sigma.shape[0], x_sigma.device)
+        prompt_embeds, kwargs = self._split(cond, x_sigma.shape[0])
         embeds = self.prepare_prompt_embeds(prompt_embeds, prompt_mask)
         if embeds.shape[0] != x_sigma.shape[0] or embeds.shape[-1] != c.text_dim:
             raise ValueError(f"prompt_embeds must be [{x_sigma.shape[0]}, L, {c.text_dim}], got {tuple(embeds.shape)}")
         tr = self.transformer
-        dtype = _module_dtype(tr)
         if self.training and torch.is_grad_enabled():
             for p in self.adapter_parameters().values():
                 p.requires_grad_(True)  # the policy's set_adapter may have turned them off
-        timestep = sigma.float() * 1000
+        timestep = sigma.float() * NUM_TRAIN_TIMESTEPS
         captured: Dict[str, torch.Tensor] = {}
         hooks, saved_fns = [], {}
 
@@ -300,18 +364,14 @@ class BackbonePRM(nn.Module):
                 backbone._gradient_checkpointing_func = checkpointed
         try:
             with self._own_adapter():
-                tr(
-                    hidden_states=x_sigma.to(dtype),
-                    timestep=timestep,
-                    encoder_hidden_states=embeds.to(dtype),
-                    return_dict=False,
-                )
+                call_transformer(tr, x_sigma, timestep, embeds, kwargs)
         finally:
             for hook in hooks:
                 hook.remove()
             for key, fn in saved_fns.items():
                 self.backbones[key]._gradient_checkpointing_func = fn
-        pooled = {key: h.float().mean(dim=1) for key, h in captured.items()}  # [b, tokens, inner] -> [b, inner]
+        # [b, tokens, inner] -> [b, inner]: the image / video tokens only (the joint blocks' text stream is apart).
+        pooled = {key: h.float().mean(dim=1) for key, h in captured.items()}
         if len(pooled) == 1:
             features = next(iter(pooled.values()))
         else:  # WanExperts split a batch mixing noise levels: each expert's rows back to their samples
@@ -321,11 +381,11 @@ class BackbonePRM(nn.Module):
                 features = features.index_put((rows.nonzero().flatten(),), pooled[key])
         return self.head(features.to(self.head[1].weight.dtype)).float()
 
-    def score(self, x_sigma, sigma, prompt_embeds, prompt_mask=None) -> torch.Tensor:
-        return self.score_all(x_sigma, sigma, prompt_embeds, prompt_mask)[:, 0]
+    def score(self, x_sigma, sigma, cond, prompt_mask=None) -> torch.Tensor:
+        return self.score_all(x_sigma, sigma, cond, prompt_mask)[:, 0]
 
-    def forward(self, x_sigma, sigma, prompt_embeds, prompt_mask=None) -> torch.Tensor:
-        return self.reward_mean + self.reward_std * self.score(x_sigma, sigma, prompt_embeds, prompt_mask)
+    def forward(self, x_sigma, sigma, cond, prompt_mask=None) -> torch.Tensor:
+        return self.reward_mean + self.reward_std * self.score(x_sigma, sigma, cond, prompt_mask)
 
     def set_reward_stats(self, mean: float, std: float, aux_mean=None, aux_std=None) -> None:
         """The output scale ``r = mean + std * s`` and the auxiliary targets' standardisation."""
@@ -409,8 +469,8 @@ class BackbonePRM(nn.Module):
 
 
 def check_backbone_folder(path: Union[str, Path], in_channels: int, text_dim: int) -> Dict:
-    """The settings of a backbone PRM folder whose base transformer takes ``in_channels`` and ``text_dim`` (else
-    ValueError saying what differs)."""
+    """The settings of a backbone PRM folder whose base transformer takes latents of ``in_channels`` channels and
+    text of width ``text_dim`` (else ValueError saying what differs)."""
     path = Path(path)
     settings = json.loads((path / PRM_KIND_FILE).read_text())
     base = Path(settings.get("base_path", ""))
@@ -421,9 +481,12 @@ def check_backbone_folder(path: Union[str, Path], in_channels: int, text_dim: in
         values = json.loads((folder / "config.json").read_text())
         if values.get("_class_name") not in BACKBONE_CLASSES:
             raise ValueError(f"{path}: base {folder} holds a {values.get('_class_name')}, not a {BACKBONE_CLASSES}")
-        for key, want in (("in_channels", in_channels), ("text_dim", text_dim)):
-            if values.get(key) != want:
-                raise ValueError(f"{path}: its base transformer has {key}={values.get(key)} but the model needs {want}")
+        family = _FAMILIES[values["_class_name"]]
+        channels = values.get("in_channels", 0) // family.packed  # FLUX's in_channels counts packed 2x2 patches
+        text_key = family.text_key
+        for key, have, want in (("latent channels", channels, in_channels), (text_key, values.get(text_key), text_dim)):
+            if have != want:
+                raise ValueError(f"{path}: its base transformer has {key}={have} but the model needs {want}")
     return settings
 
 

@@ -1,5 +1,6 @@
-"""PRM training data: ``(x0, pooled prompt embedding, outcome reward)`` triples, from rollouts or a file,
-and the measures of a PRM's quality on such data (Spearman per noise level).
+"""PRM training data: ``(x0, pooled prompt embedding, outcome reward)`` triples (the backbone PRM's: per-token
+embeddings and the family's further conditioning), from rollouts or a file, and the measures of a PRM's quality
+on such data (Spearman per noise level).
 """
 
 from __future__ import annotations
@@ -7,7 +8,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -15,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from euphonium._checks import check_float, check_float_tensor, check_int
+from euphonium.models.diffusers import Conditioning
 from euphonium.rewards.base import RewardOutput, check_reward_values
 from euphonium.rewards.prm.model import pool_prompt_embeds
 
@@ -35,6 +37,9 @@ class PRMDataset:
         rewards: ``[N]`` float32 outcome rewards of the decoded ``x0`` (the regression target).
         prompts: the ``N`` prompt strings, or ``None``.
         parts: optional named outcome rewards ``{name: [N]}`` (reported, not trained on).
+        cond_kwargs: the backbone PRM's further conditioning per sample ``{name: [N, ...]}``: the policy's
+            ``Conditioning.kwargs`` (SD3's and FLUX's ``pooled_projections``, their embedded ``guidance``,
+            HunyuanVideo's ``encoder_attention_mask``); a PRM is then called with :meth:`condition`'s Conditioning.
     """
 
     x0: torch.Tensor
@@ -42,6 +47,7 @@ class PRMDataset:
     rewards: torch.Tensor
     prompts: Optional[List[str]] = None
     parts: Dict[str, torch.Tensor] = field(default_factory=dict)
+    cond_kwargs: Dict[str, torch.Tensor] = field(default_factory=dict)
 
     def __post_init__(self):
         check_float_tensor("x0", self.x0, min_dim=5)
@@ -71,9 +77,22 @@ class PRMDataset:
                     f"parts[{name!r}] must be a [{n}] tensor, got "
                     f"{tuple(values.shape) if isinstance(values, torch.Tensor) else type(values).__name__}"
                 )
+        for name, values in self.cond_kwargs.items():
+            if not isinstance(values, torch.Tensor) or values.dim() < 1 or values.shape[0] != n:
+                raise ValueError(f"cond_kwargs[{name!r}] must be a tensor with {n} rows (one per sample)")
+        if self.cond_kwargs and self.prompt_embeds.dim() != 3:
+            raise ValueError("cond_kwargs go with per-token prompt_embeds [N, L, D] (the backbone PRM's data)")
 
     def __len__(self) -> int:
         return self.x0.shape[0]
+
+    def condition(self, index: Union[slice, torch.Tensor, Sequence[int]], device=None) -> Any:
+        """What a PRM is called with for the samples at ``index``: their ``prompt_embeds``, or with ``cond_kwargs``
+        a :class:`~euphonium.models.diffusers.Conditioning` of both (on ``device``)."""
+        embeds = self.prompt_embeds[index].to(device)
+        if not self.cond_kwargs:
+            return embeds
+        return Conditioning(embeds, kwargs={k: v[index].to(device) for k, v in self.cond_kwargs.items()})
 
     def subset(self, index: Union[torch.Tensor, Sequence[int]]) -> "PRMDataset":
         """The samples at ``index`` (a list or 1-D int tensor), as a new dataset."""
@@ -84,6 +103,7 @@ class PRMDataset:
             rewards=self.rewards[index],
             prompts=[self.prompts[i] for i in index.tolist()] if self.prompts is not None else None,
             parts={k: v[index] for k, v in self.parts.items()},
+            cond_kwargs={k: v[index] for k, v in self.cond_kwargs.items()},
         )
 
     def split(self, held_out_fraction: float, seed: int = 0) -> Tuple["PRMDataset", "PRMDataset"]:
@@ -105,12 +125,16 @@ class PRMDataset:
         if all(d.prompts is not None for d in datasets):
             prompts = [p for d in datasets for p in d.prompts]
         common = set.intersection(*(set(d.parts) for d in datasets))
+        keys = {tuple(sorted(d.cond_kwargs)) for d in datasets}
+        if len(keys) > 1:
+            raise ValueError(f"datasets must carry the same cond_kwargs (the same model family), got {sorted(keys)}")
         return PRMDataset(
             x0=torch.cat([d.x0 for d in datasets]),
             prompt_embeds=torch.cat([d.prompt_embeds for d in datasets]),
             rewards=torch.cat([d.rewards for d in datasets]),
             prompts=prompts,
             parts={k: torch.cat([d.parts[k] for d in datasets]) for k in sorted(common)},
+            cond_kwargs={k: torch.cat([d.cond_kwargs[k] for d in datasets]) for k in datasets[0].cond_kwargs},
         )
 
     def save(self, path: Union[str, Path]) -> Path:
@@ -123,6 +147,7 @@ class PRMDataset:
             "rewards": self.rewards.contiguous(),
         }
         tensors.update({f"parts.{k}": v.contiguous() for k, v in self.parts.items()})
+        tensors.update({f"cond.{k}": v.contiguous() for k, v in self.cond_kwargs.items()})
         metadata = {"format": "euphonium.prm_dataset.v1"}
         if self.prompts is not None:
             metadata["prompts"] = json.dumps(self.prompts)
@@ -150,7 +175,24 @@ class PRMDataset:
             rewards=tensors["rewards"],
             prompts=prompts,
             parts=parts,
+            cond_kwargs={k[len("cond.") :]: v for k, v in tensors.items() if k.startswith("cond.")},
         )
+
+
+def split_conditioning(cond: Any) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    """``(prompt_embeds, kwargs)`` of the policy's :class:`~euphonium.models.diffusers.Conditioning` (its
+    conditional half, what a PRM reads; every kwarg a tensor with one row per sample, else ValueError), or
+    ``(cond, {})`` of a tensor."""
+    if not isinstance(cond, Conditioning):
+        return cond, {}
+    batch = cond.batch_size
+    for key, value in cond.kwargs.items():
+        if not isinstance(value, torch.Tensor) or value.dim() < 1 or value.shape[0] != batch:
+            raise ValueError(
+                f"Conditioning.kwargs[{key!r}] must be a tensor with one row per sample ({batch}) to be kept as "
+                f"PRM data, got {type(value).__name__}"
+            )
+    return cond.prompt_embeds, dict(cond.kwargs)
 
 
 def noise_latents(
@@ -311,11 +353,8 @@ def correlation_by_sigma(
                 x0 = data.x0[start : start + batch_size]
                 sigma = lo + (hi - lo) * torch.rand(x0.shape[0], generator=gen)
                 x = noise_latents(x0, sigma, torch.randn(x0.shape, generator=gen))
-                preds.append(
-                    prm(x.to(device), sigma.to(device), data.prompt_embeds[start : start + batch_size].to(device))
-                    .float()
-                    .cpu()
-                )
+                cond = data.condition(slice(start, start + batch_size), device)
+                preds.append(prm(x.to(device), sigma.to(device), cond).float().cpu())
                 targets.append(data.rewards[start : start + batch_size])
         p, t = torch.cat(preds), torch.cat(targets)
         pearson = float(torch.corrcoef(torch.stack([p.double(), t.double()]))[0, 1])

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from euphonium import checkpointing as cp
 from euphonium._checks import check_choice, check_float, check_int, check_positive
-from euphonium.rewards.prm.data import PRMDataset, noise_latents, spearman
+from euphonium.rewards.prm.data import PRMDataset, noise_latents, spearman, split_conditioning
 from euphonium.rewards.prm.model import LatentRewardModel, pool_prompt_embeds
 
 # --------------------------------------------------------------------------------------------------
@@ -155,7 +155,8 @@ def prm_loss(
 ) -> torch.Tensor:
     """The PRM training loss on one batch (scalar; formulas in :class:`PRMTrainConfig`).
 
-    ``x0 [B, C, F, H, W]`` is noised to ``x_sigma`` with ``sigma [B]`` and ``noise``. For
+    ``x0 [B, C, F, H, W]`` is noised to ``x_sigma`` with ``sigma [B]`` and ``noise``; ``prompt_embeds``: what the
+    model is called with (:meth:`PRMDataset.condition`: a backbone PRM's may be a Conditioning). For
     ``bradley_terry`` sample ``i`` is paired with ``i + B // 2``; they should share their sigma.
     ``aux [B, P]``: the model's ``aux_rewards`` targets; adds ``aux_weight * mean((s_aux - z_aux)^2)``
     (``z`` standardised by the model's ``aux_mean``/``aux_std``).
@@ -289,7 +290,7 @@ class PRMTrainer:
         aux = self._aux_targets(data)
         return dict(
             x0=data.x0[index].to(**to),
-            prompt_embeds=data.prompt_embeds[index].to(**to),
+            prompt_embeds=data.condition(index, self.device),
             rewards=data.rewards[index].to(**to),
             sigma=sigma.to(**to),
             noise=noise.to(**to),
@@ -329,7 +330,8 @@ class PRMTrainer:
             noise = torch.randn(x0.shape, generator=gen)
             s = torch.full((x0.shape[0],), float(sigma), device=self.device)
             x = noise_latents(x0.to(self.device), s, noise.to(self.device))
-            out.append(self.model(x, s, data.prompt_embeds[start : start + batch_size].to(self.device)).float().cpu())
+            cond = data.condition(slice(start, start + batch_size), self.device)
+            out.append(self.model(x, s, cond).float().cpu())
         return torch.cat(out)
 
     @torch.no_grad()
@@ -467,7 +469,8 @@ class PRMTrainer:
         Args:
             x0: final latents of the rollouts ``[B, C, F, H, W]`` (any float dtype; stored detached).
             prompt_embeds: what the PRM is conditioned on at guidance time, ``[B, L, D]`` (pooled
-                here, masked by ``prompt_mask [B, L]`` if given) or ``[B, D]``.
+                here, masked by ``prompt_mask [B, L]`` if given) or ``[B, D]``, or the policy's Conditioning
+                of the rollouts (the conv PRM keeps its text embeddings, the backbone PRM also its ``kwargs``).
             rewards: ``[B]`` outcome rewards of the decoded ``x0``.
             parts: the named outcome rewards ``{name: [B]}`` (e.g. ``RewardOutput.parts``); needed to
                 keep training a PRM's ``aux_rewards`` heads (without them only the total is trained
@@ -478,12 +481,16 @@ class PRMTrainer:
         "prm/buffer_size": ..}`` (``distributed``: the loss averaged over the ranks, the Spearman over
         every rank's fresh rollouts, the buffer this rank's). The model is left in eval mode with no ``.grad``.
         """
-        pooled = getattr(self.model, "prepare_prompt_embeds", pool_prompt_embeds)(prompt_embeds, prompt_mask)
+        embeds, kwargs = split_conditioning(prompt_embeds)
+        pooled = getattr(self.model, "prepare_prompt_embeds", pool_prompt_embeds)(embeds, prompt_mask)
         fresh = PRMDataset(
             x0=x0.detach().float().cpu(),
             prompt_embeds=pooled.detach().cpu(),
             rewards=rewards.detach().float().cpu(),
             parts={k: v.detach().float().cpu() for k, v in (parts or {}).items()},
+            cond_kwargs={k: v.detach().cpu() for k, v in kwargs.items()}
+            if getattr(self.model, "reads_conditioning", False)
+            else {},
         )
         if fresh.prompt_embeds.shape[-1] != self.model.config.text_dim:
             raise ValueError(
@@ -497,7 +504,7 @@ class PRMTrainer:
                     len(fresh), generator=self.generator
                 )
                 x = noise_latents(fresh.x0, sigma, generator=self.generator).to(self.device)
-                pred = self.model(x, sigma.to(self.device), fresh.prompt_embeds.to(self.device))
+                pred = self.model(x, sigma.to(self.device), fresh.condition(slice(None), self.device))
             stats["prm/spearman_fresh"] = spearman(self._gather(pred.float().cpu()), self._gather(fresh.rewards))
         self.buffer = fresh if self.buffer is None else PRMDataset.concat([self.buffer, fresh])
         if len(self.buffer) > self.config.buffer_size:
