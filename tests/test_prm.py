@@ -508,7 +508,7 @@ def test_shipped_toy_prm_ranks_rollouts_and_prompt_agreement():
     prm = load_toy_prm()
     assert prm.config.text_dim == load_toy_model()[1].config.dim and bool(prm.reward_stats_fitted)
     seed = int(torch.randint(0, 2**31 - 1000, ()))
-    # On-policy: fresh base-model rollouts (the report measures 0.89 on 1024 of them).
+    # On-policy: fresh base-model rollouts (the report measures 0.93-0.97 for sigma <= 0.75 on 1024 of them).
     data = collect_toy_rollouts(64, seed=seed, progress=False)
     rows = correlation_by_sigma(prm, data, [(0.0, 0.5)], draws=1, seed=seed)
     assert rows[0]["spearman"] > 0.6, rows
