@@ -16,7 +16,7 @@ fixed prompt and noise set, the method's own steps and shift) before training an
   ``E[r | x_sigma]`` (``prm_path=oracle``) and, for the ladder, the committed learned PRM
   (``prm_path=null``; the ``+learned_prm`` entries). A method that uses no PRM (no guidance, no process
   credit) is the same run under either PRM, so its learned-PRM entry is its oracle run.
-- **Learning rate**: per method, the best of ``LR_GRID`` by the area under the evaluation curve on the
+- **Learning rate**: per method, the best of ``LR_GRIDS[world]`` by the area under the evaluation curve on the
   held-out seed ``LR_SEED`` (not among the reported seeds); the learned-PRM entries and the ablations
   use the learning rate chosen for their oracle-PRM method (``euphonium_fast`` for the ablations).
 - **Measures**: steps to the fixed absolute thresholds ``THRESHOLDS[world]`` (the first evaluation at or
