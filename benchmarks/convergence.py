@@ -83,6 +83,8 @@ WORLDS: Dict[str, Dict[str, Any]] = {
 # Declared before the runs; toy: +0.07 and +0.12 above the base's 0.226 on the evaluation set (grpo_fast
 # pilots at lr 1e-4 and 3e-4 reached 0.30 in about 10 steps and peaked at 0.35-0.37 by step 25-40).
 THRESHOLDS: Dict[str, List[float]] = {"mixture": [0.5, 0.7], "toy": [0.30, 0.35]}
+# The study's JSON per world (the first study's toy results are convergence_v1.json and ablations_v1.json).
+OUTPUT: Dict[str, str] = {"mixture": "convergence_mixture.json", "toy": "convergence.json"}
 # What prm_path=oracle is in each world (the learned PRM is the committed one, prm_path=null).
 ORACLE_PRM: Dict[str, str] = {
     "mixture": "exact: E[r | x_sigma], the posterior of the prompted component under the data distribution",
@@ -514,8 +516,7 @@ def table(payload: Dict[str, Any], group: str = "methods") -> str:
             f"| `{name}` | {len(seeds)} | {e['lr']:g} | {start:.3f} -> {end:.3f} | "
             f"{statistics.fmean(s['auc'] for s in seeds):.3f} | "
             + " | ".join(cells)
-            + f" | {statistics.fmean(kls):.3f} | " * bool(kls)
-            + " | - | " * (not kls)
+            + (f" | {statistics.fmean(kls):.3f} | " if kls else " | - | ")
             + f"{statistics.median(s['seconds_per_step'] for s in seeds):.3f} | "
             + (f"{statistics.fmean(rhos):.3g} |" if rhos else "- |")
         )
@@ -595,7 +596,7 @@ def main(argv=None) -> Dict[str, Any]:
     parser.add_argument("--seeds", type=int, nargs="+", default=SEEDS)
     parser.add_argument("--steps", type=int, default=None, help="training steps per run (default: the world's)")
     parser.add_argument("--ablations", action="store_true", help="also run the ablations (mixture)")
-    parser.add_argument("--out", type=Path, default=None, help="the JSON (default results/convergence_<world>.json)")
+    parser.add_argument("--out", type=Path, default=None, help="the JSON (default results/<OUTPUT[world]>)")
     parser.add_argument(
         "--cache", type=Path, default=None, help="per-run results (default results/convergence_cache/<world>)"
     )
@@ -608,7 +609,7 @@ def main(argv=None) -> Dict[str, Any]:
     if LR_SEED in args.seeds:
         parser.error(f"seed {LR_SEED} is the held-out seed of the learning-rate choice")
     cache = args.cache or RESULTS_DIR / "convergence_cache" / world
-    out = args.out or RESULTS_DIR / f"convergence_{world}.json"
+    out = args.out or RESULTS_DIR / OUTPUT[world]
     cache.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
 
