@@ -707,3 +707,12 @@ def plot_results(payload: Dict[str, Any], path: Path) -> None:
 def latent_bytes(shape: Shape, dtype: torch.dtype, tensors: int) -> int:
     """Bytes of ``tensors`` latent-sized tensors of ``dtype``."""
     return tensors * math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+
+
+def replace_block(path: Path, text: str, begin: str, end: str) -> None:
+    """Replace what lies between the ``begin`` and ``end`` marker lines of ``path`` with ``text``."""
+    doc = path.read_text()
+    start, stop = doc.find(begin), doc.find(end)
+    if start < 0 or stop < start:
+        raise SystemExit(f"{path} has no {begin} ... {end} block to replace")
+    path.write_text(doc[: start + len(begin)] + "\n" + text + doc[stop:])

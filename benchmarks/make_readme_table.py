@@ -17,7 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/<script>.py` from anywhere
 
 from benchmarks import registry  # noqa: E402
-from benchmarks.common import RESULTS_DIR  # noqa: E402
+from benchmarks.common import RESULTS_DIR, replace_block  # noqa: E402
 from benchmarks.kernel_report import markdown as kernel_markdown  # noqa: E402
 
 # The README's generated block lies between these lines.
@@ -176,17 +176,8 @@ def main(argv=None):
     if args.output:
         args.output.write_text(text)
     if args.readme:
-        update_readme(args.readme, build(args.results, title="### Results"))
+        replace_block(args.readme, build(args.results, title="### Results"), BEGIN, END)
     return text
-
-
-def update_readme(path: Path, text: str) -> None:
-    """Replace what lies between the ``BEGIN`` and ``END`` markers of ``path`` with ``text``."""
-    readme = path.read_text()
-    start, end = readme.find(BEGIN), readme.find(END)
-    if start < 0 or end < start:
-        raise SystemExit(f"{path} has no {BEGIN} ... {END} block to replace")
-    path.write_text(readme[: start + len(BEGIN)] + "\n" + text + readme[end:])
 
 
 if __name__ == "__main__":
