@@ -36,9 +36,16 @@ fixed prompt and noise set, the method's own steps and shift) before training an
 - **Speedup** ``a_vs_b`` per threshold: the mean over seeds of ``steps(b) / steps(a)`` (seeds paired: a
   seed fixes the prompt draws and the evaluation set), with a bootstrap 95% interval over seeds
   (``BOOTSTRAP`` resamples, fixed RNG); and the wall-clock one (each multiplied by its seconds per step).
+- **KL to the base** (toy video): the KL between the policy's and the base's path distributions under one
+  fixed SDE for every method (``KL_SDE``: Flow-GRPO's, every step stochastic), estimated along the
+  policy's own rollouts: by the chain rule it is the expected sum over steps of the per-step Gaussian KL
+  ``||mean_policy - mean_base||^2 / (2 std^2)`` (summed over the latent's elements, in nats per clip),
+  with the policy's weights as evaluated (the EMA), ``KL_SAMPLES["toy"]`` rollouts per evaluation prompt
+  from a fixed seed. By the data-processing inequality it bounds the KL between the two models' clips
+  from above. The held-out seed's runs, which only choose the learning rate, measure none.
 - **The toy video world** (``--world toy``): the main job's config on the base model with preference
-  errors, ``LR_GRIDS["toy"]``, 100 steps, the learned PRM for the ladder and the proxy oracle
-  (``ORACLE_PRM``) for every method; no KL to the base is computed there.
+  errors, ``LR_GRIDS["toy"]``, 100 steps, the learned PRM for the methods of ``LEARNED_PRM["toy"]`` and
+  the proxy oracle (``ORACLE_PRM``) for every method.
 - **Ablations** (``--ablations``; mixture): variants of ``euphonium_fast`` with the oracle PRM (``ABLATIONS``).
 
 Each (method, seed, settings) result is a file in ``--cache`` (default
@@ -90,10 +97,14 @@ ORACLE_PRM: Dict[str, str] = {
     "mixture": "exact: E[r | x_sigma], the posterior of the prompted component under the data distribution",
     "toy": "a proxy, not E[r | x_sigma]: the exact reward of the base model's one-step estimate of x0 (ToyOraclePRM)",
 }
-LR_GRIDS: Dict[str, List[float]] = {"mixture": [1e-4, 3e-4, 1e-3], "toy": [3e-5, 1e-4, 3e-4]}
+# toy: 1e-3 added after the first three chose 3e-4, the grid's top, for td_fast and euphonium_fast.
+LR_GRIDS: Dict[str, List[float]] = {"mixture": [1e-4, 3e-4, 1e-3], "toy": [3e-5, 1e-4, 3e-4, 1e-3]}
 LR_SEED = 1000  # the held-out seed of the learning-rate choice (never reported)
 SEEDS = [0, 1, 2, 3, 4]
-KL_SAMPLES = 128  # ODE samples per prompt for the KL to the base (mixture: 16 prompts -> 2048)
+# Samples per prompt for the KL to the base: mixture ODE samples (16 prompts -> 2048), toy SDE rollouts
+# (32 evaluation prompts -> 128).
+KL_SAMPLES: Dict[str, int] = {"mixture": 128, "toy": 4}
+KL_SDE = "flow_grpo"  # the toy KL's SDE preset: 20 steps, shift 3, noise level 0.7 at every step
 BOOTSTRAP = 10000
 
 METHODS: Dict[str, List[str]] = {
@@ -109,6 +120,8 @@ METHODS: Dict[str, List[str]] = {
 # Methods that use a PRM (guidance or process credit): the ones whose learned-PRM runs differ.
 USES_PRM = {"td_fast", "euphonium_fast", "euphonium"}
 LADDER = ["grpo_fast", "td_fast", "euphonium_fast"]
+# The methods also run with the learned PRM (besides the ladder's, the published euphonium on the toy).
+LEARNED_PRM: Dict[str, List[str]] = {"mixture": LADDER, "toy": [*LADDER, "euphonium"]}
 LEARNED = "+learned_prm"
 SPEEDUPS: List[Tuple[str, str]] = [
     ("td_fast", "grpo_fast"),
@@ -181,7 +194,8 @@ def run_spec(
         "lr": lr,
         "steps": steps,
         "eval_every": w["eval_every"],
-        "kl_samples": KL_SAMPLES if world == "mixture" else 0,
+        # The toy's KL came after its learning-rate runs, which are never reported: they measure none.
+        "kl_samples": 0 if world == "toy" and seed == LR_SEED else KL_SAMPLES[world],
     }
 
 
@@ -223,9 +237,46 @@ def _mixture_kl(trainer, prompts: List[str], noise, base: Optional[Dict[str, Any
     return out
 
 
+def _frozen_copy(trainer):
+    """The velocity model as it is now (the base, before training), frozen."""
+    import copy
+
+    model = copy.copy(trainer.rollout_model)
+    model.transformer = copy.deepcopy(trainer.policy.transformer).requires_grad_(False).eval()
+    return model
+
+
+def _toy_path_kl(trainer, base, prompts: List[str], seed: int) -> Dict[str, Any]:
+    """KL of the policy's path distribution to the base's under the ``KL_SDE`` sampler, along ``len(prompts)``
+    rollouts of the policy (its evaluated weights, the EMA if any): the sum over steps of the per-step
+    Gaussian KL, each :meth:`Trajectory.recompute_log_prob`'s element-mean KL times the latent's elements."""
+    import contextlib
+
+    import torch
+
+    from euphonium.sampler import preset, rollout
+
+    ema = trainer.evaluator.ema
+    policy = trainer.rollout_model
+    with torch.no_grad(), ema.swapped_in() if ema is not None else contextlib.nullcontext():
+        cond = trainer.policy.encode(prompts)
+        shape = (len(prompts), *trainer.policy.latent_shape)
+        traj = rollout(policy, cond, preset(KL_SDE), shape=shape, seed=seed, device=trainer.device)
+        elements = traj.latents[0, 0].numel()
+        per_step = []
+        for j in range(traj.num_sde_steps):
+            x = traj.latents[:, j]
+            sigma = torch.full((len(prompts),), float(traj.sigma[j]), device=x.device)
+            _, kl = traj.recompute_log_prob(j, policy(x, sigma, cond), v_ref=base(x, sigma, cond))
+            per_step.append(kl.double() * elements)
+    per_clip = torch.stack(per_step, 1).sum(1)
+    return {"kl": float(per_clip.mean()), "kl_per_step": [float(k.mean()) for k in per_step]}
+
+
 def train_one(spec: Dict[str, Any]) -> Dict[str, Any]:
     """One run (in its own process): the trainer's steps, its fixed-set evaluation every ``eval_every``
-    steps (logged to its ``eval.jsonl`` as :meth:`Trainer.train` does) and, on the mixture, the KL to the base."""
+    steps (logged to its ``eval.jsonl`` as :meth:`Trainer.train` does) and, with ``kl_samples``, the KL to
+    the base at the end (measured after the last evaluation: it draws nothing the training draws)."""
     import torch
 
     torch.set_num_threads(1)
@@ -237,8 +288,10 @@ def train_one(spec: Dict[str, Any]) -> Dict[str, Any]:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as out:
         trainer = Trainer(config, out)
-        kl_prompts, kl_noise, base = [], None, None
-        if spec["kl_samples"]:
+        kl_prompts, kl_noise, base, toy_base = [], None, None, None
+        if spec["kl_samples"] and spec["world"] == "toy":
+            toy_base = _frozen_copy(trainer)
+        elif spec["kl_samples"]:
             kl_prompts = [p for p in trainer.policy.prompts for _ in range(spec["kl_samples"])]
             gen = torch.Generator().manual_seed(918_273 + spec["seed"])
             kl_noise = torch.randn((len(kl_prompts), *trainer.policy.latent_shape), generator=gen)
@@ -254,6 +307,9 @@ def train_one(spec: Dict[str, Any]) -> Dict[str, Any]:
                 evals.append(trainer.evaluate())
                 trainer.logger.log({"step": step, **evals[-1]}, name="eval")
         final = _mixture_kl(trainer, kl_prompts, kl_noise, base) if base is not None else {}
+        if toy_base is not None:
+            kl_prompts = [p for p in trainer.evaluator.eval_set for _ in range(spec["kl_samples"])]
+            final = _toy_path_kl(trainer, toy_base, kl_prompts, 918_273 + spec["seed"])
         trainer.logger.close()
         eval_log = [json.loads(line) for line in (Path(out) / "eval.jsonl").read_text().splitlines()]
     eval_steps = [0] + [r["step"] for r in rows if r["step"] % spec["eval_every"] == 0 or r["step"] == config.max_steps]
@@ -270,6 +326,7 @@ def train_one(spec: Dict[str, Any]) -> Dict[str, Any]:
         "clip_frac_mean": statistics.fmean(r.get("clip_frac", 0.0) for r in rows),
         "kl_to_base": final.get("kl"),
         "w2_coupled": final.get("w2_coupled"),
+        "kl_per_step": final.get("kl_per_step"),
         "from_algorithm": config.from_algorithm,
         "sampler": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(trainer.sampler).items()},
         "process_advantage": config.process_advantage,
@@ -387,7 +444,7 @@ def plan(world: str, methods: Sequence[str], seeds: Sequence[int], steps: int, a
         if lr is None:
             continue
         later += [(1, run_spec(world, m, METHODS[m], s, lr, steps, "oracle")) for s in seeds]
-        if m in USES_PRM and m in LADDER:
+        if m in USES_PRM and m in LEARNED_PRM[world]:
             later += [(2, run_spec(world, m + LEARNED, METHODS[m], s, lr, steps, "learned")) for s in seeds]
     if ablations and world == "mixture":
         lr, _ = choose_lr(world, ABLATION_BASE, steps, cache)
@@ -461,7 +518,7 @@ def summarise(world: str, steps: int, seeds: Sequence[int], cache: Path) -> Dict
         entry = collect(m, METHODS[m], lrs[m], "oracle")
         if entry is not None:
             payload["methods"][m] = entry
-        if m in LADDER:
+        if m in LEARNED_PRM[world]:
             name = m + LEARNED
             if m in USES_PRM:
                 entry = collect(name, METHODS[m], lrs[m], "learned")

@@ -8,6 +8,7 @@ import importlib
 import json
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -253,3 +254,31 @@ def test_convergence_runs_the_trainer_on_the_mixture(tmp_path, one_thread):
     payload = convergence.main(["--no-run", "--seeds", "3", "--cache", str(cache), "--out", str(tmp_path / "c.json")])
     assert payload["methods"] == {} and payload["not_run"]
     assert json.loads((tmp_path / "c.json").read_text())["thresholds"] == [0.5, 0.7]
+
+
+def test_convergence_toy_path_kl(one_thread):
+    """The toy's KL to the base: zero for the base itself, positive after training; the run's curves do
+    not depend on whether it is measured (it is drawn after the last evaluation)."""
+    from benchmarks import convergence
+    from euphonium.train.config import load_config
+    from euphonium.train.trainer import Trainer
+
+    spec = convergence.run_spec("toy", "grpo_fast", ["algorithm=grpo_fast"], 3, 3e-4, 2, "oracle")
+    spec["overrides"] += ["prompts_per_step=2", "group_size=2", "eval_prompts=2"]
+    spec.update(eval_every=1, kl_samples=2)
+    assert convergence.run_spec("toy", "x", [], convergence.LR_SEED, 1e-4, 2, "oracle")["kl_samples"] == 0
+
+    config = load_config(None, [*spec["overrides"], "device=cpu"])
+    with tempfile.TemporaryDirectory() as out:
+        trainer = Trainer(config, out)
+        base = convergence._frozen_copy(trainer)
+        at_start = convergence._toy_path_kl(trainer, base, trainer.evaluator.eval_set, 5)
+        trainer.logger.close()
+    assert at_start["kl"] == 0.0 and len(at_start["kl_per_step"]) == 19  # the last of the 20 steps is an ODE step
+
+    measured = convergence.train_one(spec)
+    assert measured["kl_to_base"] > 0 and measured["kl_to_base"] == pytest.approx(sum(measured["kl_per_step"]))
+    unmeasured = convergence.train_one({**spec, "kl_samples": 0})
+    assert unmeasured["kl_to_base"] is None
+    assert unmeasured["eval_reward"] == measured["eval_reward"]
+    assert unmeasured["train_reward"] == measured["train_reward"]
