@@ -137,6 +137,7 @@ SPEEDUPS: List[Tuple[str, str]] = [
     ("td_fast" + LEARNED, "grpo_fast"),
     ("euphonium_fast" + LEARNED, "td_fast" + LEARNED),
     ("euphonium_fast" + LEARNED, "grpo_fast"),
+    ("euphonium" + LEARNED, "dance_grpo_eu"),
 ]
 
 # Ablations: euphonium_fast (rho 0.5, guided mean, TD credit, 1 update per step, oracle PRM) with one change.
@@ -529,6 +530,8 @@ def summarise(world: str, steps: int, seeds: Sequence[int], cache: Path) -> Dict
             if entry is not None:
                 payload["methods"][name] = entry
     for a, b in SPEEDUPS:
+        if a.endswith(LEARNED) and a[: -len(LEARNED)] not in LEARNED_PRM[world]:
+            continue  # not part of this world's study
         if a in payload["methods"] and b in payload["methods"]:
             rows = [speedup(payload["methods"][a], payload["methods"][b], t, steps) for t in thresholds]
             payload["speedups"][f"{a}_vs_{b}"] = [r for r in rows if r is not None]
@@ -733,7 +736,14 @@ def main(argv=None) -> Dict[str, Any]:
                 *LADDER,
                 *(m + LEARNED for m in LADDER if m in USES_PRM),
             ],
-            "published samplers": ["euphonium", "dance_grpo_eu", "dance_grpo", "flow_grpo", "flow_grpo_fast"],
+            "published samplers (dashed: learned PRM)": [
+                "euphonium",
+                "euphonium" + LEARNED,
+                "dance_grpo_eu",
+                "dance_grpo",
+                "flow_grpo",
+                "flow_grpo_fast",
+            ],
         },
     )
     plot(
