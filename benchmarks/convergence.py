@@ -13,8 +13,8 @@ fixed prompt and noise set, the method's own steps and shift) before training an
   against ``dance_grpo_eu`` (its sampler without guidance or process credit) and ``dance_grpo``;
   ``flow_grpo`` and ``flow_grpo_fast``. Every setting not named is the world config's, the same for all
   (``timestep_fraction = 1``, AdamW, 5 warm-up steps, no EMA). The PRM: the mixture's exact oracle
-  ``E[r | x_sigma]`` (``prm_path=oracle``) and, for the ladder, the committed learned PRM
-  (``prm_path=null``; the ``+learned_prm`` entries). A method that uses no PRM (no guidance, no process
+  ``E[r | x_sigma]`` (``prm_path=oracle``) and, for the methods of ``LEARNED_PRM[world]``, the committed
+  learned PRM (``prm_path=null``; the ``+learned_prm`` entries). A method that uses no PRM (no guidance, no process
   credit) is the same run under either PRM, so its learned-PRM entry is its oracle run.
 - **Learning rate**: per method, the best of ``LR_GRIDS[world]`` by the area under the evaluation curve on the
   held-out seed ``LR_SEED`` (not among the reported seeds); the learned-PRM entries and the ablations
