@@ -47,6 +47,12 @@ class StubJudge:
                     else:
                         message = {"role": "assistant", "content": stub.reply(body)}
                         payload = json.dumps({"choices": [{"index": 0, "message": message}]}).encode()
+                finally:
+                    # Before the reply goes out: the client's next request may arrive as soon as it has
+                    # the reply, before this thread runs again, and must not count as concurrent with it.
+                    with stub.lock:
+                        stub.in_flight -= 1
+                try:
                     self.send_response(code)
                     self.send_header("Content-Type", "application/json")
                     self.send_header("Content-Length", str(len(payload)))
@@ -54,9 +60,6 @@ class StubJudge:
                     self.wfile.write(payload)
                 except (BrokenPipeError, ConnectionResetError):
                     pass
-                finally:
-                    with stub.lock:
-                        stub.in_flight -= 1
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
